@@ -1,0 +1,225 @@
+//! Assembles a running Tollgate: store, caches, decision pipeline, gRPC
+//! server, health, and the background tasks (invalidations, last-used).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::authz::{Authenticator, UsageRecorder};
+use crate::cache::{CacheSettings, Caches};
+use crate::clock::Clock;
+use crate::crypto::Peppers;
+use crate::grpc::auth_api::AuthApi;
+use crate::grpc::operator::OperatorGuard;
+use crate::grpc::pb::auth_service_server::AuthServiceServer;
+use crate::grpc::pb::tenant_service_server::TenantServiceServer;
+use crate::grpc::pb::FILE_DESCRIPTOR_SET;
+use crate::grpc::tenant_api::TenantApi;
+use crate::manage::Manager;
+use crate::profile::Profile;
+use crate::store::{Invalidation, Store};
+
+/// Everything a Tollgate instance is built from.
+pub struct Parts {
+    pub profile: Arc<Profile>,
+    pub peppers: Peppers,
+    pub store: Arc<dyn Store>,
+    pub operator_token: Option<SecretString>,
+    pub cache: CacheSettings,
+    pub max_message_bytes: usize,
+    pub last_used_flush: Duration,
+    pub clock: Clock,
+}
+
+/// A started instance.
+pub struct Running {
+    addr: SocketAddr,
+    clock: Clock,
+    caches: Arc<Caches>,
+    manager: Arc<Manager>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    background: Vec<JoinHandle<()>>,
+    usage: Arc<UsageRecorder>,
+    store: Arc<dyn Store>,
+}
+
+const SERVICES: [&str; 3] = ["", "tollgate.v1.AuthService", "tollgate.v1.TenantService"];
+
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for name in SERVICES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Starts serving on `listener`. Health is NOT_SERVING until the
+/// invalidation feed is live, and again whenever it is lost.
+pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Running> {
+    let addr = listener.local_addr()?;
+    let caches = Arc::new(Caches::new(&parts.cache));
+    let usage = Arc::new(UsageRecorder::default());
+    let authz = Arc::new(Authenticator::new(
+        parts.profile.clone(),
+        parts.peppers.clone(),
+        parts.store.clone(),
+        caches.clone(),
+        usage.clone(),
+        parts.clock.clone(),
+    ));
+    let manager = Arc::new(Manager::new(
+        parts.profile.clone(),
+        parts.peppers.clone(),
+        parts.store.clone(),
+        parts.clock.clone(),
+    ));
+    let guard = OperatorGuard::new(parts.operator_token.as_ref());
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::NotServing).await;
+
+    let (tx, mut rx) = mpsc::channel(1024);
+    parts.store.watch(tx);
+    let cache_for_events = caches.clone();
+    let invalidations = tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            cache_for_events.apply(&event);
+            match event {
+                Invalidation::Ready => set_health(&reporter, ServingStatus::Serving).await,
+                Invalidation::Lost => set_health(&reporter, ServingStatus::NotServing).await,
+                _ => {}
+            }
+        }
+    });
+
+    let store = parts.store.clone();
+    let flush_usage = usage.clone();
+    let period = parts.last_used_flush;
+    let last_used = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = flush_usage.flush(store.as_ref()).await {
+                tracing::warn!(error = %e, "could not record last use of keys; will retry");
+            }
+        }
+    });
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(std::io::Error::other)?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(std::io::Error::other)?;
+    let max = parts.max_message_bytes;
+    let auth = AuthServiceServer::new(AuthApi {
+        authz,
+        manager: manager.clone(),
+        guard: guard.clone(),
+    })
+    .max_decoding_message_size(max);
+    let tenants = TenantServiceServer::new(TenantApi {
+        manager: manager.clone(),
+        guard,
+    })
+    .max_decoding_message_size(max);
+
+    let (shutdown, signal) = oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(auth)
+            .add_service(tenants)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = signal.await;
+            }),
+    );
+    Ok(Running {
+        addr,
+        clock: parts.clock,
+        caches,
+        manager,
+        shutdown: Some(shutdown),
+        server,
+        background: vec![invalidations, last_used],
+        usage,
+        store: parts.store,
+    })
+}
+
+impl Running {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// This instance's clock (tests move it).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// This instance's caches (tests and metrics read them).
+    pub fn caches(&self) -> &Arc<Caches> {
+        &self.caches
+    }
+
+    /// The management operations, for in-process setup (dev mode).
+    pub fn manager(&self) -> &Arc<Manager> {
+        &self.manager
+    }
+
+    /// Writes pending `last_used_at` values now.
+    pub async fn flush_usage(&self) -> crate::error::Result<usize> {
+        self.usage.flush(self.store.as_ref()).await
+    }
+
+    /// Stops accepting calls, lets in-flight calls finish, writes pending
+    /// usage, and stops the background tasks.
+    pub async fn shutdown(mut self) -> Result<(), tonic::transport::Error> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let served = (&mut self.server).await;
+        for task in &self.background {
+            task.abort();
+        }
+        if let Err(e) = self.usage.flush(self.store.as_ref()).await {
+            tracing::warn!(error = %e, "could not record last use of keys at shutdown");
+        }
+        match served {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "server task failed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Serves until `signal` resolves, then shuts down.
+    pub async fn serve_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error> {
+        let mut this = self;
+        tokio::select! {
+            () = signal => {}
+            r = &mut this.server => {
+                return match r { Ok(r) => r, Err(_) => Ok(()) };
+            }
+        }
+        this.shutdown().await
+    }
+}

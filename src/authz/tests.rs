@@ -1,0 +1,1 @@
+//! Decision pipeline unit tests against the in-memory store.

@@ -1,0 +1,338 @@
+//! Configuration: the one place settings are parsed. Layers, later wins:
+//! built-in defaults → TOML file (`--config`) → `TOLLGATE_*` environment
+//! (nested with `__`, e.g. `TOLLGATE_CACHE__TTL_SECONDS`) and `DATABASE_URL`
+//! → command-line flags. Validated once; errors name the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::cache::CacheSettings;
+use crate::crypto::{Pepper, Peppers};
+use crate::profile::Profile;
+
+/// A pepper kept from before a rotation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousPepper {
+    pub version: i32,
+    #[serde(serialize_with = "ser_secret")]
+    pub secret: SecretString,
+}
+
+fn ser_secret<S: serde::Serializer>(s: &SecretString, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s.expose_secret())
+}
+
+fn ser_opt_secret<S: serde::Serializer>(
+    s: &Option<SecretString>,
+    ser: S,
+) -> Result<S::Ok, S::Error> {
+    match s {
+        Some(s) => ser.serialize_some(s.expose_secret()),
+        None => ser.serialize_none(),
+    }
+}
+
+/// Database connection settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    pub max_connections: u32,
+    pub min_connections: u32,
+    pub acquire_timeout_ms: u64,
+    /// Apply migrations when `serve` starts.
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            min_connections: 1,
+            acquire_timeout_ms: 2_000,
+            migrate_on_start: true,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every setting, as layered. Secrets are `SecretString`: never in `Debug`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Profile file; absent = the embedded default profile.
+    pub profile: Option<PathBuf>,
+    #[serde(serialize_with = "ser_opt_secret")]
+    pub operator_token: Option<SecretString>,
+    pub operator_token_file: Option<PathBuf>,
+    #[serde(serialize_with = "ser_opt_secret")]
+    pub database_url: Option<SecretString>,
+    pub database: DatabaseSettings,
+    /// Current pepper (≥ 32 bytes) and its version.
+    #[serde(serialize_with = "ser_opt_secret")]
+    pub pepper: Option<SecretString>,
+    pub pepper_file: Option<PathBuf>,
+    pub pepper_version: i32,
+    pub previous_peppers: Vec<PreviousPepper>,
+    pub cache: CacheSettings,
+    /// Largest accepted gRPC message, in bytes.
+    pub max_message_bytes: usize,
+    /// How often `last_used_at` is written, in seconds.
+    pub last_used_flush_seconds: u64,
+    pub log_format: LogFormat,
+    /// `tracing` filter, e.g. `info` or `tollgate=debug,info`.
+    pub log_level: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            profile: None,
+            operator_token: None,
+            operator_token_file: None,
+            database_url: None,
+            database: DatabaseSettings::default(),
+            pepper: None,
+            pepper_file: None,
+            pepper_version: 1,
+            previous_peppers: Vec::new(),
+            cache: CacheSettings::default(),
+            max_message_bytes: 64 * 1024,
+            last_used_flush_seconds: 10,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// Top-level keys the `TOLLGATE_*` environment may set. Other `TOLLGATE_*`
+/// variables are ignored rather than refused.
+const ENV_KEYS: &[&str] = &[
+    "listen",
+    "profile",
+    "operator_token",
+    "operator_token_file",
+    "database_url",
+    "database",
+    "pepper",
+    "pepper_file",
+    "pepper_version",
+    "cache",
+    "max_message_bytes",
+    "last_used_flush_seconds",
+    "log_format",
+    "log_level",
+];
+
+/// Settings given as command-line flags (highest precedence).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FlagOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pepper_file: Option<PathBuf>,
+}
+
+/// A configuration that cannot be used; names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(Box<figment::Error>),
+    #[error("configuration field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl Settings {
+    /// Layers defaults, the file, the environment and the flags.
+    pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(invalid(
+                    "--config",
+                    format!("{} is not a readable file", file.display()),
+                ));
+            }
+            fig = fig.merge(Toml::file_exact(file));
+        }
+        fig = fig
+            .merge(Env::prefixed("TOLLGATE_").split("__").filter(|k| {
+                ENV_KEYS
+                    .iter()
+                    .any(|e| k.as_str().split('.').next() == Some(e))
+            }))
+            .merge(Env::raw().only(&["DATABASE_URL"]))
+            .merge(Serialized::globals(flags));
+        fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))
+    }
+
+    /// The profile named by `profile`, or the embedded default.
+    pub fn load_profile(&self) -> Result<Profile, ConfigError> {
+        match &self.profile {
+            None => Ok(Profile::embedded_default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| invalid("profile", format!("{}: {e}", path.display())))?;
+                Profile::from_toml(&text)
+                    .map_err(|e| invalid("profile", format!("{}: {e}", path.display())))
+            }
+        }
+    }
+
+    /// The operator token from `operator_token` or `operator_token_file`.
+    pub fn load_operator_token(&self) -> Result<Option<SecretString>, ConfigError> {
+        let token = match (&self.operator_token, &self.operator_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "operator_token",
+                    "set operator_token or operator_token_file, not both",
+                ))
+            }
+            (Some(t), None) => t.clone(),
+            (None, Some(path)) => read_secret_file("operator_token_file", path)?,
+            (None, None) => return Ok(None),
+        };
+        if token.expose_secret().len() < 16 {
+            return Err(invalid("operator_token", "must be at least 16 characters"));
+        }
+        Ok(Some(token))
+    }
+
+    /// The peppers from `pepper`/`pepper_file` and `previous_peppers`.
+    pub fn load_peppers(&self) -> Result<Peppers, ConfigError> {
+        let secret = match (&self.pepper, &self.pepper_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("pepper", "set pepper or pepper_file, not both"))
+            }
+            (Some(p), None) => p.clone(),
+            (None, Some(path)) => read_secret_file("pepper_file", path)?,
+            (None, None) => {
+                return Err(invalid(
+                    "pepper",
+                    "is required (TOLLGATE_PEPPER or TOLLGATE_PEPPER_FILE, at least 32 bytes)",
+                ))
+            }
+        };
+        let current = Pepper::new(
+            self.pepper_version,
+            secret.expose_secret().as_bytes().to_vec(),
+        )
+        .map_err(|e| invalid("pepper", e.to_string()))?;
+        let previous = self
+            .previous_peppers
+            .iter()
+            .map(|p| Pepper::new(p.version, p.secret.expose_secret().as_bytes().to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("previous_peppers", e.to_string()))?;
+        Peppers::new(current, previous).map_err(|e| invalid("previous_peppers", e.to_string()))
+    }
+
+    /// Checks the plain fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return Err(invalid("max_message_bytes", "must be 1024..=16777216"));
+        }
+        if self.database.max_connections == 0
+            || self.database.min_connections > self.database.max_connections
+        {
+            return Err(invalid(
+                "database.max_connections",
+                "must be ≥ 1 and ≥ database.min_connections",
+            ));
+        }
+        if self.cache.max_keys == 0 || self.cache.ttl_seconds == 0 {
+            return Err(invalid("cache", "max_keys and ttl_seconds must be ≥ 1"));
+        }
+        if self.last_used_flush_seconds == 0 {
+            return Err(invalid("last_used_flush_seconds", "must be ≥ 1"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| invalid("log_level", e.to_string()))?;
+        Ok(())
+    }
+}
+
+fn read_secret_file(field: &str, path: &Path) -> Result<SecretString, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
+    Ok(SecretString::from(
+        text.trim_end_matches(['\r', '\n']).to_string(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_value_in_the_file_names_the_field() {
+        let dir = std::env::temp_dir().join(format!("tg-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "listen = \"not an address\"\n").unwrap();
+        let err = Settings::load(Some(&file), &FlagOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen"), "{err}");
+        std::fs::write(&file, "[cache]\nttl_secs = 3\n").unwrap();
+        let err = Settings::load(Some(&file), &FlagOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ttl_secs"), "{err}");
+    }
+
+    #[test]
+    fn flags_win_and_secrets_stay_out_of_debug() {
+        let flags = FlagOverrides {
+            operator_token: Some("flag-token-0123456789".into()),
+            ..FlagOverrides::default()
+        };
+        let s = Settings::load(None, &flags).unwrap();
+        assert_eq!(
+            s.load_operator_token().unwrap().unwrap().expose_secret(),
+            "flag-token-0123456789"
+        );
+        assert!(!format!("{s:?}").contains("flag-token-0123456789"));
+    }
+
+    #[test]
+    fn a_short_pepper_is_refused_by_name() {
+        let s = Settings {
+            pepper: Some("short".to_string().into()),
+            ..Settings::default()
+        };
+        let err = s.load_peppers().unwrap_err().to_string();
+        assert!(
+            err.contains("`pepper`") && !err.contains("short\""),
+            "{err}"
+        );
+    }
+}

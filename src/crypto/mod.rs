@@ -1,0 +1,5 @@
+//! Cryptography: key digests with versioned peppers.
+
+pub mod digest;
+
+pub use digest::{KeyDigest, Pepper, Peppers};

@@ -1,0 +1,90 @@
+//! Decisions: allow with a principal, or deny with a stable reason.
+
+use serde::{Deserialize, Serialize};
+
+use super::{KeyId, TenantId};
+
+/// Why a request is denied. Stable: products map each to their own code,
+/// HTTP status and message in their profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Reason {
+    CredentialMissing,
+    CredentialMalformed,
+    KeyUnknown,
+    KeyExpired,
+    KeyRevoked,
+    TokenInvalid,
+    TokenExpired,
+    WrongCredentialForSurface,
+    ScopeMissing,
+    EnvironmentForbidden,
+    SubscriptionInactive,
+    RateLimited,
+    QuotaExhausted,
+}
+
+impl Reason {
+    /// Every reason.
+    pub const ALL: [Reason; 13] = [
+        Self::CredentialMissing,
+        Self::CredentialMalformed,
+        Self::KeyUnknown,
+        Self::KeyExpired,
+        Self::KeyRevoked,
+        Self::TokenInvalid,
+        Self::TokenExpired,
+        Self::WrongCredentialForSurface,
+        Self::ScopeMissing,
+        Self::EnvironmentForbidden,
+        Self::SubscriptionInactive,
+        Self::RateLimited,
+        Self::QuotaExhausted,
+    ];
+
+    /// The API spelling (`KEY_REVOKED`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CredentialMissing => "CREDENTIAL_MISSING",
+            Self::CredentialMalformed => "CREDENTIAL_MALFORMED",
+            Self::KeyUnknown => "KEY_UNKNOWN",
+            Self::KeyExpired => "KEY_EXPIRED",
+            Self::KeyRevoked => "KEY_REVOKED",
+            Self::TokenInvalid => "TOKEN_INVALID",
+            Self::TokenExpired => "TOKEN_EXPIRED",
+            Self::WrongCredentialForSurface => "WRONG_CREDENTIAL_FOR_SURFACE",
+            Self::ScopeMissing => "SCOPE_MISSING",
+            Self::EnvironmentForbidden => "ENVIRONMENT_FORBIDDEN",
+            Self::SubscriptionInactive => "SUBSCRIPTION_INACTIVE",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::QuotaExhausted => "QUOTA_EXHAUSTED",
+        }
+    }
+}
+
+/// How the caller proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialType {
+    ApiKey,
+    Jwt,
+}
+
+/// Who is calling, once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub tenant_id: TenantId,
+    pub key_id: Option<KeyId>,
+    pub plan: String,
+    pub environment: String,
+    /// The scopes in force: the key's scopes that the plan still allows.
+    pub scopes: Vec<String>,
+    pub subject: String,
+    pub credential_type: CredentialType,
+}
+
+/// The answer to "may this credential make this call now?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow(Principal),
+    Deny(Reason),
+}

@@ -1,0 +1,14 @@
+//! Plain domain data: keys, tenants, plans, principals and decisions.
+//! No sqlx, no prost, no tonic.
+
+pub mod decision;
+pub mod key;
+pub mod record;
+pub mod tenant;
+pub mod validate;
+
+pub use decision::{CredentialType, Decision, Principal, Reason};
+pub use key::{Alphabet, ApiKeySecret, KeyFormat, KeyParseError, ParsedKey};
+pub use record::{KeyId, KeyRecord, KeyUpdate, NewKey};
+pub use tenant::{SubscriptionStatus, Tenant, TenantId, TenantOverrides, TenantUpdate};
+pub use validate::{FieldViolation, Violations};

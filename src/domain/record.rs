@@ -1,0 +1,93 @@
+//! Stored API key records. The secret itself is never stored: only its digest.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::TenantId;
+use crate::crypto::KeyDigest;
+
+/// A key's public identifier (UUIDv7: time-ordered, so pages sort by creation).
+pub type KeyId = Uuid;
+
+/// A key record as stored. `Debug` is safe: the digest redacts itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: KeyId,
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub environment: String,
+    pub scopes: Vec<String>,
+    pub hint: String,
+    pub digest: KeyDigest,
+    pub pepper_version: i32,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub revoke_reason: Option<String>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub replaced_by: Option<KeyId>,
+}
+
+impl KeyRecord {
+    /// Revoked at or before `now`.
+    pub fn is_revoked(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_some_and(|t| t <= now)
+    }
+
+    /// Expired at or before `now`.
+    pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// Counts against the plan's key cap: not revoked, not expired, not
+    /// replaced by a rotation.
+    pub fn is_live(&self, now: DateTime<Utc>) -> bool {
+        !self.is_revoked(now) && !self.is_expired(now) && self.replaced_by.is_none()
+    }
+}
+
+/// A key about to be inserted.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub id: KeyId,
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub environment: String,
+    pub scopes: Vec<String>,
+    pub hint: String,
+    pub digest: KeyDigest,
+    pub pepper_version: i32,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl NewKey {
+    /// The record this becomes once stored.
+    pub fn into_record(self) -> KeyRecord {
+        KeyRecord {
+            id: self.id,
+            tenant_id: self.tenant_id,
+            name: self.name,
+            environment: self.environment,
+            scopes: self.scopes,
+            hint: self.hint,
+            digest: self.digest,
+            pepper_version: self.pepper_version,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            revoked_at: None,
+            revoke_reason: None,
+            last_used_at: None,
+            replaced_by: None,
+        }
+    }
+}
+
+/// A validated change to a key; `None` fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyUpdate {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    /// `Some(None)` removes the expiry.
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+}

@@ -1,0 +1,201 @@
+//! `tollgate.v1.AuthService`: thin handlers converting protos to the domain.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, from_ts};
+use super::operator::OperatorGuard;
+use super::pb::{self, auth_service_server::AuthService};
+use crate::authz::{AuthInput, Authenticator, QuotaSubject};
+use crate::domain::Decision;
+use crate::error::Error;
+use crate::manage::{CreateKeyInput, Manager, UpdateKeyInput};
+
+/// The AuthService implementation.
+pub struct AuthApi {
+    pub authz: Arc<Authenticator>,
+    pub manager: Arc<Manager>,
+    pub guard: OperatorGuard,
+}
+
+#[tonic::async_trait]
+impl AuthService for AuthApi {
+    #[tracing::instrument(skip_all, fields(surface))]
+    async fn authenticate(
+        &self,
+        request: Request<pb::AuthenticateRequest>,
+    ) -> Result<Response<pb::AuthenticateResponse>, Status> {
+        let r = request.into_inner();
+        tracing::Span::current().record("surface", r.surface.as_str());
+        let decision = self
+            .authz
+            .authenticate(AuthInput {
+                api_key: &r.api_key,
+                token: &r.token,
+                headers: Some(&r.headers),
+                surface: &r.surface,
+                required_scopes: &r.required_scopes,
+            })
+            .await?;
+        let response = match decision {
+            Decision::Allow(p) => pb::AuthenticateResponse {
+                allowed: true,
+                principal: Some(convert::principal(&p)),
+                denial: None,
+            },
+            Decision::Deny(reason) => {
+                tracing::debug!(reason = reason.as_str(), "denied");
+                pb::AuthenticateResponse {
+                    allowed: false,
+                    principal: None,
+                    denial: Some(convert::denial(self.authz.profile(), reason, 0)),
+                }
+            }
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn check_quota(
+        &self,
+        request: Request<pb::CheckQuotaRequest>,
+    ) -> Result<Response<pb::CheckQuotaResponse>, Status> {
+        let r = request.into_inner();
+        let subject = match (
+            r.tenant_id.is_empty(),
+            r.key_id.is_empty(),
+            r.api_key.is_empty(),
+        ) {
+            (false, true, true) => QuotaSubject::Tenant(&r.tenant_id),
+            (true, false, true) => QuotaSubject::Key(&r.key_id),
+            (true, true, false) => QuotaSubject::Credential(&r.api_key),
+            _ => {
+                return Err(Error::invalid(
+                    "tenant_id",
+                    "give exactly one of tenant_id, key_id, api_key",
+                )
+                .into())
+            }
+        };
+        let answer = self.authz.check_quota(subject).await?;
+        Ok(Response::new(pb::CheckQuotaResponse {
+            allowed: answer.denial.is_none(),
+            limits: Vec::new(),
+            retry_after_seconds: 0,
+            denial: answer
+                .denial
+                .map(|reason| convert::denial(self.authz.profile(), reason, 0)),
+            plan: answer.plan.unwrap_or_default(),
+        }))
+    }
+
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        self.guard.check(request.metadata())?;
+        let r = request.into_inner();
+        let issued = self
+            .manager
+            .create_key(CreateKeyInput {
+                tenant_id: r.tenant_id,
+                name: r.name,
+                environment: r.environment,
+                scopes: r.scopes,
+                ttl_seconds: r.ttl_seconds,
+            })
+            .await?;
+        Ok(Response::new(pb::CreateKeyResponse {
+            key: Some(convert::api_key(&issued.record)),
+            api_key: issued.secret.into_exposed(),
+        }))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
+        self.guard.check(request.metadata())?;
+        let r = request.into_inner();
+        let key = self
+            .manager
+            .revoke_key(&r.key_id, &r.tenant_id, &r.reason)
+            .await?;
+        Ok(Response::new(pb::RevokeKeyResponse {
+            key: Some(convert::api_key(&key)),
+        }))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<pb::GetKeyRequest>,
+    ) -> Result<Response<pb::GetKeyResponse>, Status> {
+        self.guard.check(request.metadata())?;
+        let r = request.into_inner();
+        let key = self.manager.get_key(&r.key_id, &r.tenant_id).await?;
+        Ok(Response::new(pb::GetKeyResponse {
+            key: Some(convert::api_key(&key)),
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        self.guard.check(request.metadata())?;
+        let r = request.into_inner();
+        let page = self
+            .manager
+            .list_keys(&r.tenant_id, r.page_size, &r.page_token, r.include_revoked)
+            .await?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: page.items.iter().map(convert::api_key).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        self.guard.check(request.metadata())?;
+        let r = request.into_inner();
+        let (issued, previous) = self
+            .manager
+            .rotate_key(&r.key_id, &r.tenant_id, r.grace_seconds)
+            .await?;
+        Ok(Response::new(pb::RotateKeyResponse {
+            key: Some(convert::api_key(&issued.record)),
+            previous_key: Some(convert::api_key(&previous)),
+            api_key: issued.secret.into_exposed(),
+        }))
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<pb::UpdateKeyRequest>,
+    ) -> Result<Response<pb::UpdateKeyResponse>, Status> {
+        self.guard.check(request.metadata())?;
+        let r = request.into_inner();
+        let expires_at = match &r.expires_at {
+            Some(t) => {
+                Some(from_ts(t).ok_or_else(|| Error::invalid("expires_at", "is out of range"))?)
+            }
+            None => None,
+        };
+        let key = self
+            .manager
+            .update_key(UpdateKeyInput {
+                key_id: r.key_id,
+                tenant_id: r.tenant_id,
+                update_mask: r.update_mask,
+                name: r.name,
+                scopes: r.scopes,
+                expires_at,
+            })
+            .await?;
+        Ok(Response::new(pb::UpdateKeyResponse {
+            key: Some(convert::api_key(&key)),
+        }))
+    }
+}

@@ -1,0 +1,91 @@
+//! Proto ↔ domain conversions.
+
+use chrono::{DateTime, Utc};
+
+use super::pb;
+use crate::domain::{CredentialType, KeyRecord, Principal, Reason, Tenant, TenantOverrides};
+use crate::profile::Profile;
+
+/// A timestamp for the wire.
+pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// A timestamp from the wire; `None` if out of range.
+pub fn from_ts(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
+}
+
+pub fn api_key(k: &KeyRecord) -> pb::ApiKey {
+    pb::ApiKey {
+        key_id: k.id.to_string(),
+        tenant_id: k.tenant_id.to_string(),
+        name: k.name.clone(),
+        environment: k.environment.clone(),
+        scopes: k.scopes.clone(),
+        hint: k.hint.clone(),
+        created_at: Some(ts(k.created_at)),
+        expires_at: k.expires_at.map(ts),
+        revoked_at: k.revoked_at.map(ts),
+        last_used_at: k.last_used_at.map(ts),
+        revoke_reason: k.revoke_reason.clone().unwrap_or_default(),
+        replaced_by: k.replaced_by.map(|id| id.to_string()).unwrap_or_default(),
+    }
+}
+
+pub fn overrides(o: &TenantOverrides) -> pb::TenantOverrides {
+    pb::TenantOverrides {
+        max_keys: o.max_keys,
+        allowed_scopes: o.allowed_scopes.clone().unwrap_or_default(),
+    }
+}
+
+pub fn overrides_from(o: pb::TenantOverrides) -> TenantOverrides {
+    TenantOverrides {
+        max_keys: o.max_keys,
+        allowed_scopes: (!o.allowed_scopes.is_empty()).then_some(o.allowed_scopes),
+    }
+}
+
+pub fn tenant(t: &Tenant) -> pb::Tenant {
+    pb::Tenant {
+        tenant_id: t.id.to_string(),
+        name: t.name.clone(),
+        plan: t.plan.clone(),
+        subscription_status: t.status.as_str().to_string(),
+        overrides: Some(overrides(&t.overrides)),
+        created_at: Some(ts(t.created_at)),
+        updated_at: Some(ts(t.updated_at)),
+    }
+}
+
+pub fn principal(p: &Principal) -> pb::Principal {
+    pb::Principal {
+        tenant_id: p.tenant_id.to_string(),
+        key_id: p.key_id.map(|id| id.to_string()).unwrap_or_default(),
+        plan: p.plan.clone(),
+        environment: p.environment.clone(),
+        scopes: p.scopes.clone(),
+        subject: p.subject.clone(),
+        credential_type: match p.credential_type {
+            CredentialType::ApiKey => pb::CredentialType::ApiKey,
+            CredentialType::Jwt => pb::CredentialType::Jwt,
+        } as i32,
+    }
+}
+
+/// The denial as the product documents it.
+pub fn denial(profile: &Profile, reason: Reason, retry_after_seconds: u32) -> pb::Denial {
+    let spec = profile.denial(reason);
+    pb::Denial {
+        reason: reason.as_str().to_string(),
+        code: spec.code.clone(),
+        http_status: u32::from(spec.http_status),
+        message: spec.message.clone(),
+        retry_after_seconds,
+        body: profile.denial_body(reason),
+    }
+}

@@ -1,0 +1,17 @@
+//! The gRPC surface: generated code, handlers, the error table, operator auth.
+
+pub mod auth_api;
+pub mod convert;
+pub mod operator;
+pub mod status;
+pub mod tenant_api;
+
+/// Generated `tollgate.v1` messages, clients and servers.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("tollgate.v1");
+
+    /// Encoded descriptors of `tollgate.v1`, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/tollgate_descriptor.bin"));
+}

@@ -1,0 +1,40 @@
+//! The one table from service errors to gRPC statuses.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::error::Error;
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidArgument(v) => {
+                let summary =
+                    v.0.iter()
+                        .map(|f| format!("{}: {}", f.field, f.description))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                let details = ErrorDetails::with_bad_request(
+                    v.0.into_iter()
+                        .map(|f| tonic_types::FieldViolation::new(f.field, f.description))
+                        .collect::<Vec<_>>(),
+                );
+                Status::with_error_details(Code::InvalidArgument, summary, details)
+            }
+            Error::NotFound(what) => Status::not_found(format!("{what} not found")),
+            Error::AlreadyExists(what) => Status::already_exists(format!("{what} already exists")),
+            Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
+            Error::Unauthenticated => Status::unauthenticated(
+                "management calls need `authorization: Bearer <operator token>`",
+            ),
+            Error::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "storage unavailable");
+                Status::unavailable("storage is unavailable; retry later")
+            }
+            Error::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

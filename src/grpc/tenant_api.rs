@@ -1,0 +1,92 @@
+//! `tollgate.v1.TenantService`: thin handlers.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::operator::OperatorGuard;
+use super::pb::{self, tenant_service_server::TenantService};
+use crate::manage::{CreateTenantInput, Manager, UpdateTenantInput};
+
+/// The TenantService implementation.
+pub struct TenantApi {
+    pub manager: Arc<Manager>,
+    pub guard: OperatorGuard,
+}
+
+#[tonic::async_trait]
+impl TenantService for TenantApi {
+    async fn create_tenant(
+        &self,
+        request: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::CreateTenantResponse>, Status> {
+        self.guard.check(request.metadata())?;
+        let r = request.into_inner();
+        let tenant = self
+            .manager
+            .create_tenant(CreateTenantInput {
+                tenant_id: r.tenant_id,
+                name: r.name,
+                plan: r.plan,
+                subscription_status: r.subscription_status,
+                overrides: r.overrides.map(convert::overrides_from),
+            })
+            .await?;
+        Ok(Response::new(pb::CreateTenantResponse {
+            tenant: Some(convert::tenant(&tenant)),
+        }))
+    }
+
+    async fn get_tenant(
+        &self,
+        request: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::GetTenantResponse>, Status> {
+        self.guard.check(request.metadata())?;
+        let tenant = self
+            .manager
+            .get_tenant(&request.get_ref().tenant_id)
+            .await?;
+        Ok(Response::new(pb::GetTenantResponse {
+            tenant: Some(convert::tenant(&tenant)),
+        }))
+    }
+
+    async fn update_tenant(
+        &self,
+        request: Request<pb::UpdateTenantRequest>,
+    ) -> Result<Response<pb::UpdateTenantResponse>, Status> {
+        self.guard.check(request.metadata())?;
+        let r = request.into_inner();
+        let tenant = self
+            .manager
+            .update_tenant(UpdateTenantInput {
+                tenant_id: r.tenant_id,
+                update_mask: r.update_mask,
+                name: r.name,
+                plan: r.plan,
+                subscription_status: r.subscription_status,
+                overrides: r.overrides.map(convert::overrides_from),
+            })
+            .await?;
+        Ok(Response::new(pb::UpdateTenantResponse {
+            tenant: Some(convert::tenant(&tenant)),
+        }))
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        self.guard.check(request.metadata())?;
+        let r = request.into_inner();
+        let page = self
+            .manager
+            .list_tenants(r.page_size, &r.page_token)
+            .await?;
+        Ok(Response::new(pb::ListTenantsResponse {
+            tenants: page.items.iter().map(convert::tenant).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+}

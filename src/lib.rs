@@ -1,0 +1,17 @@
+//! Tollgate: a gRPC authorization service. API keys (and later JWTs) in;
+//! decisions, principals and limits out. See README.md and DESIGN.md.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod authz;
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod crypto;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod manage;
+pub mod profile;
+pub mod store;
+pub mod telemetry;

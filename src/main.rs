@@ -1,0 +1,259 @@
+//! `tollgate`: parse the command line, load config, start. No logic here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpListener;
+
+use tollgate::app::{self, Parts};
+use tollgate::clock::Clock;
+use tollgate::config::{FlagOverrides, Settings};
+use tollgate::crypto::{Pepper, Peppers};
+use tollgate::manage::{CreateKeyInput, CreateTenantInput};
+use tollgate::store::{MemoryStore, PostgresStore, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "gRPC authorization service: API keys in, decisions out"
+)]
+struct Cli {
+    /// TOML config file. Environment (`TOLLGATE_*`, `DATABASE_URL`) and flags override it.
+    #[arg(long, global = true, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run with an in-memory store, the default profile and a demo tenant.
+    Dev(Common),
+    /// Run against Postgres.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        db: Db,
+        /// File holding the key pepper (env TOLLGATE_PEPPER or TOLLGATE_PEPPER_FILE).
+        #[arg(long)]
+        pepper_file: Option<PathBuf>,
+    },
+    /// Apply database migrations and exit.
+    Migrate(Db),
+}
+
+#[derive(Args)]
+struct Common {
+    /// gRPC listen address [env TOLLGATE_LISTEN; default 127.0.0.1:50051].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Profile TOML [env TOLLGATE_PROFILE; default: embedded default profile].
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Operator token for management calls [env TOLLGATE_OPERATOR_TOKEN].
+    #[arg(long)]
+    operator_token: Option<String>,
+}
+
+#[derive(Args)]
+struct Db {
+    /// Postgres URL [env DATABASE_URL].
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+fn flags(common: Option<&Common>, db: Option<&Db>, pepper_file: Option<PathBuf>) -> FlagOverrides {
+    FlagOverrides {
+        listen: common.and_then(|c| c.listen),
+        profile: common.and_then(|c| c.profile.clone()),
+        operator_token: common.and_then(|c| c.operator_token.clone()),
+        database_url: db.and_then(|d| d.database_url.clone()),
+        pepper_file,
+    }
+}
+
+fn random_secret() -> String {
+    use rand::Rng;
+    let bytes: [u8; 32] = rand::rng().random();
+    hex::encode(bytes)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+    tracing::info!("shutting down");
+}
+
+async fn connect(settings: &Settings) -> anyhow::Result<PostgresStore> {
+    let url = settings.database_url.as_ref().context(
+        "configuration field `database_url`: is required (--database-url or DATABASE_URL)",
+    )?;
+    let opts: sqlx::postgres::PgConnectOptions = url.expose_secret().parse().map_err(|_| {
+        anyhow::anyhow!("configuration field `database_url`: is not a valid Postgres URL")
+    })?;
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.database.max_connections)
+        .min_connections(settings.database.min_connections)
+        .acquire_timeout(Duration::from_millis(settings.database.acquire_timeout_ms))
+        .connect_with(opts)
+        .await
+        .context("cannot connect to Postgres")?;
+    Ok(PostgresStore::new(pool))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (flags, dev) = match &cli.command {
+        Command::Dev(c) => (flags(Some(c), None, None), true),
+        Command::Serve {
+            common,
+            db,
+            pepper_file,
+        } => (flags(Some(common), Some(db), pepper_file.clone()), false),
+        Command::Migrate(db) => (flags(None, Some(db), None), false),
+    };
+    let mut settings = Settings::load(cli.config.as_deref(), &flags)?;
+    settings.validate()?;
+    tollgate::telemetry::init(&settings.log_level, settings.log_format);
+
+    if let Command::Migrate(_) = cli.command {
+        let store = connect(&settings).await?;
+        store.migrate().await.context("migration failed")?;
+        tracing::info!("migrations applied");
+        return Ok(());
+    }
+
+    let profile = Arc::new(settings.load_profile()?);
+    let mut generated_token = None;
+    if dev && settings.operator_token.is_none() && settings.operator_token_file.is_none() {
+        let token = random_secret();
+        settings.operator_token = Some(SecretString::from(token.clone()));
+        generated_token = Some(token);
+    }
+    let operator_token = settings.load_operator_token()?;
+    if operator_token.is_none() {
+        tracing::warn!("no operator token configured: every management call will be refused");
+    }
+    let (store, peppers): (Arc<dyn Store>, Peppers) = if dev {
+        // Dev keys live only in memory, so a per-run random pepper is right.
+        let pepper = Pepper::new(1, random_secret().into_bytes()).expect("64 bytes");
+        (
+            Arc::new(MemoryStore::new()),
+            Peppers::new(pepper, vec![]).expect("one pepper"),
+        )
+    } else {
+        let peppers = settings.load_peppers()?;
+        let store = connect(&settings).await?;
+        if settings.database.migrate_on_start {
+            store.migrate().await.context("migration failed")?;
+        }
+        (Arc::new(store), peppers)
+    };
+
+    let listener = TcpListener::bind(settings.listen).await.with_context(|| {
+        format!(
+            "configuration field `listen`: cannot bind {}",
+            settings.listen
+        )
+    })?;
+    let running = app::start(
+        Parts {
+            profile: profile.clone(),
+            peppers,
+            store,
+            operator_token,
+            cache: settings.cache.clone(),
+            max_message_bytes: settings.max_message_bytes,
+            last_used_flush: Duration::from_secs(settings.last_used_flush_seconds),
+            clock: Clock::system(),
+        },
+        listener,
+    )
+    .await?;
+    let addr = running.local_addr();
+    tracing::info!(%addr, profile = %profile.name, "tollgate listening");
+
+    if dev {
+        let tenant = running
+            .manager()
+            .create_tenant(CreateTenantInput {
+                tenant_id: "demo".into(),
+                name: "Demo tenant".into(),
+                ..Default::default()
+            })
+            .await?;
+        let key = running
+            .manager()
+            .create_key(CreateKeyInput {
+                tenant_id: tenant.id.to_string(),
+                name: "demo key".into(),
+                ..Default::default()
+            })
+            .await?;
+        print_dev_banner(
+            addr,
+            generated_token.as_deref(),
+            tenant.id.as_str(),
+            key.secret.expose(),
+        );
+    }
+    running.serve_until(shutdown_signal()).await?;
+    Ok(())
+}
+
+fn print_dev_banner(addr: std::net::SocketAddr, token: Option<&str>, tenant: &str, key: &str) {
+    let token_line = match token {
+        Some(t) => format!("operator token (generated): {t}"),
+        None => "operator token: the one you configured".to_string(),
+    };
+    let token_arg = token.unwrap_or("$TOLLGATE_OPERATOR_TOKEN");
+    println!(
+        "\nTollgate dev mode: in-memory store, default profile, listening on {addr}\n\
+         {token_line}\n\
+         demo tenant: {tenant}\n\
+         demo API key (shown once): {key}\n\n\
+         Try:\n  grpcurl -plaintext -d '{{\"api_key\": \"{key}\"}}' {addr} tollgate.v1.AuthService/Authenticate\n  \
+         grpcurl -plaintext -H 'authorization: Bearer {token_arg}' -d '{{\"tenant_id\": \"{tenant}\", \"name\": \"second\"}}' {addr} tollgate.v1.AuthService/CreateKey\n"
+    );
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tollgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

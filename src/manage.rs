@@ -1,0 +1,623 @@
+//! Management operations on keys and tenants: validation, plan rules, and
+//! the calls into the store. No tonic, no SQL.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+
+use crate::clock::Clock;
+use crate::crypto::Peppers;
+use crate::domain::validate::{check_name, check_scopes};
+use crate::domain::{
+    ApiKeySecret, KeyId, KeyRecord, KeyUpdate, NewKey, SubscriptionStatus, Tenant, TenantId,
+    TenantOverrides, TenantUpdate, Violations,
+};
+use crate::error::{Error, Result};
+use crate::profile::Profile;
+use crate::store::{KeyRef, Store, StoreError};
+
+/// Longest key lifetime accepted: 10 years.
+pub const MAX_TTL_SECONDS: i64 = 10 * 366 * 24 * 3600;
+/// Longest rotation grace period: 30 days.
+pub const MAX_GRACE_SECONDS: i64 = 30 * 24 * 3600;
+/// Default and largest page sizes.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+pub const MAX_PAGE_SIZE: u32 = 500;
+
+/// A CreateKey request, as received.
+#[derive(Debug, Clone, Default)]
+pub struct CreateKeyInput {
+    pub tenant_id: String,
+    pub name: String,
+    pub environment: String,
+    pub scopes: Vec<String>,
+    pub ttl_seconds: Option<i64>,
+}
+
+/// An UpdateKey request, as received.
+#[derive(Debug, Clone, Default)]
+pub struct UpdateKeyInput {
+    pub key_id: String,
+    pub tenant_id: String,
+    pub update_mask: Vec<String>,
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A CreateTenant request, as received.
+#[derive(Debug, Clone, Default)]
+pub struct CreateTenantInput {
+    pub tenant_id: String,
+    pub name: String,
+    pub plan: String,
+    pub subscription_status: String,
+    pub overrides: Option<TenantOverrides>,
+}
+
+/// An UpdateTenant request, as received.
+#[derive(Debug, Clone, Default)]
+pub struct UpdateTenantInput {
+    pub tenant_id: String,
+    pub update_mask: Vec<String>,
+    pub name: String,
+    pub plan: String,
+    pub subscription_status: String,
+    pub overrides: Option<TenantOverrides>,
+}
+
+/// A page of results and the token for the next one (empty on the last).
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_page_token: String,
+}
+
+/// A newly issued key: the secret (shown once) and its record.
+#[derive(Debug)]
+pub struct IssuedKey {
+    pub secret: ApiKeySecret,
+    pub record: KeyRecord,
+}
+
+/// Key and tenant management.
+pub struct Manager {
+    profile: Arc<Profile>,
+    peppers: Peppers,
+    store: Arc<dyn Store>,
+    clock: Clock,
+}
+
+fn parse_tenant_id(field: &str, s: &str, v: &mut Violations) -> Option<TenantId> {
+    let id = TenantId::parse(s);
+    if id.is_none() {
+        v.add(field, "must be 1-64 characters of [A-Za-z0-9_-]");
+    }
+    id
+}
+
+fn parse_key_id(s: &str, v: &mut Violations) -> Option<KeyId> {
+    let id = KeyId::parse_str(s).ok();
+    if id.is_none() {
+        v.add("key_id", "must be a key id (a UUID)");
+    }
+    id
+}
+
+/// An optional tenant scope: empty means none.
+fn parse_scope(s: &str, v: &mut Violations) -> Option<TenantId> {
+    if s.is_empty() {
+        None
+    } else {
+        parse_tenant_id("tenant_id", s, v)
+    }
+}
+
+fn page_size(requested: u32, v: &mut Violations) -> u32 {
+    match requested {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n > MAX_PAGE_SIZE => {
+            v.add("page_size", format!("must be at most {MAX_PAGE_SIZE}"));
+            MAX_PAGE_SIZE
+        }
+        n => n,
+    }
+}
+
+fn check_mask(mask: &[String], allowed: &[&str], v: &mut Violations) {
+    if mask.is_empty() {
+        v.add(
+            "update_mask",
+            format!("name at least one of: {}", allowed.join(", ")),
+        );
+    }
+    for (i, path) in mask.iter().enumerate() {
+        if !allowed.contains(&path.as_str()) {
+            v.add(
+                format!("update_mask[{i}]"),
+                format!("must be one of: {}", allowed.join(", ")),
+            );
+        }
+    }
+}
+
+fn not_found(what: &'static str) -> impl FnOnce(StoreError) -> Error {
+    move |e| match e {
+        StoreError::NotFound => Error::NotFound(what),
+        e => e.into(),
+    }
+}
+
+impl Manager {
+    /// Assembles the manager.
+    pub fn new(
+        profile: Arc<Profile>,
+        peppers: Peppers,
+        store: Arc<dyn Store>,
+        clock: Clock,
+    ) -> Self {
+        Self {
+            profile,
+            peppers,
+            store,
+            clock,
+        }
+    }
+
+    fn allowed_scopes<'a>(&'a self, tenant: &'a Tenant) -> &'a [String] {
+        tenant
+            .overrides
+            .allowed_scopes
+            .as_deref()
+            .or_else(|| self.profile.plan(&tenant.plan).map(|p| p.scopes.as_slice()))
+            .unwrap_or(&[])
+    }
+
+    fn check_scopes_allowed(&self, tenant: &Tenant, scopes: &[String], v: &mut Violations) {
+        let allowed = self.allowed_scopes(tenant);
+        for (i, s) in scopes.iter().enumerate() {
+            if !allowed.contains(s) {
+                v.add(
+                    format!("scopes[{i}]"),
+                    format!(
+                        "`{s}` is not allowed on plan `{}`; allowed: {}",
+                        tenant.plan,
+                        allowed.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Tenant> {
+        self.store
+            .get_tenant(id)
+            .await?
+            .ok_or(Error::NotFound("tenant"))
+    }
+
+    fn new_key(
+        &self,
+        tenant_id: TenantId,
+        name: String,
+        environment: String,
+        scopes: Vec<String>,
+        expires_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> (ApiKeySecret, NewKey) {
+        let secret = self.profile.key_format.generate(&environment);
+        let pepper = self.peppers.current();
+        let key = NewKey {
+            id: uuid::Uuid::now_v7(),
+            tenant_id,
+            name,
+            environment,
+            scopes,
+            hint: secret.hint(),
+            digest: pepper.digest(secret.expose()),
+            pepper_version: pepper.version(),
+            created_at: now,
+            expires_at,
+        };
+        (secret, key)
+    }
+
+    /// Creates a key under the tenant's plan cap.
+    pub async fn create_key(&self, input: CreateKeyInput) -> Result<IssuedKey> {
+        let mut v = Violations::default();
+        let tenant_id = parse_tenant_id("tenant_id", &input.tenant_id, &mut v);
+        check_name("name", &input.name, &mut v);
+        let format = &self.profile.key_format;
+        let environment = if input.environment.is_empty() {
+            format.environments()[0].clone()
+        } else {
+            if !format.has_environment(&input.environment) {
+                v.add(
+                    "environment",
+                    format!("must be one of: {}", format.environments().join(", ")),
+                );
+            }
+            input.environment.clone()
+        };
+        check_scopes("scopes", &input.scopes, &mut v);
+        let ttl = match input.ttl_seconds {
+            None => self.profile.default_ttl_seconds.map(|s| s as i64),
+            Some(0) => None,
+            Some(s) if !(1..=MAX_TTL_SECONDS).contains(&s) => {
+                v.add(
+                    "ttl_seconds",
+                    format!("must be 0 (never expires) or 1..={MAX_TTL_SECONDS}"),
+                );
+                None
+            }
+            Some(s) => Some(s),
+        };
+        v.into_result()?;
+        let tenant_id = tenant_id.expect("validated");
+        let tenant = self.tenant(&tenant_id).await?;
+
+        let mut v = Violations::default();
+        let plan = self.profile.plan(&tenant.plan);
+        if plan.is_some_and(|p| !p.allows_environment(&environment)) {
+            v.add(
+                "environment",
+                format!(
+                    "`{environment}` keys are not allowed on plan `{}`",
+                    tenant.plan
+                ),
+            );
+        }
+        let scopes = if input.scopes.is_empty() {
+            plan.map(|p| p.default_scopes.clone().unwrap_or_else(|| p.scopes.clone()))
+                .unwrap_or_default()
+        } else {
+            self.check_scopes_allowed(&tenant, &input.scopes, &mut v);
+            dedup(input.scopes)
+        };
+        v.into_result()?;
+
+        let now = self.clock.now();
+        let expires_at = ttl.map(|s| now + Duration::seconds(s));
+        let (secret, key) =
+            self.new_key(tenant_id, input.name, environment, scopes, expires_at, now);
+        let profile = self.profile.clone();
+        let cap = move |t: &Tenant| {
+            t.overrides
+                .max_keys
+                .or_else(|| profile.plan(&t.plan).and_then(|p| p.max_keys))
+        };
+        let record = self
+            .store
+            .insert_key(key, &cap)
+            .await
+            .map_err(not_found("tenant"))?;
+        tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id, "key created");
+        Ok(IssuedKey { secret, record })
+    }
+
+    /// Revokes a key; refused at once on every replica.
+    pub async fn revoke_key(
+        &self,
+        key_id: &str,
+        tenant_id: &str,
+        reason: &str,
+    ) -> Result<KeyRecord> {
+        let mut v = Violations::default();
+        let id = parse_key_id(key_id, &mut v);
+        let tenant = parse_scope(tenant_id, &mut v);
+        if reason.chars().count() > 256 || reason.chars().any(char::is_control) {
+            v.add("reason", "must be at most 256 printable characters");
+        }
+        v.into_result()?;
+        let key = KeyRef {
+            id: id.expect("validated"),
+            tenant: tenant.as_ref(),
+        };
+        let record = self
+            .store
+            .revoke_key(key, reason, self.clock.now())
+            .await
+            .map_err(not_found("key"))?;
+        tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id, "key revoked");
+        Ok(record)
+    }
+
+    /// Reads a key.
+    pub async fn get_key(&self, key_id: &str, tenant_id: &str) -> Result<KeyRecord> {
+        let mut v = Violations::default();
+        let id = parse_key_id(key_id, &mut v);
+        let tenant = parse_scope(tenant_id, &mut v);
+        v.into_result()?;
+        let key = KeyRef {
+            id: id.expect("validated"),
+            tenant: tenant.as_ref(),
+        };
+        self.store.get_key(key).await?.ok_or(Error::NotFound("key"))
+    }
+
+    /// A page of a tenant's keys, oldest first.
+    pub async fn list_keys(
+        &self,
+        tenant_id: &str,
+        page_size_req: u32,
+        page_token: &str,
+        include_revoked: bool,
+    ) -> Result<Page<KeyRecord>> {
+        let mut v = Violations::default();
+        let tenant = parse_tenant_id("tenant_id", tenant_id, &mut v);
+        let size = page_size(page_size_req, &mut v);
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            let t = KeyId::parse_str(page_token).ok();
+            if t.is_none() {
+                v.add(
+                    "page_token",
+                    "is not a token from a previous ListKeys response",
+                );
+            }
+            t
+        };
+        v.into_result()?;
+        let tenant = tenant.expect("validated");
+        self.tenant(&tenant).await?;
+        let mut items = self
+            .store
+            .list_keys(&tenant, after, size + 1, include_revoked)
+            .await?;
+        let next_page_token = if items.len() > size as usize {
+            items.truncate(size as usize);
+            items.last().map(|k| k.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Page {
+            items,
+            next_page_token,
+        })
+    }
+
+    /// Issues a replacement key; the old one works for `grace_seconds` more.
+    pub async fn rotate_key(
+        &self,
+        key_id: &str,
+        tenant_id: &str,
+        grace_seconds: i64,
+    ) -> Result<(IssuedKey, KeyRecord)> {
+        let mut v = Violations::default();
+        let id = parse_key_id(key_id, &mut v);
+        let tenant = parse_scope(tenant_id, &mut v);
+        if !(0..=MAX_GRACE_SECONDS).contains(&grace_seconds) {
+            v.add("grace_seconds", format!("must be 0..={MAX_GRACE_SECONDS}"));
+        }
+        v.into_result()?;
+        let key = KeyRef {
+            id: id.expect("validated"),
+            tenant: tenant.as_ref(),
+        };
+        let old = self
+            .store
+            .get_key(key)
+            .await?
+            .ok_or(Error::NotFound("key"))?;
+        let now = self.clock.now();
+        // The new key keeps the old key's lifetime length, from now.
+        let expires_at = old.expires_at.map(|e| now + (e - old.created_at));
+        let (secret, new) = self.new_key(
+            old.tenant_id.clone(),
+            old.name.clone(),
+            old.environment.clone(),
+            old.scopes.clone(),
+            expires_at,
+            now,
+        );
+        let (previous, record) = self
+            .store
+            .rotate_key(key, new, now + Duration::seconds(grace_seconds))
+            .await
+            .map_err(not_found("key"))?;
+        tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id,
+            previous_key_id = %previous.id, grace_seconds, "key rotated");
+        Ok((IssuedKey { secret, record }, previous))
+    }
+
+    /// Changes a key's name, scopes or expiry.
+    pub async fn update_key(&self, input: UpdateKeyInput) -> Result<KeyRecord> {
+        let mut v = Violations::default();
+        let id = parse_key_id(&input.key_id, &mut v);
+        let tenant = parse_scope(&input.tenant_id, &mut v);
+        check_mask(
+            &input.update_mask,
+            &["name", "scopes", "expires_at"],
+            &mut v,
+        );
+        let has = |p: &str| input.update_mask.iter().any(|m| m == p);
+        if has("name") {
+            check_name("name", &input.name, &mut v);
+        }
+        if has("scopes") {
+            check_scopes("scopes", &input.scopes, &mut v);
+        }
+        v.into_result()?;
+        let key = KeyRef {
+            id: id.expect("validated"),
+            tenant: tenant.as_ref(),
+        };
+        let current = self
+            .store
+            .get_key(key)
+            .await?
+            .ok_or(Error::NotFound("key"))?;
+        if has("scopes") {
+            let owner = self.tenant(&current.tenant_id).await?;
+            let mut v = Violations::default();
+            self.check_scopes_allowed(&owner, &input.scopes, &mut v);
+            v.into_result()?;
+        }
+        let update = KeyUpdate {
+            name: has("name").then(|| input.name.clone()),
+            scopes: has("scopes").then(|| dedup(input.scopes.clone())),
+            expires_at: has("expires_at").then_some(input.expires_at),
+        };
+        let record = self
+            .store
+            .update_key(key, &update)
+            .await
+            .map_err(not_found("key"))?;
+        tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id, "key updated");
+        Ok(record)
+    }
+
+    fn check_overrides(&self, o: &TenantOverrides, v: &mut Violations) {
+        if o.max_keys.is_some_and(|m| m > 1_000_000) {
+            v.add("overrides.max_keys", "must be at most 1000000");
+        }
+        if let Some(scopes) = &o.allowed_scopes {
+            check_scopes("overrides.allowed_scopes", scopes, v);
+        }
+    }
+
+    fn check_plan(&self, plan: &str, v: &mut Violations) {
+        if self.profile.plan(plan).is_none() {
+            let names: Vec<&str> = self.profile.plans.keys().map(String::as_str).collect();
+            v.add("plan", format!("must be one of: {}", names.join(", ")));
+        }
+    }
+
+    fn parse_status(s: &str, v: &mut Violations) -> Option<SubscriptionStatus> {
+        let status = SubscriptionStatus::parse(s);
+        if status.is_none() {
+            let names: Vec<&str> = SubscriptionStatus::ALL.iter().map(|s| s.as_str()).collect();
+            v.add(
+                "subscription_status",
+                format!("must be one of: {}", names.join(", ")),
+            );
+        }
+        status
+    }
+
+    /// Creates a tenant.
+    pub async fn create_tenant(&self, input: CreateTenantInput) -> Result<Tenant> {
+        let mut v = Violations::default();
+        let id = if input.tenant_id.is_empty() {
+            Some(TenantId::generate())
+        } else {
+            parse_tenant_id("tenant_id", &input.tenant_id, &mut v)
+        };
+        check_name("name", &input.name, &mut v);
+        let plan = if input.plan.is_empty() {
+            self.profile.default_plan.clone()
+        } else {
+            input.plan
+        };
+        self.check_plan(&plan, &mut v);
+        let status = if input.subscription_status.is_empty() {
+            Some(SubscriptionStatus::Active)
+        } else {
+            Self::parse_status(&input.subscription_status, &mut v)
+        };
+        let overrides = input.overrides.unwrap_or_default();
+        self.check_overrides(&overrides, &mut v);
+        v.into_result()?;
+        let now = self.clock.now();
+        let tenant = Tenant {
+            id: id.expect("validated"),
+            name: input.name,
+            plan,
+            status: status.expect("validated"),
+            overrides,
+            created_at: now,
+            updated_at: now,
+        };
+        let tenant = self
+            .store
+            .create_tenant(tenant)
+            .await
+            .map_err(|e| match e {
+                StoreError::AlreadyExists => Error::AlreadyExists("tenant"),
+                e => e.into(),
+            })?;
+        tracing::info!(tenant_id = %tenant.id, plan = %tenant.plan, "tenant created");
+        Ok(tenant)
+    }
+
+    /// Reads a tenant.
+    pub async fn get_tenant(&self, tenant_id: &str) -> Result<Tenant> {
+        let mut v = Violations::default();
+        let id = parse_tenant_id("tenant_id", tenant_id, &mut v);
+        v.into_result()?;
+        self.tenant(&id.expect("validated")).await
+    }
+
+    /// Changes plan, status, name or overrides; effective on every replica at once.
+    pub async fn update_tenant(&self, input: UpdateTenantInput) -> Result<Tenant> {
+        let mut v = Violations::default();
+        let id = parse_tenant_id("tenant_id", &input.tenant_id, &mut v);
+        check_mask(
+            &input.update_mask,
+            &["name", "plan", "subscription_status", "overrides"],
+            &mut v,
+        );
+        let has = |p: &str| input.update_mask.iter().any(|m| m == p);
+        if has("name") {
+            check_name("name", &input.name, &mut v);
+        }
+        if has("plan") {
+            self.check_plan(&input.plan, &mut v);
+        }
+        let status = if has("subscription_status") {
+            Self::parse_status(&input.subscription_status, &mut v)
+        } else {
+            None
+        };
+        let overrides = has("overrides").then(|| input.overrides.clone().unwrap_or_default());
+        if let Some(o) = &overrides {
+            self.check_overrides(o, &mut v);
+        }
+        v.into_result()?;
+        let update = TenantUpdate {
+            name: has("name").then(|| input.name.clone()),
+            plan: has("plan").then(|| input.plan.clone()),
+            status,
+            overrides,
+        };
+        let id = id.expect("validated");
+        let tenant = self
+            .store
+            .update_tenant(&id, &update, self.clock.now())
+            .await
+            .map_err(not_found("tenant"))?;
+        tracing::info!(tenant_id = %tenant.id, plan = %tenant.plan,
+            status = tenant.status.as_str(), "tenant updated");
+        Ok(tenant)
+    }
+
+    /// A page of tenants, ordered by id.
+    pub async fn list_tenants(&self, page_size_req: u32, page_token: &str) -> Result<Page<Tenant>> {
+        let mut v = Violations::default();
+        let size = page_size(page_size_req, &mut v);
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            parse_tenant_id("page_token", page_token, &mut v)
+        };
+        v.into_result()?;
+        let mut items = self.store.list_tenants(after.as_ref(), size + 1).await?;
+        let next_page_token = if items.len() > size as usize {
+            items.truncate(size as usize);
+            items.last().map(|t| t.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Page {
+            items,
+            next_page_token,
+        })
+    }
+}
+
+fn dedup(mut scopes: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    scopes.retain(|s| seen.insert(s.clone()));
+    scopes
+}

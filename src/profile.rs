@@ -1,0 +1,346 @@
+//! Profiles: a product's auth contract. Key format, surfaces (which header
+//! carries which credential), plans, and the code / HTTP status / message /
+//! body shape of every deny reason. Parsed and validated once at start.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::domain::{Alphabet, KeyFormat, Reason, SubscriptionStatus};
+
+/// The profile used when none is configured.
+pub const DEFAULT_PROFILE: &str = include_str!("../profiles/default.toml");
+
+/// Seconds in 365 days, the default key lifetime.
+pub const DEFAULT_TTL_SECONDS: u64 = 365 * 24 * 3600;
+
+/// What an `Authorization: Bearer` credential means on a surface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BearerPolicy {
+    /// Bearer carries an API key (MailSage).
+    ApiKey,
+    /// Bearer carries a JWT; an API key sent as Bearer is refused.
+    Jwt,
+    /// No Bearer credential is accepted (MsgFlash public API): anything sent
+    /// as Bearer is `WRONG_CREDENTIAL_FOR_SURFACE`.
+    None,
+}
+
+/// Where credentials are read on one surface.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Surface {
+    /// Headers carrying a raw API key (lower-case), first match wins.
+    #[serde(default)]
+    pub api_key_headers: Vec<String>,
+    /// What `Authorization: Bearer` carries here.
+    pub bearer: BearerPolicy,
+    /// Key environments accepted here; empty = all.
+    #[serde(default)]
+    pub environments: Vec<String>,
+}
+
+/// A plan: a product decision shipped in the profile.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Live keys a tenant may hold; absent = unlimited.
+    #[serde(default)]
+    pub max_keys: Option<u32>,
+    /// Scopes keys on this plan may carry.
+    pub scopes: Vec<String>,
+    /// Scopes given when CreateKey names none; absent = all of `scopes`.
+    #[serde(default)]
+    pub default_scopes: Option<Vec<String>>,
+    /// Environments keys may be created in and used from; empty = all.
+    #[serde(default)]
+    pub environments: Vec<String>,
+}
+
+impl Plan {
+    /// Whether keys of `env` may be created and used on this plan.
+    pub fn allows_environment(&self, env: &str) -> bool {
+        self.environments.is_empty() || self.environments.iter().any(|e| e == env)
+    }
+}
+
+/// How a product answers one deny reason.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenialSpec {
+    pub code: String,
+    pub http_status: u16,
+    pub message: String,
+}
+
+/// The JSON shape of a product's error body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorBodyStyle {
+    /// `{"error":{"code","message"}}` (MsgFlash, MsGine).
+    Nested,
+    /// `{"error": message, "status", "code"}` (MailSage).
+    Flat,
+    /// `{"success":false,"error":{"code","message","httpStatus"}}` (MessageSmart).
+    Envelope,
+}
+
+impl ErrorBodyStyle {
+    /// Renders the error body for `spec`.
+    pub fn render(self, spec: &DenialSpec) -> String {
+        let value = match self {
+            Self::Nested => json!({"error": {"code": spec.code, "message": spec.message}}),
+            Self::Flat => {
+                json!({"error": spec.message, "status": spec.http_status, "code": spec.code})
+            }
+            Self::Envelope => json!({
+                "success": false,
+                "error": {"code": spec.code, "message": spec.message, "httpStatus": spec.http_status}
+            }),
+        };
+        value.to_string()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysSection {
+    prefix: String,
+    environments: Vec<String>,
+    alphabet: Alphabet,
+    body_length: usize,
+    #[serde(default = "default_ttl")]
+    default_ttl_seconds: u64,
+}
+
+fn default_ttl() -> u64 {
+    DEFAULT_TTL_SECONDS
+}
+
+fn default_active() -> Vec<SubscriptionStatus> {
+    vec![SubscriptionStatus::Active, SubscriptionStatus::Trialing]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    name: String,
+    keys: KeysSection,
+    default_surface: String,
+    surfaces: BTreeMap<String, Surface>,
+    default_plan: String,
+    plans: BTreeMap<String, Plan>,
+    #[serde(default = "default_active")]
+    active_statuses: Vec<SubscriptionStatus>,
+    error_body: ErrorBodyStyle,
+    #[serde(default)]
+    denials: BTreeMap<Reason, DenialSpec>,
+}
+
+/// A profile that failed to load, naming the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("profile is not valid TOML for a profile: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("profile field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ProfileError {
+    ProfileError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// A validated profile.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: String,
+    pub key_format: KeyFormat,
+    /// Key lifetime when CreateKey gives none; `None` = never expires.
+    pub default_ttl_seconds: Option<u64>,
+    pub default_surface: String,
+    pub surfaces: BTreeMap<String, Surface>,
+    pub default_plan: String,
+    pub plans: BTreeMap<String, Plan>,
+    pub active_statuses: Vec<SubscriptionStatus>,
+    pub error_body: ErrorBodyStyle,
+    denials: BTreeMap<Reason, DenialSpec>,
+}
+
+impl Profile {
+    /// The embedded default profile.
+    pub fn embedded_default() -> Self {
+        Self::from_toml(DEFAULT_PROFILE).expect("the embedded default profile is valid")
+    }
+
+    /// Parses and validates a profile. Deny reasons it leaves out are taken
+    /// from the embedded default profile.
+    pub fn from_toml(text: &str) -> Result<Self, ProfileError> {
+        let raw: RawProfile = toml::from_str(text)?;
+        let k = raw.keys;
+        let key_format = KeyFormat::new(&k.prefix, &k.environments, k.alphabet, k.body_length)
+            .map_err(|e| invalid("keys", e.to_string()))?;
+        for (name, s) in &raw.surfaces {
+            for h in &s.api_key_headers {
+                let ok = !h.is_empty()
+                    && h.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                if !ok {
+                    return Err(invalid(
+                        format!("surfaces.{name}.api_key_headers"),
+                        "header names must be lower-case [a-z0-9-]",
+                    ));
+                }
+            }
+            check_envs(&key_format, &s.environments, &format!("surfaces.{name}"))?;
+        }
+        if !raw.surfaces.contains_key(&raw.default_surface) {
+            return Err(invalid("default_surface", "names no surface"));
+        }
+        if raw.plans.is_empty() {
+            return Err(invalid("plans", "at least one plan is needed"));
+        }
+        if !raw.plans.contains_key(&raw.default_plan) {
+            return Err(invalid("default_plan", "names no plan"));
+        }
+        for (name, plan) in &raw.plans {
+            let field = format!("plans.{name}");
+            if !crate::domain::validate::is_valid_scope(name) {
+                return Err(invalid(&field, "plan names must be [a-z0-9_.:-]"));
+            }
+            let mut v = crate::domain::Violations::default();
+            crate::domain::validate::check_scopes(&format!("{field}.scopes"), &plan.scopes, &mut v);
+            if let Some(first) = v.0.first() {
+                return Err(invalid(&first.field, &first.description));
+            }
+            if let Some(defaults) = &plan.default_scopes {
+                if let Some(s) = defaults.iter().find(|s| !plan.scopes.contains(s)) {
+                    return Err(invalid(
+                        format!("{field}.default_scopes"),
+                        format!("`{s}` is not in the plan's scopes"),
+                    ));
+                }
+            }
+            check_envs(&key_format, &plan.environments, &field)?;
+        }
+        if raw.active_statuses.is_empty() {
+            return Err(invalid("active_statuses", "at least one status is needed"));
+        }
+        let mut denials = raw.denials;
+        if raw.name != "default" {
+            for (reason, spec) in Self::embedded_default().denials {
+                denials.entry(reason).or_insert(spec);
+            }
+        }
+        for reason in Reason::ALL {
+            let Some(spec) = denials.get(&reason) else {
+                return Err(invalid(format!("denials.{}", reason.as_str()), "missing"));
+            };
+            if !(400..=599).contains(&spec.http_status) || spec.code.is_empty() {
+                return Err(invalid(
+                    format!("denials.{}", reason.as_str()),
+                    "needs a code and an http_status in 400..=599",
+                ));
+            }
+        }
+        Ok(Self {
+            name: raw.name,
+            key_format,
+            default_ttl_seconds: (k.default_ttl_seconds > 0).then_some(k.default_ttl_seconds),
+            default_surface: raw.default_surface,
+            surfaces: raw.surfaces,
+            default_plan: raw.default_plan,
+            plans: raw.plans,
+            active_statuses: raw.active_statuses,
+            error_body: raw.error_body,
+            denials,
+        })
+    }
+
+    /// How this product answers `reason`.
+    pub fn denial(&self, reason: Reason) -> &DenialSpec {
+        self.denials
+            .get(&reason)
+            .expect("validated: every reason has a denial")
+    }
+
+    /// The product's error body for `reason`.
+    pub fn denial_body(&self, reason: Reason) -> String {
+        self.error_body.render(self.denial(reason))
+    }
+
+    /// The named plan.
+    pub fn plan(&self, name: &str) -> Option<&Plan> {
+        self.plans.get(name)
+    }
+
+    /// The named surface, or the default one for an empty name.
+    pub fn surface(&self, name: &str) -> Option<&Surface> {
+        let name = if name.is_empty() {
+            &self.default_surface
+        } else {
+            name
+        };
+        self.surfaces.get(name)
+    }
+
+    /// Whether tenants in `status` may use the API.
+    pub fn is_active(&self, status: SubscriptionStatus) -> bool {
+        self.active_statuses.contains(&status)
+    }
+}
+
+fn check_envs(format: &KeyFormat, envs: &[String], field: &str) -> Result<(), ProfileError> {
+    match envs.iter().find(|e| !format.has_environment(e)) {
+        Some(e) => Err(invalid(
+            format!("{field}.environments"),
+            format!("`{e}` is not one of keys.environments"),
+        )),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_profile_is_valid() {
+        let p = Profile::embedded_default();
+        assert_eq!(p.key_format.prefix(), "tg");
+        assert_eq!(p.default_ttl_seconds, Some(DEFAULT_TTL_SECONDS));
+        for r in Reason::ALL {
+            assert!(p.denial(r).http_status >= 400);
+        }
+    }
+
+    #[test]
+    fn body_shapes_match_the_reference_docs() {
+        let spec = DenialSpec {
+            code: "invalid_api_key".into(),
+            http_status: 401,
+            message: "Invalid API key provided".into(),
+        };
+        let flat: serde_json::Value =
+            serde_json::from_str(&ErrorBodyStyle::Flat.render(&spec)).unwrap();
+        assert_eq!(
+            flat,
+            json!({"error": "Invalid API key provided", "status": 401, "code": "invalid_api_key"})
+        );
+        let env: serde_json::Value =
+            serde_json::from_str(&ErrorBodyStyle::Envelope.render(&spec)).unwrap();
+        assert_eq!(env["success"], json!(false));
+        assert_eq!(env["error"]["httpStatus"], json!(401));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let bad = DEFAULT_PROFILE.replace("default_plan = \"free\"", "default_plan = \"gold\"");
+        let err = Profile::from_toml(&bad).unwrap_err().to_string();
+        assert!(err.contains("default_plan"), "{err}");
+    }
+}

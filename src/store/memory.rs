@@ -1,0 +1,298 @@
+//! In-memory [`Store`] for `tollgate dev` and unit tests. Same semantics as
+//! Postgres (caps under a lock, tenant scoping, invalidations); nothing
+//! survives a restart.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::{broadcast, mpsc};
+
+use super::{Invalidation, KeyCap, KeyRef, Store, StoreError};
+use crate::crypto::KeyDigest;
+use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
+
+#[derive(Default)]
+struct State {
+    tenants: BTreeMap<TenantId, Tenant>,
+    keys: BTreeMap<KeyId, KeyRecord>,
+    by_digest: HashMap<KeyDigest, KeyId>,
+}
+
+impl State {
+    fn key_mut(&mut self, key: KeyRef<'_>) -> Result<&mut KeyRecord, StoreError> {
+        self.keys
+            .get_mut(&key.id)
+            .filter(|k| key.tenant.is_none_or(|t| *t == k.tenant_id))
+            .ok_or(StoreError::NotFound)
+    }
+
+    fn insert(&mut self, key: NewKey) -> Result<KeyRecord, StoreError> {
+        if self.by_digest.contains_key(&key.digest) || self.keys.contains_key(&key.id) {
+            return Err(StoreError::AlreadyExists);
+        }
+        let record = key.into_record();
+        self.by_digest.insert(record.digest, record.id);
+        self.keys.insert(record.id, record.clone());
+        Ok(record)
+    }
+}
+
+/// The in-memory store.
+pub struct MemoryStore {
+    state: Mutex<State>,
+    events: broadcast::Sender<Invalidation>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            events: broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, event: Invalidation) {
+        // No receiver yet is fine: nothing is cached without one.
+        let _ = self.events.send(event);
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn create_tenant(&self, tenant: Tenant) -> Result<Tenant, StoreError> {
+        let mut s = self.state();
+        if s.tenants.contains_key(&tenant.id) {
+            return Err(StoreError::AlreadyExists);
+        }
+        s.tenants.insert(tenant.id.clone(), tenant.clone());
+        Ok(tenant)
+    }
+
+    async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>, StoreError> {
+        Ok(self.state().tenants.get(id).cloned())
+    }
+
+    async fn update_tenant(
+        &self,
+        id: &TenantId,
+        u: &TenantUpdate,
+        now: DateTime<Utc>,
+    ) -> Result<Tenant, StoreError> {
+        let updated = {
+            let mut s = self.state();
+            let t = s.tenants.get_mut(id).ok_or(StoreError::NotFound)?;
+            if let Some(name) = &u.name {
+                t.name.clone_from(name);
+            }
+            if let Some(plan) = &u.plan {
+                t.plan.clone_from(plan);
+            }
+            if let Some(status) = u.status {
+                t.status = status;
+            }
+            if let Some(o) = &u.overrides {
+                t.overrides = o.clone();
+            }
+            t.updated_at = now;
+            t.clone()
+        };
+        self.publish(Invalidation::Tenant(id.clone()));
+        Ok(updated)
+    }
+
+    async fn list_tenants(
+        &self,
+        after: Option<&TenantId>,
+        limit: u32,
+    ) -> Result<Vec<Tenant>, StoreError> {
+        let s = self.state();
+        Ok(s.tenants
+            .values()
+            .filter(|t| after.is_none_or(|a| t.id > *a))
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn insert_key(&self, key: NewKey, cap: KeyCap<'_>) -> Result<KeyRecord, StoreError> {
+        let mut s = self.state();
+        let tenant = s.tenants.get(&key.tenant_id).ok_or(StoreError::NotFound)?;
+        if let Some(cap) = cap(tenant) {
+            let live = s
+                .keys
+                .values()
+                .filter(|k| k.tenant_id == key.tenant_id && k.is_live(key.created_at))
+                .count();
+            if live >= cap as usize {
+                return Err(StoreError::KeyCapReached { cap });
+            }
+        }
+        s.insert(key)
+    }
+
+    async fn find_key_by_digest(
+        &self,
+        digest: &KeyDigest,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let s = self.state();
+        Ok(s.by_digest
+            .get(digest)
+            .and_then(|id| s.keys.get(id))
+            .cloned())
+    }
+
+    async fn get_key(&self, key: KeyRef<'_>) -> Result<Option<KeyRecord>, StoreError> {
+        match self.state().key_mut(key) {
+            Ok(k) => Ok(Some(k.clone())),
+            Err(StoreError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list_keys(
+        &self,
+        tenant: &TenantId,
+        after: Option<KeyId>,
+        limit: u32,
+        include_revoked: bool,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let s = self.state();
+        Ok(s.keys
+            .values()
+            .filter(|k| &k.tenant_id == tenant)
+            .filter(|k| after.is_none_or(|a| k.id > a))
+            .filter(|k| include_revoked || k.revoked_at.is_none())
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn revoke_key(
+        &self,
+        key: KeyRef<'_>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<KeyRecord, StoreError> {
+        let record = {
+            let mut s = self.state();
+            let k = s.key_mut(key)?;
+            if k.revoked_at.is_none() {
+                k.revoked_at = Some(now);
+                k.revoke_reason = Some(reason.to_string());
+            }
+            k.clone()
+        };
+        self.publish(Invalidation::Key(record.id));
+        Ok(record)
+    }
+
+    async fn rotate_key(
+        &self,
+        old: KeyRef<'_>,
+        new: NewKey,
+        old_expires_at: DateTime<Utc>,
+    ) -> Result<(KeyRecord, KeyRecord), StoreError> {
+        let (previous, inserted) = {
+            let mut s = self.state();
+            if !s.key_mut(old)?.is_live(new.created_at) {
+                return Err(StoreError::Precondition(
+                    "only a live key (not revoked, expired or already rotated) can be rotated",
+                ));
+            }
+            let inserted = s.insert(new)?;
+            let k = s.key_mut(old)?;
+            k.replaced_by = Some(inserted.id);
+            k.expires_at = Some(
+                k.expires_at
+                    .map_or(old_expires_at, |e| e.min(old_expires_at)),
+            );
+            (k.clone(), inserted)
+        };
+        self.publish(Invalidation::Key(previous.id));
+        Ok((previous, inserted))
+    }
+
+    async fn update_key(&self, key: KeyRef<'_>, u: &KeyUpdate) -> Result<KeyRecord, StoreError> {
+        let record = {
+            let mut s = self.state();
+            let k = s.key_mut(key)?;
+            if let Some(name) = &u.name {
+                k.name.clone_from(name);
+            }
+            if let Some(scopes) = &u.scopes {
+                k.scopes.clone_from(scopes);
+            }
+            if let Some(expires_at) = u.expires_at {
+                k.expires_at = expires_at;
+            }
+            k.clone()
+        };
+        self.publish(Invalidation::Key(record.id));
+        Ok(record)
+    }
+
+    async fn rehash_key(
+        &self,
+        id: KeyId,
+        old: &KeyDigest,
+        new: &KeyDigest,
+        pepper_version: i32,
+    ) -> Result<(), StoreError> {
+        let mut s = self.state();
+        if s.by_digest.get(old) == Some(&id) {
+            s.by_digest.remove(old);
+            s.by_digest.insert(*new, id);
+            if let Some(k) = s.keys.get_mut(&id) {
+                k.digest = *new;
+                k.pepper_version = pepper_version;
+            }
+        }
+        Ok(())
+    }
+
+    async fn touch_keys(&self, used: &[(KeyId, DateTime<Utc>)]) -> Result<(), StoreError> {
+        let mut s = self.state();
+        for (id, at) in used {
+            if let Some(k) = s.keys.get_mut(id) {
+                k.last_used_at = k.last_used_at.max(Some(*at));
+            }
+        }
+        Ok(())
+    }
+
+    fn watch(&self, tx: mpsc::Sender<Invalidation>) {
+        let mut rx = self.events.subscribe();
+        tokio::spawn(async move {
+            if tx.send(Invalidation::Ready).await.is_err() {
+                return;
+            }
+            loop {
+                let event = match rx.recv().await {
+                    Ok(e) => e,
+                    Err(broadcast::error::RecvError::Lagged(_)) => Invalidation::Flush,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,137 @@
+//! Storage behind a small trait. Postgres is the real store; the in-memory
+//! store serves `tollgate dev` and unit tests.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+
+use crate::crypto::KeyDigest;
+use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
+
+pub mod memory;
+pub mod postgres;
+
+pub use memory::MemoryStore;
+pub use postgres::PostgresStore;
+
+/// What went wrong in the store. `Unavailable` is transient: the caller may
+/// retry, and the API answers UNAVAILABLE, never a denial.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("already exists")]
+    AlreadyExists,
+    #[error("the tenant already holds {cap} live keys, its plan's cap")]
+    KeyCapReached { cap: u32 },
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Precondition(&'static str),
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    /// Whether retrying later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// A change that may alter a cached decision, pushed to every replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    Key(KeyId),
+    Tenant(TenantId),
+    /// Notifications may have been missed (the listener reconnected): drop
+    /// everything.
+    Flush,
+    /// The invalidation feed is live (first connect and every reconnect).
+    Ready,
+    /// The invalidation feed was lost; it is being re-established.
+    Lost,
+}
+
+/// Decides a tenant's key cap inside the store's transaction.
+pub type KeyCap<'a> = &'a (dyn Fn(&Tenant) -> Option<u32> + Sync);
+
+/// A key operation scoped to one tenant when `tenant` is `Some`: a key of
+/// another tenant is `NotFound`.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRef<'a> {
+    pub id: KeyId,
+    pub tenant: Option<&'a TenantId>,
+}
+
+/// The storage operations Tollgate needs. Every write that can change a
+/// decision publishes an [`Invalidation`] to every replica.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn create_tenant(&self, tenant: Tenant) -> Result<Tenant, StoreError>;
+    async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>, StoreError>;
+    async fn update_tenant(
+        &self,
+        id: &TenantId,
+        update: &TenantUpdate,
+        now: DateTime<Utc>,
+    ) -> Result<Tenant, StoreError>;
+    /// Tenants ordered by id, after `after`.
+    async fn list_tenants(
+        &self,
+        after: Option<&TenantId>,
+        limit: u32,
+    ) -> Result<Vec<Tenant>, StoreError>;
+
+    /// Inserts a key if the tenant exists and holds fewer live keys than
+    /// `cap(tenant)`, atomically: concurrent inserts never pass the cap.
+    async fn insert_key(&self, key: NewKey, cap: KeyCap<'_>) -> Result<KeyRecord, StoreError>;
+    async fn find_key_by_digest(&self, digest: &KeyDigest)
+        -> Result<Option<KeyRecord>, StoreError>;
+    async fn get_key(&self, key: KeyRef<'_>) -> Result<Option<KeyRecord>, StoreError>;
+    /// A tenant's keys ordered by id, after `after`.
+    async fn list_keys(
+        &self,
+        tenant: &TenantId,
+        after: Option<KeyId>,
+        limit: u32,
+        include_revoked: bool,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Revokes a key (idempotent: a revoked key keeps its first revocation).
+    async fn revoke_key(
+        &self,
+        key: KeyRef<'_>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<KeyRecord, StoreError>;
+    /// Inserts `new` and marks the old key replaced, expiring at
+    /// `old_expires_at`, in one transaction. Rotation does not count against
+    /// the cap: the old key stops counting as it is replaced.
+    async fn rotate_key(
+        &self,
+        old: KeyRef<'_>,
+        new: NewKey,
+        old_expires_at: DateTime<Utc>,
+    ) -> Result<(KeyRecord, KeyRecord), StoreError>;
+    async fn update_key(
+        &self,
+        key: KeyRef<'_>,
+        update: &KeyUpdate,
+    ) -> Result<KeyRecord, StoreError>;
+    /// Replaces a digest made with an old pepper by one made with the current.
+    async fn rehash_key(
+        &self,
+        id: KeyId,
+        old: &KeyDigest,
+        new: &KeyDigest,
+        pepper_version: i32,
+    ) -> Result<(), StoreError>;
+    /// Records last use for many keys in one write.
+    async fn touch_keys(&self, used: &[(KeyId, DateTime<Utc>)]) -> Result<(), StoreError>;
+
+    /// Starts delivering invalidations (from every replica) to `tx`. The
+    /// first message is `Ready` once the feed is live.
+    fn watch(&self, tx: mpsc::Sender<Invalidation>);
+    /// Whether the store answers right now.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

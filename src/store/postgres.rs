@@ -1,0 +1,586 @@
+//! The Postgres store: the only place SQL lives. Every decision-changing
+//! write sends `NOTIFY tollgate_invalidation` in its own transaction, so
+//! replicas evict on commit, never before.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgListener, PgPool};
+use sqlx::types::Json;
+use sqlx::{Postgres, Transaction};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::{Invalidation, KeyCap, KeyRef, Store, StoreError};
+use crate::crypto::KeyDigest;
+use crate::domain::{
+    KeyId, KeyRecord, KeyUpdate, NewKey, SubscriptionStatus, Tenant, TenantId, TenantOverrides,
+    TenantUpdate,
+};
+
+/// The NOTIFY channel every replica listens on.
+pub const CHANNEL: &str = "tollgate_invalidation";
+
+/// Migrations embedded from `migrations/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Postgres-backed [`Store`].
+#[derive(Clone, Debug)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Wraps a pool.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.pool).await
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::RowNotFound => StoreError::NotFound,
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("23505") => StoreError::AlreadyExists,
+            Some("23503") => StoreError::NotFound,
+            // connection exceptions, shutdown, database dropped, too many connections
+            Some(c)
+                if c.starts_with("08") || c.starts_with("57") || c == "3D000" || c == "53300" =>
+            {
+                StoreError::Unavailable(e.to_string())
+            }
+            _ => StoreError::Internal(e.to_string()),
+        },
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct TenantRow {
+    tenant_id: String,
+    name: String,
+    plan: String,
+    subscription_status: String,
+    overrides: Json<TenantOverrides>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<TenantRow> for Tenant {
+    type Error = StoreError;
+    fn try_from(r: TenantRow) -> Result<Self, StoreError> {
+        Ok(Tenant {
+            id: TenantId::parse(&r.tenant_id)
+                .ok_or_else(|| StoreError::Internal("stored tenant id is malformed".into()))?,
+            name: r.name,
+            plan: r.plan,
+            status: SubscriptionStatus::parse(&r.subscription_status)
+                .ok_or_else(|| StoreError::Internal("stored status is unknown".into()))?,
+            overrides: r.overrides.0,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    key_id: Uuid,
+    tenant_id: String,
+    name: String,
+    environment: String,
+    scopes: Vec<String>,
+    hint: String,
+    digest: Vec<u8>,
+    pepper_version: i32,
+    created_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+    revoke_reason: Option<String>,
+    last_used_at: Option<DateTime<Utc>>,
+    replaced_by: Option<Uuid>,
+}
+
+impl TryFrom<KeyRow> for KeyRecord {
+    type Error = StoreError;
+    fn try_from(r: KeyRow) -> Result<Self, StoreError> {
+        Ok(KeyRecord {
+            id: r.key_id,
+            tenant_id: TenantId::parse(&r.tenant_id)
+                .ok_or_else(|| StoreError::Internal("stored tenant id is malformed".into()))?,
+            name: r.name,
+            environment: r.environment,
+            scopes: r.scopes,
+            hint: r.hint,
+            digest: KeyDigest::from_slice(&r.digest)
+                .ok_or_else(|| StoreError::Internal("stored digest has the wrong length".into()))?,
+            pepper_version: r.pepper_version,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            revoked_at: r.revoked_at,
+            revoke_reason: r.revoke_reason,
+            last_used_at: r.last_used_at,
+            replaced_by: r.replaced_by,
+        })
+    }
+}
+
+const KEY_COLUMNS: &str = "key_id, tenant_id, name, environment, scopes, hint, digest, \
+    pepper_version, created_at, expires_at, revoked_at, revoke_reason, last_used_at, replaced_by";
+
+async fn notify(tx: &mut Transaction<'_, Postgres>, what: &Invalidation) -> Result<(), StoreError> {
+    let payload = match what {
+        Invalidation::Key(id) => format!("k:{id}"),
+        Invalidation::Tenant(id) => format!("t:{id}"),
+        _ => return Ok(()),
+    };
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(payload)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+fn parse_payload(payload: &str) -> Option<Invalidation> {
+    match payload.split_once(':')? {
+        ("k", id) => Uuid::parse_str(id).ok().map(Invalidation::Key),
+        ("t", id) => TenantId::parse(id).map(Invalidation::Tenant),
+        _ => None,
+    }
+}
+
+async fn insert_key_row(
+    tx: &mut Transaction<'_, Postgres>,
+    key: &NewKey,
+) -> Result<KeyRecord, StoreError> {
+    let sql = format!(
+        "INSERT INTO api_keys (key_id, tenant_id, name, environment, scopes, hint, digest, \
+         pepper_version, created_at, expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) \
+         RETURNING {KEY_COLUMNS}"
+    );
+    let row: KeyRow = sqlx::query_as(&sql)
+        .bind(key.id)
+        .bind(key.tenant_id.as_str())
+        .bind(&key.name)
+        .bind(&key.environment)
+        .bind(&key.scopes)
+        .bind(&key.hint)
+        .bind(&key.digest.as_bytes()[..])
+        .bind(key.pepper_version)
+        .bind(key.created_at)
+        .bind(key.expires_at)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    row.try_into()
+}
+
+async fn lock_key(
+    tx: &mut Transaction<'_, Postgres>,
+    key: KeyRef<'_>,
+) -> Result<KeyRecord, StoreError> {
+    let sql = format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = $1 \
+         AND ($2::text IS NULL OR tenant_id = $2) FOR UPDATE"
+    );
+    let row: Option<KeyRow> = sqlx::query_as(&sql)
+        .bind(key.id)
+        .bind(key.tenant.map(TenantId::as_str))
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    row.ok_or(StoreError::NotFound)?.try_into()
+}
+
+async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
+    pool.begin().await.map_err(map_err)
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn create_tenant(&self, t: Tenant) -> Result<Tenant, StoreError> {
+        let row: TenantRow = sqlx::query_as(
+            "INSERT INTO tenants (tenant_id, name, plan, subscription_status, overrides, \
+             created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7) RETURNING *",
+        )
+        .bind(t.id.as_str())
+        .bind(&t.name)
+        .bind(&t.plan)
+        .bind(t.status.as_str())
+        .bind(Json(&t.overrides))
+        .bind(t.created_at)
+        .bind(t.updated_at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.try_into()
+    }
+
+    async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>, StoreError> {
+        let row: Option<TenantRow> = sqlx::query_as("SELECT * FROM tenants WHERE tenant_id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.map(Tenant::try_from).transpose()
+    }
+
+    async fn update_tenant(
+        &self,
+        id: &TenantId,
+        u: &TenantUpdate,
+        now: DateTime<Utc>,
+    ) -> Result<Tenant, StoreError> {
+        let mut tx = begin(&self.pool).await?;
+        let row: Option<TenantRow> = sqlx::query_as(
+            "UPDATE tenants SET name = COALESCE($2, name), plan = COALESCE($3, plan), \
+             subscription_status = COALESCE($4, subscription_status), \
+             overrides = COALESCE($5, overrides), updated_at = $6 \
+             WHERE tenant_id = $1 RETURNING *",
+        )
+        .bind(id.as_str())
+        .bind(u.name.as_deref())
+        .bind(u.plan.as_deref())
+        .bind(u.status.map(SubscriptionStatus::as_str))
+        .bind(u.overrides.as_ref().map(Json))
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let tenant: Tenant = row.ok_or(StoreError::NotFound)?.try_into()?;
+        notify(&mut tx, &Invalidation::Tenant(id.clone())).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(tenant)
+    }
+
+    async fn list_tenants(
+        &self,
+        after: Option<&TenantId>,
+        limit: u32,
+    ) -> Result<Vec<Tenant>, StoreError> {
+        let rows: Vec<TenantRow> = sqlx::query_as(
+            "SELECT * FROM tenants WHERE ($1::text IS NULL OR tenant_id > $1) \
+             ORDER BY tenant_id LIMIT $2",
+        )
+        .bind(after.map(TenantId::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.into_iter().map(Tenant::try_from).collect()
+    }
+
+    async fn insert_key(&self, key: NewKey, cap: KeyCap<'_>) -> Result<KeyRecord, StoreError> {
+        let mut tx = begin(&self.pool).await?;
+        // Lock the tenant row: concurrent inserts for this tenant queue here,
+        // so the count below cannot go stale before we insert.
+        let tenant: Option<TenantRow> =
+            sqlx::query_as("SELECT * FROM tenants WHERE tenant_id = $1 FOR UPDATE")
+                .bind(key.tenant_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        let tenant: Tenant = tenant.ok_or(StoreError::NotFound)?.try_into()?;
+        if let Some(cap) = cap(&tenant) {
+            let live: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM api_keys WHERE tenant_id = $1 AND revoked_at IS NULL \
+                 AND replaced_by IS NULL AND (expires_at IS NULL OR expires_at > $2)",
+            )
+            .bind(key.tenant_id.as_str())
+            .bind(key.created_at)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if live >= i64::from(cap) {
+                return Err(StoreError::KeyCapReached { cap });
+            }
+        }
+        let record = insert_key_row(&mut tx, &key).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(record)
+    }
+
+    async fn find_key_by_digest(
+        &self,
+        digest: &KeyDigest,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE digest = $1");
+        let row: Option<KeyRow> = sqlx::query_as(&sql)
+            .bind(&digest.as_bytes()[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.map(KeyRecord::try_from).transpose()
+    }
+
+    async fn get_key(&self, key: KeyRef<'_>) -> Result<Option<KeyRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = $1 \
+             AND ($2::text IS NULL OR tenant_id = $2)"
+        );
+        let row: Option<KeyRow> = sqlx::query_as(&sql)
+            .bind(key.id)
+            .bind(key.tenant.map(TenantId::as_str))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.map(KeyRecord::try_from).transpose()
+    }
+
+    async fn list_keys(
+        &self,
+        tenant: &TenantId,
+        after: Option<KeyId>,
+        limit: u32,
+        include_revoked: bool,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 \
+             AND ($2::uuid IS NULL OR key_id > $2) AND ($3 OR revoked_at IS NULL) \
+             ORDER BY key_id LIMIT $4"
+        );
+        let rows: Vec<KeyRow> = sqlx::query_as(&sql)
+            .bind(tenant.as_str())
+            .bind(after)
+            .bind(include_revoked)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.into_iter().map(KeyRecord::try_from).collect()
+    }
+
+    async fn revoke_key(
+        &self,
+        key: KeyRef<'_>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<KeyRecord, StoreError> {
+        let mut tx = begin(&self.pool).await?;
+        let sql = format!(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3), \
+             revoke_reason = CASE WHEN revoked_at IS NULL THEN $4 ELSE revoke_reason END \
+             WHERE key_id = $1 AND ($2::text IS NULL OR tenant_id = $2) RETURNING {KEY_COLUMNS}"
+        );
+        let row: Option<KeyRow> = sqlx::query_as(&sql)
+            .bind(key.id)
+            .bind(key.tenant.map(TenantId::as_str))
+            .bind(now)
+            .bind(reason)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let record: KeyRecord = row.ok_or(StoreError::NotFound)?.try_into()?;
+        notify(&mut tx, &Invalidation::Key(record.id)).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(record)
+    }
+
+    async fn rotate_key(
+        &self,
+        old: KeyRef<'_>,
+        new: NewKey,
+        old_expires_at: DateTime<Utc>,
+    ) -> Result<(KeyRecord, KeyRecord), StoreError> {
+        let mut tx = begin(&self.pool).await?;
+        let current = lock_key(&mut tx, old).await?;
+        if !current.is_live(new.created_at) {
+            return Err(StoreError::Precondition(
+                "only a live key (not revoked, expired or already rotated) can be rotated",
+            ));
+        }
+        let inserted = insert_key_row(&mut tx, &new).await?;
+        let sql = format!(
+            "UPDATE api_keys SET replaced_by = $2, \
+             expires_at = LEAST(COALESCE(expires_at, $3), $3) \
+             WHERE key_id = $1 RETURNING {KEY_COLUMNS}"
+        );
+        let row: KeyRow = sqlx::query_as(&sql)
+            .bind(current.id)
+            .bind(inserted.id)
+            .bind(old_expires_at)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let previous: KeyRecord = row.try_into()?;
+        notify(&mut tx, &Invalidation::Key(previous.id)).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok((previous, inserted))
+    }
+
+    async fn update_key(&self, key: KeyRef<'_>, u: &KeyUpdate) -> Result<KeyRecord, StoreError> {
+        let mut tx = begin(&self.pool).await?;
+        let sql = format!(
+            "UPDATE api_keys SET name = COALESCE($3, name), scopes = COALESCE($4, scopes), \
+             expires_at = CASE WHEN $5 THEN $6 ELSE expires_at END \
+             WHERE key_id = $1 AND ($2::text IS NULL OR tenant_id = $2) RETURNING {KEY_COLUMNS}"
+        );
+        let row: Option<KeyRow> = sqlx::query_as(&sql)
+            .bind(key.id)
+            .bind(key.tenant.map(TenantId::as_str))
+            .bind(u.name.as_deref())
+            .bind(u.scopes.as_ref())
+            .bind(u.expires_at.is_some())
+            .bind(u.expires_at.flatten())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let record: KeyRecord = row.ok_or(StoreError::NotFound)?.try_into()?;
+        notify(&mut tx, &Invalidation::Key(record.id)).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(record)
+    }
+
+    async fn rehash_key(
+        &self,
+        id: KeyId,
+        old: &KeyDigest,
+        new: &KeyDigest,
+        pepper_version: i32,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE api_keys SET digest = $3, pepper_version = $4 \
+             WHERE key_id = $1 AND digest = $2",
+        )
+        .bind(id)
+        .bind(&old.as_bytes()[..])
+        .bind(&new.as_bytes()[..])
+        .bind(pepper_version)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn touch_keys(&self, used: &[(KeyId, DateTime<Utc>)]) -> Result<(), StoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let (ids, times): (Vec<KeyId>, Vec<DateTime<Utc>>) = used.iter().copied().unzip();
+        sqlx::query(
+            "UPDATE api_keys k SET last_used_at = GREATEST(k.last_used_at, v.t) \
+             FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, t) WHERE k.key_id = v.id",
+        )
+        .bind(ids)
+        .bind(times)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    fn watch(&self, tx: mpsc::Sender<Invalidation>) {
+        tokio::spawn(listen(self.pool.clone(), tx));
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+}
+
+/// Keeps a LISTEN connection up. After every (re)connect it sends `Flush`
+/// then `Ready`: notifications sent while it was down are lost, so every
+/// cached entry must go. Ends when the receiver is dropped.
+async fn listen(pool: PgPool, tx: mpsc::Sender<Invalidation>) {
+    const MAX_BACKOFF: Duration = Duration::from_secs(5);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let connected = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = tokio::select! {
+            r = connected => r,
+            () = tx.closed() => return,
+        };
+        match listener.as_mut() {
+            Ok(l) => {
+                backoff = Duration::from_millis(50);
+                if tx.send(Invalidation::Flush).await.is_err()
+                    || tx.send(Invalidation::Ready).await.is_err()
+                {
+                    return;
+                }
+                loop {
+                    let next = tokio::select! {
+                        n = l.try_recv() => n,
+                        () = tx.closed() => return,
+                    };
+                    let event = match next {
+                        Ok(Some(n)) => match parse_payload(n.payload()) {
+                            Some(event) => event,
+                            None => {
+                                tracing::warn!("ignoring an unrecognised invalidation payload");
+                                continue;
+                            }
+                        },
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "invalidation listener failed");
+                            break;
+                        }
+                    };
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                }
+                tracing::warn!("invalidation listener lost its connection; reconnecting");
+                if tx.send(Invalidation::Lost).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "invalidation listener cannot connect");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = tx.closed() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads() {
+        let id = Uuid::now_v7();
+        assert_eq!(
+            parse_payload(&format!("k:{id}")),
+            Some(Invalidation::Key(id))
+        );
+        assert_eq!(
+            parse_payload("t:acme"),
+            Some(Invalidation::Tenant(TenantId::parse("acme").unwrap()))
+        );
+        assert_eq!(parse_payload("x:1"), None);
+        assert_eq!(parse_payload("k:nope"), None);
+    }
+}
