@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
@@ -49,6 +49,7 @@ pub struct Running {
     background: Vec<JoinHandle<()>>,
     usage: Arc<UsageRecorder>,
     store: Arc<dyn Store>,
+    applied: broadcast::Sender<Invalidation>,
 }
 
 const SERVICES: [&str; 3] = ["", "tollgate.v1.AuthService", "tollgate.v1.TenantService"];
@@ -87,6 +88,8 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
     let (tx, mut rx) = mpsc::channel(1024);
     parts.store.watch(tx);
     let cache_for_events = caches.clone();
+    let (applied, _) = broadcast::channel(1024);
+    let announce = applied.clone();
     let invalidations = tokio::spawn(async move {
         while let Some(event) = rx.recv().await {
             cache_for_events.apply(&event);
@@ -95,6 +98,8 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
                 Invalidation::Lost => set_health(&reporter, ServingStatus::NotServing).await,
                 _ => {}
             }
+            // Nobody listening is the normal case outside tests.
+            let _ = announce.send(event);
         }
     });
 
@@ -157,6 +162,7 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         background: vec![invalidations, last_used],
         usage,
         store: parts.store,
+        applied,
     })
 }
 
@@ -179,6 +185,12 @@ impl Running {
     /// The management operations, for in-process setup (dev mode).
     pub fn manager(&self) -> &Arc<Manager> {
         &self.manager
+    }
+
+    /// Invalidations as this instance applies them (after its caches are
+    /// updated and health is set): a signal for tests and tools.
+    pub fn applied_invalidations(&self) -> broadcast::Receiver<Invalidation> {
+        self.applied.subscribe()
     }
 
     /// Writes pending `last_used_at` values now.

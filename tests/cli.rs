@@ -1,0 +1,317 @@
+//! The `tollgate` binary as an operator runs it: `dev`, `serve`, `migrate`,
+//! and configuration mistakes that stop it at start with the field named.
+//!
+//! The child never inherits the outer environment (no stray `TOLLGATE_*` or
+//! `DATABASE_URL`): only `PATH` and `HOME` pass through, plus what a test sets.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+
+use common::{OPERATOR_TOKEN, PEPPER};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::mpsc;
+use tollgate::grpc::pb;
+use tollgate::grpc::pb::auth_service_client::AuthServiceClient;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// `tollgate <args>` with a clean environment.
+fn tollgate(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    cmd.args(args).env_clear().env("NO_COLOR", "1");
+    for var in ["PATH", "HOME"] {
+        if let Some(value) = std::env::var_os(var) {
+            cmd.env(var, value);
+        }
+    }
+    cmd
+}
+
+/// Runs a command that must fail at start; returns its stderr.
+fn fails_at_start(cmd: &mut Command) -> String {
+    let out: Output = cmd.stdin(Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "expected failure; stderr:\n{stderr}");
+    stderr
+}
+
+/// A config file holding `toml`, unique to this call.
+fn config_file(toml: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("tg-cli-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// The URL of database `name` on the server `DATABASE_URL` points at.
+fn url_of_database(name: &str) -> String {
+    let url = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for these tests");
+    let (url, query) = url.split_once('?').unwrap_or((&url, ""));
+    let authority = url.find("://").expect("a URL") + 3;
+    let base = match url[authority..].find('/') {
+        Some(slash) => &url[..authority + slash],
+        None => url,
+    };
+    match query {
+        "" => format!("{base}/{name}"),
+        q => format!("{base}/{name}?{q}"),
+    }
+}
+
+/// A running child whose stdout and stderr arrive line by line.
+struct Process {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    /// Every line read so far, for assertions and failure messages.
+    seen: Vec<String>,
+}
+
+impl Process {
+    fn spawn(cmd: &mut Command) -> Process {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::unbounded_channel();
+        let stdout: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+        let stderr: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
+        for pipe in [stdout, stderr] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Process {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next line (of either stream) for which `pick` returns a value.
+    /// Panics with everything read if the process closes its output first.
+    async fn read_until<T>(&mut self, mut pick: impl FnMut(&str) -> Option<T>) -> T {
+        while let Some(line) = self.lines.recv().await {
+            let found = pick(&line);
+            self.seen.push(line);
+            if let Some(found) = found {
+                return found;
+            }
+        }
+        panic!("tollgate closed its output; it printed:\n{}", self.output());
+    }
+
+    /// Sends SIGTERM and waits for the exit; drains the remaining output.
+    async fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(kill.success(), "kill -TERM {pid} failed");
+        while let Some(line) = self.lines.recv().await {
+            self.seen.push(line);
+        }
+        self.child.wait().unwrap()
+    }
+
+    fn output(&self) -> String {
+        self.seen.join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn after<'a>(line: &'a str, label: &str) -> Option<&'a str> {
+    line.split_once(label).map(|(_, rest)| rest.trim())
+}
+
+#[tokio::test]
+async fn dev_mode_prints_a_working_key_and_operator_token() {
+    let mut dev = Process::spawn(&mut tollgate(&["dev", "--listen", "127.0.0.1:0"]));
+    let addr: SocketAddr = dev
+        .read_until(|l| after(l, "listening on ").map(|a| a.parse().unwrap()))
+        .await;
+    let token = dev
+        .read_until(|l| after(l, "operator token (generated):").map(str::to_owned))
+        .await;
+    let key = dev
+        .read_until(|l| after(l, "demo API key (shown once):").map(str::to_owned))
+        .await;
+    assert!(token.len() >= 16, "{token:?}");
+    assert!(key.starts_with("tg_live_"), "{key:?}");
+
+    let mut auth = AuthServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let r = auth
+        .authenticate(pb::AuthenticateRequest {
+            api_key: key.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.allowed, "{r:?}");
+    assert_eq!(r.principal.unwrap().tenant_id, "demo");
+
+    let second_key = || pb::CreateKeyRequest {
+        tenant_id: "demo".into(),
+        name: "second".into(),
+        ..Default::default()
+    };
+    let refused = auth.create_key(second_key()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+
+    let mut with_token = tonic::Request::new(second_key());
+    let bearer = format!("Bearer {token}").parse().unwrap();
+    with_token.metadata_mut().insert("authorization", bearer);
+    let created = auth.create_key(with_token).await.unwrap().into_inner();
+    assert!(created.api_key.starts_with("tg_live_"));
+    assert_eq!(created.key.unwrap().tenant_id, "demo");
+
+    // The banner is the only place the secrets appear: not in the log lines.
+    let logs: Vec<&String> = dev.seen.iter().filter(|l| l.contains("INFO")).collect();
+    assert!(!logs.is_empty(), "expected log lines:\n{}", dev.output());
+    assert!(
+        logs.iter()
+            .all(|l| !l.contains(&key) && !l.contains(&token)),
+        "{logs:?}"
+    );
+}
+
+#[test]
+fn an_unparseable_listen_address_in_the_config_file_is_refused_by_name() {
+    let file = config_file("listen = \"nope\"\n");
+    let stderr = fails_at_start(tollgate(&["dev"]).arg("--config").arg(&file));
+    assert!(stderr.contains("listen"), "{stderr}");
+    std::fs::remove_file(file).unwrap();
+}
+
+#[test]
+fn serve_without_a_pepper_is_refused_by_name() {
+    let url = url_of_database("postgres");
+    let stderr = fails_at_start(&mut tollgate(&["serve", "--database-url", &url]));
+    assert!(stderr.contains("pepper"), "{stderr}");
+}
+
+#[test]
+fn a_misspelt_cache_setting_is_refused_by_name() {
+    let file = config_file("[cache]\nttl_secs = 30\n");
+    let stderr = fails_at_start(tollgate(&["dev"]).arg("--config").arg(&file));
+    assert!(stderr.contains("ttl_secs"), "{stderr}");
+    std::fs::remove_file(file).unwrap();
+}
+
+#[test]
+fn a_short_operator_token_is_refused_by_name_without_echoing_it() {
+    let stderr = fails_at_start(&mut tollgate(&["dev", "--operator-token", "tiny-tok"]));
+    assert!(stderr.contains("operator_token"), "{stderr}");
+    assert!(!stderr.contains("tiny-tok"), "{stderr}");
+}
+
+async fn table_names(pool: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+async fn applied_migrations(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrations = false)]
+async fn migrate_creates_the_schema_and_running_it_again_changes_nothing(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let pool = pool_opts.connect_with(conn.clone()).await.unwrap();
+    let url = url_of_database(conn.get_database().unwrap());
+    assert!(!table_names(&pool).await.contains(&"tenants".to_string()));
+
+    let first = tollgate(&["migrate", "--database-url", &url])
+        .output()
+        .unwrap();
+    assert!(first.status.success(), "{first:?}");
+    let tables = table_names(&pool).await;
+    for table in ["tenants", "api_keys"] {
+        assert!(tables.contains(&table.to_string()), "{tables:?}");
+    }
+    let applied = applied_migrations(&pool).await;
+    assert!(applied >= 1);
+
+    let again = tollgate(&["migrate", "--database-url", &url])
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(applied_migrations(&pool).await, applied);
+    assert_eq!(table_names(&pool).await.len(), tables.len());
+}
+
+#[sqlx::test(migrations = false)]
+async fn serve_becomes_healthy_on_postgres_and_exits_cleanly_on_sigterm(
+    _pool: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let url = url_of_database(conn.get_database().unwrap());
+    let pepper = std::str::from_utf8(PEPPER).unwrap();
+    let mut serve = Process::spawn(
+        tollgate(&["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
+            .env("TOLLGATE_PEPPER", pepper)
+            .env("TOLLGATE_OPERATOR_TOKEN", OPERATOR_TOKEN)
+            .env("TOLLGATE_LOG_FORMAT", "json"),
+    );
+    // The log line announcing the listener carries the bound address.
+    let addr: SocketAddr = serve
+        .read_until(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let fields = &v["fields"];
+            (fields["message"] == "tollgate listening")
+                .then(|| fields["addr"].as_str().unwrap().parse().unwrap())
+        })
+        .await;
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut updates = health
+        .watch(HealthCheckRequest {
+            service: "tollgate.v1.AuthService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let update = updates
+            .message()
+            .await
+            .unwrap()
+            .expect("health stream open");
+        if update.status == ServingStatus::Serving as i32 {
+            break;
+        }
+    }
+    drop((updates, health));
+
+    let status = serve.terminate().await;
+    assert!(status.success(), "{status:?}; output:\n{}", serve.output());
+    let output = serve.output();
+    assert!(output.contains("shutting down"), "{output}");
+    assert!(!output.contains(pepper) && !output.contains(OPERATOR_TOKEN));
+}

@@ -1,0 +1,347 @@
+//! Shared test harness: Tollgate instances on 127.0.0.1:0 against a real
+//! Postgres (a fresh database per test from `#[sqlx::test]`), gRPC clients,
+//! and a TCP proxy that can cut the database link to simulate an outage.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Request;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use tollgate::app::{self, Parts, Running};
+use tollgate::cache::CacheSettings;
+use tollgate::clock::Clock;
+use tollgate::crypto::{Pepper, Peppers};
+use tollgate::grpc::pb;
+use tollgate::grpc::pb::auth_service_client::AuthServiceClient;
+use tollgate::grpc::pb::tenant_service_client::TenantServiceClient;
+use tollgate::profile::Profile;
+use tollgate::store::{Invalidation, PostgresStore, Store};
+
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
+pub const PEPPER: &[u8] = b"test-pepper-0123456789abcdef-0123456789";
+
+/// A shipped profile by name (`default`, `msgflash`, `mailsage`, `msgine`, `messagesmart`).
+pub fn profile(name: &str) -> Profile {
+    let path = format!("{}/profiles/{name}.toml", env!("CARGO_MANIFEST_DIR"));
+    Profile::from_toml(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+pub fn peppers() -> Peppers {
+    Peppers::new(Pepper::new(1, PEPPER.to_vec()).unwrap(), vec![]).unwrap()
+}
+
+/// A pool on `conn` sized for tests, failing fast when the database is gone.
+pub async fn pool(conn: &PgConnectOptions) -> sqlx::PgPool {
+    PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_with(conn.clone())
+        .await
+        .expect("test database reachable")
+}
+
+/// One running Tollgate with clients connected to it.
+pub struct Tollgate {
+    pub running: Running,
+    pub auth: AuthServiceClient<Channel>,
+    pub tenants: TenantServiceClient<Channel>,
+    pub health: HealthClient<Channel>,
+    pub channel: Channel,
+    pub profile: Arc<Profile>,
+}
+
+/// Options for [`spawn_with`].
+pub struct Options {
+    pub profile: Profile,
+    pub peppers: Peppers,
+    pub max_message_bytes: usize,
+}
+
+impl Options {
+    pub fn new(profile: Profile) -> Self {
+        Self {
+            profile,
+            peppers: peppers(),
+            max_message_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// A Tollgate on Postgres at `conn` with the named profile, ready (health SERVING).
+pub async fn spawn(conn: &PgConnectOptions, profile_name: &str) -> Tollgate {
+    spawn_with(conn, Options::new(profile(profile_name))).await
+}
+
+pub async fn spawn_with(conn: &PgConnectOptions, opts: Options) -> Tollgate {
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::new(pool(conn).await));
+    spawn_on_store(store, opts).await
+}
+
+pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
+    let profile = Arc::new(opts.profile);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = app::start(
+        Parts {
+            profile: profile.clone(),
+            peppers: opts.peppers,
+            store,
+            operator_token: Some(OPERATOR_TOKEN.to_string().into()),
+            cache: CacheSettings::default(),
+            max_message_bytes: opts.max_message_bytes,
+            last_used_flush: Duration::from_secs(3600),
+            clock: Clock::system(),
+        },
+        listener,
+    )
+    .await
+    .unwrap();
+    let channel = Endpoint::from_shared(format!("http://{}", running.local_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut t = Tollgate {
+        running,
+        auth: AuthServiceClient::new(channel.clone()),
+        tenants: TenantServiceClient::new(channel.clone()),
+        health: HealthClient::new(channel.clone()),
+        channel,
+        profile,
+    };
+    t.wait_for_health(ServingStatus::Serving).await;
+    t
+}
+
+impl Tollgate {
+    /// Waits on the health Watch stream (a signal, not a sleep) for `status`.
+    pub async fn wait_for_health(&mut self, status: ServingStatus) {
+        let mut stream = self
+            .health
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(update) = stream.message().await.unwrap() {
+            if update.status == status as i32 {
+                return;
+            }
+        }
+        panic!("health stream ended before reaching {status:?}");
+    }
+
+    /// The overall health status right now.
+    pub async fn health_status(&mut self) -> ServingStatus {
+        let r = self
+            .health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ServingStatus::try_from(r.status).unwrap()
+    }
+
+    pub async fn create_tenant(&mut self, id: &str, plan: &str) -> pb::Tenant {
+        self.tenants
+            .create_tenant(op(pb::CreateTenantRequest {
+                tenant_id: id.into(),
+                name: format!("Tenant {id}"),
+                plan: plan.into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .tenant
+            .unwrap()
+    }
+
+    /// Creates a key; returns (full secret, record).
+    pub async fn create_key(&mut self, tenant: &str) -> (String, pb::ApiKey) {
+        self.create_key_with(pb::CreateKeyRequest {
+            tenant_id: tenant.into(),
+            name: "test key".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    }
+
+    pub async fn create_key_with(
+        &mut self,
+        req: pb::CreateKeyRequest,
+    ) -> Result<(String, pb::ApiKey), tonic::Status> {
+        let r = self.auth.create_key(op(req)).await?.into_inner();
+        Ok((r.api_key, r.key.unwrap()))
+    }
+
+    /// Authenticate with the raw key.
+    pub async fn authenticate(&mut self, api_key: &str) -> pb::AuthenticateResponse {
+        self.authenticate_with(pb::AuthenticateRequest {
+            api_key: api_key.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    }
+
+    pub async fn authenticate_with(
+        &mut self,
+        req: pb::AuthenticateRequest,
+    ) -> Result<pb::AuthenticateResponse, tonic::Status> {
+        Ok(self.auth.authenticate(req).await?.into_inner())
+    }
+
+    pub async fn revoke(&mut self, key_id: &str) -> pb::ApiKey {
+        self.auth
+            .revoke_key(op(pb::RevokeKeyRequest {
+                key_id: key_id.into(),
+                reason: "test".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .key
+            .unwrap()
+    }
+
+    /// Subscribe before the write, then await the event with [`wait_for`].
+    pub fn invalidations(&self) -> tokio::sync::broadcast::Receiver<Invalidation> {
+        self.running.applied_invalidations()
+    }
+}
+
+/// Waits until this instance has applied an invalidation matching `pred`.
+pub async fn wait_for(
+    rx: &mut tokio::sync::broadcast::Receiver<Invalidation>,
+    pred: impl Fn(&Invalidation) -> bool,
+) {
+    loop {
+        match rx.recv().await {
+            Ok(e) if pred(&e) => return,
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(e) => panic!("invalidation feed closed: {e}"),
+        }
+    }
+}
+
+/// The denial reason of a response ("" when allowed).
+pub fn reason(r: &pb::AuthenticateResponse) -> &str {
+    r.denial.as_ref().map(|d| d.reason.as_str()).unwrap_or("")
+}
+
+/// Wraps a message with operator credentials.
+pub fn op<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {OPERATOR_TOKEN}").parse().unwrap(),
+    );
+    r
+}
+
+/// The field violations of an INVALID_ARGUMENT status.
+pub fn violations(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+/// A TCP proxy in front of Postgres that a test can cut (existing
+/// connections dropped, new ones refused) and restore.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (up2, conns2) = (up.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                conns2.lock().unwrap().push(task);
+            }
+        });
+        Proxy {
+            addr,
+            up,
+            conns,
+            accept,
+        }
+    }
+
+    /// Connect options for `conn`'s database, through this proxy.
+    pub fn options(&self, conn: &PgConnectOptions) -> PgConnectOptions {
+        conn.clone()
+            .host(&self.addr.ip().to_string())
+            .port(self.addr.port())
+    }
+
+    /// Drops every proxied connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for task in self.conns.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Where Postgres listens for `conn` (tests proxy to it).
+pub fn pg_addr(conn: &PgConnectOptions) -> SocketAddr {
+    use std::net::ToSocketAddrs;
+    (conn.get_host(), conn.get_port())
+        .to_socket_addrs()
+        .unwrap()
+        .next()
+        .unwrap()
+}
