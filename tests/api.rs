@@ -908,3 +908,131 @@ async fn check_quota_answers_from_the_plan(_p: PgPoolOptions, conn: PgConnectOpt
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
+
+#[sqlx::test]
+async fn when_postgres_is_unreachable_cached_decisions_are_served_and_the_rest_is_unavailable(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let proxy = Proxy::start(pg_addr(&conn)).await;
+    let mut t = spawn(&proxy.options(&conn), "default").await;
+    t.create_tenant("acme", "pro").await;
+    let (cached, cached_key) = t.create_key("acme").await;
+    let (revoked_meanwhile, revoked_key) = t.create_key("acme").await;
+    assert!(t.authenticate(&cached).await.allowed);
+    assert!(t.authenticate(&revoked_meanwhile).await.allowed);
+
+    let mut events = t.invalidations();
+    proxy.cut();
+    wait_for(&mut events, |e| *e == Invalidation::Lost).await;
+    assert_eq!(t.health_status().await, ServingStatus::NotServing);
+
+    // Cached decisions keep being served.
+    assert!(t.authenticate(&cached).await.allowed);
+    // Anything that needs the database is UNAVAILABLE, never a denial.
+    let stranger = t.profile.key_format.generate("live");
+    let err = t
+        .authenticate_with(pb::AuthenticateRequest {
+            api_key: stranger.expose().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let err = t.create_key_with(pb::CreateKeyRequest {
+        tenant_id: "acme".into(),
+        name: "k".into(),
+        ..Default::default()
+    });
+    assert_eq!(err.await.unwrap_err().code(), tonic::Code::Unavailable);
+
+    // A revocation this replica cannot hear about (written straight to the
+    // database while its link is down)...
+    let db = pool_opts.connect_with(conn).await.unwrap();
+    let id: uuid::Uuid = revoked_key.key_id.parse().unwrap();
+    sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE key_id = $1")
+        .bind(id)
+        .execute(&db)
+        .await
+        .unwrap();
+
+    // ...is honoured once the link is back: reconnecting flushes the cache.
+    proxy.restore();
+    wait_for(&mut events, |e| *e == Invalidation::Ready).await;
+    assert_eq!(t.health_status().await, ServingStatus::Serving);
+    assert_eq!(
+        reason(&t.authenticate(&revoked_meanwhile).await),
+        "KEY_REVOKED"
+    );
+    let r = t.authenticate(&cached).await;
+    assert!(r.allowed);
+    assert_eq!(r.principal.unwrap().key_id, cached_key.key_id);
+}
+
+#[sqlx::test]
+async fn keys_made_under_an_old_pepper_still_work_and_are_rehashed(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    use tollgate::crypto::{Pepper, Peppers};
+    let v1 = Pepper::new(1, PEPPER.to_vec()).unwrap();
+    let v2 = Pepper::new(2, b"the-next-pepper-0123456789abcdef-xyz".to_vec()).unwrap();
+
+    let mut old = spawn(&conn, "default").await;
+    old.create_tenant("acme", "pro").await;
+    let (secret, key) = old.create_key("acme").await;
+
+    let mut rotated_opts = Options::new(profile("default"));
+    rotated_opts.peppers = Peppers::new(v2.clone(), vec![v1]).unwrap();
+    let mut rotated = spawn_with(&conn, rotated_opts).await;
+    assert!(rotated.authenticate(&secret).await.allowed);
+
+    let db = pool_opts.connect_with(conn.clone()).await.unwrap();
+    let id: uuid::Uuid = key.key_id.parse().unwrap();
+    let version: i32 = sqlx::query_scalar("SELECT pepper_version FROM api_keys WHERE key_id = $1")
+        .bind(id)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(version, 2);
+
+    // Once every key is rehashed the old pepper can be dropped.
+    let mut only_v2 = Options::new(profile("default"));
+    only_v2.peppers = Peppers::new(v2, vec![]).unwrap();
+    let mut fresh = spawn_with(&conn, only_v2).await;
+    assert!(fresh.authenticate(&secret).await.allowed);
+}
+
+#[sqlx::test]
+async fn grpc_reflection_lists_the_services(_p: PgPoolOptions, conn: PgConnectOptions) {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let t = spawn(&conn, "default").await;
+    let mut client = ServerReflectionClient::new(t.channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in [
+        "tollgate.v1.AuthService",
+        "tollgate.v1.TenantService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&s.to_string()), "{s} not in {names:?}");
+    }
+}
