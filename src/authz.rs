@@ -15,7 +15,8 @@ use crate::clock::Clock;
 use crate::crypto::{KeyDigest, Peppers};
 use crate::domain::validate::check_scopes;
 use crate::domain::{
-    CredentialType, Decision, KeyId, KeyRecord, Principal, Reason, Tenant, TenantId, Violations,
+    CredentialType, Decision, KeyId, KeyRecord, Principal, Reason, Tenant, TenantId, Verdict,
+    Violations,
 };
 use crate::error::{Error, Result};
 use crate::profile::{BearerPolicy, Profile, Surface};
@@ -167,8 +168,17 @@ impl Authenticator {
         &self.profile
     }
 
-    /// Decides. A denial is `Ok(Decision::Deny(_))`; `Err` is a malformed
-    /// request or an outage, never a denial.
+    /// Decides and, when `cost > 0`, consumes `cost` units of every limit
+    /// that applies (denied requests consume nothing). This is the path of
+    /// the Authenticate RPC and of Envoy's ext_authz Check.
+    pub async fn decide(&self, input: AuthInput<'_>, cost: u32) -> Result<Verdict> {
+        let _ = cost; // limits are counted by the limits issue
+        Ok(Verdict::plain(self.authenticate(input).await?))
+    }
+
+    /// Decides identity only, consuming nothing. A denial is
+    /// `Ok(Decision::Deny(_))`; `Err` is a malformed request or an outage,
+    /// never a denial.
     pub async fn authenticate(&self, input: AuthInput<'_>) -> Result<Decision> {
         let surface = self.profile.surface(input.surface).ok_or_else(|| {
             Error::invalid("surface", "names no surface of this deployment's profile")

@@ -88,3 +88,40 @@ pub enum Decision {
     Allow(Principal),
     Deny(Reason),
 }
+
+/// The state of one limit after a decision, for `RateLimit-*` headers and
+/// CheckQuota answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitStatus {
+    /// e.g. `key_per_second`, `tenant_per_month`.
+    pub name: String,
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_at: chrono::DateTime<chrono::Utc>,
+    /// `second`, `minute`, `hour`, `day` or `month`.
+    pub period: &'static str,
+}
+
+/// A decision with the limits that were evaluated for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub decision: Decision,
+    /// Every limit that applied, tightest first.
+    pub limits: Vec<LimitStatus>,
+    /// Seconds until retrying can succeed (0 unless rate limited or out of quota).
+    pub retry_after_seconds: u32,
+    /// A denial that shadow mode turned into an allow (reported, not enforced).
+    pub shadow_denial: Option<Reason>,
+}
+
+impl Verdict {
+    /// A verdict with no limits evaluated.
+    pub fn plain(decision: Decision) -> Self {
+        Self {
+            decision,
+            limits: Vec::new(),
+            retry_after_seconds: 0,
+            shadow_denial: None,
+        }
+    }
+}

@@ -7,7 +7,7 @@ pub mod record;
 pub mod tenant;
 pub mod validate;
 
-pub use decision::{CredentialType, Decision, Principal, Reason};
+pub use decision::{CredentialType, Decision, LimitStatus, Principal, Reason, Verdict};
 pub use key::{Alphabet, ApiKeySecret, KeyFormat, KeyParseError, ParsedKey};
 pub use record::{KeyId, KeyRecord, KeyUpdate, NewKey};
 pub use tenant::{SubscriptionStatus, Tenant, TenantId, TenantOverrides, TenantUpdate};

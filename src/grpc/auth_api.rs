@@ -28,28 +28,37 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
         let r = request.into_inner();
         tracing::Span::current().record("surface", r.surface.as_str());
-        let decision = self
-            .authz
-            .authenticate(AuthInput {
-                api_key: &r.api_key,
-                token: &r.token,
-                headers: Some(&r.headers),
-                surface: &r.surface,
-                required_scopes: &r.required_scopes,
-            })
-            .await?;
-        let response = match decision {
+        let input = AuthInput {
+            api_key: &r.api_key,
+            token: &r.token,
+            headers: Some(&r.headers),
+            surface: &r.surface,
+            required_scopes: &r.required_scopes,
+        };
+        let verdict = self.authz.decide(input, r.cost.unwrap_or(0)).await?;
+        let limits = verdict.limits.iter().map(convert::limit).collect();
+        let shadow_denial_reason = verdict
+            .shadow_denial
+            .map(|r| r.as_str().to_string())
+            .unwrap_or_default();
+        let response = match verdict.decision {
             Decision::Allow(p) => pb::AuthenticateResponse {
                 allowed: true,
                 principal: Some(convert::principal(&p)),
                 denial: None,
+                limits,
+                shadow_denial_reason,
             },
             Decision::Deny(reason) => {
                 tracing::debug!(reason = reason.as_str(), "denied");
+                let denial =
+                    convert::denial(self.authz.profile(), reason, verdict.retry_after_seconds);
                 pb::AuthenticateResponse {
                     allowed: false,
                     principal: None,
-                    denial: Some(convert::denial(self.authz.profile(), reason, 0)),
+                    denial: Some(denial),
+                    limits,
+                    shadow_denial_reason,
                 }
             }
         };

@@ -3,7 +3,9 @@
 use chrono::{DateTime, Utc};
 
 use super::pb;
-use crate::domain::{CredentialType, KeyRecord, Principal, Reason, Tenant, TenantOverrides};
+use crate::domain::{
+    CredentialType, KeyRecord, LimitStatus, Principal, Reason, Tenant, TenantOverrides,
+};
 use crate::profile::Profile;
 
 /// A timestamp for the wire.
@@ -87,5 +89,15 @@ pub fn denial(profile: &Profile, reason: Reason, retry_after_seconds: u32) -> pb
         message: spec.message.clone(),
         retry_after_seconds,
         body: profile.denial_body(reason),
+    }
+}
+
+pub fn limit(l: &LimitStatus) -> pb::Limit {
+    pb::Limit {
+        name: l.name.clone(),
+        limit: l.limit,
+        remaining: l.remaining,
+        reset_at: Some(ts(l.reset_at)),
+        period: l.period.to_string(),
     }
 }
