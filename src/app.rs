@@ -50,7 +50,13 @@ pub struct Running {
     usage: Arc<UsageRecorder>,
     store: Arc<dyn Store>,
     applied: broadcast::Sender<Invalidation>,
+    authz: Arc<Authenticator>,
+    replica_id: uuid::Uuid,
 }
+
+/// How often a replica announces itself, and when it counts as gone.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const STALE_AFTER_SECS: u32 = 15;
 
 const SERVICES: [&str; 3] = ["", "tollgate.v1.AuthService", "tollgate.v1.TenantService"];
 
@@ -117,6 +123,23 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         }
     });
 
+    // Replicas find each other through a heartbeat table and divide rate
+    // limits among themselves.
+    let replica_id = uuid::Uuid::new_v4();
+    let limiter = authz.limiter().clone();
+    let beat_store = parts.store.clone();
+    let heartbeat = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match beat_store.heartbeat(replica_id, STALE_AFTER_SECS).await {
+                Ok(n) => limiter.set_replicas(n),
+                Err(e) => tracing::warn!(error = %e, "replica heartbeat failed"),
+            }
+        }
+    });
+
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -128,6 +151,7 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         .build_v1alpha()
         .map_err(std::io::Error::other)?;
     let max = parts.max_message_bytes;
+    let authz_handle = authz.clone();
     let auth = AuthServiceServer::new(AuthApi {
         authz,
         manager: manager.clone(),
@@ -159,7 +183,9 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         manager,
         shutdown: Some(shutdown),
         server,
-        background: vec![invalidations, last_used],
+        background: vec![invalidations, last_used, heartbeat],
+        authz: authz_handle,
+        replica_id,
         usage,
         store: parts.store,
         applied,
@@ -193,6 +219,24 @@ impl Running {
         self.applied.subscribe()
     }
 
+    /// Announces this replica now and returns how many are live (tests use
+    /// it instead of waiting for the next heartbeat).
+    pub async fn heartbeat(&self) -> crate::error::Result<u32> {
+        let n = self.store.heartbeat(self.replica_id, STALE_AFTER_SECS).await?;
+        self.authz.limiter().set_replicas(n);
+        Ok(n)
+    }
+
+    /// Stops at once, as a crash would: no lease is returned, nothing is
+    /// flushed, the replica is not removed from the heartbeat table.
+    pub fn kill(mut self) {
+        self.server.abort();
+        for task in &self.background {
+            task.abort();
+        }
+        self.shutdown.take();
+    }
+
     /// Writes pending `last_used_at` values now.
     pub async fn flush_usage(&self) -> crate::error::Result<usize> {
         self.usage.flush(self.store.as_ref()).await
@@ -210,6 +254,11 @@ impl Running {
         }
         if let Err(e) = self.usage.flush(self.store.as_ref()).await {
             tracing::warn!(error = %e, "could not record last use of keys at shutdown");
+        }
+        let returned = self.authz.limiter().quotas().return_all().await;
+        tracing::info!(returned, "returned unused quota leases");
+        if let Err(e) = self.store.leave(self.replica_id).await {
+            tracing::warn!(error = %e, "could not leave the replica set");
         }
         match served {
             Ok(r) => r,

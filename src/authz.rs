@@ -18,7 +18,12 @@ use crate::domain::{
     CredentialType, Decision, KeyId, KeyRecord, Principal, Reason, Tenant, TenantId, Verdict,
     Violations,
 };
+use crate::domain::limit::effective;
 use crate::error::{Error, Result};
+use crate::domain::{LimitPeriod, LimitScope};
+use crate::limits::period::{self, QuotaPeriod};
+use crate::limits::{LimitOutcome, Limiter, Subject};
+use crate::store::QuotaCounter;
 use crate::profile::{BearerPolicy, Profile, Surface};
 use crate::store::Store;
 
@@ -140,7 +145,15 @@ pub struct Authenticator {
     store: Arc<dyn Store>,
     caches: Arc<Caches>,
     usage: Arc<UsageRecorder>,
+    limiter: Arc<Limiter>,
     clock: Clock,
+}
+
+/// An authenticated API key, with what the limits need.
+struct Identified {
+    principal: Principal,
+    record: Arc<KeyRecord>,
+    tenant: Arc<Tenant>,
 }
 
 impl Authenticator {
@@ -153,14 +166,21 @@ impl Authenticator {
         usage: Arc<UsageRecorder>,
         clock: Clock,
     ) -> Self {
+        let limiter = Arc::new(Limiter::new(store.clone(), clock.clone()));
         Self {
             profile,
             peppers,
             store,
             caches,
             usage,
+            limiter,
             clock,
         }
+    }
+
+    /// This replica's rate limiter and quota leases.
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
     }
 
     /// The profile decisions are made under.
@@ -172,14 +192,87 @@ impl Authenticator {
     /// that applies (denied requests consume nothing). This is the path of
     /// the Authenticate RPC and of Envoy's ext_authz Check.
     pub async fn decide(&self, input: AuthInput<'_>, cost: u32) -> Result<Verdict> {
-        let _ = cost; // limits are counted by the limits issue
-        Ok(Verdict::plain(self.authenticate(input).await?))
+        let who = match self.identify(input).await? {
+            Err(reason) => return Ok(Verdict::plain(Decision::Deny(reason))),
+            Ok(who) => who,
+        };
+        if cost == 0 {
+            return Ok(Verdict::plain(Decision::Allow(who.principal)));
+        }
+        let outcome = self
+            .check_limits(&who.tenant, Some(&who.record), u64::from(cost), false)
+            .await?;
+        Ok(self.verdict(Decision::Allow(who.principal), &who.tenant, outcome))
+    }
+
+    /// Turns a limit outcome into a verdict, honouring the plan's shadow mode.
+    fn verdict(&self, allow: Decision, tenant: &Tenant, outcome: LimitOutcome) -> Verdict {
+        let shadow = self.profile.plan(&tenant.plan).is_some_and(|p| p.shadow);
+        match outcome.denied {
+            None => Verdict {
+                decision: allow,
+                limits: outcome.statuses,
+                retry_after_seconds: 0,
+                shadow_denial: None,
+            },
+            Some(reason) if shadow => {
+                tracing::info!(reason = reason.as_str(), tenant_id = %tenant.id, "shadow-mode denial");
+                Verdict {
+                    decision: allow,
+                    limits: outcome.statuses,
+                    retry_after_seconds: 0,
+                    shadow_denial: Some(reason),
+                }
+            }
+            Some(reason) => Verdict {
+                decision: Decision::Deny(reason),
+                limits: outcome.statuses,
+                retry_after_seconds: outcome.retry_after_seconds,
+                shadow_denial: None,
+            },
+        }
+    }
+
+    /// The limits in force for a tenant (and key), checked and, unless
+    /// `dry_run`, consumed.
+    async fn check_limits(
+        &self,
+        tenant: &Tenant,
+        key: Option<&KeyRecord>,
+        cost: u64,
+        dry_run: bool,
+    ) -> Result<LimitOutcome> {
+        let plan_limits = self
+            .profile
+            .plan(&tenant.plan)
+            .map(|p| p.limits.as_slice())
+            .unwrap_or(&[]);
+        let specs = effective(
+            plan_limits,
+            tenant.overrides.limits.as_deref(),
+            key.and_then(|k| k.limits.as_deref()),
+            key.map(|k| k.environment.as_str()),
+        );
+        let subject = Subject {
+            key: key.map(|k| k.id),
+            tenant: &tenant.id,
+            billing_day: tenant.overrides.billing_day,
+            environment: key.map(|k| k.environment.as_str()),
+        };
+        self.limiter.check(subject, &specs, cost, dry_run).await
     }
 
     /// Decides identity only, consuming nothing. A denial is
     /// `Ok(Decision::Deny(_))`; `Err` is a malformed request or an outage,
     /// never a denial.
     pub async fn authenticate(&self, input: AuthInput<'_>) -> Result<Decision> {
+        Ok(match self.identify(input).await? {
+            Ok(who) => Decision::Allow(who.principal),
+            Err(reason) => Decision::Deny(reason),
+        })
+    }
+
+    async fn identify(&self, input: AuthInput<'_>) -> Result<Result<Identified, Reason>> {
         let surface = self.profile.surface(input.surface).ok_or_else(|| {
             Error::invalid("surface", "names no surface of this deployment's profile")
         })?;
@@ -188,11 +281,11 @@ impl Authenticator {
         v.into_result()?;
 
         match extract(&input, surface, &self.profile) {
-            Credential::Missing => Ok(Decision::Deny(Reason::CredentialMissing)),
-            Credential::WrongForSurface => Ok(Decision::Deny(Reason::WrongCredentialForSurface)),
+            Credential::Missing => Ok(Err(Reason::CredentialMissing)),
+            Credential::WrongForSurface => Ok(Err(Reason::WrongCredentialForSurface)),
             // Verifying JWTs is the dashboard issue's work; until then no
             // token is valid.
-            Credential::Jwt(_) => Ok(Decision::Deny(Reason::TokenInvalid)),
+            Credential::Jwt(_) => Ok(Err(Reason::TokenInvalid)),
             Credential::ApiKey(key) => {
                 let span = tracing::debug_span!(
                     "api_key",
@@ -211,8 +304,8 @@ impl Authenticator {
         key: &str,
         surface: &Surface,
         required_scopes: &[String],
-    ) -> Result<Decision> {
-        let deny = |r| Ok(Decision::Deny(r));
+    ) -> Result<Result<Identified, Reason>> {
+        let deny = |r| Ok(Err(r));
         let Ok(parsed) = self.profile.key_format.parse(key) else {
             return deny(Reason::CredentialMalformed);
         };
@@ -260,7 +353,7 @@ impl Authenticator {
             return deny(Reason::ScopeMissing);
         }
         self.usage.record(record.id, now);
-        Ok(Decision::Allow(Principal {
+        let principal = Principal {
             tenant_id: record.tenant_id.clone(),
             key_id: Some(record.id),
             plan: tenant.plan.clone(),
@@ -268,6 +361,11 @@ impl Authenticator {
             scopes,
             subject: record.id.to_string(),
             credential_type: CredentialType::ApiKey,
+        };
+        Ok(Ok(Identified {
+            principal,
+            record,
+            tenant,
         }))
     }
 
@@ -351,55 +449,53 @@ pub enum QuotaSubject<'a> {
     Credential(&'a str),
 }
 
-/// CheckQuota's answer until limits are counted: the subject's plan, and a
-/// denial when the subject may not make calls at all.
+/// CheckQuota's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaAnswer {
+    /// The subject's plan (unset when the credential was refused).
     pub plan: Option<String>,
-    pub denial: Option<Reason>,
+    pub verdict: Verdict,
+}
+
+/// One quota's usage, for dashboards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub name: &'static str,
+    pub limit: u64,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub used: u64,
+    pub previous_start: DateTime<Utc>,
+    pub previous_used: u64,
 }
 
 impl Authenticator {
-    /// Answers from the plan, counting nothing (the limits issue adds
-    /// counting). Unknown tenant or key ids are `NotFound`.
-    pub async fn check_quota(&self, subject: QuotaSubject<'_>) -> Result<QuotaAnswer> {
-        let deny = |reason| QuotaAnswer {
-            plan: None,
-            denial: Some(reason),
+    /// Resolves a tenant-or-key subject for CheckQuota / GetUsage. `Err`
+    /// inside is a denial of the subject itself (revoked, expired, inactive).
+    async fn subject(
+        &self,
+        tenant_id: &str,
+        key_id: &str,
+    ) -> Result<Result<(Arc<Tenant>, Option<KeyRecord>), Reason>> {
+        let key = if key_id.is_empty() {
+            None
+        } else {
+            let id = KeyId::parse_str(key_id)
+                .map_err(|_| Error::invalid("key_id", "must be a key id (a UUID)"))?;
+            let key = crate::store::KeyRef { id, tenant: None };
+            let record = self.store.get_key(key).await?.ok_or(Error::NotFound("key"))?;
+            let now = self.clock.now();
+            if record.is_revoked(now) {
+                return Ok(Err(Reason::KeyRevoked));
+            }
+            if record.is_expired(now) {
+                return Ok(Err(Reason::KeyExpired));
+            }
+            Some(record)
         };
-        let tenant_id = match subject {
-            QuotaSubject::Credential(key) => {
-                let input = AuthInput {
-                    api_key: key,
-                    ..AuthInput::default()
-                };
-                return Ok(match self.authenticate(input).await? {
-                    Decision::Allow(p) => QuotaAnswer {
-                        plan: Some(p.plan),
-                        denial: None,
-                    },
-                    Decision::Deny(reason) => deny(reason),
-                });
-            }
-            QuotaSubject::Key(id) => {
-                let id = KeyId::parse_str(id)
-                    .map_err(|_| Error::invalid("key_id", "must be a key id (a UUID)"))?;
-                let key = crate::store::KeyRef { id, tenant: None };
-                let record = self
-                    .store
-                    .get_key(key)
-                    .await?
-                    .ok_or(Error::NotFound("key"))?;
-                let now = self.clock.now();
-                if record.is_revoked(now) {
-                    return Ok(deny(Reason::KeyRevoked));
-                }
-                if record.is_expired(now) {
-                    return Ok(deny(Reason::KeyExpired));
-                }
-                record.tenant_id
-            }
-            QuotaSubject::Tenant(id) => TenantId::parse(id).ok_or_else(|| {
+        let tenant_id = match &key {
+            Some(k) => k.tenant_id.clone(),
+            None => TenantId::parse(tenant_id).ok_or_else(|| {
                 Error::invalid("tenant_id", "must be 1-64 characters of [A-Za-z0-9_-]")
             })?,
         };
@@ -407,12 +503,151 @@ impl Authenticator {
             .find_tenant(&tenant_id)
             .await?
             .ok_or(Error::NotFound("tenant"))?;
-        let active =
-            self.profile.is_active(tenant.status) && self.profile.plan(&tenant.plan).is_some();
+        if !self.profile.is_active(tenant.status) || self.profile.plan(&tenant.plan).is_none() {
+            return Ok(Err(Reason::SubscriptionInactive));
+        }
+        Ok(Ok((tenant, key)))
+    }
+
+    /// Checks (and unless `dry_run` consumes `cost` of) every limit of a
+    /// tenant, a key (with its tenant's), or a credential. Denied requests
+    /// consume nothing.
+    pub async fn check_quota(
+        &self,
+        subject: QuotaSubject<'_>,
+        cost: u32,
+        dry_run: bool,
+    ) -> Result<QuotaAnswer> {
+        let cost = u64::from(cost.max(1));
+        let denied = |reason| QuotaAnswer {
+            plan: None,
+            verdict: Verdict::plain(Decision::Deny(reason)),
+        };
+        let (tenant, key, allow) = match subject {
+            QuotaSubject::Credential(api_key) => {
+                let input = AuthInput {
+                    api_key,
+                    ..AuthInput::default()
+                };
+                match self.identify(input).await? {
+                    Err(reason) => return Ok(denied(reason)),
+                    Ok(who) => (who.tenant, Some((*who.record).clone()), Decision::Allow(who.principal)),
+                }
+            }
+            QuotaSubject::Key(id) => match self.subject("", id).await? {
+                Err(reason) => return Ok(denied(reason)),
+                Ok((tenant, key)) => (tenant, key, Decision::Deny(Reason::KeyUnknown)),
+            },
+            QuotaSubject::Tenant(id) => match self.subject(id, "").await? {
+                Err(reason) => return Ok(denied(reason)),
+                Ok((tenant, key)) => (tenant, key, Decision::Deny(Reason::KeyUnknown)),
+            },
+        };
+        let outcome = self.check_limits(&tenant, key.as_ref(), cost, dry_run).await?;
+        // For tenant/key subjects there is no principal: "allow" is just
+        // "no limit denies", carried as the verdict's shadow-free decision.
+        let allow = match allow {
+            Decision::Allow(p) => Decision::Allow(p),
+            Decision::Deny(_) => Decision::Allow(Principal {
+                tenant_id: tenant.id.clone(),
+                key_id: key.as_ref().map(|k| k.id),
+                plan: tenant.plan.clone(),
+                environment: key.as_ref().map(|k| k.environment.clone()).unwrap_or_default(),
+                scopes: key.as_ref().map(|k| k.scopes.clone()).unwrap_or_default(),
+                subject: key.as_ref().map(|k| k.id.to_string()).unwrap_or_else(|| tenant.id.to_string()),
+                credential_type: CredentialType::ApiKey,
+            }),
+        };
         Ok(QuotaAnswer {
             plan: Some(tenant.plan.clone()),
-            denial: (!active).then_some(Reason::SubscriptionInactive),
+            verdict: self.verdict(allow, &tenant, outcome),
         })
+    }
+
+    /// Quota usage (current and previous periods) of a tenant or a key.
+    pub async fn usage(&self, tenant_id: &str, key_id: &str) -> Result<Vec<QuotaUsage>> {
+        if tenant_id.is_empty() == key_id.is_empty() {
+            return Err(Error::invalid("tenant_id", "give exactly one of tenant_id, key_id"));
+        }
+        let (tenant, key) = match self.subject(tenant_id, key_id).await? {
+            Ok(found) => found,
+            // Usage of a revoked key or an inactive tenant is still readable.
+            Err(_) => self.subject_unchecked(tenant_id, key_id).await?,
+        };
+        let plan_limits = self
+            .profile
+            .plan(&tenant.plan)
+            .map(|p| p.limits.as_slice())
+            .unwrap_or(&[]);
+        let specs = effective(
+            plan_limits,
+            tenant.overrides.limits.as_deref(),
+            key.as_ref().and_then(|k| k.limits.as_deref()),
+            key.as_ref().map(|k| k.environment.as_str()),
+        );
+        let now = self.clock.now();
+        let mut out = Vec::new();
+        for spec in specs.into_iter().filter(|s| s.period.rate_ns().is_none()) {
+            let qp = match spec.period {
+                LimitPeriod::Day => QuotaPeriod::Day,
+                _ => QuotaPeriod::Month {
+                    anchor_day: tenant.overrides.billing_day,
+                },
+            };
+            let owner = match spec.scope {
+                LimitScope::Key => match &key {
+                    Some(k) => format!("k:{}", k.id),
+                    None => continue,
+                },
+                LimitScope::Tenant => format!("t:{}", tenant.id),
+            };
+            // Environment-specific limits are counted per environment.
+            let owner = match (&key, spec.environments.is_empty()) {
+                (_, true) => owner,
+                (Some(k), false) => format!("{owner}:{}", k.environment),
+                (None, false) => continue,
+            };
+            let (start, end) = period::bounds(qp, now);
+            let (prev_start, _) = period::previous(qp, now);
+            let counter = |period_start| QuotaCounter {
+                subject: owner.clone(),
+                name: spec.name(),
+                period_start,
+            };
+            out.push(QuotaUsage {
+                name: spec.name(),
+                limit: spec.limit,
+                period_start: start,
+                period_end: end,
+                used: self.store.quota_used(&counter(start)).await?,
+                previous_start: prev_start,
+                previous_used: self.store.quota_used(&counter(prev_start)).await?,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn subject_unchecked(
+        &self,
+        tenant_id: &str,
+        key_id: &str,
+    ) -> Result<(Arc<Tenant>, Option<KeyRecord>)> {
+        let key = match KeyId::parse_str(key_id) {
+            Ok(id) => self
+                .store
+                .get_key(crate::store::KeyRef { id, tenant: None })
+                .await?,
+            Err(_) => None,
+        };
+        let tenant_id = match &key {
+            Some(k) => k.tenant_id.clone(),
+            None => TenantId::parse(tenant_id).ok_or(Error::NotFound("tenant"))?,
+        };
+        let tenant = self
+            .find_tenant(&tenant_id)
+            .await?
+            .ok_or(Error::NotFound("tenant"))?;
+        Ok((tenant, key))
     }
 }
 

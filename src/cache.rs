@@ -228,6 +228,7 @@ mod tests {
             revoke_reason: None,
             last_used_at: None,
             replaced_by: None,
+            limits: None,
         })
     }
 

@@ -5,10 +5,31 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 
-/// System time plus an offset that only tests change.
-#[derive(Debug, Clone, Default)]
+/// Milliseconds since the epoch meaning "not frozen".
+const LIVE: i64 = i64::MIN;
+
+#[derive(Debug)]
+struct Inner {
+    offset_ms: AtomicI64,
+    frozen_ms: AtomicI64,
+}
+
+/// System time plus an offset that only tests change; tests may also
+/// freeze it so rate limits see no time pass between calls.
+#[derive(Debug, Clone)]
 pub struct Clock {
-    offset_ms: Arc<AtomicI64>,
+    inner: Arc<Inner>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                offset_ms: AtomicI64::new(0),
+                frozen_ms: AtomicI64::new(LIVE),
+            }),
+        }
+    }
 }
 
 impl Clock {
@@ -19,12 +40,39 @@ impl Clock {
 
     /// Now, as this replica sees it.
     pub fn now(&self) -> DateTime<Utc> {
-        Utc::now() + Duration::milliseconds(self.offset_ms.load(Ordering::Relaxed))
+        let offset = Duration::milliseconds(self.inner.offset_ms.load(Ordering::Relaxed));
+        match self.inner.frozen_ms.load(Ordering::Relaxed) {
+            LIVE => Utc::now() + offset,
+            ms => DateTime::from_timestamp_millis(ms).unwrap_or_default() + offset,
+        }
     }
 
     /// Moves this clock (and its clones) forward. For tests.
     pub fn advance(&self, by: std::time::Duration) {
         let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
-        self.offset_ms.fetch_add(ms, Ordering::Relaxed);
+        self.inner.offset_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// Stops time at `at` (only `advance` moves it). For tests.
+    pub fn freeze_at(&self, at: DateTime<Utc>) {
+        self.inner.offset_ms.store(0, Ordering::Relaxed);
+        self.inner
+            .frozen_ms
+            .store(at.timestamp_millis(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frozen_clock_moves_only_when_advanced() {
+        let c = Clock::system();
+        let t: DateTime<Utc> = "2027-01-31T12:00:00Z".parse().unwrap();
+        c.freeze_at(t);
+        assert_eq!(c.now(), t);
+        c.clone().advance(std::time::Duration::from_secs(60));
+        assert_eq!(c.now(), t + Duration::seconds(60));
     }
 }

@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod limits;
 pub mod manage;
 pub mod profile;
 pub mod store;

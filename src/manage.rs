@@ -9,8 +9,8 @@ use crate::clock::Clock;
 use crate::crypto::Peppers;
 use crate::domain::validate::{check_name, check_scopes};
 use crate::domain::{
-    ApiKeySecret, KeyId, KeyRecord, KeyUpdate, NewKey, SubscriptionStatus, Tenant, TenantId,
-    TenantOverrides, TenantUpdate, Violations,
+    ApiKeySecret, KeyId, KeyRecord, KeyUpdate, LimitScope, LimitSpec, NewKey, SubscriptionStatus,
+    Tenant, TenantId, TenantOverrides, TenantUpdate, Violations,
 };
 use crate::error::{Error, Result};
 use crate::profile::Profile;
@@ -32,6 +32,8 @@ pub struct CreateKeyInput {
     pub environment: String,
     pub scopes: Vec<String>,
     pub ttl_seconds: Option<i64>,
+    /// The key's own key-scoped limits; empty = the plan's.
+    pub limits: Vec<LimitSpec>,
 }
 
 /// An UpdateKey request, as received.
@@ -43,6 +45,7 @@ pub struct UpdateKeyInput {
     pub name: String,
     pub scopes: Vec<String>,
     pub expires_at: Option<DateTime<Utc>>,
+    pub limits: Vec<LimitSpec>,
 }
 
 /// A CreateTenant request, as received.
@@ -203,6 +206,7 @@ impl Manager {
         environment: String,
         scopes: Vec<String>,
         expires_at: Option<DateTime<Utc>>,
+        limits: Option<Vec<LimitSpec>>,
         now: DateTime<Utc>,
     ) -> (ApiKeySecret, NewKey) {
         let secret = self.profile.key_format.generate(&environment);
@@ -218,6 +222,7 @@ impl Manager {
             pepper_version: pepper.version(),
             created_at: now,
             expires_at,
+            limits,
         };
         (secret, key)
     }
@@ -240,6 +245,7 @@ impl Manager {
             input.environment.clone()
         };
         check_scopes("scopes", &input.scopes, &mut v);
+        self.check_key_limits(&input.limits, &mut v);
         let ttl = match input.ttl_seconds {
             None => self.profile.default_ttl_seconds.map(|s| s as i64),
             Some(0) => None,
@@ -278,8 +284,9 @@ impl Manager {
 
         let now = self.clock.now();
         let expires_at = ttl.map(|s| now + Duration::seconds(s));
+        let limits = (!input.limits.is_empty()).then_some(input.limits);
         let (secret, key) =
-            self.new_key(tenant_id, input.name, environment, scopes, expires_at, now);
+            self.new_key(tenant_id, input.name, environment, scopes, expires_at, limits, now);
         let profile = self.profile.clone();
         let cap = move |t: &Tenant| {
             t.overrides
@@ -409,6 +416,7 @@ impl Manager {
             old.environment.clone(),
             old.scopes.clone(),
             expires_at,
+            old.limits.clone(),
             now,
         );
         let (previous, record) = self
@@ -428,7 +436,7 @@ impl Manager {
         let tenant = parse_scope(&input.tenant_id, &mut v);
         check_mask(
             &input.update_mask,
-            &["name", "scopes", "expires_at"],
+            &["name", "scopes", "expires_at", "limits"],
             &mut v,
         );
         let has = |p: &str| input.update_mask.iter().any(|m| m == p);
@@ -437,6 +445,9 @@ impl Manager {
         }
         if has("scopes") {
             check_scopes("scopes", &input.scopes, &mut v);
+        }
+        if has("limits") {
+            self.check_key_limits(&input.limits, &mut v);
         }
         v.into_result()?;
         let key = KeyRef {
@@ -458,6 +469,7 @@ impl Manager {
             name: has("name").then(|| input.name.clone()),
             scopes: has("scopes").then(|| dedup(input.scopes.clone())),
             expires_at: has("expires_at").then_some(input.expires_at),
+            limits: has("limits").then(|| (!input.limits.is_empty()).then(|| input.limits.clone())),
         };
         let record = self
             .store
@@ -474,6 +486,36 @@ impl Manager {
         }
         if let Some(scopes) = &o.allowed_scopes {
             check_scopes("overrides.allowed_scopes", scopes, v);
+        }
+        if o.billing_day.is_some_and(|d| !(1..=31).contains(&d)) {
+            v.add("overrides.billing_day", "must be 1..=31");
+        }
+        for (i, l) in o.limits.iter().flatten().enumerate() {
+            self.check_limit(&format!("overrides.limits[{i}]"), l, v);
+        }
+    }
+
+    fn check_limit(&self, field: &str, l: &LimitSpec, v: &mut Violations) {
+        l.check(field, v);
+        let format = &self.profile.key_format;
+        if let Some(e) = l.environments.iter().find(|e| !format.has_environment(e)) {
+            v.add(
+                format!("{field}.environments"),
+                format!("`{e}` is not one of: {}", format.environments().join(", ")),
+            );
+        }
+    }
+
+    fn check_key_limits(&self, limits: &[LimitSpec], v: &mut Violations) {
+        if limits.len() > 16 {
+            v.add("limits", "at most 16 limits");
+        }
+        for (i, l) in limits.iter().enumerate() {
+            let field = format!("limits[{i}]");
+            self.check_limit(&field, l, v);
+            if l.scope != LimitScope::Key {
+                v.add(format!("{field}.scope"), "a key's own limits must have scope `key`");
+            }
         }
     }
 

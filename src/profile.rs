@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::domain::{Alphabet, KeyFormat, Reason, SubscriptionStatus};
+use crate::domain::{Alphabet, KeyFormat, LimitSpec, Reason, SubscriptionStatus};
 
 /// The profile used when none is configured.
 pub const DEFAULT_PROFILE: &str = include_str!("../profiles/default.toml");
@@ -57,6 +57,13 @@ pub struct Plan {
     /// Environments keys may be created in and used from; empty = all.
     #[serde(default)]
     pub environments: Vec<String>,
+    /// Rate limits and quotas of this plan.
+    #[serde(default)]
+    pub limits: Vec<LimitSpec>,
+    /// Shadow mode: limits are evaluated and would-be denials reported, but
+    /// requests are allowed (to roll out new limits safely).
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 impl Plan {
@@ -226,6 +233,15 @@ impl Profile {
                 }
             }
             check_envs(&key_format, &plan.environments, &field)?;
+            for (i, l) in plan.limits.iter().enumerate() {
+                let lf = format!("{field}.limits[{i}]");
+                let mut v = crate::domain::Violations::default();
+                l.check(&lf, &mut v);
+                if let Some(first) = v.0.first() {
+                    return Err(invalid(&first.field, &first.description));
+                }
+                check_envs(&key_format, &l.environments, &lf)?;
+            }
         }
         if raw.active_statuses.is_empty() {
             return Err(invalid("active_statuses", "at least one status is needed"));

@@ -3,11 +3,13 @@
 
 pub mod decision;
 pub mod key;
+pub mod limit;
 pub mod record;
 pub mod tenant;
 pub mod validate;
 
 pub use decision::{CredentialType, Decision, LimitStatus, Principal, Reason, Verdict};
+pub use limit::{LimitPeriod, LimitScope, LimitSpec};
 pub use key::{Alphabet, ApiKeySecret, KeyFormat, KeyParseError, ParsedKey};
 pub use record::{KeyId, KeyRecord, KeyUpdate, NewKey};
 pub use tenant::{SubscriptionStatus, Tenant, TenantId, TenantOverrides, TenantUpdate};

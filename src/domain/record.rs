@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::TenantId;
+use super::{LimitSpec, TenantId};
 use crate::crypto::KeyDigest;
 
 /// A key's public identifier (UUIDv7: time-ordered, so pages sort by creation).
@@ -26,6 +26,8 @@ pub struct KeyRecord {
     pub revoke_reason: Option<String>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub replaced_by: Option<KeyId>,
+    /// The key's own limits, replacing the plan's key-scoped limits.
+    pub limits: Option<Vec<LimitSpec>>,
 }
 
 impl KeyRecord {
@@ -59,6 +61,7 @@ pub struct NewKey {
     pub pepper_version: i32,
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
+    pub limits: Option<Vec<LimitSpec>>,
 }
 
 impl NewKey {
@@ -79,6 +82,7 @@ impl NewKey {
             revoke_reason: None,
             last_used_at: None,
             replaced_by: None,
+            limits: self.limits,
         }
     }
 }
@@ -90,4 +94,6 @@ pub struct KeyUpdate {
     pub scopes: Option<Vec<String>>,
     /// `Some(None)` removes the expiry.
     pub expires_at: Option<Option<DateTime<Utc>>>,
+    /// `Some(None)` removes the key's own limits.
+    pub limits: Option<Option<Vec<LimitSpec>>>,
 }

@@ -89,6 +89,12 @@ pub struct TenantOverrides {
     /// Replaces the plan's allowed scopes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_scopes: Option<Vec<String>>,
+    /// Replaces the plan's limits (custom enterprise limits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Vec<super::LimitSpec>>,
+    /// Day of the month (1..=31) monthly quotas reset on; absent = the 1st.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billing_day: Option<u32>,
 }
 
 /// A tenant as stored.

@@ -8,7 +8,7 @@ use super::convert::{self, from_ts};
 use super::operator::OperatorGuard;
 use super::pb::{self, auth_service_server::AuthService};
 use crate::authz::{AuthInput, Authenticator, QuotaSubject};
-use crate::domain::Decision;
+use crate::domain::{Decision, Violations};
 use crate::error::Error;
 use crate::manage::{CreateKeyInput, Manager, UpdateKeyInput};
 
@@ -86,15 +86,45 @@ impl AuthService for AuthApi {
                 .into())
             }
         };
-        let answer = self.authz.check_quota(subject).await?;
+        let answer = self.authz.check_quota(subject, r.cost, r.dry_run).await?;
+        let v = answer.verdict;
+        let denial = match v.decision {
+            Decision::Allow(_) => None,
+            Decision::Deny(reason) => Some(convert::denial(
+                self.authz.profile(),
+                reason,
+                v.retry_after_seconds,
+            )),
+        };
         Ok(Response::new(pb::CheckQuotaResponse {
-            allowed: answer.denial.is_none(),
-            limits: Vec::new(),
-            retry_after_seconds: 0,
-            denial: answer
-                .denial
-                .map(|reason| convert::denial(self.authz.profile(), reason, 0)),
+            allowed: denial.is_none(),
+            limits: v.limits.iter().map(convert::limit).collect(),
+            retry_after_seconds: v.retry_after_seconds,
+            denial,
             plan: answer.plan.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        self.guard.check(request.metadata())?;
+        let r = request.into_inner();
+        let quotas = self.authz.usage(&r.tenant_id, &r.key_id).await?;
+        Ok(Response::new(pb::GetUsageResponse {
+            quotas: quotas
+                .iter()
+                .map(|q| pb::QuotaUsage {
+                    name: q.name.to_string(),
+                    limit: q.limit,
+                    period_start: Some(convert::ts(q.period_start)),
+                    period_end: Some(convert::ts(q.period_end)),
+                    used: q.used,
+                    previous_used: q.previous_used,
+                    previous_period_start: Some(convert::ts(q.previous_start)),
+                })
+                .collect(),
         }))
     }
 
@@ -104,6 +134,9 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
         self.guard.check(request.metadata())?;
         let r = request.into_inner();
+        let mut v = Violations::default();
+        let limits = convert::limit_specs_from("limits", r.limits, &mut v);
+        v.into_result().map_err(Error::from)?;
         let issued = self
             .manager
             .create_key(CreateKeyInput {
@@ -112,6 +145,7 @@ impl AuthService for AuthApi {
                 environment: r.environment,
                 scopes: r.scopes,
                 ttl_seconds: r.ttl_seconds,
+                limits,
             })
             .await?;
         Ok(Response::new(pb::CreateKeyResponse {
@@ -186,6 +220,9 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::UpdateKeyResponse>, Status> {
         self.guard.check(request.metadata())?;
         let r = request.into_inner();
+        let mut v = Violations::default();
+        let limits = convert::limit_specs_from("limits", r.limits, &mut v);
+        v.into_result().map_err(Error::from)?;
         let expires_at = match &r.expires_at {
             Some(t) => {
                 Some(from_ts(t).ok_or_else(|| Error::invalid("expires_at", "is out of range"))?)
@@ -201,6 +238,7 @@ impl AuthService for AuthApi {
                 name: r.name,
                 scopes: r.scopes,
                 expires_at,
+                limits,
             })
             .await?;
         Ok(Response::new(pb::UpdateKeyResponse {

@@ -4,7 +4,8 @@ use chrono::{DateTime, Utc};
 
 use super::pb;
 use crate::domain::{
-    CredentialType, KeyRecord, LimitStatus, Principal, Reason, Tenant, TenantOverrides,
+    CredentialType, KeyRecord, LimitPeriod, LimitScope, LimitSpec, LimitStatus, Principal,
+    Reason, Tenant, TenantOverrides, Violations,
 };
 use crate::profile::Profile;
 
@@ -35,6 +36,7 @@ pub fn api_key(k: &KeyRecord) -> pb::ApiKey {
         last_used_at: k.last_used_at.map(ts),
         revoke_reason: k.revoke_reason.clone().unwrap_or_default(),
         replaced_by: k.replaced_by.map(|id| id.to_string()).unwrap_or_default(),
+        limits: k.limits.iter().flatten().map(limit_spec).collect(),
     }
 }
 
@@ -42,14 +44,68 @@ pub fn overrides(o: &TenantOverrides) -> pb::TenantOverrides {
     pb::TenantOverrides {
         max_keys: o.max_keys,
         allowed_scopes: o.allowed_scopes.clone().unwrap_or_default(),
+        limits: o.limits.iter().flatten().map(limit_spec).collect(),
+        billing_day: o.billing_day,
     }
 }
 
-pub fn overrides_from(o: pb::TenantOverrides) -> TenantOverrides {
+/// Overrides from the wire; bad limit specs are reported under `field`.
+pub fn overrides_from(
+    field: &str,
+    o: pb::TenantOverrides,
+    v: &mut Violations,
+) -> TenantOverrides {
+    let limits = limit_specs_from(&format!("{field}.limits"), o.limits, v);
     TenantOverrides {
         max_keys: o.max_keys,
         allowed_scopes: (!o.allowed_scopes.is_empty()).then_some(o.allowed_scopes),
+        limits: (!limits.is_empty()).then_some(limits),
+        billing_day: o.billing_day,
     }
+}
+
+pub fn limit_spec(l: &LimitSpec) -> pb::LimitSpec {
+    pb::LimitSpec {
+        scope: match l.scope {
+            LimitScope::Key => "key",
+            LimitScope::Tenant => "tenant",
+        }
+        .to_string(),
+        period: l.period.as_str().to_string(),
+        limit: l.limit,
+        burst: l.burst.unwrap_or(0),
+        environments: l.environments.clone(),
+    }
+}
+
+/// Limit specs from the wire; unknown scopes or periods are reported as
+/// `{field}[i].scope` / `.period`.
+pub fn limit_specs_from(field: &str, specs: Vec<pb::LimitSpec>, v: &mut Violations) -> Vec<LimitSpec> {
+    let mut out = Vec::with_capacity(specs.len());
+    for (i, s) in specs.into_iter().enumerate() {
+        let scope = match s.scope.as_str() {
+            "key" => Some(LimitScope::Key),
+            "tenant" => Some(LimitScope::Tenant),
+            _ => {
+                v.add(format!("{field}[{i}].scope"), "must be key or tenant");
+                None
+            }
+        };
+        let period = LimitPeriod::parse(&s.period);
+        if period.is_none() {
+            v.add(format!("{field}[{i}].period"), "must be second, minute, hour, day or month");
+        }
+        if let (Some(scope), Some(period)) = (scope, period) {
+            out.push(LimitSpec {
+                scope,
+                period,
+                limit: s.limit,
+                burst: (s.burst > 0).then_some(s.burst),
+                environments: s.environments,
+            });
+        }
+    }
+    out
 }
 
 pub fn tenant(t: &Tenant) -> pb::Tenant {

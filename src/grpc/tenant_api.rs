@@ -7,6 +7,8 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::operator::OperatorGuard;
 use super::pb::{self, tenant_service_server::TenantService};
+use crate::domain::Violations;
+use crate::error::Error;
 use crate::manage::{CreateTenantInput, Manager, UpdateTenantInput};
 
 /// The TenantService implementation.
@@ -23,6 +25,11 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
         self.guard.check(request.metadata())?;
         let r = request.into_inner();
+        let mut v = Violations::default();
+        let overrides = r
+            .overrides
+            .map(|o| convert::overrides_from("overrides", o, &mut v));
+        v.into_result().map_err(Error::from)?;
         let tenant = self
             .manager
             .create_tenant(CreateTenantInput {
@@ -30,7 +37,7 @@ impl TenantService for TenantApi {
                 name: r.name,
                 plan: r.plan,
                 subscription_status: r.subscription_status,
-                overrides: r.overrides.map(convert::overrides_from),
+                overrides,
             })
             .await?;
         Ok(Response::new(pb::CreateTenantResponse {
@@ -58,6 +65,11 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::UpdateTenantResponse>, Status> {
         self.guard.check(request.metadata())?;
         let r = request.into_inner();
+        let mut v = Violations::default();
+        let overrides = r
+            .overrides
+            .map(|o| convert::overrides_from("overrides", o, &mut v));
+        v.into_result().map_err(Error::from)?;
         let tenant = self
             .manager
             .update_tenant(UpdateTenantInput {
@@ -66,7 +78,7 @@ impl TenantService for TenantApi {
                 name: r.name,
                 plan: r.plan,
                 subscription_status: r.subscription_status,
-                overrides: r.overrides.map(convert::overrides_from),
+                overrides,
             })
             .await?;
         Ok(Response::new(pb::UpdateTenantResponse {

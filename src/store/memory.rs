@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Invalidation, KeyCap, KeyRef, Store, StoreError};
+use super::{Invalidation, KeyCap, KeyRef, QuotaCounter, QuotaGrant, Store, StoreError};
 use crate::crypto::KeyDigest;
 use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 
@@ -18,6 +18,7 @@ struct State {
     tenants: BTreeMap<TenantId, Tenant>,
     keys: BTreeMap<KeyId, KeyRecord>,
     by_digest: HashMap<KeyDigest, KeyId>,
+    quotas: HashMap<QuotaCounter, u64>,
 }
 
 impl State {
@@ -238,6 +239,9 @@ impl Store for MemoryStore {
             if let Some(expires_at) = u.expires_at {
                 k.expires_at = expires_at;
             }
+            if let Some(limits) = &u.limits {
+                k.limits.clone_from(limits);
+            }
             k.clone()
         };
         self.publish(Invalidation::Key(record.id));
@@ -270,6 +274,42 @@ impl Store for MemoryStore {
                 k.last_used_at = k.last_used_at.max(Some(*at));
             }
         }
+        Ok(())
+    }
+
+    async fn lease_quota(
+        &self,
+        c: &QuotaCounter,
+        chunk: u64,
+        limit: u64,
+    ) -> Result<QuotaGrant, StoreError> {
+        let mut s = self.state();
+        let used = s.quotas.entry(c.clone()).or_insert(0);
+        let granted = chunk.min(limit.saturating_sub(*used));
+        *used += granted;
+        Ok(QuotaGrant {
+            granted,
+            used: *used,
+        })
+    }
+
+    async fn return_quota(&self, c: &QuotaCounter, units: u64) -> Result<(), StoreError> {
+        if let Some(used) = self.state().quotas.get_mut(c) {
+            *used = used.saturating_sub(units);
+        }
+        Ok(())
+    }
+
+    async fn quota_used(&self, c: &QuotaCounter) -> Result<u64, StoreError> {
+        Ok(self.state().quotas.get(c).copied().unwrap_or(0))
+    }
+
+    async fn heartbeat(&self, _replica: uuid::Uuid, _stale: u32) -> Result<u32, StoreError> {
+        // One process: one replica.
+        Ok(1)
+    }
+
+    async fn leave(&self, _replica: uuid::Uuid) -> Result<(), StoreError> {
         Ok(())
     }
 

@@ -53,6 +53,25 @@ pub enum Invalidation {
     Lost,
 }
 
+/// One quota counter: a subject's usage of one limit in one period.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QuotaCounter {
+    /// `k:<key id>` or `t:<tenant id>`.
+    pub subject: String,
+    /// e.g. `key_per_month`.
+    pub name: &'static str,
+    pub period_start: DateTime<Utc>,
+}
+
+/// What a lease request obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaGrant {
+    /// Units now leased to the caller (0 = the quota is exhausted).
+    pub granted: u64,
+    /// The counter's total after the grant (all replicas' leases).
+    pub used: u64,
+}
+
 /// Decides a tenant's key cap inside the store's transaction.
 pub type KeyCap<'a> = &'a (dyn Fn(&Tenant) -> Option<u32> + Sync);
 
@@ -128,6 +147,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Records last use for many keys in one write.
     async fn touch_keys(&self, used: &[(KeyId, DateTime<Utc>)]) -> Result<(), StoreError>;
+
+    /// Leases up to `chunk` units of `counter`, never letting its total pass
+    /// `limit` (one conditional write: concurrent leases from every replica
+    /// cannot exceed it).
+    async fn lease_quota(
+        &self,
+        counter: &QuotaCounter,
+        chunk: u64,
+        limit: u64,
+    ) -> Result<QuotaGrant, StoreError>;
+    /// Gives back leased units that were not used.
+    async fn return_quota(&self, counter: &QuotaCounter, units: u64) -> Result<(), StoreError>;
+    /// The counter's total (0 when it does not exist).
+    async fn quota_used(&self, counter: &QuotaCounter) -> Result<u64, StoreError>;
+    /// Records that `replica` is alive; returns how many replicas are.
+    async fn heartbeat(&self, replica: uuid::Uuid, stale_after_secs: u32) -> Result<u32, StoreError>;
+    /// Removes `replica` from the live set (graceful shutdown).
+    async fn leave(&self, replica: uuid::Uuid) -> Result<(), StoreError>;
 
     /// Starts delivering invalidations (from every replica) to `tx`. The
     /// first message is `Ready` once the feed is live.

@@ -12,11 +12,11 @@ use sqlx::{Postgres, Transaction};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::{Invalidation, KeyCap, KeyRef, Store, StoreError};
+use super::{Invalidation, KeyCap, KeyRef, QuotaCounter, QuotaGrant, Store, StoreError};
 use crate::crypto::KeyDigest;
 use crate::domain::{
-    KeyId, KeyRecord, KeyUpdate, NewKey, SubscriptionStatus, Tenant, TenantId, TenantOverrides,
-    TenantUpdate,
+    KeyId, KeyRecord, KeyUpdate, LimitSpec, NewKey, SubscriptionStatus, Tenant, TenantId,
+    TenantOverrides, TenantUpdate,
 };
 
 /// The NOTIFY channel every replica listens on.
@@ -115,6 +115,7 @@ struct KeyRow {
     revoke_reason: Option<String>,
     last_used_at: Option<DateTime<Utc>>,
     replaced_by: Option<Uuid>,
+    limits: Option<Json<Vec<LimitSpec>>>,
 }
 
 impl TryFrom<KeyRow> for KeyRecord {
@@ -137,12 +138,14 @@ impl TryFrom<KeyRow> for KeyRecord {
             revoke_reason: r.revoke_reason,
             last_used_at: r.last_used_at,
             replaced_by: r.replaced_by,
+            limits: r.limits.map(|j| j.0),
         })
     }
 }
 
 const KEY_COLUMNS: &str = "key_id, tenant_id, name, environment, scopes, hint, digest, \
-    pepper_version, created_at, expires_at, revoked_at, revoke_reason, last_used_at, replaced_by";
+    pepper_version, created_at, expires_at, revoked_at, revoke_reason, last_used_at, replaced_by, \
+    limits";
 
 async fn notify(tx: &mut Transaction<'_, Postgres>, what: &Invalidation) -> Result<(), StoreError> {
     let payload = match what {
@@ -173,7 +176,8 @@ async fn insert_key_row(
 ) -> Result<KeyRecord, StoreError> {
     let sql = format!(
         "INSERT INTO api_keys (key_id, tenant_id, name, environment, scopes, hint, digest, \
-         pepper_version, created_at, expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) \
+         pepper_version, created_at, expires_at, limits) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) \
          RETURNING {KEY_COLUMNS}"
     );
     let row: KeyRow = sqlx::query_as(&sql)
@@ -187,6 +191,7 @@ async fn insert_key_row(
         .bind(key.pepper_version)
         .bind(key.created_at)
         .bind(key.expires_at)
+        .bind(key.limits.as_ref().map(Json))
         .fetch_one(&mut **tx)
         .await
         .map_err(map_err)?;
@@ -430,7 +435,8 @@ impl Store for PostgresStore {
         let mut tx = begin(&self.pool).await?;
         let sql = format!(
             "UPDATE api_keys SET name = COALESCE($3, name), scopes = COALESCE($4, scopes), \
-             expires_at = CASE WHEN $5 THEN $6 ELSE expires_at END \
+             expires_at = CASE WHEN $5 THEN $6 ELSE expires_at END, \
+             limits = CASE WHEN $7 THEN $8 ELSE limits END \
              WHERE key_id = $1 AND ($2::text IS NULL OR tenant_id = $2) RETURNING {KEY_COLUMNS}"
         );
         let row: Option<KeyRow> = sqlx::query_as(&sql)
@@ -440,6 +446,8 @@ impl Store for PostgresStore {
             .bind(u.scopes.as_ref())
             .bind(u.expires_at.is_some())
             .bind(u.expires_at.flatten())
+            .bind(u.limits.is_some())
+            .bind(u.limits.clone().flatten().map(Json))
             .fetch_optional(&mut *tx)
             .await
             .map_err(map_err)?;
@@ -484,6 +492,101 @@ impl Store for PostgresStore {
         .execute(&self.pool)
         .await
         .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn lease_quota(
+        &self,
+        c: &QuotaCounter,
+        chunk: u64,
+        limit: u64,
+    ) -> Result<QuotaGrant, StoreError> {
+        let chunk = i64::try_from(chunk).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // `last_grant` is computed from the old row in the same statement
+        // that locks and updates it, so the grant is exact.
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "INSERT INTO quota_usage AS q (subject, limit_name, period_start, used, last_grant) \
+             VALUES ($1, $2, $3, LEAST($4, $5), LEAST($4, $5)) \
+             ON CONFLICT (subject, limit_name, period_start) DO UPDATE \
+             SET last_grant = LEAST($4, $5 - q.used), used = q.used + LEAST($4, $5 - q.used), \
+                 updated_at = now() \
+             WHERE q.used < $5 RETURNING last_grant, used",
+        )
+        .bind(&c.subject)
+        .bind(c.name)
+        .bind(c.period_start)
+        .bind(chunk)
+        .bind(limit)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(match row {
+            Some((granted, used)) => QuotaGrant {
+                granted: granted.max(0) as u64,
+                used: used.max(0) as u64,
+            },
+            None => QuotaGrant {
+                granted: 0,
+                used: limit.max(0) as u64,
+            },
+        })
+    }
+
+    async fn return_quota(&self, c: &QuotaCounter, units: u64) -> Result<(), StoreError> {
+        if units == 0 {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE quota_usage SET used = GREATEST(used - $4, 0), updated_at = now() \
+             WHERE subject = $1 AND limit_name = $2 AND period_start = $3",
+        )
+        .bind(&c.subject)
+        .bind(c.name)
+        .bind(c.period_start)
+        .bind(i64::try_from(units).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn quota_used(&self, c: &QuotaCounter) -> Result<u64, StoreError> {
+        let used: Option<i64> = sqlx::query_scalar(
+            "SELECT used FROM quota_usage \
+             WHERE subject = $1 AND limit_name = $2 AND period_start = $3",
+        )
+        .bind(&c.subject)
+        .bind(c.name)
+        .bind(c.period_start)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(used.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn heartbeat(&self, replica: Uuid, stale_after_secs: u32) -> Result<u32, StoreError> {
+        let live: i64 = sqlx::query_scalar(
+            "WITH beat AS (INSERT INTO replicas (replica_id, heartbeat_at) VALUES ($1, now()) \
+               ON CONFLICT (replica_id) DO UPDATE SET heartbeat_at = now() RETURNING 1), \
+             gone AS (DELETE FROM replicas WHERE heartbeat_at < now() - interval '1 hour') \
+             SELECT (SELECT count(*) FROM beat) + (SELECT count(*) FROM replicas \
+               WHERE replica_id <> $1 AND heartbeat_at > now() - make_interval(secs => $2))",
+        )
+        .bind(replica)
+        .bind(f64::from(stale_after_secs))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(u32::try_from(live).unwrap_or(1).max(1))
+    }
+
+    async fn leave(&self, replica: Uuid) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM replicas WHERE replica_id = $1")
+            .bind(replica)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
         Ok(())
     }
 

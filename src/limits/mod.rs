@@ -1,0 +1,304 @@
+//! Rate limits and quotas. The tightest limit decides and all are reported;
+//! a denied request consumes nothing; a dry run consumes nothing.
+
+pub mod gcra;
+pub mod period;
+pub mod quota;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use moka::sync::Cache;
+
+use crate::clock::Clock;
+use crate::domain::{KeyId, LimitPeriod, LimitScope, LimitSpec, LimitStatus, Reason, TenantId};
+use crate::error::Result;
+use crate::store::{QuotaCounter, Store};
+use gcra::{Cell, Rate};
+use period::QuotaPeriod;
+use quota::Quotas;
+
+/// Whose usage is counted: a key (and its tenant) or a tenant alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub key: Option<KeyId>,
+    pub tenant: &'a TenantId,
+    /// The tenant's billing day, for monthly quotas.
+    pub billing_day: Option<u32>,
+    /// The key's environment: limits restricted to environments are
+    /// counted per environment.
+    pub environment: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Owner {
+    Key(KeyId),
+    Tenant(TenantId),
+}
+
+impl Owner {
+    fn of(subject: &Subject<'_>, scope: LimitScope) -> Option<Owner> {
+        match scope {
+            LimitScope::Key => subject.key.map(Owner::Key),
+            LimitScope::Tenant => Some(Owner::Tenant(subject.tenant.clone())),
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Owner::Key(id) => format!("k:{id}"),
+            Owner::Tenant(id) => format!("t:{id}"),
+        }
+    }
+}
+
+/// The result of checking every limit that applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitOutcome {
+    /// The limit that denied, if any.
+    pub denied: Option<Reason>,
+    /// Every limit, tightest (least remaining) first.
+    pub statuses: Vec<LimitStatus>,
+    pub retry_after_seconds: u32,
+}
+
+/// What was taken, to give back if a later limit denies.
+enum Taken {
+    Rate(Arc<Cell>, Rate),
+    Quota(QuotaCounter),
+}
+
+/// This replica's limiter: GCRA cells in memory, quota leases from the store.
+pub struct Limiter {
+    cells: Cache<(Owner, LimitPeriod, Option<String>), Arc<Cell>>,
+    quotas: Arc<Quotas>,
+    replicas: Arc<AtomicU32>,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("cells", &self.cells.entry_count())
+            .field("replicas", &self.replicas.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+fn nanos(t: DateTime<Utc>) -> u64 {
+    t.timestamp_nanos_opt().unwrap_or(0).max(0) as u64
+}
+
+fn ceil_secs(ns: u64) -> u32 {
+    u32::try_from(ns.div_ceil(1_000_000_000)).unwrap_or(u32::MAX)
+}
+
+impl Limiter {
+    /// A limiter over `store`'s quota counters.
+    pub fn new(store: Arc<dyn Store>, clock: Clock) -> Self {
+        let replicas = Arc::new(AtomicU32::new(1));
+        Self {
+            // A cell idle for an hour is full again anyway.
+            cells: Cache::builder()
+                .time_to_idle(Duration::from_secs(3600))
+                .max_capacity(2_000_000)
+                .build(),
+            quotas: Quotas::new(store, replicas.clone()),
+            replicas,
+            clock,
+        }
+    }
+
+    /// Sets how many replicas share each rate limit.
+    pub fn set_replicas(&self, n: u32) {
+        self.replicas.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// How many replicas share each rate limit.
+    pub fn replicas(&self) -> u32 {
+        self.replicas.load(Ordering::Relaxed)
+    }
+
+    /// The quota leases (returned on shutdown).
+    pub fn quotas(&self) -> &Arc<Quotas> {
+        &self.quotas
+    }
+
+    /// Checks `limits` for `subject` and, unless `dry_run` or `cost == 0`,
+    /// consumes `cost` from each. All or nothing: if one denies, what the
+    /// others took is given back.
+    pub async fn check(
+        &self,
+        subject: Subject<'_>,
+        limits: &[&LimitSpec],
+        cost: u64,
+        dry_run: bool,
+    ) -> Result<LimitOutcome> {
+        let now = self.clock.now();
+        let now_ns = nanos(now);
+        let consume = !dry_run && cost > 0;
+        let cost = cost.max(1);
+        let share = self.replicas();
+        let mut taken = Vec::new();
+        let mut statuses = Vec::with_capacity(limits.len());
+        let mut denied = None;
+        let mut retry_after_seconds = 0;
+
+        for spec in limits {
+            let Some(owner) = Owner::of(&subject, spec.scope) else {
+                continue;
+            };
+            let evaluate = consume && denied.is_none();
+            let env = if spec.environments.is_empty() {
+                None
+            } else {
+                subject.environment
+            };
+            match spec.period.rate_ns() {
+                Some(period_ns) => {
+                    let rate = Rate::new(spec.limit, period_ns, spec.burst.unwrap_or(spec.limit), share);
+                    let cell_key = (owner, spec.period, env.map(str::to_string));
+                    let cell = self.cells.get_with(cell_key, || Arc::new(Cell::default()));
+                    let o = if evaluate {
+                        cell.take(now_ns, rate, cost)
+                    } else {
+                        cell.peek(now_ns, rate, cost)
+                    };
+                    if o.allowed && evaluate {
+                        taken.push(Taken::Rate(cell, rate));
+                    }
+                    if !o.allowed && denied.is_none() {
+                        denied = Some(Reason::RateLimited);
+                        retry_after_seconds = ceil_secs(o.retry_after_ns).max(1);
+                    }
+                    statuses.push(LimitStatus {
+                        name: spec.name().to_string(),
+                        limit: spec.limit,
+                        remaining: o.remaining.min(spec.limit),
+                        reset_at: now + chrono::Duration::nanoseconds(o.reset_ns as i64),
+                        period: spec.period.as_str(),
+                    });
+                }
+                None => {
+                    let qp = match spec.period {
+                        LimitPeriod::Day => QuotaPeriod::Day,
+                        _ => QuotaPeriod::Month {
+                            anchor_day: subject.billing_day,
+                        },
+                    };
+                    let (start, end) = period::bounds(qp, now);
+                    let counter = QuotaCounter {
+                        subject: match env {
+                            Some(e) => format!("{}:{e}", owner.label()),
+                            None => owner.label(),
+                        },
+                        name: spec.name(),
+                        period_start: start,
+                    };
+                    let o = if evaluate {
+                        self.quotas.take(&counter, spec.limit, cost, now_ns).await?
+                    } else {
+                        self.quotas.peek(&counter, spec.limit, cost).await?
+                    };
+                    if o.allowed && evaluate {
+                        taken.push(Taken::Quota(counter));
+                    }
+                    if !o.allowed && denied.is_none() {
+                        denied = Some(Reason::QuotaExhausted);
+                        retry_after_seconds = ceil_secs(nanos(end).saturating_sub(now_ns)).max(1);
+                    }
+                    statuses.push(LimitStatus {
+                        name: spec.name().to_string(),
+                        limit: spec.limit,
+                        remaining: o.remaining.min(spec.limit),
+                        reset_at: end,
+                        period: spec.period.as_str(),
+                    });
+                }
+            }
+        }
+        if denied.is_some() {
+            for t in taken {
+                match t {
+                    Taken::Rate(cell, rate) => cell.refund(rate, cost),
+                    Taken::Quota(counter) => self.quotas.refund(&counter, cost),
+                }
+            }
+        }
+        statuses.sort_by_key(|s| s.remaining);
+        Ok(LimitOutcome {
+            denied,
+            statuses,
+            retry_after_seconds,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn spec(scope: LimitScope, period: LimitPeriod, limit: u64) -> LimitSpec {
+        LimitSpec {
+            scope,
+            period,
+            limit,
+            burst: None,
+            environments: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn the_tightest_limit_decides_and_a_denial_consumes_nothing() {
+        let clock = Clock::system();
+        let limiter = Limiter::new(Arc::new(MemoryStore::new()), clock);
+        let tenant = TenantId::parse("t").unwrap();
+        let subject = Subject {
+            key: Some(uuid::Uuid::now_v7()),
+            tenant: &tenant,
+            billing_day: None,
+            environment: None,
+        };
+        let per_minute = spec(LimitScope::Key, LimitPeriod::Minute, 5);
+        let per_day = spec(LimitScope::Tenant, LimitPeriod::Day, 3);
+        let limits = [&per_minute, &per_day];
+        for _ in 0..3 {
+            let o = limiter.check(subject, &limits, 1, false).await.unwrap();
+            assert_eq!(o.denied, None);
+        }
+        let o = limiter.check(subject, &limits, 1, false).await.unwrap();
+        assert_eq!(o.denied, Some(Reason::QuotaExhausted));
+        assert_eq!(o.statuses[0].name, "tenant_per_day", "tightest first");
+        // The per-minute limit was given back: 2 of 5 still left.
+        let o = limiter.check(subject, &[&per_minute], 1, true).await.unwrap();
+        assert_eq!(
+            o.statuses[0].remaining, 1,
+            "3 of 5 taken; after one more, 1 would remain"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_consumes_nothing() {
+        let limiter = Limiter::new(Arc::new(MemoryStore::new()), Clock::system());
+        let tenant = TenantId::parse("t").unwrap();
+        let subject = Subject {
+            key: None,
+            tenant: &tenant,
+            billing_day: None,
+            environment: None,
+        };
+        let per_month = spec(LimitScope::Tenant, LimitPeriod::Month, 2);
+        for _ in 0..10 {
+            let o = limiter.check(subject, &[&per_month], 1, true).await.unwrap();
+            assert_eq!(o.denied, None);
+            assert_eq!(o.statuses[0].remaining, 1, "what would remain after it");
+        }
+        let o = limiter.check(subject, &[&per_month], 3, false).await.unwrap();
+        assert_eq!(o.denied, Some(Reason::QuotaExhausted), "cost 3 > 2 left");
+        let o = limiter.check(subject, &[&per_month], 2, false).await.unwrap();
+        assert_eq!(o.denied, None);
+    }
+}

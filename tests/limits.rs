@@ -1,0 +1,466 @@
+//! Rate limits and quotas over real gRPC against real Postgres, with several
+//! Tollgate instances sharing one database. Clocks are frozen so rate limits
+//! see no time pass between calls; nothing here measures time.
+
+mod common;
+
+use chrono::{DateTime, Utc};
+use common::*;
+use futures::StreamExt;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tollgate::grpc::pb;
+use tollgate::store::Invalidation;
+
+fn at(s: &str) -> DateTime<Utc> {
+    s.parse().unwrap()
+}
+
+fn quota(scope: &str, period: &str, limit: u64) -> pb::LimitSpec {
+    pb::LimitSpec {
+        scope: scope.into(),
+        period: period.into(),
+        limit,
+        ..Default::default()
+    }
+}
+
+async fn create_tenant_with_limits(
+    t: &mut Tollgate,
+    id: &str,
+    plan: &str,
+    limits: Vec<pb::LimitSpec>,
+) {
+    t.tenants
+        .create_tenant(op(pb::CreateTenantRequest {
+            tenant_id: id.into(),
+            name: id.into(),
+            plan: plan.into(),
+            overrides: Some(pb::TenantOverrides {
+                limits,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+}
+
+async fn spend(t: &mut Tollgate, key: &str, cost: u32) -> pb::AuthenticateResponse {
+    t.authenticate_with(pb::AuthenticateRequest {
+        api_key: key.into(),
+        cost: Some(cost),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+#[sqlx::test]
+async fn msgflash_allows_ten_requests_per_second_per_key_then_answers_429_with_retry_after(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "msgflash").await;
+    t.running.clock().freeze_at(at("2026-11-23T10:00:00Z"));
+    t.create_tenant("acme", "pro").await;
+    let (key, _) = t.create_key("acme").await;
+    for i in 0..10 {
+        let r = spend(&mut t, &key, 1).await;
+        assert!(r.allowed, "request {i}: {r:?}");
+    }
+    let r = spend(&mut t, &key, 1).await;
+    assert!(!r.allowed);
+    let d = r.denial.unwrap();
+    assert_eq!(d.reason, "RATE_LIMITED");
+    assert_eq!(d.code, "API_RATE_LIMIT_EXCEEDED");
+    assert_eq!(d.http_status, 429);
+    assert_eq!(d.retry_after_seconds, 1, "100 ms rounds up to 1 s");
+    let names: Vec<&str> = r.limits.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["key_per_second", "tenant_per_month"],
+        "tightest first, all reported"
+    );
+    assert_eq!(r.limits[0].remaining, 0);
+
+    // Identity-only calls (no cost) are not counted.
+    assert!(t.authenticate(&key).await.allowed);
+    t.running
+        .clock()
+        .advance(std::time::Duration::from_millis(100));
+    assert!(
+        spend(&mut t, &key, 1).await.allowed,
+        "one unit back after 100 ms"
+    );
+}
+
+#[sqlx::test]
+async fn a_request_costing_several_units_and_denied_requests_consume_nothing(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "default").await;
+    t.running.clock().freeze_at(at("2026-11-23T10:00:00Z"));
+    create_tenant_with_limits(
+        &mut t,
+        "acme",
+        "pro",
+        vec![quota("key", "minute", 2), quota("tenant", "day", 10)],
+    )
+    .await;
+    let (key, _) = t.create_key("acme").await;
+    assert!(spend(&mut t, &key, 1).await.allowed);
+    assert!(spend(&mut t, &key, 1).await.allowed);
+    for _ in 0..5 {
+        assert_eq!(reason(&spend(&mut t, &key, 1).await), "RATE_LIMITED");
+    }
+    t.running.shutdown().await.unwrap();
+    let db = pool_opts.connect_with(conn.clone()).await.unwrap();
+    let used: i64 =
+        sqlx::query_scalar("SELECT used FROM quota_usage WHERE limit_name = 'tenant_per_day'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(used, 2, "the day quota saw only the two admitted requests");
+
+    // A request may cost several units.
+    let mut t = spawn(&conn, "default").await;
+    create_tenant_with_limits(&mut t, "bulk", "pro", vec![quota("tenant", "day", 10)]).await;
+    let (key, _) = t.create_key("bulk").await;
+    assert!(spend(&mut t, &key, 2).await.allowed);
+    assert_eq!(
+        reason(&spend(&mut t, &key, 9).await),
+        "QUOTA_EXHAUSTED",
+        "2 + 9 > 10"
+    );
+    assert!(spend(&mut t, &key, 8).await.allowed, "2 + 8 = 10");
+    assert_eq!(reason(&spend(&mut t, &key, 1).await), "QUOTA_EXHAUSTED");
+}
+
+#[sqlx::test]
+async fn three_instances_hammering_one_quota_admit_exactly_the_quota(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut a = spawn(&conn, "default").await;
+    let b = spawn(&conn, "default").await;
+    let c = spawn(&conn, "default").await;
+    create_tenant_with_limits(
+        &mut a,
+        "acme",
+        "enterprise",
+        vec![quota("tenant", "month", 300)],
+    )
+    .await;
+    let (key, _) = a.create_key("acme").await;
+
+    let clients = [a.auth.clone(), b.auth.clone(), c.auth.clone()];
+    let calls = (0..900).map(|i| {
+        let mut client = clients[i % 3].clone();
+        let key = key.clone();
+        async move {
+            client
+                .authenticate(pb::AuthenticateRequest {
+                    api_key: key,
+                    cost: Some(1),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .allowed
+        }
+    });
+    // 30 at a time from each replica's point of view.
+    let results: Vec<bool> = futures::stream::iter(calls)
+        .buffer_unordered(90)
+        .collect()
+        .await;
+    let admitted = results.iter().filter(|a| **a).count();
+    assert_eq!(admitted, 300);
+    let db = pool_opts.connect_with(conn).await.unwrap();
+    let used: i64 = sqlx::query_scalar("SELECT used FROM quota_usage")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(used, 300);
+}
+
+#[sqlx::test]
+async fn a_replica_killed_mid_run_never_causes_over_admission(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut a = spawn(&conn, "default").await;
+    let mut b = spawn(&conn, "default").await;
+    let doomed = spawn(&conn, "default").await;
+    create_tenant_with_limits(
+        &mut a,
+        "acme",
+        "enterprise",
+        vec![quota("tenant", "month", 200)],
+    )
+    .await;
+    let (key, _) = a.create_key("acme").await;
+
+    let mut admitted = 0;
+    let mut doomed_client = doomed.auth.clone();
+    for i in 0..150 {
+        let r = match i % 3 {
+            0 => spend(&mut a, &key, 1).await.allowed,
+            1 => spend(&mut b, &key, 1).await.allowed,
+            _ => {
+                doomed_client
+                    .authenticate(pb::AuthenticateRequest {
+                        api_key: key.clone(),
+                        cost: Some(1),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .allowed
+            }
+        };
+        admitted += usize::from(r);
+    }
+    // SIGKILL-like: its unused lease is never returned.
+    doomed.running.kill();
+    for i in 0..400 {
+        let t = if i % 2 == 0 { &mut a } else { &mut b };
+        admitted += usize::from(spend(t, &key, 1).await.allowed);
+    }
+    assert!(admitted <= 200, "admitted {admitted} of a 200 quota");
+    assert!(
+        admitted >= 150,
+        "a crash under-admits by at most its lease: {admitted}"
+    );
+    let db = pool_opts.connect_with(conn).await.unwrap();
+    let used: i64 = sqlx::query_scalar("SELECT used FROM quota_usage")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert!(used <= 200);
+}
+
+#[sqlx::test]
+async fn usage_survives_a_restart_and_a_dry_run_consumes_nothing(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut first = spawn(&conn, "messagesmart").await;
+    first.create_tenant("shop", "default").await;
+    let (key, record) = first.create_key("shop").await;
+    assert!(spend(&mut first, &key, 5).await.allowed);
+    first.running.shutdown().await.unwrap();
+
+    let mut second = spawn(&conn, "messagesmart").await;
+    let usage = second
+        .auth
+        .get_usage(op(pb::GetUsageRequest {
+            key_id: record.key_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let month = usage
+        .quotas
+        .iter()
+        .find(|q| q.name == "key_per_month")
+        .unwrap();
+    assert_eq!((month.used, month.limit), (5, 10_000));
+
+    for _ in 0..3 {
+        let r = second
+            .auth
+            .check_quota(pb::CheckQuotaRequest {
+                api_key: key.clone(),
+                cost: 1,
+                dry_run: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.allowed);
+        let m = r.limits.iter().find(|l| l.name == "key_per_month").unwrap();
+        assert_eq!(m.remaining, 10_000 - 5 - 1, "what would remain after it");
+    }
+    let r = second
+        .auth
+        .check_quota(pb::CheckQuotaRequest {
+            key_id: record.key_id.clone(),
+            cost: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.allowed);
+    assert_eq!(r.plan, "default");
+    second.running.shutdown().await.unwrap();
+    let mut third = spawn(&conn, "messagesmart").await;
+    let usage = third
+        .auth
+        .get_usage(op(pb::GetUsageRequest {
+            key_id: record.key_id,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let month = usage
+        .quotas
+        .iter()
+        .find(|q| q.name == "key_per_month")
+        .unwrap();
+    assert_eq!(month.used, 7, "5 + 2; dry runs took nothing");
+}
+
+#[sqlx::test]
+async fn messagesmart_keys_carry_their_own_quota(_p: PgPoolOptions, conn: PgConnectOptions) {
+    let mut t = spawn(&conn, "messagesmart").await;
+    t.running.clock().freeze_at(at("2026-11-23T23:00:00Z"));
+    t.create_tenant("shop", "default").await;
+    let (key, _) = t
+        .create_key_with(pb::CreateKeyRequest {
+            tenant_id: "shop".into(),
+            name: "daily".into(),
+            limits: vec![quota("key", "day", 2)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(spend(&mut t, &key, 1).await.allowed);
+    assert!(spend(&mut t, &key, 1).await.allowed);
+    let r = spend(&mut t, &key, 1).await;
+    let d = r.denial.unwrap();
+    assert_eq!(d.code, "api_key_quota_exceeded");
+    assert_eq!(d.http_status, 429);
+    assert_eq!(d.retry_after_seconds, 3600, "until midnight UTC");
+    let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+    assert_eq!(body["error"]["message"], "API key quota has been exceeded.");
+    t.running
+        .clock()
+        .advance(std::time::Duration::from_secs(3600));
+    assert!(spend(&mut t, &key, 1).await.allowed, "a new day");
+}
+
+#[sqlx::test]
+async fn raising_a_limit_takes_effect_at_once_and_lowering_it_denies_until_the_next_period(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "default").await;
+    t.running.clock().freeze_at(at("2027-01-31T12:00:00Z"));
+    create_tenant_with_limits(
+        &mut t,
+        "acme",
+        "enterprise",
+        vec![quota("tenant", "month", 3)],
+    )
+    .await;
+    let (key, _) = t.create_key("acme").await;
+    for _ in 0..3 {
+        assert!(spend(&mut t, &key, 1).await.allowed);
+    }
+    assert_eq!(reason(&spend(&mut t, &key, 1).await), "QUOTA_EXHAUSTED");
+
+    let set_quota = |limit| {
+        op(pb::UpdateTenantRequest {
+            tenant_id: "acme".into(),
+            update_mask: vec!["overrides".into()],
+            overrides: Some(pb::TenantOverrides {
+                limits: vec![quota("tenant", "month", limit)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    };
+    let tenant = tollgate::domain::TenantId::parse("acme").unwrap();
+    let mut events = t.invalidations();
+    t.tenants.update_tenant(set_quota(5)).await.unwrap();
+    wait_for(&mut events, |e| *e == Invalidation::Tenant(tenant.clone())).await;
+    assert!(
+        spend(&mut t, &key, 1).await.allowed,
+        "raised: usage kept, 2 more"
+    );
+    assert!(spend(&mut t, &key, 1).await.allowed);
+    assert_eq!(reason(&spend(&mut t, &key, 1).await), "QUOTA_EXHAUSTED");
+
+    t.tenants.update_tenant(set_quota(2)).await.unwrap();
+    wait_for(&mut events, |e| *e == Invalidation::Tenant(tenant.clone())).await;
+    assert_eq!(reason(&spend(&mut t, &key, 1).await), "QUOTA_EXHAUSTED");
+    // Next calendar month.
+    t.running
+        .clock()
+        .advance(std::time::Duration::from_secs(13 * 24 * 3600));
+    assert!(spend(&mut t, &key, 1).await.allowed);
+}
+
+#[sqlx::test]
+async fn shadow_mode_allows_and_reports_the_would_be_denial(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let text = std::fs::read_to_string(format!(
+        "{}/profiles/default.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+    .replace("[plans.free]\n", "[plans.free]\nshadow = true\n");
+    let profile = tollgate::profile::Profile::from_toml(&text).unwrap();
+    assert!(profile.plan("free").unwrap().shadow);
+    let mut t = spawn_with(&conn, Options::new(profile)).await;
+    t.running.clock().freeze_at(at("2026-11-23T10:00:00Z"));
+    t.create_tenant("acme", "free").await;
+    let (key, _) = t.create_key("acme").await;
+    for _ in 0..10 {
+        let r = spend(&mut t, &key, 1).await;
+        assert!(r.allowed);
+        assert_eq!(r.shadow_denial_reason, "");
+    }
+    let r = spend(&mut t, &key, 1).await;
+    assert!(r.allowed, "shadow mode never denies");
+    assert_eq!(r.shadow_denial_reason, "RATE_LIMITED");
+    assert!(r.denial.is_none());
+}
+
+#[sqlx::test]
+async fn replicas_divide_a_rate_limit_and_re_divide_when_one_leaves(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut a = spawn(&conn, "default").await;
+    let mut b = spawn(&conn, "default").await;
+    let c = spawn(&conn, "default").await;
+    for t in [&a, &b, &c] {
+        t.running.clock().freeze_at(at("2026-11-23T10:00:00Z"));
+    }
+    create_tenant_with_limits(
+        &mut a,
+        "acme",
+        "enterprise",
+        vec![quota("key", "minute", 30)],
+    )
+    .await;
+    let (key, _) = a.create_key("acme").await;
+    for t in [&a, &b, &c] {
+        t.running.heartbeat().await.unwrap();
+    }
+    assert_eq!(a.running.heartbeat().await.unwrap(), 3);
+    let mut admitted_by_a = 0;
+    for _ in 0..30 {
+        admitted_by_a += usize::from(spend(&mut a, &key, 1).await.allowed);
+    }
+    assert_eq!(admitted_by_a, 10, "a third of 30/min");
+
+    c.running.shutdown().await.unwrap();
+    assert_eq!(b.running.heartbeat().await.unwrap(), 2);
+    let mut admitted_by_b = 0;
+    for _ in 0..30 {
+        admitted_by_b += usize::from(spend(&mut b, &key, 1).await.allowed);
+    }
+    assert_eq!(admitted_by_b, 15, "half of 30/min");
+}
