@@ -80,12 +80,15 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         usage.clone(),
         parts.clock.clone(),
     ));
-    let manager = Arc::new(Manager::new(
-        parts.profile.clone(),
-        parts.peppers.clone(),
-        parts.store.clone(),
-        parts.clock.clone(),
-    ));
+    let manager = Arc::new(
+        Manager::new(
+            parts.profile.clone(),
+            parts.peppers.clone(),
+            parts.store.clone(),
+            parts.clock.clone(),
+        )
+        .with_caches(caches.clone()),
+    );
     let guard = OperatorGuard::new(parts.operator_token.as_ref());
 
     let (reporter, health) = tonic_health::server::health_reporter();

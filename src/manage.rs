@@ -14,7 +14,8 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::profile::Profile;
-use crate::store::{KeyRef, Store, StoreError};
+use crate::cache::Caches;
+use crate::store::{Invalidation, KeyRef, Store, StoreError};
 
 /// Longest key lifetime accepted: 10 years.
 pub const MAX_TTL_SECONDS: i64 = 10 * 366 * 24 * 3600;
@@ -89,6 +90,10 @@ pub struct Manager {
     peppers: Peppers,
     store: Arc<dyn Store>,
     clock: Clock,
+    /// This replica's caches: a change is applied here at once, before the
+    /// NOTIFY round trip, so the replica that made it never serves the old
+    /// decision.
+    caches: Option<Arc<Caches>>,
 }
 
 fn parse_tenant_id(field: &str, s: &str, v: &mut Violations) -> Option<TenantId> {
@@ -164,6 +169,19 @@ impl Manager {
             peppers,
             store,
             clock,
+            caches: None,
+        }
+    }
+
+    /// Applies this manager's changes to `caches` at once.
+    pub fn with_caches(mut self, caches: Arc<Caches>) -> Self {
+        self.caches = Some(caches);
+        self
+    }
+
+    fn changed(&self, event: Invalidation) {
+        if let Some(c) = &self.caches {
+            c.apply(&event);
         }
     }
 
@@ -326,6 +344,7 @@ impl Manager {
             .await
             .map_err(not_found("key"))?;
         tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id, "key revoked");
+        self.changed(Invalidation::Key(record.id));
         Ok(record)
     }
 
@@ -426,6 +445,7 @@ impl Manager {
             .map_err(not_found("key"))?;
         tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id,
             previous_key_id = %previous.id, grace_seconds, "key rotated");
+        self.changed(Invalidation::Key(previous.id));
         Ok((IssuedKey { secret, record }, previous))
     }
 
@@ -477,6 +497,7 @@ impl Manager {
             .await
             .map_err(not_found("key"))?;
         tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id, "key updated");
+        self.changed(Invalidation::Key(record.id));
         Ok(record)
     }
 
@@ -631,6 +652,7 @@ impl Manager {
             .map_err(not_found("tenant"))?;
         tracing::info!(tenant_id = %tenant.id, plan = %tenant.plan,
             status = tenant.status.as_str(), "tenant updated");
+        self.changed(Invalidation::Tenant(tenant.id.clone()));
         Ok(tenant)
     }
 

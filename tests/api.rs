@@ -606,11 +606,42 @@ async fn bad_input_is_invalid_argument_naming_every_field_and_writes_nothing(
             environment: "prod".into(),
             scopes: vec!["Bad Scope".into()],
             ttl_seconds: Some(-5),
+            limits: vec![pb::LimitSpec {
+                scope: "galaxy".into(),
+                period: "month".into(),
+                limit: 0,
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap_err();
+    // The limit spec's unknown scope is refused while reading the request.
+    assert_eq!(violations(&err), vec!["limits[0].scope"]);
+    let err = t
+        .create_key_with(pb::CreateKeyRequest {
+            tenant_id: "acme".into(),
+            name: "".into(),
+            environment: "prod".into(),
+            scopes: vec!["Bad Scope".into()],
+            ttl_seconds: Some(-5),
+            limits: vec![pb::LimitSpec {
+                scope: "tenant".into(),
+                period: "month".into(),
+                limit: 0,
+                ..Default::default()
+            }],
         })
         .await
         .unwrap_err();
     let fields = violations(&err);
-    for f in ["name", "environment", "scopes[0]", "ttl_seconds"] {
+    for f in [
+        "name",
+        "environment",
+        "scopes[0]",
+        "ttl_seconds",
+        "limits[0].limit",
+        "limits[0].scope",
+    ] {
         assert!(
             fields.contains(&f.to_string()),
             "{f} missing from {fields:?}"
