@@ -225,7 +225,10 @@ impl Running {
     /// Announces this replica now and returns how many are live (tests use
     /// it instead of waiting for the next heartbeat).
     pub async fn heartbeat(&self) -> crate::error::Result<u32> {
-        let n = self.store.heartbeat(self.replica_id, STALE_AFTER_SECS).await?;
+        let n = self
+            .store
+            .heartbeat(self.replica_id, STALE_AFTER_SECS)
+            .await?;
         self.authz.limiter().set_replicas(n);
         Ok(n)
     }

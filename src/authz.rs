@@ -13,18 +13,18 @@ use tracing::Instrument;
 use crate::cache::Caches;
 use crate::clock::Clock;
 use crate::crypto::{KeyDigest, Peppers};
+use crate::domain::limit::effective;
 use crate::domain::validate::check_scopes;
 use crate::domain::{
     CredentialType, Decision, KeyId, KeyRecord, Principal, Reason, Tenant, TenantId, Verdict,
     Violations,
 };
-use crate::domain::limit::effective;
-use crate::error::{Error, Result};
 use crate::domain::{LimitPeriod, LimitScope};
+use crate::error::{Error, Result};
 use crate::limits::period::{self, QuotaPeriod};
 use crate::limits::{LimitOutcome, Limiter, Subject};
-use crate::store::QuotaCounter;
 use crate::profile::{BearerPolicy, Profile, Surface};
+use crate::store::QuotaCounter;
 use crate::store::Store;
 
 /// One authentication question, as received.
@@ -53,17 +53,34 @@ enum Credential<'a> {
     Jwt(&'a str),
     Missing,
     WrongForSurface,
+    /// The credential header was sent twice with different values.
+    Ambiguous,
 }
 
-fn header<'a>(headers: Option<&'a HashMap<String, String>>, name: &str) -> Option<&'a str> {
-    headers?
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim())
-        .filter(|v| !v.is_empty())
+/// A header's value, names compared case-insensitively. The same header
+/// sent twice (in different cases) with different values is ambiguous.
+fn header<'a>(
+    headers: Option<&'a HashMap<String, String>>,
+    name: &str,
+) -> Result<Option<&'a str>, Ambiguous> {
+    let mut found = None;
+    for (k, v) in headers.into_iter().flatten() {
+        let v = v.trim();
+        if !k.eq_ignore_ascii_case(name) || v.is_empty() {
+            continue;
+        }
+        match found {
+            Some(prev) if prev != v => return Err(Ambiguous),
+            _ => found = Some(v),
+        }
+    }
+    Ok(found)
 }
 
-fn bearer<'a>(value: &'a str) -> Option<&'a str> {
+/// Two different values for one credential header.
+struct Ambiguous;
+
+fn bearer(value: &str) -> Option<&str> {
     let (scheme, rest) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -73,8 +90,25 @@ fn bearer<'a>(value: &'a str) -> Option<&'a str> {
 
 /// Reads the credential per the surface's rules (DESIGN.md §1, Surfaces).
 fn extract<'a>(input: &AuthInput<'a>, surface: &Surface, profile: &Profile) -> Credential<'a> {
+    match extract_headers(input, surface, profile) {
+        Ok(c) => c,
+        Err(Ambiguous) => Credential::Ambiguous,
+    }
+}
+
+fn extract_headers<'a>(
+    input: &AuthInput<'a>,
+    surface: &Surface,
+    profile: &Profile,
+) -> Result<Credential<'a>, Ambiguous> {
+    let takes_keys = !surface.api_key_headers.is_empty() || surface.bearer == BearerPolicy::ApiKey;
     if !input.api_key.is_empty() {
-        return Credential::ApiKey(input.api_key);
+        // A JWT-only surface refuses an API key however it is passed.
+        return Ok(if takes_keys {
+            Credential::ApiKey(input.api_key)
+        } else {
+            Credential::WrongForSurface
+        });
     }
     let looks_like_key = |v: &str| {
         v.strip_prefix(profile.key_format.prefix())
@@ -86,22 +120,20 @@ fn extract<'a>(input: &AuthInput<'a>, surface: &Surface, profile: &Profile) -> C
         BearerPolicy::Jwt | BearerPolicy::None => Credential::WrongForSurface,
     };
     if !input.token.is_empty() {
-        return from_bearer(input.token);
+        return Ok(from_bearer(input.token));
     }
-    if let Some(v) = surface
-        .api_key_headers
-        .iter()
-        .find_map(|h| header(input.headers, h))
-    {
-        return Credential::ApiKey(v);
+    for h in &surface.api_key_headers {
+        if let Some(v) = header(input.headers, h)? {
+            return Ok(Credential::ApiKey(v));
+        }
     }
-    match header(input.headers, "authorization") {
+    Ok(match header(input.headers, "authorization")? {
         Some(v) => match bearer(v) {
             Some(token) => from_bearer(token),
             None => Credential::WrongForSurface,
         },
         None => Credential::Missing,
-    }
+    })
 }
 
 /// Batches `last_used_at` so a request never waits on a write.
@@ -283,6 +315,7 @@ impl Authenticator {
         match extract(&input, surface, &self.profile) {
             Credential::Missing => Ok(Err(Reason::CredentialMissing)),
             Credential::WrongForSurface => Ok(Err(Reason::WrongCredentialForSurface)),
+            Credential::Ambiguous => Ok(Err(Reason::CredentialMalformed)),
             // Verifying JWTs is the dashboard issue's work; until then no
             // token is valid.
             Credential::Jwt(_) => Ok(Err(Reason::TokenInvalid)),
@@ -374,6 +407,7 @@ impl Authenticator {
     async fn find_key(&self, key: &str) -> Result<Option<Arc<KeyRecord>>> {
         let current = self.peppers.current();
         let current_digest = current.digest(key);
+        let mut asked_old_pepper = false;
         for pepper in self.peppers.all() {
             let digest = if pepper.version() == current.version() {
                 current_digest
@@ -389,6 +423,7 @@ impl Authenticator {
                 continue;
             }
             let g = self.caches.generation();
+            asked_old_pepper |= pepper.version() != current.version();
             match self.store.find_key_by_digest(&digest).await? {
                 Some(record) if record.digest.ct_eq(&digest) => {
                     let record = if pepper.version() == current.version() {
@@ -402,6 +437,19 @@ impl Authenticator {
                     return Ok(Some(record));
                 }
                 _ => self.caches.insert_unknown(g, digest),
+            }
+        }
+        if asked_old_pepper {
+            // Another replica may have rehashed the key to the current pepper
+            // between our two lookups: ask once more, past the negative cache.
+            let g = self.caches.generation();
+            if let Some(record) = self.store.find_key_by_digest(&current_digest).await? {
+                if record.digest.ct_eq(&current_digest) {
+                    self.caches.forget_unknown(&current_digest);
+                    let record = Arc::new(record);
+                    self.caches.insert_key(g, current_digest, record.clone());
+                    return Ok(Some(record));
+                }
             }
         }
         Ok(None)
@@ -483,7 +531,11 @@ impl Authenticator {
             let id = KeyId::parse_str(key_id)
                 .map_err(|_| Error::invalid("key_id", "must be a key id (a UUID)"))?;
             let key = crate::store::KeyRef { id, tenant: None };
-            let record = self.store.get_key(key).await?.ok_or(Error::NotFound("key"))?;
+            let record = self
+                .store
+                .get_key(key)
+                .await?
+                .ok_or(Error::NotFound("key"))?;
             let now = self.clock.now();
             if record.is_revoked(now) {
                 return Ok(Err(Reason::KeyRevoked));
@@ -531,7 +583,11 @@ impl Authenticator {
                 };
                 match self.identify(input).await? {
                     Err(reason) => return Ok(denied(reason)),
-                    Ok(who) => (who.tenant, Some((*who.record).clone()), Decision::Allow(who.principal)),
+                    Ok(who) => (
+                        who.tenant,
+                        Some((*who.record).clone()),
+                        Decision::Allow(who.principal),
+                    ),
                 }
             }
             QuotaSubject::Key(id) => match self.subject("", id).await? {
@@ -543,7 +599,9 @@ impl Authenticator {
                 Ok((tenant, key)) => (tenant, key, Decision::Deny(Reason::KeyUnknown)),
             },
         };
-        let outcome = self.check_limits(&tenant, key.as_ref(), cost, dry_run).await?;
+        let outcome = self
+            .check_limits(&tenant, key.as_ref(), cost, dry_run)
+            .await?;
         // For tenant/key subjects there is no principal: "allow" is just
         // "no limit denies", carried as the verdict's shadow-free decision.
         let allow = match allow {
@@ -552,9 +610,15 @@ impl Authenticator {
                 tenant_id: tenant.id.clone(),
                 key_id: key.as_ref().map(|k| k.id),
                 plan: tenant.plan.clone(),
-                environment: key.as_ref().map(|k| k.environment.clone()).unwrap_or_default(),
+                environment: key
+                    .as_ref()
+                    .map(|k| k.environment.clone())
+                    .unwrap_or_default(),
                 scopes: key.as_ref().map(|k| k.scopes.clone()).unwrap_or_default(),
-                subject: key.as_ref().map(|k| k.id.to_string()).unwrap_or_else(|| tenant.id.to_string()),
+                subject: key
+                    .as_ref()
+                    .map(|k| k.id.to_string())
+                    .unwrap_or_else(|| tenant.id.to_string()),
                 credential_type: CredentialType::ApiKey,
             }),
         };
@@ -567,7 +631,10 @@ impl Authenticator {
     /// Quota usage (current and previous periods) of a tenant or a key.
     pub async fn usage(&self, tenant_id: &str, key_id: &str) -> Result<Vec<QuotaUsage>> {
         if tenant_id.is_empty() == key_id.is_empty() {
-            return Err(Error::invalid("tenant_id", "give exactly one of tenant_id, key_id"));
+            return Err(Error::invalid(
+                "tenant_id",
+                "give exactly one of tenant_id, key_id",
+            ));
         }
         let (tenant, key) = match self.subject(tenant_id, key_id).await? {
             Ok(found) => found,
@@ -633,10 +700,11 @@ impl Authenticator {
         key_id: &str,
     ) -> Result<(Arc<Tenant>, Option<KeyRecord>)> {
         let key = match KeyId::parse_str(key_id) {
-            Ok(id) => self
-                .store
-                .get_key(crate::store::KeyRef { id, tenant: None })
-                .await?,
+            Ok(id) => {
+                self.store
+                    .get_key(crate::store::KeyRef { id, tenant: None })
+                    .await?
+            }
             Err(_) => None,
         };
         let tenant_id = match &key {

@@ -185,9 +185,9 @@ impl Settings {
         }
         fig = fig
             .merge(Env::prefixed("TOLLGATE_").split("__").filter(|k| {
-                ENV_KEYS
-                    .iter()
-                    .any(|e| k.as_str().split('.').next() == Some(e))
+                // Keys keep their case here; figment lowers them later.
+                let first = k.as_str().split('.').next().unwrap_or("");
+                ENV_KEYS.iter().any(|e| first.eq_ignore_ascii_case(e))
             }))
             .merge(Env::raw().only(&["DATABASE_URL"]))
             .merge(Serialized::globals(flags));

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 
+use crate::cache::Caches;
 use crate::clock::Clock;
 use crate::crypto::Peppers;
 use crate::domain::validate::{check_name, check_scopes};
@@ -14,7 +15,6 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::profile::Profile;
-use crate::cache::Caches;
 use crate::store::{Invalidation, KeyRef, Store, StoreError};
 
 /// Longest key lifetime accepted: 10 years.
@@ -82,6 +82,16 @@ pub struct Page<T> {
 pub struct IssuedKey {
     pub secret: ApiKeySecret,
     pub record: KeyRecord,
+}
+
+/// What a new key is made of, before its secret is generated.
+struct KeyShape {
+    tenant_id: TenantId,
+    name: String,
+    environment: String,
+    scopes: Vec<String>,
+    expires_at: Option<DateTime<Utc>>,
+    limits: Option<Vec<LimitSpec>>,
 }
 
 /// Key and tenant management.
@@ -217,30 +227,23 @@ impl Manager {
             .ok_or(Error::NotFound("tenant"))
     }
 
-    fn new_key(
-        &self,
-        tenant_id: TenantId,
-        name: String,
-        environment: String,
-        scopes: Vec<String>,
-        expires_at: Option<DateTime<Utc>>,
-        limits: Option<Vec<LimitSpec>>,
-        now: DateTime<Utc>,
-    ) -> (ApiKeySecret, NewKey) {
-        let secret = self.profile.key_format.generate(&environment);
+    /// Generates a key of `shape`; the secret is returned once, only its
+    /// digest is kept.
+    fn new_key(&self, shape: KeyShape, now: DateTime<Utc>) -> (ApiKeySecret, NewKey) {
+        let secret = self.profile.key_format.generate(&shape.environment);
         let pepper = self.peppers.current();
         let key = NewKey {
             id: uuid::Uuid::now_v7(),
-            tenant_id,
-            name,
-            environment,
-            scopes,
+            tenant_id: shape.tenant_id,
+            name: shape.name,
+            environment: shape.environment,
+            scopes: shape.scopes,
             hint: secret.hint(),
             digest: pepper.digest(secret.expose()),
             pepper_version: pepper.version(),
             created_at: now,
-            expires_at,
-            limits,
+            expires_at: shape.expires_at,
+            limits: shape.limits,
         };
         (secret, key)
     }
@@ -303,8 +306,17 @@ impl Manager {
         let now = self.clock.now();
         let expires_at = ttl.map(|s| now + Duration::seconds(s));
         let limits = (!input.limits.is_empty()).then_some(input.limits);
-        let (secret, key) =
-            self.new_key(tenant_id, input.name, environment, scopes, expires_at, limits, now);
+        let (secret, key) = self.new_key(
+            KeyShape {
+                tenant_id,
+                name: input.name,
+                environment,
+                scopes,
+                expires_at,
+                limits,
+            },
+            now,
+        );
         let profile = self.profile.clone();
         let cap = move |t: &Tenant| {
             t.overrides
@@ -430,12 +442,14 @@ impl Manager {
         // The new key keeps the old key's lifetime length, from now.
         let expires_at = old.expires_at.map(|e| now + (e - old.created_at));
         let (secret, new) = self.new_key(
-            old.tenant_id.clone(),
-            old.name.clone(),
-            old.environment.clone(),
-            old.scopes.clone(),
-            expires_at,
-            old.limits.clone(),
+            KeyShape {
+                tenant_id: old.tenant_id.clone(),
+                name: old.name.clone(),
+                environment: old.environment.clone(),
+                scopes: old.scopes.clone(),
+                expires_at,
+                limits: old.limits.clone(),
+            },
             now,
         );
         let (previous, record) = self
@@ -479,6 +493,19 @@ impl Manager {
             .get_key(key)
             .await?
             .ok_or(Error::NotFound("key"))?;
+        let only_renames = input.update_mask.iter().all(|m| m == "name");
+        if !only_renames && (current.revoked_at.is_some() || current.replaced_by.is_some()) {
+            return Err(Error::FailedPrecondition(
+                "a revoked or rotated key can only be renamed".into(),
+            ));
+        }
+        let latest = current.created_at + Duration::seconds(MAX_TTL_SECONDS);
+        if has("expires_at") && input.expires_at.is_some_and(|t| t > latest) {
+            return Err(Error::invalid(
+                "expires_at",
+                &format!("must be at most {MAX_TTL_SECONDS} seconds after the key's creation"),
+            ));
+        }
         if has("scopes") {
             let owner = self.tenant(&current.tenant_id).await?;
             let mut v = Violations::default();
@@ -535,7 +562,10 @@ impl Manager {
             let field = format!("limits[{i}]");
             self.check_limit(&field, l, v);
             if l.scope != LimitScope::Key {
-                v.add(format!("{field}.scope"), "a key's own limits must have scope `key`");
+                v.add(
+                    format!("{field}.scope"),
+                    "a key's own limits must have scope `key`",
+                );
             }
         }
     }

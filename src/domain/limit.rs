@@ -37,9 +37,15 @@ impl LimitPeriod {
 
     /// Parses the API spelling.
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Second, Self::Minute, Self::Hour, Self::Day, Self::Month]
-            .into_iter()
-            .find(|p| p.as_str() == s)
+        [
+            Self::Second,
+            Self::Minute,
+            Self::Hour,
+            Self::Day,
+            Self::Month,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
     }
 
     /// Length of a rate period in nanoseconds; `None` for quotas.
@@ -102,7 +108,10 @@ impl LimitSpec {
             v.add(format!("{field}.burst"), "must be ≥ 1");
         }
         if self.burst.is_some() && self.period.rate_ns().is_none() {
-            v.add(format!("{field}.burst"), "applies to second/minute/hour limits only");
+            v.add(
+                format!("{field}.burst"),
+                "applies to second/minute/hour limits only",
+            );
         }
     }
 }
@@ -163,19 +172,32 @@ mod tests {
             spec(Key, Minute, 1000, &["test"]),
             spec(Tenant, Month, 10_000, &[]),
         ];
-        let live: Vec<u64> = effective(&plan, None, None, Some("live")).iter().map(|l| l.limit).collect();
+        let live: Vec<u64> = effective(&plan, None, None, Some("live"))
+            .iter()
+            .map(|l| l.limit)
+            .collect();
         assert_eq!(live, vec![100, 10_000]);
-        let test: Vec<u64> = effective(&plan, None, None, Some("test")).iter().map(|l| l.limit).collect();
+        let test: Vec<u64> = effective(&plan, None, None, Some("test"))
+            .iter()
+            .map(|l| l.limit)
+            .collect();
         assert_eq!(test, vec![1000, 10_000]);
         let own = vec![spec(Key, Day, 5, &[])];
-        let with_own: Vec<u64> =
-            effective(&plan, None, Some(&own), Some("live")).iter().map(|l| l.limit).collect();
+        let with_own: Vec<u64> = effective(&plan, None, Some(&own), Some("live"))
+            .iter()
+            .map(|l| l.limit)
+            .collect();
         assert_eq!(with_own, vec![5, 10_000]);
-        let tenant_only: Vec<u64> = effective(&plan, None, None, None).iter().map(|l| l.limit).collect();
+        let tenant_only: Vec<u64> = effective(&plan, None, None, None)
+            .iter()
+            .map(|l| l.limit)
+            .collect();
         assert_eq!(tenant_only, vec![10_000]);
         let custom = vec![spec(Tenant, Month, 1_000_000, &[])];
-        let enterprise: Vec<u64> =
-            effective(&plan, Some(&custom), None, Some("live")).iter().map(|l| l.limit).collect();
+        let enterprise: Vec<u64> = effective(&plan, Some(&custom), None, Some("live"))
+            .iter()
+            .map(|l| l.limit)
+            .collect();
         assert_eq!(enterprise, vec![1_000_000]);
     }
 }

@@ -9,8 +9,8 @@ pub mod tenant;
 pub mod validate;
 
 pub use decision::{CredentialType, Decision, LimitStatus, Principal, Reason, Verdict};
-pub use limit::{LimitPeriod, LimitScope, LimitSpec};
 pub use key::{Alphabet, ApiKeySecret, KeyFormat, KeyParseError, ParsedKey};
+pub use limit::{LimitPeriod, LimitScope, LimitSpec};
 pub use record::{KeyId, KeyRecord, KeyUpdate, NewKey};
 pub use tenant::{SubscriptionStatus, Tenant, TenantId, TenantOverrides, TenantUpdate};
 pub use validate::{FieldViolation, Violations};

@@ -4,8 +4,8 @@ use chrono::{DateTime, Utc};
 
 use super::pb;
 use crate::domain::{
-    CredentialType, KeyRecord, LimitPeriod, LimitScope, LimitSpec, LimitStatus, Principal,
-    Reason, Tenant, TenantOverrides, Violations,
+    CredentialType, KeyRecord, LimitPeriod, LimitScope, LimitSpec, LimitStatus, Principal, Reason,
+    Tenant, TenantOverrides, Violations,
 };
 use crate::profile::Profile;
 
@@ -50,11 +50,7 @@ pub fn overrides(o: &TenantOverrides) -> pb::TenantOverrides {
 }
 
 /// Overrides from the wire; bad limit specs are reported under `field`.
-pub fn overrides_from(
-    field: &str,
-    o: pb::TenantOverrides,
-    v: &mut Violations,
-) -> TenantOverrides {
+pub fn overrides_from(field: &str, o: pb::TenantOverrides, v: &mut Violations) -> TenantOverrides {
     let limits = limit_specs_from(&format!("{field}.limits"), o.limits, v);
     TenantOverrides {
         max_keys: o.max_keys,
@@ -80,7 +76,11 @@ pub fn limit_spec(l: &LimitSpec) -> pb::LimitSpec {
 
 /// Limit specs from the wire; unknown scopes or periods are reported as
 /// `{field}[i].scope` / `.period`.
-pub fn limit_specs_from(field: &str, specs: Vec<pb::LimitSpec>, v: &mut Violations) -> Vec<LimitSpec> {
+pub fn limit_specs_from(
+    field: &str,
+    specs: Vec<pb::LimitSpec>,
+    v: &mut Violations,
+) -> Vec<LimitSpec> {
     let mut out = Vec::with_capacity(specs.len());
     for (i, s) in specs.into_iter().enumerate() {
         let scope = match s.scope.as_str() {
@@ -93,7 +93,10 @@ pub fn limit_specs_from(field: &str, specs: Vec<pb::LimitSpec>, v: &mut Violatio
         };
         let period = LimitPeriod::parse(&s.period);
         if period.is_none() {
-            v.add(format!("{field}[{i}].period"), "must be second, minute, hour, day or month");
+            v.add(
+                format!("{field}[{i}].period"),
+                "must be second, minute, hour, day or month",
+            );
         }
         if let (Some(scope), Some(period)) = (scope, period) {
             out.push(LimitSpec {

@@ -53,7 +53,9 @@ pub fn step(tat: u64, now: u64, rate: Rate, cost: u64) -> (Option<u64>, Outcome)
         let used = (base - now as f64).max(0.0);
         let outcome = Outcome {
             allowed: false,
-            remaining: ((rate.tolerance_ns() - used) / rate.emission_ns).floor().max(0.0) as u64,
+            remaining: ((rate.tolerance_ns() - used) / rate.emission_ns)
+                .floor()
+                .max(0.0) as u64,
             retry_after_ns: (new_tat - horizon).ceil() as u64,
             reset_ns: used.ceil() as u64,
         };
@@ -62,7 +64,9 @@ pub fn step(tat: u64, now: u64, rate: Rate, cost: u64) -> (Option<u64>, Outcome)
     let used = new_tat - now as f64;
     let outcome = Outcome {
         allowed: true,
-        remaining: ((rate.tolerance_ns() - used) / rate.emission_ns).floor().max(0.0) as u64,
+        remaining: ((rate.tolerance_ns() - used) / rate.emission_ns)
+            .floor()
+            .max(0.0) as u64,
         retry_after_ns: 0,
         reset_ns: used.ceil() as u64,
     };
@@ -101,7 +105,9 @@ impl Cell {
         let back = (rate.emission_ns * cost as f64) as u64;
         let _ = self
             .0
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t.saturating_sub(back)));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                Some(t.saturating_sub(back))
+            });
     }
 }
 
@@ -137,7 +143,10 @@ mod tests {
         let mut now = 5 * SEC;
         for _ in 0..1000 {
             assert!(cell.take(now, rate, 1).allowed);
-            assert!(!cell.take(now, rate, 1).allowed, "a second request in the same second");
+            assert!(
+                !cell.take(now, rate, 1).allowed,
+                "a second request in the same second"
+            );
             now += SEC;
         }
     }
@@ -153,7 +162,10 @@ mod tests {
         assert_eq!(denied.remaining, 40);
         // 10 more units needed: 10 × 600 ms.
         assert_eq!(denied.retry_after_ns, 6 * SEC);
-        assert!(cell.take(now, rate, 40).allowed, "the denial consumed nothing");
+        assert!(
+            cell.take(now, rate, 40).allowed,
+            "the denial consumed nothing"
+        );
     }
 
     #[test]

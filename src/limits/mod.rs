@@ -158,7 +158,12 @@ impl Limiter {
             };
             match spec.period.rate_ns() {
                 Some(period_ns) => {
-                    let rate = Rate::new(spec.limit, period_ns, spec.burst.unwrap_or(spec.limit), share);
+                    let rate = Rate::new(
+                        spec.limit,
+                        period_ns,
+                        spec.burst.unwrap_or(spec.limit),
+                        share,
+                    );
                     let cell_key = (owner, spec.period, env.map(str::to_string));
                     let cell = self.cells.get_with(cell_key, || Arc::new(Cell::default()));
                     let o = if evaluate {
@@ -273,7 +278,10 @@ mod tests {
         assert_eq!(o.denied, Some(Reason::QuotaExhausted));
         assert_eq!(o.statuses[0].name, "tenant_per_day", "tightest first");
         // The per-minute limit was given back: 2 of 5 still left.
-        let o = limiter.check(subject, &[&per_minute], 1, true).await.unwrap();
+        let o = limiter
+            .check(subject, &[&per_minute], 1, true)
+            .await
+            .unwrap();
         assert_eq!(
             o.statuses[0].remaining, 1,
             "3 of 5 taken; after one more, 1 would remain"
@@ -292,13 +300,22 @@ mod tests {
         };
         let per_month = spec(LimitScope::Tenant, LimitPeriod::Month, 2);
         for _ in 0..10 {
-            let o = limiter.check(subject, &[&per_month], 1, true).await.unwrap();
+            let o = limiter
+                .check(subject, &[&per_month], 1, true)
+                .await
+                .unwrap();
             assert_eq!(o.denied, None);
             assert_eq!(o.statuses[0].remaining, 1, "what would remain after it");
         }
-        let o = limiter.check(subject, &[&per_month], 3, false).await.unwrap();
+        let o = limiter
+            .check(subject, &[&per_month], 3, false)
+            .await
+            .unwrap();
         assert_eq!(o.denied, Some(Reason::QuotaExhausted), "cost 3 > 2 left");
-        let o = limiter.check(subject, &[&per_month], 2, false).await.unwrap();
+        let o = limiter
+            .check(subject, &[&per_month], 2, false)
+            .await
+            .unwrap();
         assert_eq!(o.denied, None);
     }
 }

@@ -9,7 +9,9 @@ use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 pub enum QuotaPeriod {
     Day,
     /// Calendar month (`None`) or a month starting on a billing day (1..=31).
-    Month { anchor_day: Option<u32> },
+    Month {
+        anchor_day: Option<u32>,
+    },
 }
 
 /// The start (inclusive) and end (exclusive) of the period holding `now`.
@@ -82,26 +84,43 @@ mod tests {
     #[test]
     fn a_utc_day_runs_midnight_to_midnight() {
         let (s, e) = bounds(QuotaPeriod::Day, at("2026-11-23T23:59:59Z"));
-        assert_eq!((s, e), (at("2026-11-23T00:00:00Z"), at("2026-11-24T00:00:00Z")));
+        assert_eq!(
+            (s, e),
+            (at("2026-11-23T00:00:00Z"), at("2026-11-24T00:00:00Z"))
+        );
     }
 
     #[test]
     fn a_calendar_month_ends_at_the_first_of_the_next_even_at_year_end() {
-        let (s, e) = bounds(QuotaPeriod::Month { anchor_day: None }, at("2026-12-31T23:59:59Z"));
-        assert_eq!((s, e), (at("2026-12-01T00:00:00Z"), at("2027-01-01T00:00:00Z")));
+        let (s, e) = bounds(
+            QuotaPeriod::Month { anchor_day: None },
+            at("2026-12-31T23:59:59Z"),
+        );
+        assert_eq!(
+            (s, e),
+            (at("2026-12-01T00:00:00Z"), at("2027-01-01T00:00:00Z"))
+        );
     }
 
     #[test]
     fn february_of_a_leap_year_has_29_days() {
-        let (s, e) = bounds(QuotaPeriod::Month { anchor_day: None }, at("2028-02-29T12:00:00Z"));
-        assert_eq!((s, e), (at("2028-02-01T00:00:00Z"), at("2028-03-01T00:00:00Z")));
+        let (s, e) = bounds(
+            QuotaPeriod::Month { anchor_day: None },
+            at("2028-02-29T12:00:00Z"),
+        );
+        assert_eq!(
+            (s, e),
+            (at("2028-02-01T00:00:00Z"), at("2028-03-01T00:00:00Z"))
+        );
         let (s, _) = bounds(QuotaPeriod::Day, at("2028-02-29T12:00:00Z"));
         assert_eq!(s, at("2028-02-29T00:00:00Z"));
     }
 
     #[test]
     fn a_billing_anchor_on_the_31st_clamps_to_short_months() {
-        let month = QuotaPeriod::Month { anchor_day: Some(31) };
+        let month = QuotaPeriod::Month {
+            anchor_day: Some(31),
+        };
         // Feb 2027 has 28 days: the period runs Jan 31 → Feb 28 → Mar 31.
         assert_eq!(
             bounds(month, at("2027-02-15T00:00:00Z")),
@@ -124,7 +143,9 @@ mod tests {
 
     #[test]
     fn a_billing_anchor_before_today_starts_this_month() {
-        let month = QuotaPeriod::Month { anchor_day: Some(15) };
+        let month = QuotaPeriod::Month {
+            anchor_day: Some(15),
+        };
         assert_eq!(
             bounds(month, at("2026-11-23T00:00:00Z")),
             (at("2026-11-15T00:00:00Z"), at("2026-12-15T00:00:00Z"))
@@ -147,8 +168,12 @@ mod tests {
             for p in [
                 QuotaPeriod::Day,
                 QuotaPeriod::Month { anchor_day: None },
-                QuotaPeriod::Month { anchor_day: Some(29) },
-                QuotaPeriod::Month { anchor_day: Some(31) },
+                QuotaPeriod::Month {
+                    anchor_day: Some(29),
+                },
+                QuotaPeriod::Month {
+                    anchor_day: Some(31),
+                },
             ] {
                 let (s, e) = bounds(p, t);
                 assert!(s <= t && t < e, "{p:?} {t}: {s}..{e}");

@@ -63,8 +63,10 @@ impl Lease {
     fn note_use(&self, now_ns: u64, cost: u64) {
         let start = self.window_start.load(Ordering::Relaxed);
         if now_ns.saturating_sub(start) >= 1_000_000_000 {
-            self.rate
-                .store(self.window_count.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+            self.rate.store(
+                self.window_count.swap(0, Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
             self.window_start.store(now_ns, Ordering::Relaxed);
         }
         self.window_count.fetch_add(cost, Ordering::Relaxed);
@@ -72,7 +74,8 @@ impl Lease {
 
     fn remaining(&self) -> u64 {
         let limit = self.limit.load(Ordering::Acquire);
-        limit.saturating_sub(self.known_used.load(Ordering::Acquire)) + self.local.load(Ordering::Acquire)
+        limit.saturating_sub(self.known_used.load(Ordering::Acquire))
+            + self.local.load(Ordering::Acquire)
     }
 
     fn is_exhausted(&self, now_ns: u64) -> bool {
@@ -98,7 +101,9 @@ pub struct Quotas {
 
 impl std::fmt::Debug for Quotas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Quotas").field("leases", &self.leases.entry_count()).finish()
+        f.debug_struct("Quotas")
+            .field("leases", &self.leases.entry_count())
+            .finish()
     }
 }
 
@@ -199,7 +204,13 @@ impl Quotas {
         }
     }
 
-    fn maybe_prefetch(self: &Arc<Self>, counter: &QuotaCounter, lease: &Arc<Lease>, limit: u64, now_ns: u64) {
+    fn maybe_prefetch(
+        self: &Arc<Self>,
+        counter: &QuotaCounter,
+        lease: &Arc<Lease>,
+        limit: u64,
+        now_ns: u64,
+    ) {
         let low_water = self.chunk(lease, limit, 1) / 2;
         if lease.local.load(Ordering::Acquire) > low_water
             || lease.is_exhausted(now_ns)
@@ -218,7 +229,9 @@ impl Quotas {
                     lease.known_used.store(grant.used, Ordering::Release);
                     lease.local.fetch_add(grant.granted, Ordering::AcqRel);
                 }
-                Err(e) => tracing::debug!(error = %e, "quota prefetch failed; will lease on demand"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "quota prefetch failed; will lease on demand")
+                }
             }
             lease.prefetching.store(false, Ordering::Release);
         });
@@ -232,7 +245,12 @@ impl Quotas {
     }
 
     /// What `take` would answer, consuming nothing.
-    pub async fn peek(&self, counter: &QuotaCounter, limit: u64, cost: u64) -> Result<QuotaOutcome> {
+    pub async fn peek(
+        &self,
+        counter: &QuotaCounter,
+        limit: u64,
+        cost: u64,
+    ) -> Result<QuotaOutcome> {
         let remaining = match self.leases.get(counter) {
             Some(lease) => lease.remaining().min(limit),
             None => limit.saturating_sub(self.store.quota_used(counter).await?),

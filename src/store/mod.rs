@@ -162,7 +162,11 @@ pub trait Store: Send + Sync + 'static {
     /// The counter's total (0 when it does not exist).
     async fn quota_used(&self, counter: &QuotaCounter) -> Result<u64, StoreError>;
     /// Records that `replica` is alive; returns how many replicas are.
-    async fn heartbeat(&self, replica: uuid::Uuid, stale_after_secs: u32) -> Result<u32, StoreError>;
+    async fn heartbeat(
+        &self,
+        replica: uuid::Uuid,
+        stale_after_secs: u32,
+    ) -> Result<u32, StoreError>;
     /// Removes `replica` from the live set (graceful shutdown).
     async fn leave(&self, replica: uuid::Uuid) -> Result<(), StoreError>;
 
