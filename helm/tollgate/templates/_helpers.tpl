@@ -95,7 +95,11 @@ and tables after them; [[previous_peppers]] tables come last.
 {{- define "tollgate.configToml" -}}
 {{- $c := .Values.config -}}
 # Rendered by the tollgate Helm chart. The Deployment's environment
-# (TOLLGATE_*, DATABASE_URL) overrides this file.
+# (TOLLGATE_*, DATABASE_URL) overrides this file; the pod's wiring is set in
+# both places, so either alone starts the server correctly.
+listen = "0.0.0.0:{{ .Values.ports.grpc | int64 }}"
+pepper_file = "{{ include "tollgate.secretDir" . }}/pepper"
+operator_token_file = "{{ include "tollgate.secretDir" . }}/operator-token"
 profile = "{{ include "tollgate.configDir" . }}/profile.toml"
 log_format = {{ $c.logFormat | quote }}
 log_level = {{ $c.logLevel | toJson }}
