@@ -1257,3 +1257,71 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn the_image_is_what_the_chart_expects() {
+    // No container engine runs here: check the Dockerfile's promises instead.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(repo.join("Dockerfile")).unwrap();
+    let ignored = std::fs::read_to_string(repo.join(".dockerignore")).unwrap();
+    let ignored: Vec<&str> = ignored
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let lines: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    let runtime_from = lines.iter().rposition(|l| l.starts_with("FROM ")).unwrap();
+    assert_eq!(
+        lines[runtime_from],
+        "FROM gcr.io/distroless/cc-debian12:nonroot"
+    );
+    let runtime = &lines[runtime_from..];
+    for expected in [
+        "USER 65532:65532",
+        "EXPOSE 50051 9090",
+        r#"ENTRYPOINT ["/usr/local/bin/tollgate"]"#,
+        r#"CMD ["serve"]"#,
+    ] {
+        assert!(
+            runtime.contains(&expected),
+            "the runtime stage lacks {expected:?}"
+        );
+    }
+    assert!(dockerfile.contains("cargo build --release --locked"));
+
+    // Everything the build copies is in the repository and in the context.
+    for line in lines
+        .iter()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for source in &words[1..words.len() - 1] {
+            assert!(repo.join(source).exists(), "{line}: {source} is missing");
+            assert!(
+                !ignored.contains(source),
+                "{line}: {source} is in .dockerignore"
+            );
+        }
+    }
+
+    // The chart runs the image's entrypoint with `serve` / `migrate`, as 65532,
+    // on the ports the image exposes.
+    let r = render(&[&minimal()], &[]);
+    let deploy = r.named("Deployment", FULLNAME);
+    assert_eq!(pod_spec(deploy)["securityContext"]["runAsUser"], 65532);
+    let c = container(deploy, "tollgate");
+    assert!(
+        c["command"].is_null(),
+        "the chart keeps the image's entrypoint"
+    );
+    let ports: Vec<String> = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].to_string())
+        .collect();
+    assert_eq!(ports, ["50051", "9090"]);
+}
