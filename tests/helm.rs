@@ -1079,6 +1079,7 @@ fn bad_values_are_refused_by_the_schema() {
                 && err.contains(complaint),
             "{values:?} should be refused naming {complaint}:\n{err}"
         );
+        let _ = std::fs::remove_dir_all(bad.parent().unwrap());
     }
 
     // Without an existing Secret, the three secret values are required.
