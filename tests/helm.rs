@@ -939,8 +939,6 @@ fn the_rendered_configuration_starts_the_real_binary() {
 }
 
 #[test]
-#[ignore = "src/config.rs drops every TOLLGATE_* variable: its ENV_KEYS filter sees \
-            upper-case keys (figment lower-cases after filtering). Run once fixed."]
 fn the_deployment_environment_alone_configures_the_binary() {
     // The chart also writes listen, pepper_file and operator_token_file into
     // config.toml; without that file the TOLLGATE_* variables must suffice.
