@@ -35,6 +35,10 @@ pub struct Parts {
     pub cache: CacheSettings,
     pub max_message_bytes: usize,
     pub last_used_flush: Duration,
+    /// How long in-flight calls may take to finish after shutdown begins.
+    pub shutdown_grace: Duration,
+    /// TLS (and client certificate checking) for the gRPC port.
+    pub tls: Option<Arc<crate::tls::Reloading>>,
     pub clock: Clock,
 }
 
@@ -52,13 +56,22 @@ pub struct Running {
     applied: broadcast::Sender<Invalidation>,
     authz: Arc<Authenticator>,
     replica_id: uuid::Uuid,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown_grace: Duration,
 }
 
 /// How often a replica announces itself, and when it counts as gone.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const STALE_AFTER_SECS: u32 = 15;
 
+/// Health names that follow readiness: NOT_SERVING until the invalidation
+/// feed is live and whenever it is lost (so a replica that may serve stale
+/// decisions leaves the load balancer).
 const SERVICES: [&str; 3] = ["", "tollgate.v1.AuthService", "tollgate.v1.TenantService"];
+/// Health name for liveness probes: SERVING from start to shutdown, even
+/// while the database is unreachable (a restart would not help, and cached
+/// decisions are still served).
+pub const LIVENESS: &str = "liveness";
 
 async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
     for name in SERVICES {
@@ -93,6 +106,10 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
 
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
+    let shutdown_reporter = reporter.clone();
 
     let (tx, mut rx) = mpsc::channel(1024);
     parts.store.watch(tx);
@@ -102,6 +119,15 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
     let invalidations = tokio::spawn(async move {
         while let Some(event) = rx.recv().await {
             cache_for_events.apply(&event);
+            let kind = match &event {
+                Invalidation::Key(_) => Some("key"),
+                Invalidation::Tenant(_) => Some("tenant"),
+                Invalidation::Flush => Some("flush"),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                metrics::counter!(crate::telemetry::INVALIDATIONS, "kind" => kind).increment(1);
+            }
             match event {
                 Invalidation::Ready => set_health(&reporter, ServingStatus::Serving).await,
                 Invalidation::Lost => set_health(&reporter, ServingStatus::NotServing).await,
@@ -136,8 +162,17 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if let Some((size, idle)) = beat_store.pool_stats() {
+                metrics::gauge!(crate::telemetry::DB_POOL_CONNECTIONS, "state" => "idle")
+                    .set(idle as f64);
+                metrics::gauge!(crate::telemetry::DB_POOL_CONNECTIONS, "state" => "in_use")
+                    .set(f64::from(size) - idle as f64);
+            }
             match beat_store.heartbeat(replica_id, STALE_AFTER_SECS).await {
-                Ok(n) => limiter.set_replicas(n),
+                Ok(n) => {
+                    limiter.set_replicas(n);
+                    metrics::gauge!(crate::telemetry::REPLICAS).set(f64::from(n));
+                }
                 Err(e) => tracing::warn!(error = %e, "replica heartbeat failed"),
             }
         }
@@ -168,17 +203,23 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
     .max_decoding_message_size(max);
 
     let (shutdown, signal) = oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .add_service(auth)
-            .add_service(tenants)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = signal.await;
-            }),
-    );
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(auth)
+        .add_service(tenants);
+    let stop = async {
+        let _ = signal.await;
+    };
+    let server = match parts.tls {
+        Some(tls) => tokio::spawn(
+            router.serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), stop),
+        ),
+        None => tokio::spawn(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
+        ),
+    };
     Ok(Running {
         addr,
         clock: parts.clock,
@@ -189,6 +230,8 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         background: vec![invalidations, last_used, heartbeat],
         authz: authz_handle,
         replica_id,
+        reporter: shutdown_reporter,
+        shutdown_grace: parts.shutdown_grace,
         usage,
         store: parts.store,
         applied,
@@ -251,10 +294,24 @@ impl Running {
     /// Stops accepting calls, lets in-flight calls finish, writes pending
     /// usage, and stops the background tasks.
     pub async fn shutdown(mut self) -> Result<(), tonic::transport::Error> {
+        set_health(&self.reporter, ServingStatus::NotServing).await;
+        self.reporter
+            .set_service_status(LIVENESS, ServingStatus::NotServing)
+            .await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let served = (&mut self.server).await;
+        let served = match tokio::time::timeout(self.shutdown_grace, &mut self.server).await {
+            Ok(served) => served,
+            Err(_) => {
+                tracing::warn!(
+                    grace_ms = self.shutdown_grace.as_millis() as u64,
+                    "in-flight calls did not finish in time; stopping them"
+                );
+                self.server.abort();
+                Ok(Ok(()))
+            }
+        };
         for task in &self.background {
             task.abort();
         }

@@ -26,6 +26,7 @@ use crate::limits::{LimitOutcome, Limiter, Subject};
 use crate::profile::{BearerPolicy, Profile, Surface};
 use crate::store::QuotaCounter;
 use crate::store::Store;
+use crate::telemetry;
 
 /// One authentication question, as received.
 #[derive(Clone, Copy, Default)]
@@ -136,6 +137,17 @@ fn extract_headers<'a>(
     })
 }
 
+fn count_lookup(cache: &'static str, result: &'static str) {
+    metrics::counter!(telemetry::CACHE_LOOKUPS, "cache" => cache, "result" => result).increment(1);
+}
+
+fn credential_label(c: CredentialType) -> &'static str {
+    match c {
+        CredentialType::ApiKey => "api_key",
+        CredentialType::Jwt => "jwt",
+    }
+}
+
 /// Batches `last_used_at` so a request never waits on a write.
 #[derive(Debug, Default)]
 pub struct UsageRecorder {
@@ -224,6 +236,22 @@ impl Authenticator {
     /// that applies (denied requests consume nothing). This is the path of
     /// the Authenticate RPC and of Envoy's ext_authz Check.
     pub async fn decide(&self, input: AuthInput<'_>, cost: u32) -> Result<Verdict> {
+        let started = std::time::Instant::now();
+        let verdict = self.decide_inner(input, cost).await;
+        metrics::histogram!(telemetry::DECISION_SECONDS).record(started.elapsed().as_secs_f64());
+        if let Ok(v) = &verdict {
+            let (outcome, reason, credential) = match &v.decision {
+                Decision::Allow(p) => ("allow", "", credential_label(p.credential_type)),
+                Decision::Deny(r) => ("deny", r.as_str(), "unknown"),
+            };
+            metrics::counter!(telemetry::DECISIONS, "outcome" => outcome, "reason" => reason,
+                "credential" => credential)
+            .increment(1);
+        }
+        verdict
+    }
+
+    async fn decide_inner(&self, input: AuthInput<'_>, cost: u32) -> Result<Verdict> {
         let who = match self.identify(input).await? {
             Err(reason) => return Ok(Verdict::plain(Decision::Deny(reason))),
             Ok(who) => who,
@@ -248,6 +276,8 @@ impl Authenticator {
                 shadow_denial: None,
             },
             Some(reason) if shadow => {
+                metrics::counter!(telemetry::SHADOW_DENIALS, "reason" => reason.as_str())
+                    .increment(1);
                 tracing::info!(reason = reason.as_str(), tenant_id = %tenant.id, "shadow-mode denial");
                 Verdict {
                     decision: allow,
@@ -416,10 +446,13 @@ impl Authenticator {
             };
             if let Some(hit) = self.caches.key(&digest) {
                 if hit.digest.ct_eq(&digest) {
+                    count_lookup("key", "hit");
                     return Ok(Some(hit));
                 }
             }
+            count_lookup("key", "miss");
             if self.caches.is_unknown(&digest) {
+                count_lookup("negative", "hit");
                 continue;
             }
             let g = self.caches.generation();
@@ -476,8 +509,10 @@ impl Authenticator {
 
     async fn find_tenant(&self, id: &TenantId) -> Result<Option<Arc<Tenant>>> {
         if let Some(t) = self.caches.tenant(id) {
+            count_lookup("tenant", "hit");
             return Ok(Some(t));
         }
+        count_lookup("tenant", "miss");
         let g = self.caches.generation();
         let Some(tenant) = self.store.get_tenant(id).await? else {
             return Ok(None);

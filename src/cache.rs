@@ -88,6 +88,10 @@ impl Caches {
                     if cause != RemovalCause::Replaced {
                         forget_digest(&index, record.id, &digest);
                     }
+                    if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
+                        metrics::counter!(crate::telemetry::CACHE_EVICTIONS, "cache" => "key")
+                            .increment(1);
+                    }
                 },
             )
             .build();

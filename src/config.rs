@@ -96,6 +96,12 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// `tracing` filter, e.g. `info` or `tollgate=debug,info`.
     pub log_level: String,
+    /// Prometheus `/metrics` listen address; absent = no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Seconds in-flight calls get to finish after SIGTERM.
+    pub shutdown_grace_seconds: u64,
+    /// TLS for the gRPC port; absent = plaintext.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl Default for Settings {
@@ -116,6 +122,9 @@ impl Default for Settings {
             last_used_flush_seconds: 10,
             log_format: LogFormat::Text,
             log_level: "info".into(),
+            metrics_listen: None,
+            shutdown_grace_seconds: 20,
+            tls: None,
         }
     }
 }
@@ -137,6 +146,9 @@ const ENV_KEYS: &[&str] = &[
     "last_used_flush_seconds",
     "log_format",
     "log_level",
+    "metrics_listen",
+    "shutdown_grace_seconds",
+    "tls",
 ];
 
 /// Settings given as command-line flags (highest precedence).

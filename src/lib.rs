@@ -16,3 +16,4 @@ pub mod manage;
 pub mod profile;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

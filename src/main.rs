@@ -105,6 +105,47 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// A pool that connects on first use, so `serve` starts (NOT_SERVING) while
+/// the database is unreachable and becomes ready when it answers.
+fn connect_lazy(settings: &Settings) -> anyhow::Result<PostgresStore> {
+    let url = settings.database_url.as_ref().context(
+        "configuration field `database_url`: is required (--database-url or DATABASE_URL)",
+    )?;
+    let opts: sqlx::postgres::PgConnectOptions = url.expose_secret().parse().map_err(|_| {
+        anyhow::anyhow!("configuration field `database_url`: is not a valid Postgres URL")
+    })?;
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.database.max_connections)
+        .min_connections(settings.database.min_connections)
+        .acquire_timeout(Duration::from_millis(settings.database.acquire_timeout_ms))
+        .connect_lazy_with(opts);
+    Ok(PostgresStore::new(pool))
+}
+
+/// Applies migrations, retrying with backoff while the database is unreachable.
+async fn migrate_with_retry(store: &PostgresStore) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match store.migrate().await {
+            Ok(()) => return Ok(()),
+            Err(sqlx::migrate::MigrateError::Execute(e)) if is_unreachable(&e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "database unreachable; retrying migrations");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(anyhow::anyhow!(e).context("migration failed")),
+        }
+    }
+}
+
+fn is_unreachable(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
+    )
+}
+
 async fn connect(settings: &Settings) -> anyhow::Result<PostgresStore> {
     let url = settings.database_url.as_ref().context(
         "configuration field `database_url`: is required (--database-url or DATABASE_URL)",
@@ -143,6 +184,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    if let Some(addr) = settings.metrics_listen {
+        tollgate::telemetry::install_metrics(addr)
+            .map_err(|e| anyhow::anyhow!("configuration field `metrics_listen`: {e}"))?;
+        tracing::info!(%addr, "metrics on /metrics");
+    }
     let profile = Arc::new(settings.load_profile()?);
     let mut generated_token = None;
     if dev && settings.operator_token.is_none() && settings.operator_token_file.is_none() {
@@ -163,13 +209,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         )
     } else {
         let peppers = settings.load_peppers()?;
-        let store = connect(&settings).await?;
+        let store = connect_lazy(&settings)?;
         if settings.database.migrate_on_start {
-            store.migrate().await.context("migration failed")?;
+            migrate_with_retry(&store).await?;
         }
         (Arc::new(store), peppers)
     };
 
+    let tls = match settings.tls.clone() {
+        Some(t) => Some(tollgate::tls::Reloading::start(t)?),
+        None => None,
+    };
     let listener = TcpListener::bind(settings.listen).await.with_context(|| {
         format!(
             "configuration field `listen`: cannot bind {}",
@@ -185,6 +235,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cache: settings.cache.clone(),
             max_message_bytes: settings.max_message_bytes,
             last_used_flush: Duration::from_secs(settings.last_used_flush_seconds),
+            shutdown_grace: Duration::from_secs(settings.shutdown_grace_seconds),
+            tls,
             clock: Clock::system(),
         },
         listener,

@@ -1,9 +1,38 @@
-//! Logging setup. Secrets never reach a log line: key types redact
-//! themselves in `Debug`, and no handler records a credential.
+//! Logging and metrics setup, and the metric names. Secrets never reach a
+//! log line or a label: key types redact themselves in `Debug`, and no
+//! handler records a credential.
 
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+
+/// Decisions, by `outcome` (allow/deny), `reason` and `credential`.
+pub const DECISIONS: &str = "tollgate_decisions_total";
+/// Time to decide, in seconds.
+pub const DECISION_SECONDS: &str = "tollgate_decision_duration_seconds";
+/// Cache lookups by `cache` (key, tenant, negative) and `result` (hit, miss).
+pub const CACHE_LOOKUPS: &str = "tollgate_cache_lookups_total";
+/// Cache entries evicted for size or age, by `cache`.
+pub const CACHE_EVICTIONS: &str = "tollgate_cache_evictions_total";
+/// Pushed invalidations applied, by `kind` (key, tenant, flush).
+pub const INVALIDATIONS: &str = "tollgate_invalidations_received_total";
+/// Seconds from a decision-changing commit to this replica receiving it.
+pub const REVOCATION_LAG_SECONDS: &str = "tollgate_revocation_lag_seconds";
+/// Database query time in seconds, by `query`.
+pub const DB_QUERY_SECONDS: &str = "tollgate_db_query_duration_seconds";
+/// Database pool connections, by `state` (idle, in_use).
+pub const DB_POOL_CONNECTIONS: &str = "tollgate_db_pool_connections";
+/// Quota lease requests, by `result` (granted, exhausted).
+pub const QUOTA_LEASES: &str = "tollgate_quota_leases_total";
+/// Quota units leased from and returned to the database, by `direction`.
+pub const QUOTA_LEASE_UNITS: &str = "tollgate_quota_lease_units_total";
+/// Limits in shadow mode that would have denied, by `reason`.
+pub const SHADOW_DENIALS: &str = "tollgate_shadow_denials_total";
+/// Live replicas sharing rate limits.
+pub const REPLICAS: &str = "tollgate_replicas";
 
 /// Installs the global subscriber (once, at start).
 pub fn init(level: &str, format: LogFormat) {
@@ -17,4 +46,44 @@ pub fn init(level: &str, format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Serves Prometheus text on `http://{addr}/metrics` and installs the
+/// global recorder. Must run inside the tokio runtime.
+pub fn install_metrics(addr: SocketAddr) -> Result<(), String> {
+    let latency = [
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+        0.5, 1.0,
+    ];
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets(&latency)
+        .map_err(|e| e.to_string())?
+        .install()
+        .map_err(|e| e.to_string())?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        DECISIONS,
+        "Decisions by outcome, reason and credential type"
+    );
+    describe_histogram!(DECISION_SECONDS, Unit::Seconds, "Time to decide");
+    describe_counter!(CACHE_LOOKUPS, "Cache lookups by cache and result");
+    describe_counter!(CACHE_EVICTIONS, "Cache entries evicted for size or age");
+    describe_counter!(INVALIDATIONS, "Pushed invalidations applied");
+    describe_histogram!(
+        REVOCATION_LAG_SECONDS,
+        Unit::Seconds,
+        "Commit of a decision-changing write to this replica receiving it"
+    );
+    describe_histogram!(DB_QUERY_SECONDS, Unit::Seconds, "Database query time");
+    describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections by state");
+    describe_counter!(QUOTA_LEASES, "Quota lease requests by result");
+    describe_counter!(QUOTA_LEASE_UNITS, "Quota units leased and returned");
+    describe_counter!(SHADOW_DENIALS, "Shadow-mode would-be denials");
+    describe_gauge!(REPLICAS, "Live replicas sharing rate limits");
 }

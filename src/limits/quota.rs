@@ -13,6 +13,7 @@ use moka::sync::Cache;
 
 use crate::error::Result;
 use crate::store::{QuotaCounter, Store};
+use crate::telemetry;
 
 /// Largest chunk leased at once.
 const MAX_CHUNK: u64 = 1_000;
@@ -81,6 +82,12 @@ impl Lease {
     fn is_exhausted(&self, now_ns: u64) -> bool {
         now_ns < self.exhausted_until.load(Ordering::Acquire)
     }
+}
+
+fn count_grant(granted: u64) {
+    let result = if granted == 0 { "exhausted" } else { "granted" };
+    metrics::counter!(telemetry::QUOTA_LEASES, "result" => result).increment(1);
+    metrics::counter!(telemetry::QUOTA_LEASE_UNITS, "direction" => "leased").increment(granted);
 }
 
 /// The answer for one quota.
@@ -193,6 +200,7 @@ impl Quotas {
             }
             let chunk = self.chunk(&lease, limit, cost);
             let grant = self.store.lease_quota(counter, chunk, limit).await?;
+            count_grant(grant.granted);
             lease.known_used.store(grant.used, Ordering::Release);
             if grant.granted == 0 {
                 lease
@@ -226,6 +234,7 @@ impl Quotas {
             let chunk = this.chunk(&lease, limit, 1);
             match this.store.lease_quota(&counter, chunk, limit).await {
                 Ok(grant) => {
+                    count_grant(grant.granted);
                     lease.known_used.store(grant.used, Ordering::Release);
                     lease.local.fetch_add(grant.granted, Ordering::AcqRel);
                 }
@@ -272,7 +281,11 @@ impl Quotas {
                 continue;
             }
             match self.store.return_quota(&counter, unused).await {
-                Ok(()) => returned += unused,
+                Ok(()) => {
+                    returned += unused;
+                    metrics::counter!(telemetry::QUOTA_LEASE_UNITS, "direction" => "returned")
+                        .increment(unused);
+                }
                 Err(e) => tracing::warn!(error = %e, "could not return unused quota units"),
             }
         }

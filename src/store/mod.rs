@@ -173,6 +173,10 @@ pub trait Store: Send + Sync + 'static {
     /// Starts delivering invalidations (from every replica) to `tx`. The
     /// first message is `Ready` once the feed is live.
     fn watch(&self, tx: mpsc::Sender<Invalidation>);
+    /// (open connections, idle connections) of a connection pool, if any.
+    fn pool_stats(&self) -> Option<(u32, usize)> {
+        None
+    }
     /// Whether the store answers right now.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -48,6 +48,15 @@ impl PostgresStore {
     }
 }
 
+/// Runs a query, recording its duration.
+async fn timed<T>(query: &'static str, f: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = f.await;
+    metrics::histogram!(crate::telemetry::DB_QUERY_SECONDS, "query" => query)
+        .record(started.elapsed().as_secs_f64());
+    out
+}
+
 fn map_err(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::RowNotFound => StoreError::NotFound,
@@ -148,9 +157,11 @@ const KEY_COLUMNS: &str = "key_id, tenant_id, name, environment, scopes, hint, d
     limits";
 
 async fn notify(tx: &mut Transaction<'_, Postgres>, what: &Invalidation) -> Result<(), StoreError> {
+    // The send time rides along so receivers can measure revocation lag.
+    let sent_ms = Utc::now().timestamp_millis();
     let payload = match what {
-        Invalidation::Key(id) => format!("k:{id}"),
-        Invalidation::Tenant(id) => format!("t:{id}"),
+        Invalidation::Key(id) => format!("k:{id}@{sent_ms}"),
+        Invalidation::Tenant(id) => format!("t:{id}@{sent_ms}"),
         _ => return Ok(()),
     };
     sqlx::query("SELECT pg_notify($1, $2)")
@@ -163,7 +174,15 @@ async fn notify(tx: &mut Transaction<'_, Postgres>, what: &Invalidation) -> Resu
 }
 
 fn parse_payload(payload: &str) -> Option<Invalidation> {
-    match payload.split_once(':')? {
+    let (body, sent_ms) = match payload.rsplit_once('@') {
+        Some((body, ms)) => (body, ms.parse::<i64>().ok()),
+        None => (payload, None),
+    };
+    if let Some(ms) = sent_ms {
+        let lag = (Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0;
+        metrics::histogram!(crate::telemetry::REVOCATION_LAG_SECONDS).record(lag);
+    }
+    match body.split_once(':')? {
         ("k", id) => Uuid::parse_str(id).ok().map(Invalidation::Key),
         ("t", id) => TenantId::parse(id).map(Invalidation::Tenant),
         _ => None,
@@ -240,11 +259,14 @@ impl Store for PostgresStore {
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>, StoreError> {
-        let row: Option<TenantRow> = sqlx::query_as("SELECT * FROM tenants WHERE tenant_id = $1")
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?;
+        let row: Option<TenantRow> = timed(
+            "get_tenant",
+            sqlx::query_as("SELECT * FROM tenants WHERE tenant_id = $1")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool),
+        )
+        .await
+        .map_err(map_err)?;
         row.map(Tenant::try_from).transpose()
     }
 
@@ -328,11 +350,14 @@ impl Store for PostgresStore {
         digest: &KeyDigest,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE digest = $1");
-        let row: Option<KeyRow> = sqlx::query_as(&sql)
-            .bind(&digest.as_bytes()[..])
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?;
+        let row: Option<KeyRow> = timed(
+            "find_key",
+            sqlx::query_as(&sql)
+                .bind(&digest.as_bytes()[..])
+                .fetch_optional(&self.pool),
+        )
+        .await
+        .map_err(map_err)?;
         row.map(KeyRecord::try_from).transpose()
     }
 
@@ -592,6 +617,10 @@ impl Store for PostgresStore {
 
     fn watch(&self, tx: mpsc::Sender<Invalidation>) {
         tokio::spawn(listen(self.pool.clone(), tx));
+    }
+
+    fn pool_stats(&self) -> Option<(u32, usize)> {
+        Some((self.pool.size(), self.pool.num_idle()))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -99,6 +99,8 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             cache: CacheSettings::default(),
             max_message_bytes: opts.max_message_bytes,
             last_used_flush: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_secs(5),
+            tls: None,
             clock: Clock::system(),
         },
         listener,

@@ -1,0 +1,395 @@
+//! Running it in a cluster: Prometheus metrics, graceful shutdown, TLS and
+//! mutual TLS, readiness while the database is unreachable.
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use common::*;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tollgate::grpc::pb;
+use tollgate::store::{Invalidation, PostgresStore, Store};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// The metrics endpoint of this test binary (the recorder is process-global).
+fn metrics_addr() -> std::net::SocketAddr {
+    static ADDR: OnceLock<std::net::SocketAddr> = OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        // The exporter needs a runtime of its own that outlives each test's.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                tollgate::telemetry::install_metrics(port).unwrap();
+                tx.send(()).unwrap();
+                std::future::pending::<()>().await
+            });
+        });
+        rx.recv().unwrap();
+        port
+    })
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[sqlx::test]
+async fn metrics_report_decisions_caches_invalidations_database_and_quota_leases(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let addr = metrics_addr();
+    let mut a = spawn(&conn, "msgflash").await;
+    let mut b = spawn(&conn, "msgflash").await;
+    a.create_tenant("acme", "pro").await;
+    let (key, record) = a.create_key("acme").await;
+    assert!(b.authenticate(&key).await.allowed);
+    assert!(b.authenticate(&key).await.allowed);
+    let r = b
+        .authenticate_with(pb::AuthenticateRequest {
+            api_key: key.clone(),
+            cost: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(r.allowed);
+    let stranger = b.profile.key_format.generate("live");
+    for _ in 0..2 {
+        // The second time, the negative cache answers.
+        let r = b.authenticate(stranger.expose()).await;
+        assert_eq!(reason(&r), "KEY_UNKNOWN");
+    }
+    let mut seen = b.invalidations();
+    a.revoke(&record.key_id).await;
+    let id: uuid::Uuid = record.key_id.parse().unwrap();
+    wait_for(&mut seen, |e| *e == Invalidation::Key(id)).await;
+    b.running.heartbeat().await.unwrap();
+
+    let text = scrape(addr).await;
+    for series in [
+        "tollgate_decisions_total{",
+        "reason=\"KEY_UNKNOWN\"",
+        "credential=\"api_key\"",
+        "tollgate_decision_duration_seconds_bucket",
+        "tollgate_cache_lookups_total{cache=\"key\",result=\"hit\"}",
+        "tollgate_cache_lookups_total{cache=\"negative\"",
+        "tollgate_invalidations_received_total{kind=\"key\"}",
+        "tollgate_revocation_lag_seconds_bucket",
+        "tollgate_db_query_duration_seconds_bucket{query=\"find_key\"",
+        "tollgate_db_pool_connections{state=\"idle\"}",
+        "tollgate_quota_leases_total{result=\"granted\"}",
+        "tollgate_quota_lease_units_total{direction=\"leased\"}",
+        "tollgate_replicas",
+    ] {
+        assert!(text.contains(series), "{series} missing from:\n{text}");
+    }
+    assert!(!text.contains(&key), "no secret in metrics");
+}
+
+#[sqlx::test]
+async fn shutdown_lets_in_flight_calls_finish_and_returns_quota_leases(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "default").await;
+    t.create_tenant("acme", "pro").await;
+    let (key, _) = t.create_key("acme").await;
+    for _ in 0..3 {
+        let r = t
+            .authenticate_with(pb::AuthenticateRequest {
+                api_key: key.clone(),
+                cost: Some(1),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(r.allowed);
+    }
+
+    // Hold the tenant row so the next CreateKey blocks inside its transaction.
+    let db = pool_opts.connect_with(conn.clone()).await.unwrap();
+    let mut lock = db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM tenants WHERE tenant_id = 'acme' FOR UPDATE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let mut client = t.auth.clone();
+    let in_flight = tokio::spawn(async move {
+        client
+            .create_key(op(pb::CreateKeyRequest {
+                tenant_id: "acme".into(),
+                name: "in flight".into(),
+                ..Default::default()
+            }))
+            .await
+    });
+    // Signal: Postgres shows the CreateKey waiting on our lock.
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let mut health = t.health.clone();
+    let shutdown = tokio::spawn(t.running.shutdown());
+    // Shutdown starts by going NOT_SERVING, while the call is still held.
+    loop {
+        let s = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        if s.is_ok_and(|r| r.into_inner().status == ServingStatus::NotServing as i32) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(!in_flight.is_finished());
+    lock.commit().await.unwrap();
+    let created = in_flight.await.unwrap();
+    assert!(created.is_ok(), "the in-flight call finished: {created:?}");
+    shutdown.await.unwrap().unwrap();
+
+    let used: i64 =
+        sqlx::query_scalar("SELECT used FROM quota_usage WHERE limit_name = 'tenant_per_month'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(used, 3, "unused leased units were returned");
+    let replicas: i64 = sqlx::query_scalar("SELECT count(*) FROM replicas")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(replicas, 0, "the replica left the heartbeat table");
+}
+
+#[sqlx::test]
+async fn a_replica_started_while_the_database_is_down_becomes_ready_when_it_answers(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let proxy = Proxy::start(pg_addr(&conn)).await;
+    proxy.cut();
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy_with(proxy.options(&conn));
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::new(pool));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = tollgate::app::start(
+        tollgate::app::Parts {
+            profile: Arc::new(profile("default")),
+            peppers: peppers(),
+            store,
+            operator_token: None,
+            cache: Default::default(),
+            max_message_bytes: 65536,
+            last_used_flush: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_secs(1),
+            tls: None,
+            clock: tollgate::clock::Clock::system(),
+        },
+        listener,
+    )
+    .await
+    .unwrap();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", running.local_addr()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = |service: &str| tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    };
+    let ready = health.check(check("")).await.unwrap().into_inner().status;
+    assert_eq!(
+        ready,
+        ServingStatus::NotServing as i32,
+        "not ready without the database"
+    );
+    let live = health
+        .check(check("liveness"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        live,
+        ServingStatus::Serving as i32,
+        "but alive: a restart would not help"
+    );
+
+    let mut events = running.applied_invalidations();
+    proxy.restore();
+    wait_for(&mut events, |e| *e == Invalidation::Ready).await;
+    let ready = health.check(check("")).await.unwrap().into_inner().status;
+    assert_eq!(ready, ServingStatus::Serving as i32);
+}
+
+struct Pki {
+    ca_pem: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+    stranger_cert: String,
+    stranger_key: String,
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["localhost".into()]);
+    let (client_cert, client_key) = leaf(vec!["gateway".into()]);
+    let stranger_key = KeyPair::generate().unwrap();
+    let stranger = CertificateParams::new(vec!["stranger".to_string()])
+        .unwrap()
+        .self_signed(&stranger_key)
+        .unwrap();
+    Pki {
+        ca_pem: ca.pem(),
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+        stranger_cert: stranger.pem(),
+        stranger_key: stranger_key.serialize_pem(),
+    }
+}
+
+async fn tls_health(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<i32, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "liveness".into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[tokio::test]
+async fn mutual_tls_admits_clients_with_a_trusted_certificate_only_and_reloads_certificates() {
+    let pki = pki();
+    let dir = std::env::temp_dir().join(format!("tollgate-tls-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let settings = tollgate::tls::TlsSettings {
+        cert_file: write("tls.crt", &pki.server_cert),
+        key_file: write("tls.key", &pki.server_key),
+        client_ca_file: Some(write("ca.crt", &pki.ca_pem)),
+        reload_seconds: 1,
+    };
+    let tls = tollgate::tls::Reloading::start(settings).unwrap();
+    let store: Arc<dyn Store> = Arc::new(tollgate::store::MemoryStore::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = tollgate::app::start(
+        tollgate::app::Parts {
+            profile: Arc::new(profile("default")),
+            peppers: peppers(),
+            store,
+            operator_token: None,
+            cache: Default::default(),
+            max_message_bytes: 65536,
+            last_used_flush: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_secs(1),
+            tls: Some(tls.clone()),
+            clock: tollgate::clock::Clock::system(),
+        },
+        listener,
+    )
+    .await
+    .unwrap();
+    let addr = running.local_addr();
+    let serving = ServingStatus::Serving as i32;
+    let client = Some((pki.client_cert.as_str(), pki.client_key.as_str()));
+
+    assert_eq!(tls_health(addr, &pki.ca_pem, client).await, Ok(serving));
+    assert!(
+        tls_health(addr, &pki.ca_pem, None).await.is_err(),
+        "no client certificate"
+    );
+    let stranger = Some((pki.stranger_cert.as_str(), pki.stranger_key.as_str()));
+    assert!(
+        tls_health(addr, &pki.ca_pem, stranger).await.is_err(),
+        "a certificate the CA did not sign"
+    );
+
+    // Rotate to a certificate from a new CA: the running server picks it up.
+    let next = self::pki();
+    let mut reloaded = tls.subscribe();
+    write("ca.crt", &next.ca_pem);
+    write("tls.key", &next.server_key);
+    write("tls.crt", &next.server_cert);
+    reloaded.recv().await.unwrap();
+    let next_client = Some((next.client_cert.as_str(), next.client_key.as_str()));
+    assert_eq!(
+        tls_health(addr, &next.ca_pem, next_client).await,
+        Ok(serving)
+    );
+    assert!(
+        tls_health(addr, &pki.ca_pem, client).await.is_err(),
+        "old chain retired"
+    );
+    running.shutdown().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
