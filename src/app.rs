@@ -347,3 +347,14 @@ impl Running {
         this.shutdown().await
     }
 }
+
+impl Drop for Running {
+    /// A `Running` dropped without `shutdown` stops at once (as `kill`), so
+    /// its tasks do not outlive it holding database connections.
+    fn drop(&mut self) {
+        self.server.abort();
+        for task in &self.background {
+            task.abort();
+        }
+    }
+}

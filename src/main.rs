@@ -142,7 +142,10 @@ async fn migrate_with_retry(store: &PostgresStore) -> anyhow::Result<()> {
 fn is_unreachable(e: &sqlx::Error) -> bool {
     matches!(
         e,
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
     )
 }
 

@@ -8,7 +8,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 
 use common::{OPERATOR_TOKEN, PEPPER};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -19,24 +19,18 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-/// `tollgate <args>` with a clean environment.
-fn tollgate(args: &[&str]) -> Command {
+/// `tollgate <command line>` (split at spaces) with a clean environment.
+fn tollgate(command_line: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-    cmd.args(args).env_clear().env("NO_COLOR", "1");
+    cmd.args(command_line.split_whitespace())
+        .env_clear()
+        .env("NO_COLOR", "1");
     for var in ["PATH", "HOME"] {
         if let Some(value) = std::env::var_os(var) {
             cmd.env(var, value);
         }
     }
     cmd
-}
-
-/// Runs a command that must fail at start; returns its stderr.
-fn fails_at_start(cmd: &mut Command) -> String {
-    let out: Output = cmd.stdin(Stdio::null()).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "expected failure; stderr:\n{stderr}");
-    stderr
 }
 
 /// A config file holding `toml`, unique to this call.
@@ -108,11 +102,14 @@ impl Process {
         panic!("tollgate closed its output; it printed:\n{}", self.output());
     }
 
-    /// Sends SIGTERM and waits for the exit; drains the remaining output.
-    async fn terminate(&mut self) -> ExitStatus {
+    fn sigterm(&self) {
         let pid = self.child.id().to_string();
         let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(kill.success(), "kill -TERM {pid} failed");
+    }
+
+    /// Reads the remaining output, then the exit status.
+    async fn exit_status(&mut self) -> ExitStatus {
         while let Some(line) = self.lines.recv().await {
             self.seen.push(line);
         }
@@ -137,7 +134,7 @@ fn after<'a>(line: &'a str, label: &str) -> Option<&'a str> {
 
 #[tokio::test]
 async fn dev_mode_prints_a_working_key_and_operator_token() {
-    let mut dev = Process::spawn(&mut tollgate(&["dev", "--listen", "127.0.0.1:0"]));
+    let mut dev = Process::spawn(&mut tollgate("dev --listen 127.0.0.1:0"));
     let addr: SocketAddr = dev
         .read_until(|l| after(l, "listening on ").map(|a| a.parse().unwrap()))
         .await;
@@ -189,48 +186,69 @@ async fn dev_mode_prints_a_working_key_and_operator_token() {
     );
 }
 
-#[test]
-fn an_unparseable_listen_address_in_the_config_file_is_refused_by_name() {
+/// Runs `cmd`, which must exit non-zero before it listens; returns its output.
+/// If it starts listening instead, fails at once (and kills it on drop).
+async fn refused(cmd: &mut Command) -> String {
+    let mut process = Process::spawn(cmd);
+    while let Some(line) = process.lines.recv().await {
+        let started = line.contains("tollgate listening");
+        process.seen.push(line);
+        assert!(!started, "tollgate started anyway:\n{}", process.output());
+    }
+    let status = process.child.wait().unwrap();
+    assert!(!status.success(), "{status:?}\n{}", process.output());
+    process.output()
+}
+
+#[tokio::test]
+async fn an_unparseable_listen_address_in_the_config_file_is_refused_by_name() {
     let file = config_file("listen = \"nope\"\n");
-    let stderr = fails_at_start(tollgate(&["dev"]).arg("--config").arg(&file));
+    let stderr = refused(tollgate("dev").arg("--config").arg(&file)).await;
     assert!(stderr.contains("listen"), "{stderr}");
     std::fs::remove_file(file).unwrap();
 }
 
-#[test]
-fn serve_without_a_pepper_is_refused_by_name() {
-    let url = url_of_database("postgres");
-    let stderr = fails_at_start(&mut tollgate(&["serve", "--database-url", &url]));
-    assert!(stderr.contains("pepper"), "{stderr}");
+/// Upper-case `TOLLGATE_*` names are the documented form (they were once
+/// silently ignored, so this would start instead of failing).
+#[tokio::test]
+async fn a_bad_value_in_the_environment_is_refused_by_name() {
+    let mut cmd = tollgate("dev --listen 127.0.0.1:0");
+    let stderr = refused(cmd.env("TOLLGATE_MAX_MESSAGE_BYTES", "10")).await;
+    assert!(stderr.contains("max_message_bytes"), "{stderr}");
 }
 
-#[test]
-fn a_misspelt_cache_setting_is_refused_by_name() {
+#[tokio::test]
+async fn serve_without_a_pepper_is_refused_by_name() {
+    let url = url_of_database("postgres");
+    let mut cmd = tollgate(&format!("serve --listen 127.0.0.1:0 --database-url {url}"));
+    let stderr = refused(&mut cmd).await;
+    assert!(stderr.contains("`pepper`"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_misspelt_cache_setting_is_refused_by_name() {
     let file = config_file("[cache]\nttl_secs = 30\n");
-    let stderr = fails_at_start(tollgate(&["dev"]).arg("--config").arg(&file));
+    let mut cmd = tollgate("dev --listen 127.0.0.1:0 --config");
+    let stderr = refused(cmd.arg(&file)).await;
     assert!(stderr.contains("ttl_secs"), "{stderr}");
     std::fs::remove_file(file).unwrap();
 }
 
-#[test]
-fn a_short_operator_token_is_refused_by_name_without_echoing_it() {
-    let stderr = fails_at_start(&mut tollgate(&["dev", "--operator-token", "tiny-tok"]));
-    assert!(stderr.contains("operator_token"), "{stderr}");
+#[tokio::test]
+async fn a_short_operator_token_is_refused_by_name_without_echoing_it() {
+    let mut cmd = tollgate("dev --listen 127.0.0.1:0 --operator-token tiny-tok");
+    let stderr = refused(&mut cmd).await;
+    assert!(stderr.contains("`operator_token`"), "{stderr}");
     assert!(!stderr.contains("tiny-tok"), "{stderr}");
 }
 
-async fn table_names(pool: &sqlx::PgPool) -> Vec<String> {
-    sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'")
-        .fetch_all(pool)
-        .await
-        .unwrap()
-}
-
-async fn applied_migrations(pool: &sqlx::PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-        .fetch_one(pool)
-        .await
-        .unwrap()
+async fn public_tables(pool: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 #[sqlx::test(migrations = false)]
@@ -240,36 +258,40 @@ async fn migrate_creates_the_schema_and_running_it_again_changes_nothing(
 ) {
     let pool = pool_opts.connect_with(conn.clone()).await.unwrap();
     let url = url_of_database(conn.get_database().unwrap());
-    assert!(!table_names(&pool).await.contains(&"tenants".to_string()));
+    let migrate = || {
+        tollgate(&format!("migrate --database-url {url}"))
+            .output()
+            .unwrap()
+    };
+    let applied = "SELECT count(*) FROM _sqlx_migrations WHERE success";
+    assert_eq!(public_tables(&pool).await, Vec::<String>::new());
 
-    let first = tollgate(&["migrate", "--database-url", &url])
-        .output()
-        .unwrap();
+    let first = migrate();
     assert!(first.status.success(), "{first:?}");
-    let tables = table_names(&pool).await;
+    let tables = public_tables(&pool).await;
     for table in ["tenants", "api_keys"] {
         assert!(tables.contains(&table.to_string()), "{tables:?}");
     }
-    let applied = applied_migrations(&pool).await;
-    assert!(applied >= 1);
+    let migrations: i64 = sqlx::query_scalar(applied).fetch_one(&pool).await.unwrap();
+    assert!(migrations >= 1);
 
-    let again = tollgate(&["migrate", "--database-url", &url])
-        .output()
-        .unwrap();
+    let again = migrate();
     assert!(again.status.success(), "{again:?}");
-    assert_eq!(applied_migrations(&pool).await, applied);
-    assert_eq!(table_names(&pool).await.len(), tables.len());
+    assert_eq!(public_tables(&pool).await, tables);
+    let after: i64 = sqlx::query_scalar(applied).fetch_one(&pool).await.unwrap();
+    assert_eq!(after, migrations);
 }
 
 #[sqlx::test(migrations = false)]
-async fn serve_becomes_healthy_on_postgres_and_exits_cleanly_on_sigterm(
+async fn serve_becomes_healthy_on_postgres_then_on_sigterm_reports_not_serving_and_exits_cleanly(
     _pool: PgPoolOptions,
     conn: PgConnectOptions,
 ) {
+    // An empty database: `serve` applies the migrations itself on start.
     let url = url_of_database(conn.get_database().unwrap());
     let pepper = std::str::from_utf8(PEPPER).unwrap();
     let mut serve = Process::spawn(
-        tollgate(&["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
+        tollgate(&format!("serve --listen 127.0.0.1:0 --database-url {url}"))
             .env("TOLLGATE_PEPPER", pepper)
             .env("TOLLGATE_OPERATOR_TOKEN", OPERATOR_TOKEN)
             .env("TOLLGATE_LOG_FORMAT", "json"),
@@ -297,19 +319,17 @@ async fn serve_becomes_healthy_on_postgres_and_exits_cleanly_on_sigterm(
         .await
         .unwrap()
         .into_inner();
-    loop {
-        let update = updates
-            .message()
-            .await
-            .unwrap()
-            .expect("health stream open");
-        if update.status == ServingStatus::Serving as i32 {
-            break;
-        }
-    }
-    drop((updates, health));
+    let mut next_status = async || {
+        let update = updates.message().await.unwrap();
+        update.expect("health stream stays open").status
+    };
+    while next_status().await != ServingStatus::Serving as i32 {}
 
-    let status = serve.terminate().await;
+    // Watchers learn at once that this replica is leaving, then it exits.
+    serve.sigterm();
+    while next_status().await != ServingStatus::NotServing as i32 {}
+    drop((updates, health));
+    let status = serve.exit_status().await;
     assert!(status.success(), "{status:?}; output:\n{}", serve.output());
     let output = serve.output();
     assert!(output.contains("shutting down"), "{output}");

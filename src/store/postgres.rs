@@ -64,6 +64,9 @@ fn map_err(e: sqlx::Error) -> StoreError {
         | sqlx::Error::PoolClosed
         | sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
+        // A link cut mid-handshake (e.g. during SSL negotiation) surfaces
+        // as a protocol error: the database is unreachable, not broken.
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
         sqlx::Error::Database(db) => match db.code().as_deref() {
             Some("23505") => StoreError::AlreadyExists,
