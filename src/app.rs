@@ -17,6 +17,7 @@ use crate::cache::{CacheSettings, Caches};
 use crate::clock::Clock;
 use crate::crypto::Peppers;
 use crate::grpc::auth_api::AuthApi;
+use crate::grpc::envoy::{AuthorizationServer, EnvoyAuthz, EnvoySettings};
 use crate::grpc::operator::OperatorGuard;
 use crate::grpc::pb::auth_service_server::AuthServiceServer;
 use crate::grpc::pb::tenant_service_server::TenantServiceServer;
@@ -36,6 +37,8 @@ pub struct Parts {
     pub max_message_bytes: usize,
     pub last_used_flush: Duration,
     pub clock: Clock,
+    /// The Envoy ext_authz adapter's settings.
+    pub envoy: EnvoySettings,
 }
 
 /// A started instance.
@@ -128,6 +131,12 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         .build_v1alpha()
         .map_err(std::io::Error::other)?;
     let max = parts.max_message_bytes;
+    let envoy = AuthorizationServer::new(EnvoyAuthz::new(
+        authz.clone(),
+        parts.clock.clone(),
+        &parts.envoy,
+    ))
+    .max_decoding_message_size(max);
     let auth = AuthServiceServer::new(AuthApi {
         authz,
         manager: manager.clone(),
@@ -148,6 +157,7 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
             .add_service(reflection_alpha)
             .add_service(auth)
             .add_service(tenants)
+            .add_service(envoy)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = signal.await;
             }),

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheSettings;
 use crate::crypto::{Pepper, Peppers};
+use crate::grpc::envoy::EnvoySettings;
 use crate::profile::Profile;
 
 /// A pepper kept from before a rotation.
@@ -96,6 +97,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// `tracing` filter, e.g. `info` or `tollgate=debug,info`.
     pub log_level: String,
+    /// Envoy ext_authz adapter (`[envoy]`).
+    pub envoy: EnvoySettings,
 }
 
 impl Default for Settings {
@@ -116,6 +119,7 @@ impl Default for Settings {
             last_used_flush_seconds: 10,
             log_format: LogFormat::Text,
             log_level: "info".into(),
+            envoy: EnvoySettings::default(),
         }
     }
 }
@@ -137,6 +141,7 @@ const ENV_KEYS: &[&str] = &[
     "last_used_flush_seconds",
     "log_format",
     "log_level",
+    "envoy",
 ];
 
 /// Settings given as command-line flags (highest precedence).

@@ -186,6 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_message_bytes: settings.max_message_bytes,
             last_used_flush: Duration::from_secs(settings.last_used_flush_seconds),
             clock: Clock::system(),
+            envoy: settings.envoy.clone(),
         },
         listener,
     )

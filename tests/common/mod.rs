@@ -100,6 +100,7 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             max_message_bytes: opts.max_message_bytes,
             last_used_flush: Duration::from_secs(3600),
             clock: Clock::system(),
+            envoy: Default::default(),
         },
         listener,
     )
