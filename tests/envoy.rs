@@ -548,7 +548,7 @@ async fn msgflash_routes_carry_their_own_policy_and_the_console_takes_no_api_key
 }
 
 #[sqlx::test]
-async fn a_denial_echoes_the_request_id_and_an_allow_keeps_other_authorization(
+async fn a_denial_carries_the_request_id_and_an_allow_keeps_unrelated_authorization(
     _p: PgPoolOptions,
     conn: PgConnectOptions,
 ) {
@@ -558,23 +558,40 @@ async fn a_denial_echoes_the_request_id_and_an_allow_keeps_other_authorization(
     t.create_tenant("acme", "business").await;
     let (secret, _) = t.create_key("acme").await;
 
-    // The request id the denial carries is the one the upstream would see.
-    let r = envoy.get("/api/v1/account", &[]).await;
-    assert_eq!(r.status, 401);
-    let denied_id = r.header("x-request-id").to_string();
+    // "Contact support with request ID": the id Envoy uses for the request
+    // (the caller's, which Envoy keeps for this trusted loopback client)...
     let r = envoy
-        .get("/api/v1/account", &[("x-api-key", &secret)])
+        .get("/api/v1/account", &[("x-request-id", "ticket-42")])
         .await;
-    let allowed_id = r.json()["headers"]["x-request-id"][0]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(
-        denied_id.len(),
-        allowed_id.len(),
-        "{denied_id} / {allowed_id}"
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("x-request-id"), "ticket-42");
+    // ...or the one Envoy generated.
+    let r = envoy.get("/api/v1/account", &[]).await;
+    assert!(
+        uuid::Uuid::parse_str(r.header("x-request-id")).is_ok(),
+        "{r:?}"
     );
-    assert_ne!(denied_id, allowed_id);
+
+    // Only the credential is taken off the request; another scheme in
+    // Authorization is the upstream's business. Limit headers a client made
+    // up are dropped when Tollgate has none to give.
+    let r = envoy
+        .get(
+            "/api/v1/account",
+            &[
+                ("x-api-key", &secret),
+                ("authorization", "Basic dXNlcjpwYXNz"),
+                ("x-request-id", "ticket-43"),
+                ("x-tollgate-ratelimit-remaining", "1000000"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = &r.json()["headers"];
+    assert_eq!(seen["authorization"], json!(["Basic dXNlcjpwYXNz"]));
+    assert_eq!(seen["x-request-id"], json!(["ticket-43"]));
+    assert_eq!(seen.get("x-tollgate-ratelimit-remaining"), None);
+    assert_eq!(seen.get("x-api-key"), None);
 }
 
 #[sqlx::test]
