@@ -1,7 +1,15 @@
 //! Unit tests of the ext_authz adapter's conversions.
 
+use super::response::*;
 use super::*;
 use crate::domain::TenantId;
+use crate::domain::{CredentialType, LimitStatus, Principal, Reason, Verdict};
+use chrono::{DateTime, Utc};
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::google::protobuf::value::Kind;
+use tonic::Code;
 
 fn profile(name: &str) -> Profile {
     let text = std::fs::read_to_string(format!(
@@ -218,20 +226,23 @@ fn the_credential_headers_are_removed_and_unrelated_authorization_is_kept() {
         ("x-api-key", "msgf_live_x"),
         ("authorization", "Basic dTpw"),
     ]);
-    assert_eq!(credential_headers(&p, public, &by_header), ["x-api-key"]);
+    assert_eq!(
+        CredentialHeaders::new(&p).to_remove(public, &by_header),
+        ["x-api-key"]
+    );
     let smuggled = req(&[
         ("x-api-key", "msgf_live_x"),
         ("authorization", "Bearer msgf_live_y"),
     ]);
     assert_eq!(
-        credential_headers(&p, public, &smuggled),
+        CredentialHeaders::new(&p).to_remove(public, &smuggled),
         ["x-api-key", "authorization"]
     );
     let mailsage = profile("mailsage");
     let bearer = req(&[("authorization", "Bearer ms_live_z")]);
     let surface = mailsage.surface("").unwrap();
     assert_eq!(
-        credential_headers(&mailsage, surface, &bearer),
+        CredentialHeaders::new(&mailsage).to_remove(surface, &bearer),
         ["authorization"]
     );
 }
@@ -259,4 +270,19 @@ fn the_header_prefix_is_validated_when_loaded() {
         toml::from_str::<EnvoySettings>("").unwrap(),
         EnvoySettings::default()
     );
+}
+
+#[test]
+fn a_bad_header_prefix_stops_the_config_naming_the_field() {
+    let dir = std::env::temp_dir().join(format!("tg-envoy-cfg-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.toml");
+    std::fs::write(&file, "[envoy]\nheader_prefix = \"X Gateway \"\n").unwrap();
+    let flags = crate::config::FlagOverrides::default();
+    let err = crate::config::Settings::load(Some(&file), &flags).unwrap_err();
+    assert!(err.to_string().contains("header_prefix"), "{err}");
+    std::fs::write(&file, "[envoy]\nheader_prefix = \"x-gw-\"\n").unwrap();
+    let s = crate::config::Settings::load(Some(&file), &flags).unwrap();
+    assert_eq!(s.envoy.header_prefix, "x-gw-");
+    let _ = std::fs::remove_dir_all(dir);
 }
