@@ -17,6 +17,7 @@ use crate::cache::{CacheSettings, Caches};
 use crate::clock::Clock;
 use crate::crypto::Peppers;
 use crate::grpc::auth_api::AuthApi;
+use crate::grpc::envoy::{AuthorizationServer, EnvoyAuthz, EnvoySettings};
 use crate::grpc::operator::OperatorGuard;
 use crate::grpc::pb::auth_service_server::AuthServiceServer;
 use crate::grpc::pb::tenant_service_server::TenantServiceServer;
@@ -40,6 +41,8 @@ pub struct Parts {
     /// TLS (and client certificate checking) for the gRPC port.
     pub tls: Option<Arc<crate::tls::Reloading>>,
     pub clock: Clock,
+    /// The Envoy ext_authz adapter's settings.
+    pub envoy: EnvoySettings,
 }
 
 /// A started instance.
@@ -190,6 +193,12 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         .map_err(std::io::Error::other)?;
     let max = parts.max_message_bytes;
     let authz_handle = authz.clone();
+    let envoy = AuthorizationServer::new(EnvoyAuthz::new(
+        authz.clone(),
+        parts.clock.clone(),
+        &parts.envoy,
+    ))
+    .max_decoding_message_size(max);
     let auth = AuthServiceServer::new(AuthApi {
         authz,
         manager: manager.clone(),
@@ -208,7 +217,8 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(auth)
-        .add_service(tenants);
+        .add_service(tenants)
+        .add_service(envoy);
     let stop = async {
         let _ = signal.await;
     };

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheSettings;
 use crate::crypto::{Pepper, Peppers};
+use crate::grpc::envoy::EnvoySettings;
 use crate::profile::Profile;
 
 /// A pepper kept from before a rotation.
@@ -102,6 +103,8 @@ pub struct Settings {
     pub shutdown_grace_seconds: u64,
     /// TLS for the gRPC port; absent = plaintext.
     pub tls: Option<crate::tls::TlsSettings>,
+    /// Envoy ext_authz adapter (`[envoy]`).
+    pub envoy: EnvoySettings,
 }
 
 impl Default for Settings {
@@ -125,6 +128,7 @@ impl Default for Settings {
             metrics_listen: None,
             shutdown_grace_seconds: 20,
             tls: None,
+            envoy: EnvoySettings::default(),
         }
     }
 }
@@ -149,6 +153,7 @@ const ENV_KEYS: &[&str] = &[
     "metrics_listen",
     "shutdown_grace_seconds",
     "tls",
+    "envoy",
 ];
 
 /// Settings given as command-line flags (highest precedence).

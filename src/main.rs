@@ -241,6 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown_grace: Duration::from_secs(settings.shutdown_grace_seconds),
             tls,
             clock: Clock::system(),
+            envoy: settings.envoy.clone(),
         },
         listener,
     )

@@ -211,6 +211,7 @@ async fn a_replica_started_while_the_database_is_down_becomes_ready_when_it_answ
             shutdown_grace: Duration::from_secs(1),
             tls: None,
             clock: tollgate::clock::Clock::system(),
+            envoy: Default::default(),
         },
         listener,
     )
@@ -354,6 +355,7 @@ async fn mutual_tls_admits_clients_with_a_trusted_certificate_only_and_reloads_c
             shutdown_grace: Duration::from_secs(1),
             tls: Some(tls.clone()),
             clock: tollgate::clock::Clock::system(),
+            envoy: Default::default(),
         },
         listener,
     )

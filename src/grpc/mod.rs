@@ -2,6 +2,7 @@
 
 pub mod auth_api;
 pub mod convert;
+pub mod envoy;
 pub mod operator;
 pub mod status;
 pub mod tenant_api;

@@ -102,6 +102,7 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             shutdown_grace: Duration::from_secs(5),
             tls: None,
             clock: Clock::system(),
+            envoy: Default::default(),
         },
         listener,
     )

