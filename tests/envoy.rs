@@ -718,3 +718,39 @@ fn every_example_config_is_valid_for_envoy() {
         ]
     );
 }
+
+#[sqlx::test]
+async fn msgflash_rate_limit_through_envoy_is_429_with_retry_after_and_ratelimit_headers(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "msgflash").await;
+    // No time passes between requests: the 10/s limit is exact.
+    t.running
+        .clock()
+        .freeze_at("2026-11-23T10:00:00Z".parse().unwrap());
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start("msgflash", t.running.local_addr(), upstream.addr).await;
+    t.create_tenant("acme", "pro").await;
+    let (secret, _) = t.create_key("acme").await;
+    for i in 0..10 {
+        let r = envoy
+            .get("/api/v1/messages/send", &[("x-api-key", &secret)])
+            .await;
+        assert_eq!(r.status, 200, "request {i}: {r:?}");
+        assert_eq!(r.header("ratelimit-limit"), "10");
+    }
+    let r = envoy
+        .get("/api/v1/messages/send", &[("x-api-key", &secret)])
+        .await;
+    let body = json!({"error": {"code": "API_RATE_LIMIT_EXCEEDED",
+        "message": "More than 10 requests/second on the same key"}});
+    assert_denied(&r, 429, &body, "eleventh request in one second");
+    assert_eq!(r.header("retry-after"), "1");
+    assert_eq!(r.header("ratelimit-remaining"), "0");
+    assert_eq!(
+        upstream.hits(),
+        10,
+        "the refused request never reached the upstream"
+    );
+}
