@@ -15,7 +15,9 @@ use tonic_health::ServingStatus;
 use crate::authz::{Authenticator, UsageRecorder};
 use crate::cache::{CacheSettings, Caches};
 use crate::clock::Clock;
+use crate::crypto::jwks::RefreshStats;
 use crate::crypto::Peppers;
+use crate::dashboard::Dashboard;
 use crate::grpc::auth_api::AuthApi;
 use crate::grpc::operator::OperatorGuard;
 use crate::grpc::pb::auth_service_server::AuthServiceServer;
@@ -32,6 +34,8 @@ pub struct Parts {
     pub peppers: Peppers,
     pub store: Arc<dyn Store>,
     pub operator_token: Option<SecretString>,
+    /// JWT issuers and console (dashboard surface); default: none.
+    pub dashboard: Dashboard,
     pub cache: CacheSettings,
     pub max_message_bytes: usize,
     pub last_used_flush: Duration,
@@ -52,6 +56,7 @@ pub struct Running {
     applied: broadcast::Sender<Invalidation>,
     authz: Arc<Authenticator>,
     replica_id: uuid::Uuid,
+    jwks: Vec<(String, Arc<RefreshStats>)>,
 }
 
 /// How often a replica announces itself, and when it counts as gone.
@@ -68,18 +73,22 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
 
 /// Starts serving on `listener`. Health is NOT_SERVING until the
 /// invalidation feed is live, and again whenever it is lost.
-pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Running> {
+pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
+    let (jwks_tasks, jwks) = parts.dashboard.start_refreshers();
     let caches = Arc::new(Caches::new(&parts.cache));
     let usage = Arc::new(UsageRecorder::default());
-    let authz = Arc::new(Authenticator::new(
-        parts.profile.clone(),
-        parts.peppers.clone(),
-        parts.store.clone(),
-        caches.clone(),
-        usage.clone(),
-        parts.clock.clone(),
-    ));
+    let authz = Arc::new(
+        Authenticator::new(
+            parts.profile.clone(),
+            parts.peppers.clone(),
+            parts.store.clone(),
+            caches.clone(),
+            usage.clone(),
+            parts.clock.clone(),
+        )
+        .with_jwt(parts.dashboard.verifier.clone()),
+    );
     let manager = Arc::new(
         Manager::new(
             parts.profile.clone(),
@@ -186,9 +195,13 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         manager,
         shutdown: Some(shutdown),
         server,
-        background: vec![invalidations, last_used, heartbeat],
+        background: [invalidations, last_used, heartbeat]
+            .into_iter()
+            .chain(jwks_tasks)
+            .collect(),
         authz: authz_handle,
         replica_id,
+        jwks,
         usage,
         store: parts.store,
         applied,
@@ -214,6 +227,11 @@ impl Running {
     /// The management operations, for in-process setup (dev mode).
     pub fn manager(&self) -> &Arc<Manager> {
         &self.manager
+    }
+
+    /// JWKS refresh counters, by issuer (tests wait on them).
+    pub fn jwks_refreshes(&self, issuer: &str) -> Option<&Arc<RefreshStats>> {
+        self.jwks.iter().find(|(i, _)| i == issuer).map(|(_, s)| s)
     }
 
     /// Invalidations as this instance applies them (after its caches are

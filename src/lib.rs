@@ -1,4 +1,4 @@
-//! Tollgate: a gRPC authorization service. API keys (and later JWTs) in;
+//! Tollgate: a gRPC authorization service. API keys and JWTs in;
 //! decisions, principals and limits out. See README.md and DESIGN.md.
 #![forbid(unsafe_code)]
 
@@ -8,6 +8,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod crypto;
+pub mod dashboard;
 pub mod domain;
 pub mod error;
 pub mod grpc;

@@ -15,6 +15,7 @@ use tollgate::app::{self, Parts};
 use tollgate::clock::Clock;
 use tollgate::config::{FlagOverrides, Settings};
 use tollgate::crypto::{Pepper, Peppers};
+use tollgate::dashboard::Dashboard;
 use tollgate::manage::{CreateKeyInput, CreateTenantInput};
 use tollgate::store::{MemoryStore, PostgresStore, Store};
 
@@ -170,6 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         (Arc::new(store), peppers)
     };
 
+    let dashboard = Dashboard::from_settings(&settings.jwt, Vec::new())?;
     let listener = TcpListener::bind(settings.listen).await.with_context(|| {
         format!(
             "configuration field `listen`: cannot bind {}",
@@ -182,6 +184,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             peppers,
             store,
             operator_token,
+            dashboard,
             cache: settings.cache.clone(),
             max_message_bytes: settings.max_message_bytes,
             last_used_flush: Duration::from_secs(settings.last_used_flush_seconds),
