@@ -15,12 +15,16 @@ use tonic_health::ServingStatus;
 use crate::authz::{Authenticator, UsageRecorder};
 use crate::cache::{CacheSettings, Caches};
 use crate::clock::Clock;
+use crate::console::Console;
 use crate::crypto::jwks::RefreshStats;
 use crate::crypto::Peppers;
 use crate::dashboard::Dashboard;
 use crate::grpc::auth_api::AuthApi;
+use crate::grpc::caller::CallerGuard;
+use crate::grpc::console_api::ConsoleApi;
 use crate::grpc::operator::OperatorGuard;
 use crate::grpc::pb::auth_service_server::AuthServiceServer;
+use crate::grpc::pb::console_service_server::ConsoleServiceServer;
 use crate::grpc::pb::tenant_service_server::TenantServiceServer;
 use crate::grpc::pb::FILE_DESCRIPTOR_SET;
 use crate::grpc::tenant_api::TenantApi;
@@ -99,6 +103,27 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         .with_caches(caches.clone()),
     );
     let guard = OperatorGuard::new(parts.operator_token.as_ref());
+    let console_parts = parts.dashboard.console.take();
+    let console_issuer = console_parts
+        .as_ref()
+        .filter(|c| c.signer.is_some())
+        .map(|c| c.settings.issuer.clone());
+    let callers = CallerGuard::new(
+        guard.clone(),
+        parts.dashboard.verifier.clone(),
+        console_issuer,
+        parts.clock.clone(),
+    );
+    let console = console_parts.as_ref().and_then(|c| {
+        let signer = c.signer.clone()?;
+        Some(Arc::new(Console::new(
+            parts.profile.clone(),
+            c.store.clone(),
+            signer,
+            c.settings.clone(),
+            parts.clock.clone(),
+        )))
+    });
 
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
@@ -176,6 +201,13 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     })
     .max_decoding_message_size(max);
 
+    let console_api = ConsoleServiceServer::new(ConsoleApi {
+        console,
+        store: console_parts.map(|c| c.store),
+        guard: callers.clone(),
+    })
+    .max_decoding_message_size(max);
+
     let (shutdown, signal) = oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -184,6 +216,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
             .add_service(reflection_alpha)
             .add_service(auth)
             .add_service(tenants)
+            .add_service(console_api)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = signal.await;
             }),

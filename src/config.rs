@@ -12,8 +12,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheSettings;
-use crate::crypto::issuers::JwtSettings;
 use crate::crypto::{Pepper, Peppers};
+use crate::dashboard::JwtSettings;
 use crate::profile::Profile;
 
 /// A pepper kept from before a rotation.

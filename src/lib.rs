@@ -2,11 +2,13 @@
 //! decisions, principals and limits out. See README.md and DESIGN.md.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod app;
 pub mod authz;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod crypto;
 pub mod dashboard;
 pub mod domain;

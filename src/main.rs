@@ -171,7 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         (Arc::new(store), peppers)
     };
 
-    let dashboard = Dashboard::from_settings(&settings.jwt, Vec::new())?;
+    let dashboard = Dashboard::configure(&settings.jwt, &store, dev)?;
     let listener = TcpListener::bind(settings.listen).await.with_context(|| {
         format!(
             "configuration field `listen`: cannot bind {}",

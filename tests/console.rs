@@ -1,12 +1,21 @@
 //! The dashboard surface over real gRPC against real Postgres: JWTs from
 //! several issuers (secrets, PEM keys, JWKS files and URLs), key rotation
-//! through JWKS, and the refusals.
+//! through JWKS, and the refusals; console accounts (sign-up, login,
+//! refresh rotation, email verification, password reset, throttling);
+//! tenant-scoped management by console users; the audit log; and no secret
+//! in the logs.
 
+#[path = "console/accounts.rs"]
+mod accounts;
 mod common;
+#[path = "console/harness.rs"]
+mod harness;
 #[path = "console/jwks_server.rs"]
 mod jwks_server;
 #[path = "support/jwt_keys.rs"]
 mod jwt_keys;
+#[path = "console/logs.rs"]
+mod logs;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,8 +28,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use common::*;
 use jwks_server::JwksServer;
 use jwt_keys::{claims, hs256_with, unsigned, TestKey};
-use tollgate::crypto::issuers::{IssuerSettings, JwtSettings, PublicKeySettings};
-use tollgate::dashboard::Dashboard;
+use tollgate::crypto::issuers::{IssuerSettings, PublicKeySettings};
+use tollgate::dashboard::{Dashboard, JwtSettings};
 use tollgate::grpc::pb;
 
 const AUD: &str = "msgflash-dashboard";
@@ -36,9 +45,12 @@ fn issuer(name: &str) -> IssuerSettings {
 }
 
 async fn spawn_dashboard(conn: &PgConnectOptions, issuers: Vec<IssuerSettings>) -> Tollgate {
-    let settings = JwtSettings { issuers };
+    let settings = JwtSettings {
+        issuers,
+        ..JwtSettings::default()
+    };
     let mut opts = Options::new(profile("msgflash"));
-    opts.dashboard = Dashboard::from_settings(&settings, Vec::new()).unwrap();
+    opts.dashboard = Dashboard::new(&settings, None).unwrap();
     spawn_with(conn, opts).await
 }
 

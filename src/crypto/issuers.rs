@@ -105,13 +105,6 @@ fn ser_opt_secret<S: serde::Serializer>(
     }
 }
 
-/// The `[jwt]` section: trusted external issuers (`[[jwt.issuers]]`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct JwtSettings {
-    pub issuers: Vec<IssuerSettings>,
-}
-
 /// A setting that cannot be used: the field (under `jwt.issuers[i]`) and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("configuration field `{field}`: {message}")]

@@ -14,11 +14,13 @@ use crate::crypto::KeyDigest;
 use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 
 #[derive(Default)]
-struct State {
-    tenants: BTreeMap<TenantId, Tenant>,
+pub(super) struct State {
+    pub(super) tenants: BTreeMap<TenantId, Tenant>,
     keys: BTreeMap<KeyId, KeyRecord>,
     by_digest: HashMap<KeyDigest, KeyId>,
     quotas: HashMap<QuotaCounter, u64>,
+    /// Console users, tokens and audit events (`console_memory.rs`).
+    pub(super) console: super::console_memory::ConsoleState,
 }
 
 impl State {
@@ -61,7 +63,7 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -330,6 +332,12 @@ impl Store for MemoryStore {
                 }
             }
         });
+    }
+
+    fn console_store(
+        self: std::sync::Arc<Self>,
+    ) -> Option<std::sync::Arc<dyn super::ConsoleStore>> {
+        Some(self)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -8,9 +8,13 @@ use tokio::sync::mpsc;
 use crate::crypto::KeyDigest;
 use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 
+pub mod console;
+mod console_memory;
+mod console_pg;
 pub mod memory;
 pub mod postgres;
 
+pub use console::ConsoleStore;
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 
@@ -175,4 +179,8 @@ pub trait Store: Send + Sync + 'static {
     fn watch(&self, tx: mpsc::Sender<Invalidation>);
     /// Whether the store answers right now.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The same store's console side (accounts, tokens, audit), if it has one.
+    fn console_store(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn ConsoleStore>> {
+        None
+    }
 }

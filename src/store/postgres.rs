@@ -48,7 +48,7 @@ impl PostgresStore {
     }
 }
 
-fn map_err(e: sqlx::Error) -> StoreError {
+pub(super) fn map_err(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::RowNotFound => StoreError::NotFound,
         sqlx::Error::PoolTimedOut
@@ -215,7 +215,7 @@ async fn lock_key(
     row.ok_or(StoreError::NotFound)?.try_into()
 }
 
-async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
+pub(super) async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
     pool.begin().await.map_err(map_err)
 }
 
@@ -600,6 +600,12 @@ impl Store for PostgresStore {
             .await
             .map_err(map_err)?;
         Ok(())
+    }
+
+    fn console_store(
+        self: std::sync::Arc<Self>,
+    ) -> Option<std::sync::Arc<dyn super::ConsoleStore>> {
+        Some(self)
     }
 }
 
