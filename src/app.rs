@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
+use crate::access::Access;
 use crate::authz::{Authenticator, UsageRecorder};
 use crate::cache::{CacheSettings, Caches};
 use crate::clock::Clock;
@@ -192,12 +193,13 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     let auth = AuthServiceServer::new(AuthApi {
         authz,
         manager: manager.clone(),
-        guard: guard.clone(),
+        guard: callers.clone(),
+        access: Arc::new(Access::new(parts.store.clone())),
     })
     .max_decoding_message_size(max);
     let tenants = TenantServiceServer::new(TenantApi {
         manager: manager.clone(),
-        guard,
+        guard: callers.clone(),
     })
     .max_decoding_message_size(max);
 

@@ -16,6 +16,8 @@ mod jwks_server;
 mod jwt_keys;
 #[path = "console/logs.rs"]
 mod logs;
+#[path = "console/manage.rs"]
+mod manage;
 
 use std::collections::HashMap;
 use std::time::Duration;
