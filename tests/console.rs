@@ -7,6 +7,8 @@
 
 #[path = "console/accounts.rs"]
 mod accounts;
+#[path = "console/audit.rs"]
+mod audit;
 mod common;
 #[path = "console/harness.rs"]
 mod harness;

@@ -1,6 +1,7 @@
 //! Plain domain data: keys, tenants, plans, principals and decisions.
 //! No sqlx, no prost, no tonic.
 
+pub mod audit;
 pub mod console;
 pub mod decision;
 pub mod key;

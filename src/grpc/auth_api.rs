@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::caller::CallerGuard;
+use super::caller::{request_id, CallerGuard};
 use super::convert::{self, from_ts};
 use super::pb::{self, auth_service_server::AuthService};
 use crate::access::{Access, Need};
@@ -144,6 +144,7 @@ impl AuthService for AuthApi {
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
         let caller = self.guard.check(request.metadata())?;
+        let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let tenant_id = caller.tenant_scope(&r.tenant_id, Need::ManageKeys)?;
         let mut v = Violations::default();
@@ -151,14 +152,17 @@ impl AuthService for AuthApi {
         v.into_result().map_err(Error::from)?;
         let issued = self
             .manager
-            .create_key(CreateKeyInput {
-                tenant_id,
-                name: r.name,
-                environment: r.environment,
-                scopes: r.scopes,
-                ttl_seconds: r.ttl_seconds,
-                limits,
-            })
+            .create_key_as(
+                &ctx,
+                CreateKeyInput {
+                    tenant_id,
+                    name: r.name,
+                    environment: r.environment,
+                    scopes: r.scopes,
+                    ttl_seconds: r.ttl_seconds,
+                    limits,
+                },
+            )
             .await?;
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(convert::api_key(&issued.record)),
@@ -171,6 +175,7 @@ impl AuthService for AuthApi {
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
         let caller = self.guard.check(request.metadata())?;
+        let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let tenant_id = self
             .access
@@ -178,7 +183,7 @@ impl AuthService for AuthApi {
             .await?;
         let key = self
             .manager
-            .revoke_key(&r.key_id, &tenant_id, &r.reason)
+            .revoke_key_as(&ctx, &r.key_id, &tenant_id, &r.reason)
             .await?;
         Ok(Response::new(pb::RevokeKeyResponse {
             key: Some(convert::api_key(&key)),
@@ -223,6 +228,7 @@ impl AuthService for AuthApi {
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
         let caller = self.guard.check(request.metadata())?;
+        let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let tenant_id = self
             .access
@@ -230,7 +236,7 @@ impl AuthService for AuthApi {
             .await?;
         let (issued, previous) = self
             .manager
-            .rotate_key(&r.key_id, &tenant_id, r.grace_seconds)
+            .rotate_key_as(&ctx, &r.key_id, &tenant_id, r.grace_seconds)
             .await?;
         Ok(Response::new(pb::RotateKeyResponse {
             key: Some(convert::api_key(&issued.record)),
@@ -244,6 +250,7 @@ impl AuthService for AuthApi {
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::UpdateKeyResponse>, Status> {
         let caller = self.guard.check(request.metadata())?;
+        let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let tenant_id = self
             .access
@@ -260,15 +267,18 @@ impl AuthService for AuthApi {
         };
         let key = self
             .manager
-            .update_key(UpdateKeyInput {
-                key_id: r.key_id,
-                tenant_id,
-                update_mask: r.update_mask,
-                name: r.name,
-                scopes: r.scopes,
-                expires_at,
-                limits,
-            })
+            .update_key_as(
+                &ctx,
+                UpdateKeyInput {
+                    key_id: r.key_id,
+                    tenant_id,
+                    update_mask: r.update_mask,
+                    name: r.name,
+                    scopes: r.scopes,
+                    expires_at,
+                    limits,
+                },
+            )
             .await?;
         Ok(Response::new(pb::UpdateKeyResponse {
             key: Some(convert::api_key(&key)),

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::caller::CallerGuard;
+use super::caller::{request_id, CallerGuard};
 use super::convert;
 use super::pb::{self, tenant_service_server::TenantService};
 use crate::access::{Caller, Need};
@@ -25,9 +25,9 @@ impl TenantService for TenantApi {
         &self,
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
-        self.guard
-            .check(request.metadata())?
-            .allow(Need::Operator)?;
+        let caller = self.guard.check(request.metadata())?;
+        caller.allow(Need::Operator)?;
+        let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let mut v = Violations::default();
         let overrides = r
@@ -36,13 +36,16 @@ impl TenantService for TenantApi {
         v.into_result().map_err(Error::from)?;
         let tenant = self
             .manager
-            .create_tenant(CreateTenantInput {
-                tenant_id: r.tenant_id,
-                name: r.name,
-                plan: r.plan,
-                subscription_status: r.subscription_status,
-                overrides,
-            })
+            .create_tenant_as(
+                &ctx,
+                CreateTenantInput {
+                    tenant_id: r.tenant_id,
+                    name: r.name,
+                    plan: r.plan,
+                    subscription_status: r.subscription_status,
+                    overrides,
+                },
+            )
             .await?;
         Ok(Response::new(pb::CreateTenantResponse {
             tenant: Some(convert::tenant(&tenant)),
@@ -66,6 +69,7 @@ impl TenantService for TenantApi {
         request: Request<pb::UpdateTenantRequest>,
     ) -> Result<Response<pb::UpdateTenantResponse>, Status> {
         let caller = self.guard.check(request.metadata())?;
+        let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let tenant_id = caller.tenant_scope(&r.tenant_id, Need::ManageKeys)?;
         // Plan, subscription and overrides are billing's: console users may
@@ -83,14 +87,17 @@ impl TenantService for TenantApi {
         v.into_result().map_err(Error::from)?;
         let tenant = self
             .manager
-            .update_tenant(UpdateTenantInput {
-                tenant_id,
-                update_mask: r.update_mask,
-                name: r.name,
-                plan: r.plan,
-                subscription_status: r.subscription_status,
-                overrides,
-            })
+            .update_tenant_as(
+                &ctx,
+                UpdateTenantInput {
+                    tenant_id,
+                    update_mask: r.update_mask,
+                    name: r.name,
+                    plan: r.plan,
+                    subscription_status: r.subscription_status,
+                    overrides,
+                },
+            )
             .await?;
         Ok(Response::new(pb::UpdateTenantResponse {
             tenant: Some(convert::tenant(&tenant)),

@@ -11,10 +11,9 @@ use super::console::{ConsoleStore, NextRefresh, TokenUse};
 use super::memory::State;
 use super::{MemoryStore, StoreError};
 use crate::domain::console::{
-    AuditAction, AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, TokenKind,
-    UserId,
+    AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, TokenKind, UserId,
 };
-use crate::domain::{Tenant, TenantId};
+use crate::domain::{audit, Tenant, TenantId};
 
 struct StoredToken {
     token: NewToken,
@@ -43,7 +42,7 @@ impl ConsoleState {
         );
     }
 
-    fn record(&mut self, e: AuditEvent) {
+    pub(super) fn record(&mut self, e: AuditEvent) {
         self.audit.insert(e.id, e);
     }
 
@@ -76,16 +75,6 @@ impl ConsoleState {
     }
 }
 
-fn user_created(ctx: &AuditContext, u: &ConsoleUser) -> AuditEvent {
-    ctx.event(
-        AuditAction::UserCreated,
-        &u.tenant_id,
-        u.id.to_string(),
-        serde_json::json!({"role": u.role.as_str()}),
-        u.created_at,
-    )
-}
-
 fn taken(s: &State, email: &Email) -> bool {
     s.console.by_email.contains_key(email)
 }
@@ -103,16 +92,10 @@ impl ConsoleStore for MemoryStore {
         if s.tenants.contains_key(&tenant.id) || taken(&s, &owner.email) {
             return Err(StoreError::AlreadyExists);
         }
-        let created = ctx.event(
-            AuditAction::TenantCreated,
-            &tenant.id,
-            tenant.id.to_string(),
-            serde_json::json!({"plan": tenant.plan, "subscription_status": tenant.status.as_str()}),
-            tenant.created_at,
-        );
+        let created = audit::tenant_created(ctx, &tenant);
         s.tenants.insert(tenant.id.clone(), tenant);
         s.console.record(created);
-        s.console.record(user_created(ctx, &owner));
+        s.console.record(audit::user_created(ctx, &owner));
         s.console.add_user(owner, verification);
         Ok(())
     }
@@ -130,7 +113,7 @@ impl ConsoleStore for MemoryStore {
         if taken(&s, &user.email) {
             return Err(StoreError::AlreadyExists);
         }
-        s.console.record(user_created(ctx, &user));
+        s.console.record(audit::user_created(ctx, &user));
         s.console.add_user(user, verification);
         Ok(())
     }
@@ -273,13 +256,7 @@ impl ConsoleStore for MemoryStore {
             actor: format!("user:{}", user.id),
             request_id: request_id.to_string(),
         };
-        let event = ctx.event(
-            AuditAction::PasswordReset,
-            &user.tenant_id,
-            user.id.to_string(),
-            serde_json::json!({}),
-            now,
-        );
+        let event = audit::password_reset(&ctx, &user, now);
         s.console.record(event);
         Ok(TokenUse::Spent { user, family: None })
     }

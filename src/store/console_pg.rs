@@ -11,10 +11,9 @@ use super::console::{ConsoleStore, NextRefresh, TokenUse};
 use super::postgres::{begin, map_err};
 use super::{PostgresStore, StoreError};
 use crate::domain::console::{
-    AuditAction, AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, Role,
-    TokenKind, UserId,
+    AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, Role, TokenKind, UserId,
 };
-use crate::domain::{Tenant, TenantId};
+use crate::domain::{audit, Tenant, TenantId};
 
 #[derive(sqlx::FromRow)]
 struct UserRow {
@@ -122,16 +121,6 @@ async fn insert_token_tx(
     Ok(())
 }
 
-fn user_created(ctx: &AuditContext, u: &ConsoleUser) -> AuditEvent {
-    ctx.event(
-        AuditAction::UserCreated,
-        &u.tenant_id,
-        u.id.to_string(),
-        serde_json::json!({"role": u.role.as_str()}),
-        u.created_at,
-    )
-}
-
 /// user_id, family, expires_at, used_at.
 type TokenRow = (Uuid, Option<Uuid>, DateTime<Utc>, Option<DateTime<Utc>>);
 
@@ -224,15 +213,9 @@ impl ConsoleStore for PostgresStore {
         .map_err(map_err)?;
         insert_user(&mut tx, &owner).await?;
         insert_token_tx(&mut tx, &verification).await?;
-        let created = ctx.event(
-            AuditAction::TenantCreated,
-            &t.id,
-            t.id.to_string(),
-            serde_json::json!({"plan": t.plan, "subscription_status": t.status.as_str()}),
-            t.created_at,
-        );
+        let created = audit::tenant_created(ctx, &t);
         insert_audit(&mut tx, &created).await?;
-        insert_audit(&mut tx, &user_created(ctx, &owner)).await?;
+        insert_audit(&mut tx, &audit::user_created(ctx, &owner)).await?;
         tx.commit().await.map_err(map_err)
     }
 
@@ -245,7 +228,7 @@ impl ConsoleStore for PostgresStore {
         let mut tx = begin(self.pool()).await?;
         insert_user(&mut tx, &user).await?;
         insert_token_tx(&mut tx, &verification).await?;
-        insert_audit(&mut tx, &user_created(ctx, &user)).await?;
+        insert_audit(&mut tx, &audit::user_created(ctx, &user)).await?;
         tx.commit().await.map_err(map_err)
     }
 
@@ -396,13 +379,7 @@ impl ConsoleStore for PostgresStore {
             actor: format!("user:{}", user.id),
             request_id: request_id.to_string(),
         };
-        let event = ctx.event(
-            AuditAction::PasswordReset,
-            &user.tenant_id,
-            user.id.to_string(),
-            serde_json::json!({}),
-            now,
-        );
+        let event = audit::password_reset(&ctx, &user, now);
         insert_audit(&mut tx, &event).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(TokenUse::Spent { user, family: None })

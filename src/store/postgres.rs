@@ -12,8 +12,11 @@ use sqlx::{Postgres, Transaction};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::console_pg::insert_audit;
 use super::{Invalidation, KeyCap, KeyRef, QuotaCounter, QuotaGrant, Store, StoreError};
 use crate::crypto::KeyDigest;
+use crate::domain::audit;
+use crate::domain::console::AuditContext;
 use crate::domain::{
     KeyId, KeyRecord, KeyUpdate, LimitSpec, NewKey, SubscriptionStatus, Tenant, TenantId,
     TenantOverrides, TenantUpdate,
@@ -221,7 +224,8 @@ pub(super) async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn create_tenant(&self, t: Tenant) -> Result<Tenant, StoreError> {
+    async fn create_tenant(&self, t: Tenant, ctx: &AuditContext) -> Result<Tenant, StoreError> {
+        let mut tx = begin(&self.pool).await?;
         let row: TenantRow = sqlx::query_as(
             "INSERT INTO tenants (tenant_id, name, plan, subscription_status, overrides, \
              created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7) RETURNING *",
@@ -233,10 +237,13 @@ impl Store for PostgresStore {
         .bind(Json(&t.overrides))
         .bind(t.created_at)
         .bind(t.updated_at)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await
         .map_err(map_err)?;
-        row.try_into()
+        let tenant: Tenant = row.try_into()?;
+        insert_audit(&mut tx, &audit::tenant_created(ctx, &tenant)).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(tenant)
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>, StoreError> {
@@ -253,6 +260,7 @@ impl Store for PostgresStore {
         id: &TenantId,
         u: &TenantUpdate,
         now: DateTime<Utc>,
+        ctx: &AuditContext,
     ) -> Result<Tenant, StoreError> {
         let mut tx = begin(&self.pool).await?;
         let row: Option<TenantRow> = sqlx::query_as(
@@ -271,6 +279,7 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         let tenant: Tenant = row.ok_or(StoreError::NotFound)?.try_into()?;
+        insert_audit(&mut tx, &audit::tenant_updated(ctx, &tenant, u, now)).await?;
         notify(&mut tx, &Invalidation::Tenant(id.clone())).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(tenant)
@@ -293,7 +302,12 @@ impl Store for PostgresStore {
         rows.into_iter().map(Tenant::try_from).collect()
     }
 
-    async fn insert_key(&self, key: NewKey, cap: KeyCap<'_>) -> Result<KeyRecord, StoreError> {
+    async fn insert_key(
+        &self,
+        key: NewKey,
+        cap: KeyCap<'_>,
+        ctx: &AuditContext,
+    ) -> Result<KeyRecord, StoreError> {
         let mut tx = begin(&self.pool).await?;
         // Lock the tenant row: concurrent inserts for this tenant queue here,
         // so the count below cannot go stale before we insert.
@@ -319,6 +333,7 @@ impl Store for PostgresStore {
             }
         }
         let record = insert_key_row(&mut tx, &key).await?;
+        insert_audit(&mut tx, &audit::key_created(ctx, &record)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(record)
     }
@@ -378,6 +393,7 @@ impl Store for PostgresStore {
         key: KeyRef<'_>,
         reason: &str,
         now: DateTime<Utc>,
+        ctx: &AuditContext,
     ) -> Result<KeyRecord, StoreError> {
         let mut tx = begin(&self.pool).await?;
         let sql = format!(
@@ -394,6 +410,7 @@ impl Store for PostgresStore {
             .await
             .map_err(map_err)?;
         let record: KeyRecord = row.ok_or(StoreError::NotFound)?.try_into()?;
+        insert_audit(&mut tx, &audit::key_revoked(ctx, &record, now)).await?;
         notify(&mut tx, &Invalidation::Key(record.id)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(record)
@@ -404,6 +421,7 @@ impl Store for PostgresStore {
         old: KeyRef<'_>,
         new: NewKey,
         old_expires_at: DateTime<Utc>,
+        ctx: &AuditContext,
     ) -> Result<(KeyRecord, KeyRecord), StoreError> {
         let mut tx = begin(&self.pool).await?;
         let current = lock_key(&mut tx, old).await?;
@@ -426,12 +444,18 @@ impl Store for PostgresStore {
             .await
             .map_err(map_err)?;
         let previous: KeyRecord = row.try_into()?;
+        insert_audit(&mut tx, &audit::key_rotated(ctx, &previous, &inserted)).await?;
         notify(&mut tx, &Invalidation::Key(previous.id)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok((previous, inserted))
     }
 
-    async fn update_key(&self, key: KeyRef<'_>, u: &KeyUpdate) -> Result<KeyRecord, StoreError> {
+    async fn update_key(
+        &self,
+        key: KeyRef<'_>,
+        u: &KeyUpdate,
+        ctx: &AuditContext,
+    ) -> Result<KeyRecord, StoreError> {
         let mut tx = begin(&self.pool).await?;
         let sql = format!(
             "UPDATE api_keys SET name = COALESCE($3, name), scopes = COALESCE($4, scopes), \
@@ -452,6 +476,7 @@ impl Store for PostgresStore {
             .await
             .map_err(map_err)?;
         let record: KeyRecord = row.ok_or(StoreError::NotFound)?.try_into()?;
+        insert_audit(&mut tx, &audit::key_updated(ctx, &record, u, Utc::now())).await?;
         notify(&mut tx, &Invalidation::Key(record.id)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(record)
