@@ -236,7 +236,8 @@ fn print_dev_banner(addr: std::net::SocketAddr, token: Option<&str>, tenant: &st
          demo tenant: {tenant}\n\
          demo API key (shown once): {key}\n\n\
          Try:\n  grpcurl -plaintext -d '{{\"api_key\": \"{key}\"}}' {addr} tollgate.v1.AuthService/Authenticate\n  \
-         grpcurl -plaintext -H 'authorization: Bearer {token_arg}' -d '{{\"tenant_id\": \"{tenant}\", \"name\": \"second\"}}' {addr} tollgate.v1.AuthService/CreateKey\n"
+         grpcurl -plaintext -H 'authorization: Bearer {token_arg}' -d '{{\"tenant_id\": \"{tenant}\", \"name\": \"second\"}}' {addr} tollgate.v1.AuthService/CreateKey\n  \
+         grpcurl -plaintext -d '{{\"email\": \"you@example.com\", \"password\": \"at least 12 chars\", \"tenant_name\": \"Mine\"}}' {addr} tollgate.v1.ConsoleService/SignUp\n"
     );
 }
 

@@ -519,3 +519,6 @@ pub async fn audit_page(
         next_page_token,
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -125,3 +125,34 @@ impl ConsoleSettings {
             .map_err(|e| invalid("signing_keys", e.0))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signing_keys_stay_out_of_debug_and_bad_ones_name_the_field() {
+        let s = ConsoleSettings {
+            signing_keys: vec![SigningKeySettings {
+                kid: "k1".into(),
+                private_key: Some(
+                    "-----BEGIN PRIVATE KEY-----\nsecretstuff"
+                        .to_string()
+                        .into(),
+                ),
+                private_key_file: None,
+            }],
+            ..ConsoleSettings::default()
+        };
+        assert!(!format!("{s:?}").contains("secretstuff"));
+        let err = s.load_signer().unwrap_err();
+        assert_eq!(err.field, "signing_keys");
+        assert!(!err.to_string().contains("secretstuff"), "{err}");
+        let bad_ttl = ConsoleSettings {
+            access_ttl_seconds: 10,
+            ..ConsoleSettings::default()
+        };
+        assert_eq!(bad_ttl.validate().unwrap_err().field, "access_ttl_seconds");
+        assert!(ConsoleSettings::default().load_signer().unwrap().is_none());
+    }
+}
