@@ -114,6 +114,9 @@ impl Console {
         settings: ConsoleSettings,
         clock: Clock,
     ) -> Self {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(password::warm_up());
+        }
         Self {
             profile,
             store,

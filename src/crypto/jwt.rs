@@ -129,11 +129,13 @@ impl VerifyingKey {
         }
         .map_err(|e| key_error(format!("not a {algorithm:?} public key in PEM: {e}")))?;
         // An EC key's curve must match the algorithm: P-256 for ES256, P-384
-        // for ES384 (SEC1 points: 65/33 and 97/49 bytes).
+        // for ES384 (SEC1 points: 65/33 and 97/49 bytes); Ed25519 is 32 bytes.
         let ec_len = key.try_get_as_bytes().map(<[u8]>::len).unwrap_or(0);
         let curve_ok = match algorithm {
             ES256 => matches!(ec_len, 65 | 33),
             ES384 => matches!(ec_len, 97 | 49),
+            // The backend slices 32 bytes out of an Ed25519 key: check first.
+            EdDSA => ec_len == 32,
             _ => true,
         };
         if !curve_ok {

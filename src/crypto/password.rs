@@ -63,6 +63,12 @@ pub async fn verify(password: SecretString, stored: Option<PasswordHash>) -> boo
 
 static DUMMY: OnceLock<Arc<PasswordHash>> = OnceLock::new();
 
+/// Computes the dummy hash ahead of the first unknown-email login, so that
+/// login is not slower than the others.
+pub async fn warm_up() {
+    dummy_hash().await;
+}
+
 async fn dummy_hash() -> Arc<PasswordHash> {
     if let Some(h) = DUMMY.get() {
         return h.clone();
