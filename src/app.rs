@@ -12,14 +12,21 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
+use crate::access::Access;
 use crate::authz::{Authenticator, UsageRecorder};
 use crate::cache::{CacheSettings, Caches};
 use crate::clock::Clock;
+use crate::console::Console;
+use crate::crypto::jwks::RefreshStats;
 use crate::crypto::Peppers;
+use crate::dashboard::Dashboard;
 use crate::grpc::auth_api::AuthApi;
+use crate::grpc::caller::CallerGuard;
+use crate::grpc::console_api::ConsoleApi;
 use crate::grpc::envoy::{AuthorizationServer, EnvoyAuthz, EnvoySettings};
 use crate::grpc::operator::OperatorGuard;
 use crate::grpc::pb::auth_service_server::AuthServiceServer;
+use crate::grpc::pb::console_service_server::ConsoleServiceServer;
 use crate::grpc::pb::tenant_service_server::TenantServiceServer;
 use crate::grpc::pb::FILE_DESCRIPTOR_SET;
 use crate::grpc::tenant_api::TenantApi;
@@ -33,6 +40,8 @@ pub struct Parts {
     pub peppers: Peppers,
     pub store: Arc<dyn Store>,
     pub operator_token: Option<SecretString>,
+    /// JWT issuers and console (dashboard surface); default: none.
+    pub dashboard: Dashboard,
     pub cache: CacheSettings,
     pub max_message_bytes: usize,
     pub last_used_flush: Duration,
@@ -61,6 +70,7 @@ pub struct Running {
     replica_id: uuid::Uuid,
     reporter: tonic_health::server::HealthReporter,
     shutdown_grace: Duration,
+    jwks: Vec<(String, Arc<RefreshStats>)>,
 }
 
 /// How often a replica announces itself, and when it counts as gone.
@@ -84,18 +94,22 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
 
 /// Starts serving on `listener`. Health is NOT_SERVING until the
 /// invalidation feed is live, and again whenever it is lost.
-pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Running> {
+pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
+    let (jwks_tasks, jwks) = parts.dashboard.start_refreshers();
     let caches = Arc::new(Caches::new(&parts.cache));
     let usage = Arc::new(UsageRecorder::default());
-    let authz = Arc::new(Authenticator::new(
-        parts.profile.clone(),
-        parts.peppers.clone(),
-        parts.store.clone(),
-        caches.clone(),
-        usage.clone(),
-        parts.clock.clone(),
-    ));
+    let authz = Arc::new(
+        Authenticator::new(
+            parts.profile.clone(),
+            parts.peppers.clone(),
+            parts.store.clone(),
+            caches.clone(),
+            usage.clone(),
+            parts.clock.clone(),
+        )
+        .with_jwt(parts.dashboard.verifier.clone()),
+    );
     let manager = Arc::new(
         Manager::new(
             parts.profile.clone(),
@@ -106,6 +120,27 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         .with_caches(caches.clone()),
     );
     let guard = OperatorGuard::new(parts.operator_token.as_ref());
+    let console_parts = parts.dashboard.console.take();
+    let console_issuer = console_parts
+        .as_ref()
+        .filter(|c| c.signer.is_some())
+        .map(|c| c.settings.issuer.clone());
+    let callers = CallerGuard::new(
+        guard.clone(),
+        parts.dashboard.verifier.clone(),
+        console_issuer,
+        parts.clock.clone(),
+    );
+    let console = console_parts.as_ref().and_then(|c| {
+        let signer = c.signer.clone()?;
+        Some(Arc::new(Console::new(
+            parts.profile.clone(),
+            c.store.clone(),
+            signer,
+            c.settings.clone(),
+            parts.clock.clone(),
+        )))
+    });
 
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
@@ -202,12 +237,20 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
     let auth = AuthServiceServer::new(AuthApi {
         authz,
         manager: manager.clone(),
-        guard: guard.clone(),
+        guard: callers.clone(),
+        access: Arc::new(Access::new(parts.store.clone())),
     })
     .max_decoding_message_size(max);
     let tenants = TenantServiceServer::new(TenantApi {
         manager: manager.clone(),
-        guard,
+        guard: callers.clone(),
+    })
+    .max_decoding_message_size(max);
+
+    let console_api = ConsoleServiceServer::new(ConsoleApi {
+        console,
+        store: console_parts.map(|c| c.store),
+        guard: callers.clone(),
     })
     .max_decoding_message_size(max);
 
@@ -218,7 +261,8 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         .add_service(reflection_alpha)
         .add_service(auth)
         .add_service(tenants)
-        .add_service(envoy);
+        .add_service(envoy)
+        .add_service(console_api);
     let stop = async {
         let _ = signal.await;
     };
@@ -237,11 +281,15 @@ pub async fn start(parts: Parts, listener: TcpListener) -> std::io::Result<Runni
         manager,
         shutdown: Some(shutdown),
         server,
-        background: vec![invalidations, last_used, heartbeat],
+        background: [invalidations, last_used, heartbeat]
+            .into_iter()
+            .chain(jwks_tasks)
+            .collect(),
         authz: authz_handle,
         replica_id,
         reporter: shutdown_reporter,
         shutdown_grace: parts.shutdown_grace,
+        jwks,
         usage,
         store: parts.store,
         applied,
@@ -267,6 +315,11 @@ impl Running {
     /// The management operations, for in-process setup (dev mode).
     pub fn manager(&self) -> &Arc<Manager> {
         &self.manager
+    }
+
+    /// JWKS refresh counters, by issuer (tests wait on them).
+    pub fn jwks_refreshes(&self, issuer: &str) -> Option<&Arc<RefreshStats>> {
+        self.jwks.iter().find(|(i, _)| i == issuer).map(|(_, s)| s)
     }
 
     /// Invalidations as this instance applies them (after its caches are

@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use crate::cache::Caches;
 use crate::clock::Clock;
+use crate::crypto::jwt::Verifier;
 use crate::crypto::{KeyDigest, Peppers};
 use crate::domain::limit::effective;
 use crate::domain::validate::check_scopes;
@@ -191,12 +192,15 @@ pub struct Authenticator {
     usage: Arc<UsageRecorder>,
     limiter: Arc<Limiter>,
     clock: Clock,
+    /// Trusted JWT issuers (none: every JWT is `TOKEN_INVALID`).
+    jwt: Arc<Verifier>,
 }
 
-/// An authenticated API key, with what the limits need.
+/// An authenticated credential, with what the limits need (no key record
+/// for a JWT: only tenant-scoped limits apply to it).
 struct Identified {
     principal: Principal,
-    record: Arc<KeyRecord>,
+    record: Option<Arc<KeyRecord>>,
     tenant: Arc<Tenant>,
 }
 
@@ -219,7 +223,14 @@ impl Authenticator {
             usage,
             limiter,
             clock,
+            jwt: Arc::default(),
         }
+    }
+
+    /// Verifies JWTs with `verifier`'s issuers.
+    pub fn with_jwt(mut self, verifier: Arc<Verifier>) -> Self {
+        self.jwt = verifier;
+        self
     }
 
     /// This replica's rate limiter and quota leases.
@@ -260,7 +271,7 @@ impl Authenticator {
             return Ok(Verdict::plain(Decision::Allow(who.principal)));
         }
         let outcome = self
-            .check_limits(&who.tenant, Some(&who.record), u64::from(cost), false)
+            .check_limits(&who.tenant, who.record.as_deref(), u64::from(cost), false)
             .await?;
         Ok(self.verdict(Decision::Allow(who.principal), &who.tenant, outcome))
     }
@@ -346,9 +357,12 @@ impl Authenticator {
             Credential::Missing => Ok(Err(Reason::CredentialMissing)),
             Credential::WrongForSurface => Ok(Err(Reason::WrongCredentialForSurface)),
             Credential::Ambiguous => Ok(Err(Reason::CredentialMalformed)),
-            // Verifying JWTs is the dashboard issue's work; until then no
-            // token is valid.
-            Credential::Jwt(_) => Ok(Err(Reason::TokenInvalid)),
+            Credential::Jwt(token) => {
+                let span = tracing::debug_span!("jwt", tenant_id = tracing::field::Empty);
+                self.decide_jwt(token, input.required_scopes)
+                    .instrument(span)
+                    .await
+            }
             Credential::ApiKey(key) => {
                 let span = tracing::debug_span!(
                     "api_key",
@@ -427,7 +441,7 @@ impl Authenticator {
         };
         Ok(Ok(Identified {
             principal,
-            record,
+            record: Some(record),
             tenant,
         }))
     }
@@ -620,7 +634,7 @@ impl Authenticator {
                     Err(reason) => return Ok(denied(reason)),
                     Ok(who) => (
                         who.tenant,
-                        Some((*who.record).clone()),
+                        who.record.as_deref().cloned(),
                         Decision::Allow(who.principal),
                     ),
                 }
@@ -754,5 +768,6 @@ impl Authenticator {
     }
 }
 
+mod jwt;
 #[cfg(test)]
 mod tests;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheSettings;
 use crate::crypto::{Pepper, Peppers};
+use crate::dashboard::JwtSettings;
 use crate::grpc::envoy::EnvoySettings;
 use crate::profile::Profile;
 
@@ -90,6 +91,8 @@ pub struct Settings {
     pub pepper_version: i32,
     pub previous_peppers: Vec<PreviousPepper>,
     pub cache: CacheSettings,
+    /// Dashboard surface: trusted JWT issuers and the console's own keys.
+    pub jwt: JwtSettings,
     /// Largest accepted gRPC message, in bytes.
     pub max_message_bytes: usize,
     /// How often `last_used_at` is written, in seconds.
@@ -121,6 +124,7 @@ impl Default for Settings {
             pepper_version: 1,
             previous_peppers: Vec::new(),
             cache: CacheSettings::default(),
+            jwt: JwtSettings::default(),
             max_message_bytes: 64 * 1024,
             last_used_flush_seconds: 10,
             log_format: LogFormat::Text,
@@ -146,6 +150,7 @@ const ENV_KEYS: &[&str] = &[
     "pepper_file",
     "pepper_version",
     "cache",
+    "jwt",
     "max_message_bytes",
     "last_used_flush_seconds",
     "log_format",

@@ -23,6 +23,17 @@ pub enum Error {
     /// Missing or wrong management credentials.
     #[error("missing or invalid operator credentials")]
     Unauthenticated,
+    /// The caller is known but may not do this (another tenant's data, a
+    /// role without the right). Nothing changed.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A console login or token was refused (wrong email or password, a
+    /// spent or expired refresh token). Says no more than the message.
+    #[error("{0}")]
+    BadCredentials(&'static str),
+    /// Too many failed logins: retry after this many seconds.
+    #[error("too many failed attempts")]
+    TooManyAttempts { retry_after_seconds: u64 },
     /// The store cannot be reached; retry later. Never turned into a denial.
     #[error("storage is unavailable")]
     Unavailable(String),

@@ -1,13 +1,16 @@
-//! Tollgate: a gRPC authorization service. API keys (and later JWTs) in;
+//! Tollgate: a gRPC authorization service. API keys and JWTs in;
 //! decisions, principals and limits out. See README.md and DESIGN.md.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod app;
 pub mod authz;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod crypto;
+pub mod dashboard;
 pub mod domain;
 pub mod error;
 pub mod grpc;

@@ -15,6 +15,7 @@ use tollgate::app::{self, Parts};
 use tollgate::clock::Clock;
 use tollgate::config::{FlagOverrides, Settings};
 use tollgate::crypto::{Pepper, Peppers};
+use tollgate::dashboard::Dashboard;
 use tollgate::manage::{CreateKeyInput, CreateTenantInput};
 use tollgate::store::{MemoryStore, PostgresStore, Store};
 
@@ -223,6 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(t) => Some(tollgate::tls::Reloading::start(t)?),
         None => None,
     };
+    let dashboard = Dashboard::configure(&settings.jwt, &store, dev)?;
     let listener = TcpListener::bind(settings.listen).await.with_context(|| {
         format!(
             "configuration field `listen`: cannot bind {}",
@@ -235,6 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             peppers,
             store,
             operator_token,
+            dashboard,
             cache: settings.cache.clone(),
             max_message_bytes: settings.max_message_bytes,
             last_used_flush: Duration::from_secs(settings.last_used_flush_seconds),
@@ -289,7 +292,8 @@ fn print_dev_banner(addr: std::net::SocketAddr, token: Option<&str>, tenant: &st
          demo tenant: {tenant}\n\
          demo API key (shown once): {key}\n\n\
          Try:\n  grpcurl -plaintext -d '{{\"api_key\": \"{key}\"}}' {addr} tollgate.v1.AuthService/Authenticate\n  \
-         grpcurl -plaintext -H 'authorization: Bearer {token_arg}' -d '{{\"tenant_id\": \"{tenant}\", \"name\": \"second\"}}' {addr} tollgate.v1.AuthService/CreateKey\n"
+         grpcurl -plaintext -H 'authorization: Bearer {token_arg}' -d '{{\"tenant_id\": \"{tenant}\", \"name\": \"second\"}}' {addr} tollgate.v1.AuthService/CreateKey\n  \
+         grpcurl -plaintext -d '{{\"email\": \"you@example.com\", \"password\": \"at least 12 chars\", \"tenant_name\": \"Mine\"}}' {addr} tollgate.v1.ConsoleService/SignUp\n"
     );
 }
 

@@ -8,6 +8,7 @@ use chrono::{DateTime, Duration, Utc};
 use crate::cache::Caches;
 use crate::clock::Clock;
 use crate::crypto::Peppers;
+use crate::domain::console::AuditContext;
 use crate::domain::validate::{check_name, check_scopes};
 use crate::domain::{
     ApiKeySecret, KeyId, KeyRecord, KeyUpdate, LimitScope, LimitSpec, NewKey, SubscriptionStatus,
@@ -248,8 +249,17 @@ impl Manager {
         (secret, key)
     }
 
-    /// Creates a key under the tenant's plan cap.
+    /// Creates a key under the tenant's plan cap (audited as `system`).
     pub async fn create_key(&self, input: CreateKeyInput) -> Result<IssuedKey> {
+        self.create_key_as(&AuditContext::system(), input).await
+    }
+
+    /// Creates a key under the tenant's plan cap, audited as `ctx`.
+    pub async fn create_key_as(
+        &self,
+        ctx: &AuditContext,
+        input: CreateKeyInput,
+    ) -> Result<IssuedKey> {
         let mut v = Violations::default();
         let tenant_id = parse_tenant_id("tenant_id", &input.tenant_id, &mut v);
         check_name("name", &input.name, &mut v);
@@ -325,7 +335,7 @@ impl Manager {
         };
         let record = self
             .store
-            .insert_key(key, &cap)
+            .insert_key(key, &cap, ctx)
             .await
             .map_err(not_found("tenant"))?;
         tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id, "key created");
@@ -335,6 +345,18 @@ impl Manager {
     /// Revokes a key; refused at once on every replica.
     pub async fn revoke_key(
         &self,
+        key_id: &str,
+        tenant_id: &str,
+        reason: &str,
+    ) -> Result<KeyRecord> {
+        self.revoke_key_as(&AuditContext::system(), key_id, tenant_id, reason)
+            .await
+    }
+
+    /// Revokes a key, audited as `ctx`.
+    pub async fn revoke_key_as(
+        &self,
+        ctx: &AuditContext,
         key_id: &str,
         tenant_id: &str,
         reason: &str,
@@ -352,7 +374,7 @@ impl Manager {
         };
         let record = self
             .store
-            .revoke_key(key, reason, self.clock.now())
+            .revoke_key(key, reason, self.clock.now(), ctx)
             .await
             .map_err(not_found("key"))?;
         tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id, "key revoked");
@@ -422,6 +444,18 @@ impl Manager {
         tenant_id: &str,
         grace_seconds: i64,
     ) -> Result<(IssuedKey, KeyRecord)> {
+        self.rotate_key_as(&AuditContext::system(), key_id, tenant_id, grace_seconds)
+            .await
+    }
+
+    /// Rotates a key, audited as `ctx`.
+    pub async fn rotate_key_as(
+        &self,
+        ctx: &AuditContext,
+        key_id: &str,
+        tenant_id: &str,
+        grace_seconds: i64,
+    ) -> Result<(IssuedKey, KeyRecord)> {
         let mut v = Violations::default();
         let id = parse_key_id(key_id, &mut v);
         let tenant = parse_scope(tenant_id, &mut v);
@@ -454,7 +488,7 @@ impl Manager {
         );
         let (previous, record) = self
             .store
-            .rotate_key(key, new, now + Duration::seconds(grace_seconds))
+            .rotate_key(key, new, now + Duration::seconds(grace_seconds), ctx)
             .await
             .map_err(not_found("key"))?;
         tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id,
@@ -465,6 +499,15 @@ impl Manager {
 
     /// Changes a key's name, scopes or expiry.
     pub async fn update_key(&self, input: UpdateKeyInput) -> Result<KeyRecord> {
+        self.update_key_as(&AuditContext::system(), input).await
+    }
+
+    /// Changes a key, audited as `ctx`.
+    pub async fn update_key_as(
+        &self,
+        ctx: &AuditContext,
+        input: UpdateKeyInput,
+    ) -> Result<KeyRecord> {
         let mut v = Violations::default();
         let id = parse_key_id(&input.key_id, &mut v);
         let tenant = parse_scope(&input.tenant_id, &mut v);
@@ -520,7 +563,7 @@ impl Manager {
         };
         let record = self
             .store
-            .update_key(key, &update)
+            .update_key(key, &update, ctx)
             .await
             .map_err(not_found("key"))?;
         tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id, "key updated");
@@ -591,6 +634,15 @@ impl Manager {
 
     /// Creates a tenant.
     pub async fn create_tenant(&self, input: CreateTenantInput) -> Result<Tenant> {
+        self.create_tenant_as(&AuditContext::system(), input).await
+    }
+
+    /// Creates a tenant, audited as `ctx`.
+    pub async fn create_tenant_as(
+        &self,
+        ctx: &AuditContext,
+        input: CreateTenantInput,
+    ) -> Result<Tenant> {
         let mut v = Violations::default();
         let id = if input.tenant_id.is_empty() {
             Some(TenantId::generate())
@@ -624,7 +676,7 @@ impl Manager {
         };
         let tenant = self
             .store
-            .create_tenant(tenant)
+            .create_tenant(tenant, ctx)
             .await
             .map_err(|e| match e {
                 StoreError::AlreadyExists => Error::AlreadyExists("tenant"),
@@ -644,6 +696,15 @@ impl Manager {
 
     /// Changes plan, status, name or overrides; effective on every replica at once.
     pub async fn update_tenant(&self, input: UpdateTenantInput) -> Result<Tenant> {
+        self.update_tenant_as(&AuditContext::system(), input).await
+    }
+
+    /// Changes a tenant, audited as `ctx`.
+    pub async fn update_tenant_as(
+        &self,
+        ctx: &AuditContext,
+        input: UpdateTenantInput,
+    ) -> Result<Tenant> {
         let mut v = Violations::default();
         let id = parse_tenant_id("tenant_id", &input.tenant_id, &mut v);
         check_mask(
@@ -677,7 +738,7 @@ impl Manager {
         let id = id.expect("validated");
         let tenant = self
             .store
-            .update_tenant(&id, &update, self.clock.now())
+            .update_tenant(&id, &update, self.clock.now(), ctx)
             .await
             .map_err(not_found("tenant"))?;
         tracing::info!(tenant_id = %tenant.id, plan = %tenant.plan,

@@ -533,7 +533,14 @@ fn the_server_runs_locked_down_with_grpc_probes_on_the_grpc_port() {
             "{probe} is a native gRPC probe on the gRPC port: {}",
             c[probe]
         );
-        assert_eq!(c[probe]["grpc"]["service"], "", "{probe}");
+        // Liveness asks the "liveness" health name, which stays SERVING
+        // through a database outage; the others follow readiness.
+        let service = if probe == "livenessProbe" {
+            "liveness"
+        } else {
+            ""
+        };
+        assert_eq!(c[probe]["grpc"]["service"], service, "{probe}");
     }
     assert_eq!(env(c, "TOLLGATE_LISTEN")["value"], "0.0.0.0:50051");
     assert_eq!(env(c, "TOLLGATE_METRICS_LISTEN")["value"], "0.0.0.0:9090");
@@ -846,7 +853,8 @@ fn inline_tls_gets_a_tls_secret_and_a_tls_probe_validates_on_kubernetes_1_37() {
 /// materialised from the rendered ConfigMaps and Secrets under a temporary
 /// root (paths in env values and files relocated there), its environment
 /// (less `without_env`), its args. Postgres is a closed port, so a run that
-/// accepted its whole configuration ends in "cannot connect to Postgres".
+/// accepted its whole configuration either listens (serve: it waits, not
+/// ready, for the database) or ends in "cannot connect to Postgres" (migrate).
 /// Returns stderr.
 fn run_as_the_pod(
     r: &Rendered,
@@ -911,14 +919,41 @@ fn run_as_the_pod(
     }
     // Nothing listens on port 1: fail fast at the database, not on DNS.
     cmd.env("DATABASE_URL", "postgres://tollgate@127.0.0.1:1/tollgate");
-    let out = run(&mut cmd, None);
+    // Parallel tests must not fight over the chart's fixed ports.
+    cmd.env("TOLLGATE_LISTEN", "127.0.0.1:0");
+    if cmd.get_envs().any(|(k, _)| k == "TOLLGATE_METRICS_LISTEN") {
+        cmd.env("TOLLGATE_METRICS_LISTEN", "127.0.0.1:0");
+    }
+    let stderr = run_until_listening(&mut cmd);
     let _ = std::fs::remove_dir_all(&root);
-    let stderr = text(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "{kind} {name} cannot run without Postgres"
-    );
     stderr
+}
+
+/// Runs the binary until it exits (migrate: cannot reach Postgres) or logs
+/// "tollgate listening" (serve connects lazily and waits, not ready, for the
+/// database), then stops it. Returns what it logged.
+fn run_until_listening(cmd: &mut Command) -> String {
+    use std::io::BufRead;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("the binary starts");
+    let stderr = child.stderr.take().unwrap();
+    let mut logged = String::new();
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.unwrap_or_default();
+        logged.push_str(&line);
+        logged.push('\n');
+        if line.contains("tollgate listening") {
+            let _ = child.kill();
+            break;
+        }
+    }
+    let status = child.wait().expect("child finished");
+    if !logged.contains("tollgate listening") {
+        assert!(!status.success(), "it exited 0 without serving:\n{logged}");
+    }
+    logged
 }
 
 #[test]
@@ -930,7 +965,8 @@ fn the_rendered_configuration_starts_the_real_binary() {
     ] {
         let stderr = run_as_the_pod(&r, kind, &name, container_name, &[]);
         assert!(
-            stderr.contains("cannot connect to Postgres")
+            (stderr.contains("cannot connect to Postgres")
+                || stderr.contains("tollgate listening"))
                 && !stderr.contains("configuration")
                 && !stderr.contains("no operator token configured"),
             "{kind} {name}: the binary refused the chart's configuration:\n{stderr}"
@@ -945,7 +981,7 @@ fn the_deployment_environment_alone_configures_the_binary() {
     let r = render(&[&minimal()], &[]);
     let stderr = run_as_the_pod(&r, "Deployment", FULLNAME, "tollgate", &["TOLLGATE_CONFIG"]);
     assert!(
-        stderr.contains("cannot connect to Postgres")
+        (stderr.contains("cannot connect to Postgres") || stderr.contains("tollgate listening"))
             && !stderr.contains("configuration")
             && !stderr.contains("no operator token configured"),
         "TOLLGATE_PEPPER_FILE / TOLLGATE_OPERATOR_TOKEN_FILE were not honoured:\n{stderr}"

@@ -212,6 +212,7 @@ async fn a_replica_started_while_the_database_is_down_becomes_ready_when_it_answ
             tls: None,
             clock: tollgate::clock::Clock::system(),
             envoy: Default::default(),
+            dashboard: Default::default(),
         },
         listener,
     )
@@ -356,6 +357,7 @@ async fn mutual_tls_admits_clients_with_a_trusted_certificate_only_and_reloads_c
             tls: Some(tls.clone()),
             clock: tollgate::clock::Clock::system(),
             envoy: Default::default(),
+            dashboard: Default::default(),
         },
         listener,
     )

@@ -35,6 +35,7 @@ const ALL_PROFILES: [&str; 4] = [MSGFLASH, MAILSAGE, MSGINE, MESSAGESMART];
 
 type R<T> = Result<T, StoreError>;
 type Time = DateTime<Utc>;
+type Audit = crate::domain::console::AuditContext;
 
 /// The in-memory store, counting the reads the caches are meant to spare.
 #[derive(Default)]
@@ -46,21 +47,27 @@ struct CountingStore {
 
 #[async_trait]
 impl Store for CountingStore {
-    async fn create_tenant(&self, t: Tenant) -> R<Tenant> {
-        self.inner.create_tenant(t).await
+    async fn create_tenant(&self, t: Tenant, a: &Audit) -> R<Tenant> {
+        self.inner.create_tenant(t, a).await
     }
     async fn get_tenant(&self, id: &TenantId) -> R<Option<Tenant>> {
         self.tenant_reads.fetch_add(1, SeqCst);
         self.inner.get_tenant(id).await
     }
-    async fn update_tenant(&self, id: &TenantId, u: &TenantUpdate, now: Time) -> R<Tenant> {
-        self.inner.update_tenant(id, u, now).await
+    async fn update_tenant(
+        &self,
+        id: &TenantId,
+        u: &TenantUpdate,
+        now: Time,
+        a: &Audit,
+    ) -> R<Tenant> {
+        self.inner.update_tenant(id, u, now, a).await
     }
     async fn list_tenants(&self, after: Option<&TenantId>, n: u32) -> R<Vec<Tenant>> {
         self.inner.list_tenants(after, n).await
     }
-    async fn insert_key(&self, key: NewKey, cap: KeyCap<'_>) -> R<KeyRecord> {
-        self.inner.insert_key(key, cap).await
+    async fn insert_key(&self, key: NewKey, cap: KeyCap<'_>, a: &Audit) -> R<KeyRecord> {
+        self.inner.insert_key(key, cap, a).await
     }
     async fn find_key_by_digest(&self, digest: &KeyDigest) -> R<Option<KeyRecord>> {
         self.key_lookups.fetch_add(1, SeqCst);
@@ -78,19 +85,26 @@ impl Store for CountingStore {
     ) -> R<Vec<KeyRecord>> {
         self.inner.list_keys(t, a, n, all).await
     }
-    async fn revoke_key(&self, key: KeyRef<'_>, reason: &str, now: Time) -> R<KeyRecord> {
-        self.inner.revoke_key(key, reason, now).await
+    async fn revoke_key(
+        &self,
+        key: KeyRef<'_>,
+        reason: &str,
+        now: Time,
+        a: &Audit,
+    ) -> R<KeyRecord> {
+        self.inner.revoke_key(key, reason, now, a).await
     }
     async fn rotate_key(
         &self,
         old: KeyRef<'_>,
         new: NewKey,
         until: Time,
+        a: &Audit,
     ) -> R<(KeyRecord, KeyRecord)> {
-        self.inner.rotate_key(old, new, until).await
+        self.inner.rotate_key(old, new, until, a).await
     }
-    async fn update_key(&self, key: KeyRef<'_>, u: &KeyUpdate) -> R<KeyRecord> {
-        self.inner.update_key(key, u).await
+    async fn update_key(&self, key: KeyRef<'_>, u: &KeyUpdate, a: &Audit) -> R<KeyRecord> {
+        self.inner.update_key(key, u, a).await
     }
     async fn rehash_key(&self, id: KeyId, old: &KeyDigest, new: &KeyDigest, v: i32) -> R<()> {
         self.inner.rehash_key(id, old, new, v).await
@@ -160,7 +174,10 @@ impl Fixture {
             created_at: now,
             updated_at: now,
         };
-        store.create_tenant(barrier).await.unwrap();
+        store
+            .create_tenant(barrier, &Audit::system())
+            .await
+            .unwrap();
         let manager = Manager::new(
             profile.clone(),
             peppers(1, &[]),
@@ -209,7 +226,7 @@ impl Fixture {
         let barrier = TenantId::parse(BARRIER).unwrap();
         let touch = TenantUpdate::default();
         self.store
-            .update_tenant(&barrier, &touch, self.clock.now())
+            .update_tenant(&barrier, &touch, self.clock.now(), &Audit::system())
             .await
             .unwrap();
         let mut rx = self.invalidations.lock().await;

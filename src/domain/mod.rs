@@ -1,6 +1,8 @@
 //! Plain domain data: keys, tenants, plans, principals and decisions.
 //! No sqlx, no prost, no tonic.
 
+pub mod audit;
+pub mod console;
 pub mod decision;
 pub mod key;
 pub mod limit;

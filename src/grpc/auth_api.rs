@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::caller::{request_id, CallerGuard};
 use super::convert::{self, from_ts};
-use super::operator::OperatorGuard;
 use super::pb::{self, auth_service_server::AuthService};
+use crate::access::{Access, Need};
 use crate::authz::{AuthInput, Authenticator, QuotaSubject};
 use crate::domain::{Decision, Violations};
 use crate::error::Error;
@@ -16,7 +17,9 @@ use crate::manage::{CreateKeyInput, Manager, UpdateKeyInput};
 pub struct AuthApi {
     pub authz: Arc<Authenticator>,
     pub manager: Arc<Manager>,
-    pub guard: OperatorGuard,
+    /// Management callers: the operator, or console users in their tenant.
+    pub guard: CallerGuard,
+    pub access: Arc<Access>,
 }
 
 #[tonic::async_trait]
@@ -109,9 +112,17 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
-        self.guard.check(request.metadata())?;
+        let caller = self.guard.check(request.metadata())?;
         let r = request.into_inner();
-        let quotas = self.authz.usage(&r.tenant_id, &r.key_id).await?;
+        let tenant_id = if r.key_id.is_empty() {
+            caller.tenant_scope(&r.tenant_id, Need::Read)?
+        } else {
+            self.access
+                .key(&caller, &r.key_id, &r.tenant_id, Need::Read)
+                .await?;
+            r.tenant_id
+        };
+        let quotas = self.authz.usage(&tenant_id, &r.key_id).await?;
         Ok(Response::new(pb::GetUsageResponse {
             quotas: quotas
                 .iter()
@@ -132,21 +143,26 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        self.guard.check(request.metadata())?;
+        let caller = self.guard.check(request.metadata())?;
+        let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
+        let tenant_id = caller.tenant_scope(&r.tenant_id, Need::ManageKeys)?;
         let mut v = Violations::default();
         let limits = convert::limit_specs_from("limits", r.limits, &mut v);
         v.into_result().map_err(Error::from)?;
         let issued = self
             .manager
-            .create_key(CreateKeyInput {
-                tenant_id: r.tenant_id,
-                name: r.name,
-                environment: r.environment,
-                scopes: r.scopes,
-                ttl_seconds: r.ttl_seconds,
-                limits,
-            })
+            .create_key_as(
+                &ctx,
+                CreateKeyInput {
+                    tenant_id,
+                    name: r.name,
+                    environment: r.environment,
+                    scopes: r.scopes,
+                    ttl_seconds: r.ttl_seconds,
+                    limits,
+                },
+            )
             .await?;
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(convert::api_key(&issued.record)),
@@ -158,11 +174,16 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
-        self.guard.check(request.metadata())?;
+        let caller = self.guard.check(request.metadata())?;
+        let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
+        let tenant_id = self
+            .access
+            .key(&caller, &r.key_id, &r.tenant_id, Need::ManageKeys)
+            .await?;
         let key = self
             .manager
-            .revoke_key(&r.key_id, &r.tenant_id, &r.reason)
+            .revoke_key_as(&ctx, &r.key_id, &tenant_id, &r.reason)
             .await?;
         Ok(Response::new(pb::RevokeKeyResponse {
             key: Some(convert::api_key(&key)),
@@ -173,9 +194,13 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::GetKeyResponse>, Status> {
-        self.guard.check(request.metadata())?;
+        let caller = self.guard.check(request.metadata())?;
         let r = request.into_inner();
-        let key = self.manager.get_key(&r.key_id, &r.tenant_id).await?;
+        let tenant_id = self
+            .access
+            .key(&caller, &r.key_id, &r.tenant_id, Need::Read)
+            .await?;
+        let key = self.manager.get_key(&r.key_id, &tenant_id).await?;
         Ok(Response::new(pb::GetKeyResponse {
             key: Some(convert::api_key(&key)),
         }))
@@ -185,11 +210,12 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        self.guard.check(request.metadata())?;
+        let caller = self.guard.check(request.metadata())?;
         let r = request.into_inner();
+        let tenant_id = caller.tenant_scope(&r.tenant_id, Need::Read)?;
         let page = self
             .manager
-            .list_keys(&r.tenant_id, r.page_size, &r.page_token, r.include_revoked)
+            .list_keys(&tenant_id, r.page_size, &r.page_token, r.include_revoked)
             .await?;
         Ok(Response::new(pb::ListKeysResponse {
             keys: page.items.iter().map(convert::api_key).collect(),
@@ -201,11 +227,16 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
-        self.guard.check(request.metadata())?;
+        let caller = self.guard.check(request.metadata())?;
+        let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
+        let tenant_id = self
+            .access
+            .key(&caller, &r.key_id, &r.tenant_id, Need::ManageKeys)
+            .await?;
         let (issued, previous) = self
             .manager
-            .rotate_key(&r.key_id, &r.tenant_id, r.grace_seconds)
+            .rotate_key_as(&ctx, &r.key_id, &tenant_id, r.grace_seconds)
             .await?;
         Ok(Response::new(pb::RotateKeyResponse {
             key: Some(convert::api_key(&issued.record)),
@@ -218,8 +249,13 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::UpdateKeyResponse>, Status> {
-        self.guard.check(request.metadata())?;
+        let caller = self.guard.check(request.metadata())?;
+        let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
+        let tenant_id = self
+            .access
+            .key(&caller, &r.key_id, &r.tenant_id, Need::ManageKeys)
+            .await?;
         let mut v = Violations::default();
         let limits = convert::limit_specs_from("limits", r.limits, &mut v);
         v.into_result().map_err(Error::from)?;
@@ -231,15 +267,18 @@ impl AuthService for AuthApi {
         };
         let key = self
             .manager
-            .update_key(UpdateKeyInput {
-                key_id: r.key_id,
-                tenant_id: r.tenant_id,
-                update_mask: r.update_mask,
-                name: r.name,
-                scopes: r.scopes,
-                expires_at,
-                limits,
-            })
+            .update_key_as(
+                &ctx,
+                UpdateKeyInput {
+                    key_id: r.key_id,
+                    tenant_id,
+                    update_mask: r.update_mask,
+                    name: r.name,
+                    scopes: r.scopes,
+                    expires_at,
+                    limits,
+                },
+            )
             .await?;
         Ok(Response::new(pb::UpdateKeyResponse {
             key: Some(convert::api_key(&key)),

@@ -1,6 +1,9 @@
-//! The gRPC surface: generated code, handlers, the error table, operator auth.
+//! The gRPC surface: generated code, handlers, the error table, caller auth
+//! (operator token or console access token).
 
 pub mod auth_api;
+pub mod caller;
+pub mod console_api;
 pub mod convert;
 pub mod envoy;
 pub mod operator;

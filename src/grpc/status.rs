@@ -25,7 +25,18 @@ impl From<Error> for Status {
             Error::AlreadyExists(what) => Status::already_exists(format!("{what} already exists")),
             Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
             Error::Unauthenticated => Status::unauthenticated(
-                "management calls need `authorization: Bearer <operator token>`",
+                "management calls need `authorization: Bearer <operator token or console access token>`",
+            ),
+            Error::PermissionDenied(why) => Status::permission_denied(why),
+            Error::BadCredentials(why) => Status::unauthenticated(why),
+            Error::TooManyAttempts {
+                retry_after_seconds,
+            } => Status::with_error_details(
+                Code::ResourceExhausted,
+                format!("too many failed attempts; retry in {retry_after_seconds} s"),
+                ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(
+                    retry_after_seconds,
+                ))),
             ),
             Error::Unavailable(detail) => {
                 tracing::warn!(error = %detail, "storage unavailable");

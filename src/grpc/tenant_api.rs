@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::caller::{request_id, CallerGuard};
 use super::convert;
-use super::operator::OperatorGuard;
 use super::pb::{self, tenant_service_server::TenantService};
+use crate::access::{Caller, Need};
 use crate::domain::Violations;
 use crate::error::Error;
 use crate::manage::{CreateTenantInput, Manager, UpdateTenantInput};
@@ -14,7 +15,8 @@ use crate::manage::{CreateTenantInput, Manager, UpdateTenantInput};
 /// The TenantService implementation.
 pub struct TenantApi {
     pub manager: Arc<Manager>,
-    pub guard: OperatorGuard,
+    /// Management callers: the operator, or console users in their tenant.
+    pub guard: CallerGuard,
 }
 
 #[tonic::async_trait]
@@ -23,7 +25,9 @@ impl TenantService for TenantApi {
         &self,
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
-        self.guard.check(request.metadata())?;
+        let caller = self.guard.check(request.metadata())?;
+        caller.allow(Need::Operator)?;
+        let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let mut v = Violations::default();
         let overrides = r
@@ -32,13 +36,16 @@ impl TenantService for TenantApi {
         v.into_result().map_err(Error::from)?;
         let tenant = self
             .manager
-            .create_tenant(CreateTenantInput {
-                tenant_id: r.tenant_id,
-                name: r.name,
-                plan: r.plan,
-                subscription_status: r.subscription_status,
-                overrides,
-            })
+            .create_tenant_as(
+                &ctx,
+                CreateTenantInput {
+                    tenant_id: r.tenant_id,
+                    name: r.name,
+                    plan: r.plan,
+                    subscription_status: r.subscription_status,
+                    overrides,
+                },
+            )
             .await?;
         Ok(Response::new(pb::CreateTenantResponse {
             tenant: Some(convert::tenant(&tenant)),
@@ -49,11 +56,9 @@ impl TenantService for TenantApi {
         &self,
         request: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::GetTenantResponse>, Status> {
-        self.guard.check(request.metadata())?;
-        let tenant = self
-            .manager
-            .get_tenant(&request.get_ref().tenant_id)
-            .await?;
+        let caller = self.guard.check(request.metadata())?;
+        let tenant_id = caller.tenant_scope(&request.get_ref().tenant_id, Need::Read)?;
+        let tenant = self.manager.get_tenant(&tenant_id).await?;
         Ok(Response::new(pb::GetTenantResponse {
             tenant: Some(convert::tenant(&tenant)),
         }))
@@ -63,8 +68,18 @@ impl TenantService for TenantApi {
         &self,
         request: Request<pb::UpdateTenantRequest>,
     ) -> Result<Response<pb::UpdateTenantResponse>, Status> {
-        self.guard.check(request.metadata())?;
+        let caller = self.guard.check(request.metadata())?;
+        let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
+        let tenant_id = caller.tenant_scope(&r.tenant_id, Need::ManageKeys)?;
+        // Plan, subscription and overrides are billing's: console users may
+        // only rename their tenant.
+        if matches!(caller, Caller::Console { .. }) && r.update_mask.iter().any(|m| m != "name") {
+            return Err(Error::PermissionDenied(
+                "console users may change only the tenant's name".into(),
+            )
+            .into());
+        }
         let mut v = Violations::default();
         let overrides = r
             .overrides
@@ -72,14 +87,17 @@ impl TenantService for TenantApi {
         v.into_result().map_err(Error::from)?;
         let tenant = self
             .manager
-            .update_tenant(UpdateTenantInput {
-                tenant_id: r.tenant_id,
-                update_mask: r.update_mask,
-                name: r.name,
-                plan: r.plan,
-                subscription_status: r.subscription_status,
-                overrides,
-            })
+            .update_tenant_as(
+                &ctx,
+                UpdateTenantInput {
+                    tenant_id,
+                    update_mask: r.update_mask,
+                    name: r.name,
+                    plan: r.plan,
+                    subscription_status: r.subscription_status,
+                    overrides,
+                },
+            )
             .await?;
         Ok(Response::new(pb::UpdateTenantResponse {
             tenant: Some(convert::tenant(&tenant)),
@@ -90,7 +108,9 @@ impl TenantService for TenantApi {
         &self,
         request: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
-        self.guard.check(request.metadata())?;
+        self.guard
+            .check(request.metadata())?
+            .allow(Need::Operator)?;
         let r = request.into_inner();
         let page = self
             .manager

@@ -11,14 +11,18 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::{Invalidation, KeyCap, KeyRef, QuotaCounter, QuotaGrant, Store, StoreError};
 use crate::crypto::KeyDigest;
+use crate::domain::audit;
+use crate::domain::console::AuditContext;
 use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 
 #[derive(Default)]
-struct State {
-    tenants: BTreeMap<TenantId, Tenant>,
+pub(super) struct State {
+    pub(super) tenants: BTreeMap<TenantId, Tenant>,
     keys: BTreeMap<KeyId, KeyRecord>,
     by_digest: HashMap<KeyDigest, KeyId>,
     quotas: HashMap<QuotaCounter, u64>,
+    /// Console users, tokens and audit events (`console_memory.rs`).
+    pub(super) console: super::console_memory::ConsoleState,
 }
 
 impl State {
@@ -61,7 +65,7 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -73,11 +77,16 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn create_tenant(&self, tenant: Tenant) -> Result<Tenant, StoreError> {
+    async fn create_tenant(
+        &self,
+        tenant: Tenant,
+        ctx: &AuditContext,
+    ) -> Result<Tenant, StoreError> {
         let mut s = self.state();
         if s.tenants.contains_key(&tenant.id) {
             return Err(StoreError::AlreadyExists);
         }
+        s.console.record(audit::tenant_created(ctx, &tenant));
         s.tenants.insert(tenant.id.clone(), tenant.clone());
         Ok(tenant)
     }
@@ -91,6 +100,7 @@ impl Store for MemoryStore {
         id: &TenantId,
         u: &TenantUpdate,
         now: DateTime<Utc>,
+        ctx: &AuditContext,
     ) -> Result<Tenant, StoreError> {
         let updated = {
             let mut s = self.state();
@@ -108,7 +118,9 @@ impl Store for MemoryStore {
                 t.overrides = o.clone();
             }
             t.updated_at = now;
-            t.clone()
+            let t = t.clone();
+            s.console.record(audit::tenant_updated(ctx, &t, u, now));
+            t
         };
         self.publish(Invalidation::Tenant(id.clone()));
         Ok(updated)
@@ -128,7 +140,12 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn insert_key(&self, key: NewKey, cap: KeyCap<'_>) -> Result<KeyRecord, StoreError> {
+    async fn insert_key(
+        &self,
+        key: NewKey,
+        cap: KeyCap<'_>,
+        ctx: &AuditContext,
+    ) -> Result<KeyRecord, StoreError> {
         let mut s = self.state();
         let tenant = s.tenants.get(&key.tenant_id).ok_or(StoreError::NotFound)?;
         if let Some(cap) = cap(tenant) {
@@ -141,7 +158,9 @@ impl Store for MemoryStore {
                 return Err(StoreError::KeyCapReached { cap });
             }
         }
-        s.insert(key)
+        let record = s.insert(key)?;
+        s.console.record(audit::key_created(ctx, &record));
+        Ok(record)
     }
 
     async fn find_key_by_digest(
@@ -186,6 +205,7 @@ impl Store for MemoryStore {
         key: KeyRef<'_>,
         reason: &str,
         now: DateTime<Utc>,
+        ctx: &AuditContext,
     ) -> Result<KeyRecord, StoreError> {
         let record = {
             let mut s = self.state();
@@ -194,7 +214,9 @@ impl Store for MemoryStore {
                 k.revoked_at = Some(now);
                 k.revoke_reason = Some(reason.to_string());
             }
-            k.clone()
+            let k = k.clone();
+            s.console.record(audit::key_revoked(ctx, &k, now));
+            k
         };
         self.publish(Invalidation::Key(record.id));
         Ok(record)
@@ -205,6 +227,7 @@ impl Store for MemoryStore {
         old: KeyRef<'_>,
         new: NewKey,
         old_expires_at: DateTime<Utc>,
+        ctx: &AuditContext,
     ) -> Result<(KeyRecord, KeyRecord), StoreError> {
         let (previous, inserted) = {
             let mut s = self.state();
@@ -220,13 +243,21 @@ impl Store for MemoryStore {
                 k.expires_at
                     .map_or(old_expires_at, |e| e.min(old_expires_at)),
             );
-            (k.clone(), inserted)
+            let previous = k.clone();
+            s.console
+                .record(audit::key_rotated(ctx, &previous, &inserted));
+            (previous, inserted)
         };
         self.publish(Invalidation::Key(previous.id));
         Ok((previous, inserted))
     }
 
-    async fn update_key(&self, key: KeyRef<'_>, u: &KeyUpdate) -> Result<KeyRecord, StoreError> {
+    async fn update_key(
+        &self,
+        key: KeyRef<'_>,
+        u: &KeyUpdate,
+        ctx: &AuditContext,
+    ) -> Result<KeyRecord, StoreError> {
         let record = {
             let mut s = self.state();
             let k = s.key_mut(key)?;
@@ -242,7 +273,10 @@ impl Store for MemoryStore {
             if let Some(limits) = &u.limits {
                 k.limits.clone_from(limits);
             }
-            k.clone()
+            let k = k.clone();
+            s.console
+                .record(audit::key_updated(ctx, &k, u, chrono::Utc::now()));
+            k
         };
         self.publish(Invalidation::Key(record.id));
         Ok(record)
@@ -330,6 +364,12 @@ impl Store for MemoryStore {
                 }
             }
         });
+    }
+
+    fn console_store(
+        self: std::sync::Arc<Self>,
+    ) -> Option<std::sync::Arc<dyn super::ConsoleStore>> {
+        Some(self)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

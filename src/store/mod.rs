@@ -6,11 +6,16 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
 use crate::crypto::KeyDigest;
+use crate::domain::console::AuditContext;
 use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 
+pub mod console;
+mod console_memory;
+mod console_pg;
 pub mod memory;
 pub mod postgres;
 
+pub use console::ConsoleStore;
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 
@@ -84,16 +89,22 @@ pub struct KeyRef<'a> {
 }
 
 /// The storage operations Tollgate needs. Every write that can change a
-/// decision publishes an [`Invalidation`] to every replica.
+/// decision publishes an [`Invalidation`] to every replica; every management
+/// change writes its audit event (from `audit`) in its own transaction.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    async fn create_tenant(&self, tenant: Tenant) -> Result<Tenant, StoreError>;
+    async fn create_tenant(
+        &self,
+        tenant: Tenant,
+        audit: &AuditContext,
+    ) -> Result<Tenant, StoreError>;
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>, StoreError>;
     async fn update_tenant(
         &self,
         id: &TenantId,
         update: &TenantUpdate,
         now: DateTime<Utc>,
+        audit: &AuditContext,
     ) -> Result<Tenant, StoreError>;
     /// Tenants ordered by id, after `after`.
     async fn list_tenants(
@@ -104,7 +115,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Inserts a key if the tenant exists and holds fewer live keys than
     /// `cap(tenant)`, atomically: concurrent inserts never pass the cap.
-    async fn insert_key(&self, key: NewKey, cap: KeyCap<'_>) -> Result<KeyRecord, StoreError>;
+    async fn insert_key(
+        &self,
+        key: NewKey,
+        cap: KeyCap<'_>,
+        audit: &AuditContext,
+    ) -> Result<KeyRecord, StoreError>;
     async fn find_key_by_digest(&self, digest: &KeyDigest)
         -> Result<Option<KeyRecord>, StoreError>;
     async fn get_key(&self, key: KeyRef<'_>) -> Result<Option<KeyRecord>, StoreError>;
@@ -122,6 +138,7 @@ pub trait Store: Send + Sync + 'static {
         key: KeyRef<'_>,
         reason: &str,
         now: DateTime<Utc>,
+        audit: &AuditContext,
     ) -> Result<KeyRecord, StoreError>;
     /// Inserts `new` and marks the old key replaced, expiring at
     /// `old_expires_at`, in one transaction. Rotation does not count against
@@ -131,11 +148,13 @@ pub trait Store: Send + Sync + 'static {
         old: KeyRef<'_>,
         new: NewKey,
         old_expires_at: DateTime<Utc>,
+        audit: &AuditContext,
     ) -> Result<(KeyRecord, KeyRecord), StoreError>;
     async fn update_key(
         &self,
         key: KeyRef<'_>,
         update: &KeyUpdate,
+        audit: &AuditContext,
     ) -> Result<KeyRecord, StoreError>;
     /// Replaces a digest made with an old pepper by one made with the current.
     async fn rehash_key(
@@ -179,4 +198,8 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Whether the store answers right now.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The same store's console side (accounts, tokens, audit), if it has one.
+    fn console_store(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn ConsoleStore>> {
+        None
+    }
 }

@@ -12,8 +12,11 @@ use sqlx::{Postgres, Transaction};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::console_pg::insert_audit;
 use super::{Invalidation, KeyCap, KeyRef, QuotaCounter, QuotaGrant, Store, StoreError};
 use crate::crypto::KeyDigest;
+use crate::domain::audit;
+use crate::domain::console::AuditContext;
 use crate::domain::{
     KeyId, KeyRecord, KeyUpdate, LimitSpec, NewKey, SubscriptionStatus, Tenant, TenantId,
     TenantOverrides, TenantUpdate,
@@ -57,7 +60,7 @@ async fn timed<T>(query: &'static str, f: impl std::future::Future<Output = T>) 
     out
 }
 
-fn map_err(e: sqlx::Error) -> StoreError {
+pub(super) fn map_err(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::RowNotFound => StoreError::NotFound,
         sqlx::Error::PoolTimedOut
@@ -237,13 +240,14 @@ async fn lock_key(
     row.ok_or(StoreError::NotFound)?.try_into()
 }
 
-async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
+pub(super) async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
     pool.begin().await.map_err(map_err)
 }
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn create_tenant(&self, t: Tenant) -> Result<Tenant, StoreError> {
+    async fn create_tenant(&self, t: Tenant, ctx: &AuditContext) -> Result<Tenant, StoreError> {
+        let mut tx = begin(&self.pool).await?;
         let row: TenantRow = sqlx::query_as(
             "INSERT INTO tenants (tenant_id, name, plan, subscription_status, overrides, \
              created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7) RETURNING *",
@@ -255,10 +259,13 @@ impl Store for PostgresStore {
         .bind(Json(&t.overrides))
         .bind(t.created_at)
         .bind(t.updated_at)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await
         .map_err(map_err)?;
-        row.try_into()
+        let tenant: Tenant = row.try_into()?;
+        insert_audit(&mut tx, &audit::tenant_created(ctx, &tenant)).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(tenant)
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>, StoreError> {
@@ -278,6 +285,7 @@ impl Store for PostgresStore {
         id: &TenantId,
         u: &TenantUpdate,
         now: DateTime<Utc>,
+        ctx: &AuditContext,
     ) -> Result<Tenant, StoreError> {
         let mut tx = begin(&self.pool).await?;
         let row: Option<TenantRow> = sqlx::query_as(
@@ -296,6 +304,7 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         let tenant: Tenant = row.ok_or(StoreError::NotFound)?.try_into()?;
+        insert_audit(&mut tx, &audit::tenant_updated(ctx, &tenant, u, now)).await?;
         notify(&mut tx, &Invalidation::Tenant(id.clone())).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(tenant)
@@ -318,7 +327,12 @@ impl Store for PostgresStore {
         rows.into_iter().map(Tenant::try_from).collect()
     }
 
-    async fn insert_key(&self, key: NewKey, cap: KeyCap<'_>) -> Result<KeyRecord, StoreError> {
+    async fn insert_key(
+        &self,
+        key: NewKey,
+        cap: KeyCap<'_>,
+        ctx: &AuditContext,
+    ) -> Result<KeyRecord, StoreError> {
         let mut tx = begin(&self.pool).await?;
         // Lock the tenant row: concurrent inserts for this tenant queue here,
         // so the count below cannot go stale before we insert.
@@ -344,6 +358,7 @@ impl Store for PostgresStore {
             }
         }
         let record = insert_key_row(&mut tx, &key).await?;
+        insert_audit(&mut tx, &audit::key_created(ctx, &record)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(record)
     }
@@ -406,6 +421,7 @@ impl Store for PostgresStore {
         key: KeyRef<'_>,
         reason: &str,
         now: DateTime<Utc>,
+        ctx: &AuditContext,
     ) -> Result<KeyRecord, StoreError> {
         let mut tx = begin(&self.pool).await?;
         let sql = format!(
@@ -422,6 +438,7 @@ impl Store for PostgresStore {
             .await
             .map_err(map_err)?;
         let record: KeyRecord = row.ok_or(StoreError::NotFound)?.try_into()?;
+        insert_audit(&mut tx, &audit::key_revoked(ctx, &record, now)).await?;
         notify(&mut tx, &Invalidation::Key(record.id)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(record)
@@ -432,6 +449,7 @@ impl Store for PostgresStore {
         old: KeyRef<'_>,
         new: NewKey,
         old_expires_at: DateTime<Utc>,
+        ctx: &AuditContext,
     ) -> Result<(KeyRecord, KeyRecord), StoreError> {
         let mut tx = begin(&self.pool).await?;
         let current = lock_key(&mut tx, old).await?;
@@ -454,12 +472,18 @@ impl Store for PostgresStore {
             .await
             .map_err(map_err)?;
         let previous: KeyRecord = row.try_into()?;
+        insert_audit(&mut tx, &audit::key_rotated(ctx, &previous, &inserted)).await?;
         notify(&mut tx, &Invalidation::Key(previous.id)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok((previous, inserted))
     }
 
-    async fn update_key(&self, key: KeyRef<'_>, u: &KeyUpdate) -> Result<KeyRecord, StoreError> {
+    async fn update_key(
+        &self,
+        key: KeyRef<'_>,
+        u: &KeyUpdate,
+        ctx: &AuditContext,
+    ) -> Result<KeyRecord, StoreError> {
         let mut tx = begin(&self.pool).await?;
         let sql = format!(
             "UPDATE api_keys SET name = COALESCE($3, name), scopes = COALESCE($4, scopes), \
@@ -480,6 +504,7 @@ impl Store for PostgresStore {
             .await
             .map_err(map_err)?;
         let record: KeyRecord = row.ok_or(StoreError::NotFound)?.try_into()?;
+        insert_audit(&mut tx, &audit::key_updated(ctx, &record, u, Utc::now())).await?;
         notify(&mut tx, &Invalidation::Key(record.id)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(record)
@@ -632,6 +657,12 @@ impl Store for PostgresStore {
             .await
             .map_err(map_err)?;
         Ok(())
+    }
+
+    fn console_store(
+        self: std::sync::Arc<Self>,
+    ) -> Option<std::sync::Arc<dyn super::ConsoleStore>> {
+        Some(self)
     }
 }
 

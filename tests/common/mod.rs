@@ -65,6 +65,8 @@ pub struct Options {
     pub profile: Profile,
     pub peppers: Peppers,
     pub max_message_bytes: usize,
+    /// JWT issuers and console (dashboard surface).
+    pub dashboard: tollgate::dashboard::Dashboard,
 }
 
 impl Options {
@@ -73,6 +75,7 @@ impl Options {
             profile,
             peppers: peppers(),
             max_message_bytes: 64 * 1024,
+            dashboard: Default::default(),
         }
     }
 }
@@ -96,6 +99,7 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             peppers: opts.peppers,
             store,
             operator_token: Some(OPERATOR_TOKEN.to_string().into()),
+            dashboard: opts.dashboard,
             cache: CacheSettings::default(),
             max_message_bytes: opts.max_message_bytes,
             last_used_flush: Duration::from_secs(3600),

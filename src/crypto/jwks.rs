@@ -1,0 +1,208 @@
+//! JWKS: parsing a key set, and keeping an issuer's keys fresh from a URL or
+//! a file in the background (never on the request path). A refresh runs on
+//! an interval and, rate-limited, when a token names an unknown `kid`; a
+//! failed refresh keeps the last good key set.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::jwk::JwkSet;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::jwt::{Algorithm, Issuer, KeyError, KeySet, VerifyingKey};
+
+/// Largest JWKS document accepted, in bytes.
+pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
+/// Parses a JWKS document into the keys usable for signatures under
+/// `allowed` algorithms (empty = any asymmetric one). Unusable keys (for
+/// encryption, symmetric, unknown curves) are skipped; a malformed key or a
+/// set with no usable key is an error.
+pub fn parse_jwks(text: &[u8], allowed: &[Algorithm]) -> Result<KeySet, KeyError> {
+    if text.len() > MAX_JWKS_BYTES {
+        return Err(KeyError("JWKS document is larger than 1 MiB".into()));
+    }
+    let set: JwkSet =
+        serde_json::from_slice(text).map_err(|e| KeyError(format!("not a JWKS document: {e}")))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        if let Some(key) = VerifyingKey::from_jwk(jwk, allowed)? {
+            keys.push(key);
+        }
+    }
+    if keys.is_empty() {
+        return Err(KeyError("JWKS holds no usable signature key".into()));
+    }
+    Ok(KeySet::new(keys))
+}
+
+/// Where a JWKS comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    Url(String),
+    File(PathBuf),
+}
+
+/// How often a refresher looks again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshPolicy {
+    /// Regular refresh interval.
+    pub every: Duration,
+    /// Least time between two fetches (an unknown `kid` cannot trigger
+    /// fetches faster than this).
+    pub min_gap: Duration,
+    /// Timeout of one fetch.
+    pub timeout: Duration,
+}
+
+/// Counters of one refresher, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct RefreshStats {
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl RefreshStats {
+    /// Successful refreshes so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Acquire)
+    }
+
+    /// Failed refreshes so far (the last good keys were kept).
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Acquire)
+    }
+}
+
+/// Keeps one issuer's key set fresh from `source`.
+#[derive(Debug)]
+pub struct Refresher {
+    issuer: Arc<Issuer>,
+    source: JwksSource,
+    allowed: Vec<Algorithm>,
+    policy: RefreshPolicy,
+    stats: Arc<RefreshStats>,
+}
+
+impl Refresher {
+    /// A refresher for `issuer`; nothing runs until [`Self::spawn`].
+    pub fn new(
+        issuer: Arc<Issuer>,
+        source: JwksSource,
+        allowed: Vec<Algorithm>,
+        policy: RefreshPolicy,
+    ) -> Self {
+        Self {
+            issuer,
+            source,
+            allowed,
+            policy,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> Arc<RefreshStats> {
+        self.stats.clone()
+    }
+
+    /// The issuer it refreshes.
+    pub fn issuer(&self) -> &Arc<Issuer> {
+        &self.issuer
+    }
+
+    /// Fetches and parses the key set once.
+    pub async fn fetch(&self, client: &reqwest::Client) -> Result<KeySet, KeyError> {
+        let bytes = match &self.source {
+            JwksSource::File(path) => tokio::fs::read(path)
+                .await
+                .map_err(|e| KeyError(format!("{}: {e}", path.display())))?,
+            JwksSource::Url(url) => fetch_url(client, url, self.policy.timeout).await?,
+        };
+        parse_jwks(&bytes, &self.allowed)
+    }
+
+    /// Refreshes once now, keeping the last good keys on failure.
+    pub async fn refresh(&self, client: &reqwest::Client) -> bool {
+        match self.fetch(client).await {
+            Ok(keys) => {
+                tracing::debug!(issuer = %self.issuer.rules().issuer, keys = keys.len(),
+                    "JWKS refreshed");
+                self.issuer.set_keys(keys);
+                self.stats.ok.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(issuer = %self.issuer.rules().issuer, error = %e,
+                    "JWKS refresh failed; keeping the last good keys");
+                self.stats.failed.fetch_add(1, Ordering::AcqRel);
+                false
+            }
+        }
+    }
+
+    /// Runs in the background: refreshes now, then every `every`, and on an
+    /// unknown `kid` no sooner than `min_gap` after the previous fetch.
+    pub fn spawn(self, client: reqwest::Client) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                self.refresh(&client).await;
+                let fetched = Instant::now();
+                tokio::select! {
+                    () = tokio::time::sleep(self.policy.every) => {}
+                    () = self.issuer.unknown_kid_seen() => {
+                        tokio::time::sleep_until(fetched + self.policy.min_gap).await;
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// An HTTP client for JWKS URLs: rustls, bounded timeouts, no redirects to
+/// other schemes.
+pub fn http_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .redirect(reqwest::redirect::Policy::limited(3))
+        .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("a client with static settings builds")
+}
+
+async fn fetch_url(
+    client: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+) -> Result<Vec<u8>, KeyError> {
+    let fetch = async {
+        let mut response = client
+            .get(url)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .map_err(|e| KeyError(format!("GET {url}: {e}")))?;
+        if !response.status().is_success() {
+            return Err(KeyError(format!("GET {url}: HTTP {}", response.status())));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| KeyError(format!("GET {url}: {e}")))?
+        {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(KeyError(format!("GET {url}: larger than 1 MiB")));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| KeyError(format!("GET {url}: timed out")))?
+}

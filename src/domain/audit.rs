@@ -1,0 +1,125 @@
+//! The audit events of each management change: what is recorded about a
+//! key, tenant or user change. Never a secret (no key, digest or hash).
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use super::console::{AuditAction, AuditContext, AuditEvent, ConsoleUser};
+use super::{KeyRecord, KeyUpdate, Tenant, TenantUpdate};
+
+/// A key was created.
+pub fn key_created(ctx: &AuditContext, k: &KeyRecord) -> AuditEvent {
+    ctx.event(
+        AuditAction::KeyCreated,
+        &k.tenant_id,
+        k.id.to_string(),
+        json!({"name": k.name, "environment": k.environment, "scopes": k.scopes,
+            "hint": k.hint, "expires_at": k.expires_at}),
+        k.created_at,
+    )
+}
+
+/// A key was revoked.
+pub fn key_revoked(ctx: &AuditContext, k: &KeyRecord, at: DateTime<Utc>) -> AuditEvent {
+    ctx.event(
+        AuditAction::KeyRevoked,
+        &k.tenant_id,
+        k.id.to_string(),
+        json!({"reason": k.revoke_reason}),
+        at,
+    )
+}
+
+/// `previous` was rotated into `new`.
+pub fn key_rotated(ctx: &AuditContext, previous: &KeyRecord, new: &KeyRecord) -> AuditEvent {
+    ctx.event(
+        AuditAction::KeyRotated,
+        &previous.tenant_id,
+        previous.id.to_string(),
+        json!({"new_key_id": new.id, "previous_expires_at": previous.expires_at}),
+        new.created_at,
+    )
+}
+
+/// A key's fields changed.
+pub fn key_updated(
+    ctx: &AuditContext,
+    k: &KeyRecord,
+    u: &KeyUpdate,
+    at: DateTime<Utc>,
+) -> AuditEvent {
+    let fields: Vec<&str> = [
+        ("name", u.name.is_some()),
+        ("scopes", u.scopes.is_some()),
+        ("expires_at", u.expires_at.is_some()),
+        ("limits", u.limits.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(f, changed)| changed.then_some(f))
+    .collect();
+    ctx.event(
+        AuditAction::KeyUpdated,
+        &k.tenant_id,
+        k.id.to_string(),
+        json!({"fields": fields, "name": k.name, "scopes": k.scopes, "expires_at": k.expires_at}),
+        at,
+    )
+}
+
+/// A tenant was created.
+pub fn tenant_created(ctx: &AuditContext, t: &Tenant) -> AuditEvent {
+    ctx.event(
+        AuditAction::TenantCreated,
+        &t.id,
+        t.id.to_string(),
+        json!({"plan": t.plan, "subscription_status": t.status.as_str()}),
+        t.created_at,
+    )
+}
+
+/// A tenant's plan, status, name or overrides changed.
+pub fn tenant_updated(
+    ctx: &AuditContext,
+    t: &Tenant,
+    u: &TenantUpdate,
+    at: DateTime<Utc>,
+) -> AuditEvent {
+    let fields: Vec<&str> = [
+        ("name", u.name.is_some()),
+        ("plan", u.plan.is_some()),
+        ("subscription_status", u.status.is_some()),
+        ("overrides", u.overrides.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(f, changed)| changed.then_some(f))
+    .collect();
+    ctx.event(
+        AuditAction::TenantUpdated,
+        &t.id,
+        t.id.to_string(),
+        json!({"fields": fields, "plan": t.plan, "subscription_status": t.status.as_str()}),
+        at,
+    )
+}
+
+/// A console user was added.
+pub fn user_created(ctx: &AuditContext, u: &ConsoleUser) -> AuditEvent {
+    ctx.event(
+        AuditAction::UserCreated,
+        &u.tenant_id,
+        u.id.to_string(),
+        json!({"role": u.role.as_str(), "email": u.email.as_str()}),
+        u.created_at,
+    )
+}
+
+/// A user's password was reset.
+pub fn password_reset(ctx: &AuditContext, u: &ConsoleUser, at: DateTime<Utc>) -> AuditEvent {
+    ctx.event(
+        AuditAction::PasswordReset,
+        &u.tenant_id,
+        u.id.to_string(),
+        json!({}),
+        at,
+    )
+}

@@ -1,0 +1,422 @@
+//! Postgres side of [`ConsoleStore`]: console users, tokens and the audit
+//! log. Every change is one transaction that also writes its audit row.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use super::console::{ConsoleStore, NextRefresh, TokenUse};
+use super::postgres::{begin, map_err};
+use super::{PostgresStore, StoreError};
+use crate::domain::console::{
+    AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, Role, TokenKind, UserId,
+};
+use crate::domain::{audit, Tenant, TenantId};
+
+#[derive(sqlx::FromRow)]
+struct UserRow {
+    user_id: Uuid,
+    tenant_id: String,
+    email: String,
+    role: String,
+    password_hash: String,
+    email_verified_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<UserRow> for ConsoleUser {
+    type Error = StoreError;
+    fn try_from(r: UserRow) -> Result<Self, StoreError> {
+        let bad = |what: &str| StoreError::Internal(format!("stored user {what} is malformed"));
+        Ok(ConsoleUser {
+            id: r.user_id,
+            tenant_id: TenantId::parse(&r.tenant_id).ok_or_else(|| bad("tenant id"))?,
+            email: Email::parse(&r.email).ok_or_else(|| bad("email"))?,
+            role: Role::parse(&r.role).ok_or_else(|| bad("role"))?,
+            password_hash: PasswordHash(r.password_hash),
+            email_verified_at: r.email_verified_at,
+            created_at: r.created_at,
+        })
+    }
+}
+
+const USER_COLUMNS: &str =
+    "user_id, tenant_id, email, role, password_hash, email_verified_at, created_at";
+
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    event_id: Uuid,
+    at: DateTime<Utc>,
+    tenant_id: String,
+    actor: String,
+    action: String,
+    target: String,
+    request_id: String,
+    details: Json<serde_json::Value>,
+}
+
+/// Writes an audit event inside the change's transaction.
+pub(super) async fn insert_audit(
+    tx: &mut Transaction<'_, Postgres>,
+    e: &AuditEvent,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_events (event_id, at, tenant_id, actor, action, target, request_id, \
+         details) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+    )
+    .bind(e.id)
+    .bind(e.at)
+    .bind(e.tenant_id.as_str())
+    .bind(&e.actor)
+    .bind(&e.action)
+    .bind(&e.target)
+    .bind(&e.request_id)
+    .bind(Json(&e.details))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn insert_user(
+    tx: &mut Transaction<'_, Postgres>,
+    u: &ConsoleUser,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO console_users (user_id, tenant_id, email, role, password_hash, \
+         email_verified_at, created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$7)",
+    )
+    .bind(u.id)
+    .bind(u.tenant_id.as_str())
+    .bind(u.email.as_str())
+    .bind(u.role.as_str())
+    .bind(&u.password_hash.0)
+    .bind(u.email_verified_at)
+    .bind(u.created_at)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn insert_token_tx(
+    tx: &mut Transaction<'_, Postgres>,
+    t: &NewToken,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO console_tokens (digest, kind, user_id, family, created_at, expires_at) \
+         VALUES ($1,$2,$3,$4,$5,$6)",
+    )
+    .bind(&t.digest[..])
+    .bind(t.kind.as_str())
+    .bind(t.user_id)
+    .bind(t.family)
+    .bind(t.created_at)
+    .bind(t.expires_at)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// user_id, family, expires_at, used_at.
+type TokenRow = (Uuid, Option<Uuid>, DateTime<Utc>, Option<DateTime<Utc>>);
+
+struct Spent {
+    user_id: Uuid,
+    family: Option<Uuid>,
+}
+
+/// Spends a token of `kind` under a row lock. A replayed refresh token
+/// revokes its whole family (committed by the caller).
+async fn spend(
+    tx: &mut Transaction<'_, Postgres>,
+    digest: &[u8; 32],
+    kind: TokenKind,
+    now: DateTime<Utc>,
+) -> Result<Result<Spent, TokenUse>, StoreError> {
+    let row: Option<TokenRow> = sqlx::query_as(
+        "SELECT user_id, family, expires_at, used_at FROM console_tokens \
+         WHERE digest = $1 AND kind = $2 FOR UPDATE",
+    )
+    .bind(&digest[..])
+    .bind(kind.as_str())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    let Some((user_id, family, expires_at, used_at)) = row else {
+        return Ok(Err(TokenUse::Unknown));
+    };
+    if used_at.is_some() {
+        if let Some(family) = family {
+            sqlx::query(
+                "UPDATE console_tokens SET used_at = COALESCE(used_at, $2) WHERE family = $1",
+            )
+            .bind(family)
+            .bind(now)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        }
+        return Ok(Err(TokenUse::Replayed));
+    }
+    if expires_at <= now {
+        return Ok(Err(TokenUse::Unknown));
+    }
+    sqlx::query("UPDATE console_tokens SET used_at = $2 WHERE digest = $1")
+        .bind(&digest[..])
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(Ok(Spent { user_id, family }))
+}
+
+async fn user_tx(
+    tx: &mut Transaction<'_, Postgres>,
+    id: UserId,
+) -> Result<ConsoleUser, StoreError> {
+    let sql = format!("SELECT {USER_COLUMNS} FROM console_users WHERE user_id = $1");
+    let row: UserRow = sqlx::query_as(&sql)
+        .bind(id)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    row.try_into()
+}
+
+#[async_trait]
+impl ConsoleStore for PostgresStore {
+    async fn sign_up(
+        &self,
+        t: Tenant,
+        owner: ConsoleUser,
+        verification: NewToken,
+        ctx: &AuditContext,
+    ) -> Result<(), StoreError> {
+        let mut tx = begin(self.pool()).await?;
+        sqlx::query(
+            "INSERT INTO tenants (tenant_id, name, plan, subscription_status, overrides, \
+             created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7)",
+        )
+        .bind(t.id.as_str())
+        .bind(&t.name)
+        .bind(&t.plan)
+        .bind(t.status.as_str())
+        .bind(Json(&t.overrides))
+        .bind(t.created_at)
+        .bind(t.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_user(&mut tx, &owner).await?;
+        insert_token_tx(&mut tx, &verification).await?;
+        let created = audit::tenant_created(ctx, &t);
+        insert_audit(&mut tx, &created).await?;
+        insert_audit(&mut tx, &audit::user_created(ctx, &owner)).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn create_user(
+        &self,
+        user: ConsoleUser,
+        verification: NewToken,
+        ctx: &AuditContext,
+    ) -> Result<(), StoreError> {
+        let mut tx = begin(self.pool()).await?;
+        insert_user(&mut tx, &user).await?;
+        insert_token_tx(&mut tx, &verification).await?;
+        insert_audit(&mut tx, &audit::user_created(ctx, &user)).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn user_by_email(&self, email: &Email) -> Result<Option<ConsoleUser>, StoreError> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM console_users WHERE email = $1");
+        let row: Option<UserRow> = sqlx::query_as(&sql)
+            .bind(email.as_str())
+            .fetch_optional(self.pool())
+            .await
+            .map_err(map_err)?;
+        row.map(ConsoleUser::try_from).transpose()
+    }
+
+    async fn user(&self, id: UserId) -> Result<Option<ConsoleUser>, StoreError> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM console_users WHERE user_id = $1");
+        let row: Option<UserRow> = sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(map_err)?;
+        row.map(ConsoleUser::try_from).transpose()
+    }
+
+    async fn list_users(&self, tenant: &TenantId) -> Result<Vec<ConsoleUser>, StoreError> {
+        let sql = format!(
+            "SELECT {USER_COLUMNS} FROM console_users WHERE tenant_id = $1 \
+             ORDER BY created_at, user_id LIMIT 1000"
+        );
+        let rows: Vec<UserRow> = sqlx::query_as(&sql)
+            .bind(tenant.as_str())
+            .fetch_all(self.pool())
+            .await
+            .map_err(map_err)?;
+        rows.into_iter().map(ConsoleUser::try_from).collect()
+    }
+
+    async fn insert_token(&self, token: NewToken) -> Result<(), StoreError> {
+        let mut tx = begin(self.pool()).await?;
+        insert_token_tx(&mut tx, &token).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn rotate_refresh(
+        &self,
+        spent: &[u8; 32],
+        next: NextRefresh,
+        now: DateTime<Utc>,
+    ) -> Result<TokenUse, StoreError> {
+        let mut tx = begin(self.pool()).await?;
+        let s = match spend(&mut tx, spent, TokenKind::Refresh, now).await? {
+            Ok(s) => s,
+            Err(outcome) => {
+                // Commit the family revocation of a replay.
+                tx.commit().await.map_err(map_err)?;
+                return Ok(outcome);
+            }
+        };
+        insert_token_tx(
+            &mut tx,
+            &NewToken {
+                digest: next.digest,
+                kind: TokenKind::Refresh,
+                user_id: s.user_id,
+                family: s.family,
+                created_at: now,
+                expires_at: next.expires_at,
+            },
+        )
+        .await?;
+        let user = user_tx(&mut tx, s.user_id).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(TokenUse::Spent {
+            user,
+            family: s.family,
+        })
+    }
+
+    async fn end_session(&self, refresh: &[u8; 32], now: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE console_tokens SET used_at = COALESCE(used_at, $2) WHERE family = \
+             (SELECT family FROM console_tokens WHERE digest = $1 AND kind = 'refresh')",
+        )
+        .bind(&refresh[..])
+        .bind(now)
+        .execute(self.pool())
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn verify_email(
+        &self,
+        token: &[u8; 32],
+        now: DateTime<Utc>,
+    ) -> Result<TokenUse, StoreError> {
+        let mut tx = begin(self.pool()).await?;
+        let s = match spend(&mut tx, token, TokenKind::EmailVerification, now).await? {
+            Ok(s) => s,
+            Err(outcome) => return Ok(outcome),
+        };
+        sqlx::query(
+            "UPDATE console_users SET email_verified_at = COALESCE(email_verified_at, $2), \
+             updated_at = $2 WHERE user_id = $1",
+        )
+        .bind(s.user_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let user = user_tx(&mut tx, s.user_id).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(TokenUse::Spent { user, family: None })
+    }
+
+    async fn reset_password(
+        &self,
+        token: &[u8; 32],
+        hash: &PasswordHash,
+        now: DateTime<Utc>,
+        request_id: &str,
+    ) -> Result<TokenUse, StoreError> {
+        let mut tx = begin(self.pool()).await?;
+        let s = match spend(&mut tx, token, TokenKind::PasswordReset, now).await? {
+            Ok(s) => s,
+            Err(outcome) => return Ok(outcome),
+        };
+        sqlx::query(
+            "UPDATE console_users SET password_hash = $2, updated_at = $3 WHERE user_id = $1",
+        )
+        .bind(s.user_id)
+        .bind(&hash.0)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        // Every session and every other outstanding reset token ends.
+        sqlx::query(
+            "UPDATE console_tokens SET used_at = $2 WHERE user_id = $1 AND used_at IS NULL \
+             AND kind IN ('refresh', 'password_reset')",
+        )
+        .bind(s.user_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let user = user_tx(&mut tx, s.user_id).await?;
+        let ctx = AuditContext {
+            actor: format!("user:{}", user.id),
+            request_id: request_id.to_string(),
+        };
+        let event = audit::password_reset(&ctx, &user, now);
+        insert_audit(&mut tx, &event).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(TokenUse::Spent { user, family: None })
+    }
+
+    async fn list_audit(
+        &self,
+        tenant: Option<&TenantId>,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows: Vec<AuditRow> = sqlx::query_as(
+            "SELECT event_id, at, tenant_id, actor, action, target, request_id, details \
+             FROM audit_events WHERE ($1::text IS NULL OR tenant_id = $1) \
+             AND ($2::uuid IS NULL OR event_id < $2) ORDER BY event_id DESC LIMIT $3",
+        )
+        .bind(tenant.map(TenantId::as_str))
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await
+        .map_err(map_err)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(AuditEvent {
+                    id: r.event_id,
+                    at: r.at,
+                    tenant_id: TenantId::parse(&r.tenant_id).ok_or_else(|| {
+                        StoreError::Internal("stored audit tenant id is malformed".into())
+                    })?,
+                    actor: r.actor,
+                    action: r.action,
+                    target: r.target,
+                    request_id: r.request_id,
+                    details: r.details.0,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,487 @@
+//! Management by console users: their tenant only, their role only; the
+//! operator path unchanged.
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tonic::Code;
+
+use crate::common::{op, reason};
+use crate::harness::{bearer, spawn_console, Console, PASSWORD};
+use tollgate::grpc::pb;
+
+/// Signs up `email` as owner of `tenant` and returns their access token.
+async fn owner(c: &mut Console, email: &str, tenant: &str) -> String {
+    c.sign_up(email, tenant).await;
+    c.login(email).await.access_token
+}
+
+/// The owner of `tenant` adds a user with `role`; returns their token.
+async fn member(c: &mut Console, owner_token: &str, email: &str, role: &str) -> String {
+    c.console
+        .create_user(bearer(
+            owner_token,
+            pb::CreateUserRequest {
+                tenant_id: String::new(),
+                email: email.into(),
+                password: PASSWORD.into(),
+                role: role.into(),
+            },
+        ))
+        .await
+        .unwrap();
+    c.login(email).await.access_token
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
+    r.unwrap_err().code()
+}
+
+#[sqlx::test]
+async fn an_owner_manages_their_own_keys_and_nothing_of_another_tenant(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut c = spawn_console(&conn).await;
+    let a = owner(&mut c, "a@example.com", "tenant-a").await;
+    c.sign_up("b@example.com", "tenant-b").await;
+    // The operator's path is unchanged: it moves A to a bigger plan.
+    c.t.tenants
+        .update_tenant(op(pb::UpdateTenantRequest {
+            tenant_id: "tenant-a".into(),
+            update_mask: vec!["plan".into()],
+            plan: "pro".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let (b_secret, b_key) = c.t.create_key("tenant-b").await;
+
+    // A manages its own keys with its console token (tenant_id may be omitted).
+    let created =
+        c.t.auth
+            .create_key(bearer(
+                &a,
+                pb::CreateKeyRequest {
+                    name: "ci".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+    let mine = created.key.unwrap();
+    assert_eq!(mine.tenant_id, "tenant-a");
+    assert!(c.t.authenticate(&created.api_key).await.allowed);
+    let listed =
+        c.t.auth
+            .list_keys(bearer(&a, pb::ListKeysRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(listed.keys.len(), 1);
+    let rotated =
+        c.t.auth
+            .rotate_key(bearer(
+                &a,
+                pb::RotateKeyRequest {
+                    key_id: mine.key_id.clone(),
+                    grace_seconds: 60,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+    let new_id = rotated.key.unwrap().key_id;
+    c.t.auth
+        .update_key(bearer(
+            &a,
+            pb::UpdateKeyRequest {
+                key_id: new_id.clone(),
+                update_mask: vec!["name".into()],
+                name: "ci-2".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    c.t.auth
+        .revoke_key(bearer(
+            &a,
+            pb::RevokeKeyRequest {
+                key_id: new_id,
+                reason: "done".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let own_tenant =
+        c.t.tenants
+            .get_tenant(bearer(&a, pb::GetTenantRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(own_tenant.tenant.unwrap().tenant_id, "tenant-a");
+
+    // Nothing of B: reading, creating, rotating, updating, revoking.
+    let keys_before = c.count("api_keys").await;
+    let audit_before = c.count("audit_events").await;
+    let b_id = b_key.key_id.clone();
+    let auth = &mut c.t.auth;
+    let denied = [
+        code(
+            auth.get_key(bearer(
+                &a,
+                pb::GetKeyRequest {
+                    key_id: b_id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        code(
+            auth.get_key(bearer(
+                &a,
+                pb::GetKeyRequest {
+                    key_id: b_id.clone(),
+                    tenant_id: "tenant-a".into(),
+                },
+            ))
+            .await,
+        ),
+        code(
+            auth.revoke_key(bearer(
+                &a,
+                pb::RevokeKeyRequest {
+                    key_id: b_id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        code(
+            auth.rotate_key(bearer(
+                &a,
+                pb::RotateKeyRequest {
+                    key_id: b_id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        code(
+            auth.update_key(bearer(
+                &a,
+                pb::UpdateKeyRequest {
+                    key_id: b_id.clone(),
+                    update_mask: vec!["name".into()],
+                    name: "mine".into(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        code(
+            auth.create_key(bearer(
+                &a,
+                pb::CreateKeyRequest {
+                    tenant_id: "tenant-b".into(),
+                    name: "x".into(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        code(
+            auth.list_keys(bearer(
+                &a,
+                pb::ListKeysRequest {
+                    tenant_id: "tenant-b".into(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        code(
+            auth.get_usage(bearer(
+                &a,
+                pb::GetUsageRequest {
+                    tenant_id: "tenant-b".into(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        code(
+            auth.get_usage(bearer(
+                &a,
+                pb::GetUsageRequest {
+                    key_id: b_id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+    ];
+    let tenants = &mut c.t.tenants;
+    let denied_tenants = [
+        code(
+            tenants
+                .get_tenant(bearer(
+                    &a,
+                    pb::GetTenantRequest {
+                        tenant_id: "tenant-b".into(),
+                    },
+                ))
+                .await,
+        ),
+        code(
+            tenants
+                .update_tenant(bearer(
+                    &a,
+                    pb::UpdateTenantRequest {
+                        tenant_id: "tenant-b".into(),
+                        update_mask: vec!["name".into()],
+                        name: "pwned".into(),
+                        ..Default::default()
+                    },
+                ))
+                .await,
+        ),
+        // Not even its own plan: billing belongs to the operator.
+        code(
+            tenants
+                .update_tenant(bearer(
+                    &a,
+                    pb::UpdateTenantRequest {
+                        update_mask: vec!["plan".into()],
+                        plan: "enterprise".into(),
+                        ..Default::default()
+                    },
+                ))
+                .await,
+        ),
+        code(
+            tenants
+                .create_tenant(bearer(
+                    &a,
+                    pb::CreateTenantRequest {
+                        tenant_id: "tenant-c".into(),
+                        name: "C".into(),
+                        ..Default::default()
+                    },
+                ))
+                .await,
+        ),
+        code(
+            tenants
+                .list_tenants(bearer(&a, pb::ListTenantsRequest::default()))
+                .await,
+        ),
+    ];
+    for (i, got) in denied.iter().chain(&denied_tenants).enumerate() {
+        assert_eq!(*got, Code::PermissionDenied, "call {i}");
+    }
+    let audit = c
+        .console
+        .list_audit_events(bearer(
+            &a,
+            pb::ListAuditEventsRequest {
+                tenant_id: "tenant-b".into(),
+                ..Default::default()
+            },
+        ))
+        .await;
+    assert_eq!(code(audit), Code::PermissionDenied);
+    assert_eq!(c.count("api_keys").await, keys_before);
+    assert_eq!(c.count("audit_events").await, audit_before);
+    assert!(
+        c.t.authenticate(&b_secret).await.allowed,
+        "B's key is untouched"
+    );
+    let b_tenant =
+        c.t.tenants
+            .get_tenant(op(pb::GetTenantRequest {
+                tenant_id: "tenant-b".into(),
+            }))
+            .await
+            .unwrap();
+    assert_eq!(
+        b_tenant.into_inner().tenant.unwrap().name,
+        "Tenant tenant-b"
+    );
+}
+
+#[sqlx::test]
+async fn viewers_and_developers_read_but_cannot_write_and_admins_cannot_make_owners(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut c = spawn_console(&conn).await;
+    let own = owner(&mut c, "o@example.com", "acme").await;
+    let viewer = member(&mut c, &own, "v@example.com", "viewer").await;
+    let dev = member(&mut c, &own, "d@example.com", "developer").await;
+    let admin = member(&mut c, &own, "a@example.com", "admin").await;
+    let (_, key) = c.t.create_key("acme").await;
+
+    for reader in [&viewer, &dev] {
+        let listed =
+            c.t.auth
+                .list_keys(bearer(reader, pb::ListKeysRequest::default()))
+                .await
+                .unwrap();
+        assert_eq!(listed.into_inner().keys.len(), 1);
+        c.t.auth
+            .get_key(bearer(
+                reader,
+                pb::GetKeyRequest {
+                    key_id: key.key_id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap();
+        let auth = &mut c.t.auth;
+        let writes = [
+            code(
+                auth.create_key(bearer(
+                    reader,
+                    pb::CreateKeyRequest {
+                        name: "x".into(),
+                        ..Default::default()
+                    },
+                ))
+                .await,
+            ),
+            code(
+                auth.revoke_key(bearer(
+                    reader,
+                    pb::RevokeKeyRequest {
+                        key_id: key.key_id.clone(),
+                        ..Default::default()
+                    },
+                ))
+                .await,
+            ),
+            code(
+                auth.rotate_key(bearer(
+                    reader,
+                    pb::RotateKeyRequest {
+                        key_id: key.key_id.clone(),
+                        ..Default::default()
+                    },
+                ))
+                .await,
+            ),
+            code(
+                auth.update_key(bearer(
+                    reader,
+                    pb::UpdateKeyRequest {
+                        key_id: key.key_id.clone(),
+                        update_mask: vec!["name".into()],
+                        name: "y".into(),
+                        ..Default::default()
+                    },
+                ))
+                .await,
+            ),
+        ];
+        assert!(
+            writes.iter().all(|c| *c == Code::PermissionDenied),
+            "{writes:?}"
+        );
+        let add = c
+            .console
+            .create_user(bearer(
+                reader,
+                pb::CreateUserRequest {
+                    email: "x@example.com".into(),
+                    password: PASSWORD.into(),
+                    role: "viewer".into(),
+                    ..Default::default()
+                },
+            ))
+            .await;
+        assert_eq!(code(add), Code::PermissionDenied);
+        let audit = c
+            .console
+            .list_audit_events(bearer(reader, pb::ListAuditEventsRequest::default()))
+            .await;
+        assert_eq!(code(audit), Code::PermissionDenied);
+    }
+    let key_now =
+        c.t.auth
+            .get_key(op(pb::GetKeyRequest {
+                key_id: key.key_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+    let key_now = key_now.into_inner().key.unwrap();
+    assert_eq!(
+        (key_now.name.as_str(), key_now.revoked_at),
+        ("test key", None)
+    );
+
+    // Admins manage users, but only owners add owners.
+    let owner_by_admin = c
+        .console
+        .create_user(bearer(
+            &admin,
+            pb::CreateUserRequest {
+                email: "o2@example.com".into(),
+                password: PASSWORD.into(),
+                role: "owner".into(),
+                ..Default::default()
+            },
+        ))
+        .await;
+    assert_eq!(code(owner_by_admin), Code::PermissionDenied);
+    member(&mut c, &admin, "v2@example.com", "viewer").await;
+    let users = c
+        .console
+        .list_users(bearer(&admin, pb::ListUsersRequest::default()))
+        .await
+        .unwrap();
+    assert_eq!(users.into_inner().users.len(), 5);
+}
+
+#[sqlx::test]
+async fn only_console_tokens_manage_and_only_while_valid(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut c = spawn_console(&conn).await;
+    let own = owner(&mut c, "o@example.com", "acme").await;
+    let list = |token: &str| bearer(token, pb::ListKeysRequest::default());
+    c.t.auth.list_keys(list(&own)).await.unwrap();
+    // A tampered or unknown token is UNAUTHENTICATED, not a denial.
+    let mut tampered = own.clone();
+    tampered.pop();
+    tampered.push(if own.ends_with('A') { 'B' } else { 'A' });
+    for bad in [tampered.as_str(), "garbage", ""] {
+        assert_eq!(
+            code(c.t.auth.list_keys(list(bad)).await),
+            Code::Unauthenticated,
+            "{bad}"
+        );
+    }
+    // After expiry (15 min + leeway) the token no longer manages.
+    c.t.running
+        .clock()
+        .advance(std::time::Duration::from_secs(900 + 31));
+    assert_eq!(
+        code(c.t.auth.list_keys(list(&own)).await),
+        Code::Unauthenticated
+    );
+    // The operator path is unchanged.
+    c.t.auth
+        .list_keys(op(pb::ListKeysRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let r = c.t.authenticate("tg_live_nope").await;
+    assert_eq!(reason(&r), "CREDENTIAL_MALFORMED");
+}
