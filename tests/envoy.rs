@@ -522,7 +522,7 @@ async fn msgflash_routes_carry_their_own_policy_and_the_console_takes_no_api_key
     let body = json!({"error": {"code": "UNAUTHORIZED",
         "message": "Use the x-api-key header for the public API"}});
     assert_denied(&r, 401, &body, "API key on the console");
-    // JWTs are not verified yet: every token is TOKEN_INVALID.
+    // A token no configured issuer signed is TOKEN_INVALID.
     let jwt = "Bearer eyJhbGciOiJIUzI1NiJ9.eyJ0ZW5hbnRfaWQiOiJhY21lIn0.c2ln";
     let r = envoy.get("/api/instances", &[("authorization", jwt)]).await;
     let body = json!({"error": {"code": "UNAUTHORIZED", "message": "Invalid or expired token"}});
@@ -753,4 +753,70 @@ async fn msgflash_rate_limit_through_envoy_is_429_with_retry_after_and_ratelimit
         10,
         "the refused request never reached the upstream"
     );
+}
+
+#[sqlx::test]
+async fn msgflash_console_routes_accept_a_console_token_and_refuse_an_api_key(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    use tollgate::dashboard::{Dashboard, JwtSettings};
+    use tollgate::grpc::pb::console_service_client::ConsoleServiceClient;
+    use tollgate::store::{PostgresStore, Store};
+
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::new(pool(&conn).await));
+    let mut opts = Options::new(profile("msgflash"));
+    // A generated console signing key, as in dev mode.
+    opts.dashboard = Dashboard::configure(&JwtSettings::default(), &store, true).unwrap();
+    let mut t = spawn_on_store(store, opts).await;
+    let mut console = ConsoleServiceClient::new(t.channel.clone());
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start("msgflash", t.running.local_addr(), upstream.addr).await;
+
+    console
+        .sign_up(pb::SignUpRequest {
+            email: "owner@acme.test".into(),
+            password: "correct horse battery staple".into(),
+            tenant_name: "Acme".into(),
+            tenant_id: "acme".into(),
+        })
+        .await
+        .unwrap();
+    let login = console
+        .login(pb::LoginRequest {
+            email: "owner@acme.test".into(),
+            password: "correct horse battery staple".into(),
+            client_address: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let jwt = format!("Bearer {}", login.access_token);
+
+    let r = envoy
+        .get("/api/instances", &[("authorization", &jwt)])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = &r.json()["headers"];
+    assert_eq!(seen["x-tollgate-tenant-id"], json!(["acme"]));
+    assert!(
+        !r.body.contains(&login.access_token),
+        "the token never reaches the upstream"
+    );
+
+    let (key, _) = t.create_key("acme").await;
+    let r = envoy
+        .get(
+            "/api/instances",
+            &[("authorization", &format!("Bearer {key}"))],
+        )
+        .await;
+    let body = json!({"error": {"code": "UNAUTHORIZED",
+        "message": "Use the x-api-key header for the public API"}});
+    assert_denied(&r, 401, &body, "API key on the console");
+    // And the console token is not an API key on the public API.
+    let r = envoy
+        .get("/api/v1/messages/123", &[("authorization", &jwt)])
+        .await;
+    assert_eq!(r.status, 401, "{r:?}");
 }
