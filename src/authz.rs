@@ -306,6 +306,25 @@ impl Authenticator {
         }
     }
 
+    /// The limits in force for a tenant and, if given, one of its keys.
+    fn limits_for<'a>(
+        &'a self,
+        tenant: &'a Tenant,
+        key: Option<&'a KeyRecord>,
+    ) -> Vec<&'a crate::domain::LimitSpec> {
+        let plan_limits = self
+            .profile
+            .plan(&tenant.plan)
+            .map(|p| p.limits.as_slice())
+            .unwrap_or(&[]);
+        effective(
+            plan_limits,
+            tenant.overrides.limits.as_deref(),
+            key.and_then(|k| k.limits.as_deref()),
+            key.map(|k| k.environment.as_str()),
+        )
+    }
+
     /// The limits in force for a tenant (and key), checked and, unless
     /// `dry_run`, consumed.
     async fn check_limits(
@@ -315,17 +334,7 @@ impl Authenticator {
         cost: u64,
         dry_run: bool,
     ) -> Result<LimitOutcome> {
-        let plan_limits = self
-            .profile
-            .plan(&tenant.plan)
-            .map(|p| p.limits.as_slice())
-            .unwrap_or(&[]);
-        let specs = effective(
-            plan_limits,
-            tenant.overrides.limits.as_deref(),
-            key.and_then(|k| k.limits.as_deref()),
-            key.map(|k| k.environment.as_str()),
-        );
+        let specs = self.limits_for(tenant, key);
         let subject = Subject {
             key: key.map(|k| k.id),
             tenant: &tenant.id,
@@ -690,17 +699,7 @@ impl Authenticator {
             // Usage of a revoked key or an inactive tenant is still readable.
             Err(_) => self.subject_unchecked(tenant_id, key_id).await?,
         };
-        let plan_limits = self
-            .profile
-            .plan(&tenant.plan)
-            .map(|p| p.limits.as_slice())
-            .unwrap_or(&[]);
-        let specs = effective(
-            plan_limits,
-            tenant.overrides.limits.as_deref(),
-            key.as_ref().and_then(|k| k.limits.as_deref()),
-            key.as_ref().map(|k| k.environment.as_str()),
-        );
+        let specs = self.limits_for(&tenant, key.as_ref());
         let now = self.clock.now();
         let mut out = Vec::new();
         for spec in specs.into_iter().filter(|s| s.period.rate_ns().is_none()) {

@@ -106,9 +106,10 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// A pool that connects on first use, so `serve` starts (NOT_SERVING) while
-/// the database is unreachable and becomes ready when it answers.
-fn connect_lazy(settings: &Settings) -> anyhow::Result<PostgresStore> {
+/// Pool settings and the parsed database URL, from the one configuration.
+fn pool_config(
+    settings: &Settings,
+) -> anyhow::Result<(PgPoolOptions, sqlx::postgres::PgConnectOptions)> {
     let url = settings.database_url.as_ref().context(
         "configuration field `database_url`: is required (--database-url or DATABASE_URL)",
     )?;
@@ -118,9 +119,15 @@ fn connect_lazy(settings: &Settings) -> anyhow::Result<PostgresStore> {
     let pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .min_connections(settings.database.min_connections)
-        .acquire_timeout(Duration::from_millis(settings.database.acquire_timeout_ms))
-        .connect_lazy_with(opts);
-    Ok(PostgresStore::new(pool))
+        .acquire_timeout(Duration::from_millis(settings.database.acquire_timeout_ms));
+    Ok((pool, opts))
+}
+
+/// A pool that connects on first use, so `serve` starts (NOT_SERVING) while
+/// the database is unreachable and becomes ready when it answers.
+fn connect_lazy(settings: &Settings) -> anyhow::Result<PostgresStore> {
+    let (pool, opts) = pool_config(settings)?;
+    Ok(PostgresStore::new(pool.connect_lazy_with(opts)))
 }
 
 /// Applies migrations, retrying with backoff while the database is unreachable.
@@ -150,17 +157,10 @@ fn is_unreachable(e: &sqlx::Error) -> bool {
     )
 }
 
+/// Connects now (`migrate`: a Job that fails fast and is retried by Kubernetes).
 async fn connect(settings: &Settings) -> anyhow::Result<PostgresStore> {
-    let url = settings.database_url.as_ref().context(
-        "configuration field `database_url`: is required (--database-url or DATABASE_URL)",
-    )?;
-    let opts: sqlx::postgres::PgConnectOptions = url.expose_secret().parse().map_err(|_| {
-        anyhow::anyhow!("configuration field `database_url`: is not a valid Postgres URL")
-    })?;
-    let pool = PgPoolOptions::new()
-        .max_connections(settings.database.max_connections)
-        .min_connections(settings.database.min_connections)
-        .acquire_timeout(Duration::from_millis(settings.database.acquire_timeout_ms))
+    let (pool, opts) = pool_config(settings)?;
+    let pool = pool
         .connect_with(opts)
         .await
         .context("cannot connect to Postgres")?;
