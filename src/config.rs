@@ -106,6 +106,9 @@ pub struct Settings {
     pub shutdown_grace_seconds: u64,
     /// TLS for the gRPC port; absent = plaintext.
     pub tls: Option<crate::tls::TlsSettings>,
+    /// OTLP/HTTP traces endpoint (e.g. `http://collector:4318/v1/traces`);
+    /// absent = no trace export.
+    pub otlp_endpoint: Option<String>,
     /// Envoy ext_authz adapter (`[envoy]`).
     pub envoy: EnvoySettings,
 }
@@ -132,6 +135,7 @@ impl Default for Settings {
             metrics_listen: None,
             shutdown_grace_seconds: 20,
             tls: None,
+            otlp_endpoint: None,
             envoy: EnvoySettings::default(),
         }
     }
@@ -158,6 +162,7 @@ const ENV_KEYS: &[&str] = &[
     "metrics_listen",
     "shutdown_grace_seconds",
     "tls",
+    "otlp_endpoint",
     "envoy",
 ];
 

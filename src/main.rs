@@ -177,10 +177,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => (flags(Some(common), Some(db), pepper_file.clone()), false),
         Command::Migrate(db) => (flags(None, Some(db), None), false),
     };
-    let mut settings = Settings::load(cli.config.as_deref(), &flags)?;
+    let settings = Settings::load(cli.config.as_deref(), &flags)?;
     settings.validate()?;
-    tollgate::telemetry::init(&settings.log_level, settings.log_format);
+    let tracer = tollgate::telemetry::init(
+        &settings.log_level,
+        settings.log_format,
+        settings.otlp_endpoint.as_deref(),
+    )
+    .map_err(|e| anyhow::anyhow!("configuration field {e}"))?;
+    let result = serve_or_migrate(cli, settings, dev).await;
+    if let Some(t) = tracer {
+        // Flush spans still batched; the exporter runs on its own thread.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
+    result
+}
 
+async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow::Result<()> {
     if let Command::Migrate(_) = cli.command {
         let store = connect(&settings).await?;
         store.migrate().await.context("migration failed")?;

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -34,18 +35,55 @@ pub const SHADOW_DENIALS: &str = "tollgate_shadow_denials_total";
 /// Live replicas sharing rate limits.
 pub const REPLICAS: &str = "tollgate_replicas";
 
-/// Installs the global subscriber (once, at start).
-pub fn init(level: &str, format: LogFormat) {
+/// Installs the global subscriber (once, at start). With `otlp_endpoint`
+/// (an OTLP/HTTP traces URL such as `http://collector:4318/v1/traces`)
+/// spans are also exported; the returned provider flushes them on shutdown.
+pub fn init(
+    level: &str,
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+) -> Result<Option<SdkTracerProvider>, String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
     };
+    let provider = otlp_endpoint.map(otlp_provider).transpose()?;
+    let otel = provider.as_ref().map(|p| {
+        use opentelemetry::trace::TracerProvider;
+        tracing_opentelemetry::layer().with_tracer(p.tracer("tollgate"))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    Ok(provider)
+}
+
+fn otlp_provider(endpoint: &str) -> Result<SdkTracerProvider, String> {
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| format!("otlp_endpoint: {e}"))?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name("tollgate")
+                .build(),
+        )
+        .build())
 }
 
 /// Serves Prometheus text on `http://{addr}/metrics` and installs the

@@ -335,3 +335,95 @@ async fn serve_becomes_healthy_on_postgres_then_on_sigterm_reports_not_serving_a
     assert!(output.contains("shutting down"), "{output}");
     assert!(!output.contains(pepper) && !output.contains(OPERATOR_TOKEN));
 }
+
+/// A minimal OTLP/HTTP collector: answers 200 to every POST and hands over
+/// each request (head and body) it received.
+async fn otlp_collector() -> (SocketAddr, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 8192];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request).to_lowercase();
+                    let Some(head_end) = text.find("\r\n\r\n") else {
+                        continue;
+                    };
+                    let length = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if request.len() >= head_end + 4 + length {
+                        break;
+                    }
+                }
+                // Hand it over before answering: once the exporter has its
+                // 200, the request is already here.
+                let _ = tx.send(request).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn with_an_otlp_endpoint_request_spans_are_exported_and_flushed_on_sigterm() {
+    let (collector, mut received) = otlp_collector().await;
+    let mut cmd = tollgate("dev --listen 127.0.0.1:0");
+    cmd.env(
+        "TOLLGATE_OTLP_ENDPOINT",
+        format!("http://{collector}/v1/traces"),
+    );
+    let mut dev = Process::spawn(&mut cmd);
+    let addr: SocketAddr = dev
+        .read_until(|l| after(l, "listening on ").map(|a| a.parse().unwrap()))
+        .await;
+    let key = dev
+        .read_until(|l| after(l, "demo API key (shown once):").map(str::to_owned))
+        .await;
+    let mut auth = AuthServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let r = auth
+        .authenticate(pb::AuthenticateRequest {
+            api_key: key.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.allowed);
+    dev.sigterm();
+    assert!(dev.exit_status().await.success(), "{}", dev.output());
+    // The batch is flushed at shutdown at the latest.
+    let mut exported = Vec::new();
+    while let Ok(request) = received.try_recv() {
+        exported.extend(request);
+    }
+    let exported = String::from_utf8_lossy(&exported);
+    assert!(exported.starts_with("POST /v1/traces"), "{exported}");
+    assert!(exported.contains("application/x-protobuf"));
+    assert!(
+        exported.contains("tollgate"),
+        "the service name is exported"
+    );
+    assert!(
+        exported.contains("authenticate"),
+        "the request's span is exported"
+    );
+    assert!(!exported.contains(&key), "no secret in exported spans");
+}
