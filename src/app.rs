@@ -341,12 +341,9 @@ impl Running {
 
     /// Stops at once, as a crash would: no lease is returned, nothing is
     /// flushed, the replica is not removed from the heartbeat table.
-    pub fn kill(mut self) {
-        self.server.abort();
-        for task in &self.background {
-            task.abort();
-        }
-        self.shutdown.take();
+    pub fn kill(self) {
+        // Dropping without `shutdown` aborts everything (see `Drop`).
+        drop(self);
     }
 
     /// Writes pending `last_used_at` values now.

@@ -20,10 +20,8 @@ use crate::domain::{
     CredentialType, Decision, KeyId, KeyRecord, Principal, Reason, Tenant, TenantId, Verdict,
     Violations,
 };
-use crate::domain::{LimitPeriod, LimitScope};
 use crate::error::{Error, Result};
-use crate::limits::period::{self, QuotaPeriod};
-use crate::limits::{LimitOutcome, Limiter, Subject};
+use crate::limits::{previous_period_start, quota_counter, LimitOutcome, Limiter, Subject};
 use crate::profile::{BearerPolicy, Profile, Surface};
 use crate::store::QuotaCounter;
 use crate::store::Store;
@@ -136,6 +134,16 @@ fn extract_headers<'a>(
         },
         None => Credential::Missing,
     })
+}
+
+/// Whose usage the limits count: the tenant and, if given, its key.
+fn subject_of<'a>(tenant: &'a Tenant, key: Option<&'a KeyRecord>) -> Subject<'a> {
+    Subject {
+        key: key.map(|k| k.id),
+        tenant: &tenant.id,
+        billing_day: tenant.overrides.billing_day,
+        environment: key.map(|k| k.environment.as_str()),
+    }
 }
 
 fn count_lookup(cache: &'static str, result: &'static str) {
@@ -335,13 +343,9 @@ impl Authenticator {
         dry_run: bool,
     ) -> Result<LimitOutcome> {
         let specs = self.limits_for(tenant, key);
-        let subject = Subject {
-            key: key.map(|k| k.id),
-            tenant: &tenant.id,
-            billing_day: tenant.overrides.billing_day,
-            environment: key.map(|k| k.environment.as_str()),
-        };
-        self.limiter.check(subject, &specs, cost, dry_run).await
+        self.limiter
+            .check(subject_of(tenant, key), &specs, cost, dry_run)
+            .await
     }
 
     /// Decides identity only, consuming nothing. A denial is
@@ -702,41 +706,26 @@ impl Authenticator {
         let specs = self.limits_for(&tenant, key.as_ref());
         let now = self.clock.now();
         let mut out = Vec::new();
-        for spec in specs.into_iter().filter(|s| s.period.rate_ns().is_none()) {
-            let qp = match spec.period {
-                LimitPeriod::Day => QuotaPeriod::Day,
-                _ => QuotaPeriod::Month {
-                    anchor_day: tenant.overrides.billing_day,
-                },
+        let subject = subject_of(&tenant, key.as_ref());
+        for spec in specs {
+            let Some((current, end)) = quota_counter(&subject, spec, now) else {
+                continue;
             };
-            let owner = match spec.scope {
-                LimitScope::Key => match &key {
-                    Some(k) => format!("k:{}", k.id),
-                    None => continue,
-                },
-                LimitScope::Tenant => format!("t:{}", tenant.id),
+            let Some(prev_start) = previous_period_start(&subject, spec, now) else {
+                continue;
             };
-            // Environment-specific limits are counted per environment.
-            let owner = match (&key, spec.environments.is_empty()) {
-                (_, true) => owner,
-                (Some(k), false) => format!("{owner}:{}", k.environment),
-                (None, false) => continue,
-            };
-            let (start, end) = period::bounds(qp, now);
-            let (prev_start, _) = period::previous(qp, now);
-            let counter = |period_start| QuotaCounter {
-                subject: owner.clone(),
-                name: spec.name(),
-                period_start,
+            let previous = QuotaCounter {
+                period_start: prev_start,
+                ..current.clone()
             };
             out.push(QuotaUsage {
                 name: spec.name(),
                 limit: spec.limit,
-                period_start: start,
+                period_start: current.period_start,
                 period_end: end,
-                used: self.store.quota_used(&counter(start)).await?,
+                used: self.store.quota_used(&current).await?,
                 previous_start: prev_start,
-                previous_used: self.store.quota_used(&counter(prev_start)).await?,
+                previous_used: self.store.quota_used(&previous).await?,
             });
         }
         Ok(out)

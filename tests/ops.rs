@@ -198,26 +198,7 @@ async fn a_replica_started_while_the_database_is_down_becomes_ready_when_it_answ
         .acquire_timeout(Duration::from_secs(1))
         .connect_lazy_with(proxy.options(&conn));
     let store: Arc<dyn Store> = Arc::new(PostgresStore::new(pool));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = tollgate::app::start(
-        tollgate::app::Parts {
-            profile: Arc::new(profile("default")),
-            peppers: peppers(),
-            store,
-            operator_token: None,
-            cache: Default::default(),
-            max_message_bytes: 65536,
-            last_used_flush: Duration::from_secs(3600),
-            shutdown_grace: Duration::from_secs(1),
-            tls: None,
-            clock: tollgate::clock::Clock::system(),
-            envoy: Default::default(),
-            dashboard: Default::default(),
-        },
-        listener,
-    )
-    .await
-    .unwrap();
+    let running = start_unwaited(store, None).await;
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{}", running.local_addr()))
             .unwrap()
@@ -251,6 +232,33 @@ async fn a_replica_started_while_the_database_is_down_becomes_ready_when_it_answ
     wait_for(&mut events, |e| *e == Invalidation::Ready).await;
     let ready = health.check(check("")).await.unwrap().into_inner().status;
     assert_eq!(ready, ServingStatus::Serving as i32);
+}
+
+/// A Tollgate started without waiting for readiness (these tests watch it).
+async fn start_unwaited(
+    store: Arc<dyn Store>,
+    tls: Option<Arc<tollgate::tls::Reloading>>,
+) -> tollgate::app::Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tollgate::app::start(
+        tollgate::app::Parts {
+            profile: Arc::new(profile("default")),
+            peppers: peppers(),
+            store,
+            operator_token: None,
+            cache: Default::default(),
+            max_message_bytes: 65536,
+            last_used_flush: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_secs(1),
+            tls,
+            clock: tollgate::clock::Clock::system(),
+            envoy: Default::default(),
+            dashboard: Default::default(),
+        },
+        listener,
+    )
+    .await
+    .unwrap()
 }
 
 struct Pki {
@@ -343,26 +351,7 @@ async fn mutual_tls_admits_clients_with_a_trusted_certificate_only_and_reloads_c
     };
     let tls = tollgate::tls::Reloading::start(settings).unwrap();
     let store: Arc<dyn Store> = Arc::new(tollgate::store::MemoryStore::new());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = tollgate::app::start(
-        tollgate::app::Parts {
-            profile: Arc::new(profile("default")),
-            peppers: peppers(),
-            store,
-            operator_token: None,
-            cache: Default::default(),
-            max_message_bytes: 65536,
-            last_used_flush: Duration::from_secs(3600),
-            shutdown_grace: Duration::from_secs(1),
-            tls: Some(tls.clone()),
-            clock: tollgate::clock::Clock::system(),
-            envoy: Default::default(),
-            dashboard: Default::default(),
-        },
-        listener,
-    )
-    .await
-    .unwrap();
+    let running = start_unwaited(store, Some(tls.clone())).await;
     let addr = running.local_addr();
     let serving = ServingStatus::Serving as i32;
     let client = Some((pki.client_cert.as_str(), pki.client_key.as_str()));

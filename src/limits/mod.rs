@@ -54,6 +54,51 @@ impl Owner {
     }
 }
 
+/// The quota period of `spec`; `None` for rate limits.
+fn quota_period(spec: &LimitSpec, billing_day: Option<u32>) -> Option<QuotaPeriod> {
+    match spec.period {
+        LimitPeriod::Day => Some(QuotaPeriod::Day),
+        LimitPeriod::Month => Some(QuotaPeriod::Month {
+            anchor_day: billing_day,
+        }),
+        _ => None,
+    }
+}
+
+/// The counter of quota `spec` for `subject` in the period holding `at`,
+/// and that period's end. `None` for rate limits, and for key limits or
+/// environment-specific limits when the subject has no key. The one place
+/// counter names are made: the limiter and usage reports agree.
+pub fn quota_counter(
+    subject: &Subject<'_>,
+    spec: &LimitSpec,
+    at: DateTime<Utc>,
+) -> Option<(QuotaCounter, DateTime<Utc>)> {
+    let period = quota_period(spec, subject.billing_day)?;
+    let owner = Owner::of(subject, spec.scope)?.label();
+    let owner = if spec.environments.is_empty() {
+        owner
+    } else {
+        format!("{owner}:{}", subject.environment?)
+    };
+    let (start, end) = period::bounds(period, at);
+    let counter = QuotaCounter {
+        subject: owner,
+        name: spec.name(),
+        period_start: start,
+    };
+    Some((counter, end))
+}
+
+/// The start of the period before the one holding `at`, for quota `spec`.
+pub fn previous_period_start(
+    subject: &Subject<'_>,
+    spec: &LimitSpec,
+    at: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    quota_period(spec, subject.billing_day).map(|p| period::previous(p, at).0)
+}
+
 /// The result of checking every limit that applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitOutcome {
@@ -187,20 +232,8 @@ impl Limiter {
                     });
                 }
                 None => {
-                    let qp = match spec.period {
-                        LimitPeriod::Day => QuotaPeriod::Day,
-                        _ => QuotaPeriod::Month {
-                            anchor_day: subject.billing_day,
-                        },
-                    };
-                    let (start, end) = period::bounds(qp, now);
-                    let counter = QuotaCounter {
-                        subject: match env {
-                            Some(e) => format!("{}:{e}", owner.label()),
-                            None => owner.label(),
-                        },
-                        name: spec.name(),
-                        period_start: start,
+                    let Some((counter, end)) = quota_counter(&subject, spec, now) else {
+                        continue;
                     };
                     let o = if evaluate {
                         self.quotas.take(&counter, spec.limit, cost, now_ns).await?
