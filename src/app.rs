@@ -9,7 +9,7 @@ use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::access::Access;
@@ -270,9 +270,10 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         Some(tls) => tokio::spawn(
             router.serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), stop),
         ),
-        None => tokio::spawn(
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
-        ),
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stop,
+        )),
     };
     Ok(Running {
         addr,

@@ -492,7 +492,7 @@ impl Authenticator {
                         self.rehash(record, &digest, current_digest, current.version())
                             .await
                     };
-                    let record = Arc::new(record);
+                    let record = Arc::new(record.for_decisions());
                     self.caches.insert_key(g, record.digest, record.clone());
                     return Ok(Some(record));
                 }
@@ -506,7 +506,7 @@ impl Authenticator {
             if let Some(record) = self.store.find_key_by_digest(&current_digest).await? {
                 if record.digest.ct_eq(&current_digest) {
                     self.caches.forget_unknown(&current_digest);
-                    let record = Arc::new(record);
+                    let record = Arc::new(record.for_decisions());
                     self.caches.insert_key(g, current_digest, record.clone());
                     return Ok(Some(record));
                 }

@@ -9,12 +9,12 @@
 //!   re-checks and removes its insert if the generation moved;
 //! - TTLs bound staleness even if a notification is lost.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use moka::notification::RemovalCause;
-use moka::ops::compute::Op;
 use moka::sync::Cache;
 
 use crate::crypto::KeyDigest;
@@ -56,9 +56,11 @@ pub struct Generation(u64);
 /// The caches of one replica.
 pub struct Caches {
     keys: Cache<KeyDigest, Arc<KeyRecord>>,
-    /// key id → digest, to evict by the id carried in notifications. Not
-    /// size-bounded itself: entries leave with their key entry.
-    digests: Cache<KeyId, KeyDigest>,
+    /// key id → digest, to evict by the id carried in notifications.
+    /// Entries leave with their key entry. A plain map, not a second moka
+    /// cache: it halves the memory per cached key (BENCHMARKS.md).
+    digests: Arc<Mutex<HashMap<KeyId, KeyDigest>>>,
+    max_keys: u64,
     unknown: Cache<KeyDigest, ()>,
     tenants: Cache<TenantId, Arc<Tenant>>,
     generation: AtomicU64,
@@ -78,7 +80,7 @@ impl Caches {
     /// Empty caches sized by `s`.
     pub fn new(s: &CacheSettings) -> Self {
         let ttl = Duration::from_secs(s.ttl_seconds.max(1));
-        let digests: Cache<KeyId, KeyDigest> = Cache::builder().time_to_live(ttl * 2).build();
+        let digests: Arc<Mutex<HashMap<KeyId, KeyDigest>>> = Arc::default();
         let index = digests.clone();
         let keys = Cache::builder()
             .max_capacity(s.max_keys)
@@ -98,6 +100,7 @@ impl Caches {
         Self {
             keys,
             digests,
+            max_keys: s.max_keys,
             unknown: Cache::builder()
                 .max_capacity(s.max_negative)
                 .time_to_live(Duration::from_secs(s.negative_ttl_seconds.max(1)))
@@ -133,8 +136,17 @@ impl Caches {
     /// invalidation arrived since `g`.
     pub fn insert_key(&self, g: Generation, digest: KeyDigest, record: Arc<KeyRecord>) {
         let id = record.id;
-        self.digests.insert(id, digest);
+        let indexed = {
+            let mut index = lock(&self.digests);
+            index.insert(id, digest);
+            index.len() as u64
+        };
         self.keys.insert(digest, record);
+        if indexed > self.max_keys.saturating_mul(2) {
+            // Safety net: drop index entries whose key entry is gone.
+            self.keys.run_pending_tasks();
+            lock(&self.digests).retain(|_, d| self.keys.contains_key(d));
+        }
         if self.moved_since(g) {
             self.keys.invalidate(&digest);
         }
@@ -173,7 +185,8 @@ impl Caches {
         match event {
             Invalidation::Key(id) => {
                 self.generation.fetch_add(1, Ordering::SeqCst);
-                if let Some(digest) = self.digests.get(id) {
+                let digest = lock(&self.digests).get(id).copied();
+                if let Some(digest) = digest {
                     self.keys.invalidate(&digest);
                 }
             }
@@ -203,11 +216,18 @@ impl Caches {
 
 /// Removes `id → digest` only if it still points at `digest` (a rehash may
 /// have pointed it elsewhere).
-fn forget_digest(index: &Cache<KeyId, KeyDigest>, id: KeyId, digest: &KeyDigest) {
-    index.entry(id).and_compute_with(|current| match current {
-        Some(entry) if entry.value() == digest => Op::Remove,
-        _ => Op::Nop,
-    });
+fn forget_digest(index: &Mutex<HashMap<KeyId, KeyDigest>>, id: KeyId, digest: &KeyDigest) {
+    let mut index = lock(index);
+    if index.get(&id) == Some(digest) {
+        index.remove(&id);
+    }
+}
+
+/// The index holds plain data: a panic elsewhere cannot leave it torn.
+fn lock(index: &Mutex<HashMap<KeyId, KeyDigest>>) -> MutexGuard<'_, HashMap<KeyId, KeyDigest>> {
+    index
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -177,6 +177,8 @@ pub fn incoming(
                 },
                 () = tx.closed() => return,
             };
+            // Small gRPC frames must not wait for Nagle's algorithm.
+            let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             let tx = tx.clone();
             tokio::spawn(async move {

@@ -31,6 +31,17 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
+    /// The record as decisions read it: the display-only fields (name,
+    /// hint, revoke reason, last use) are dropped, so each cached key
+    /// costs less memory (BENCHMARKS.md, bytes per cached key).
+    pub fn for_decisions(mut self) -> Self {
+        self.name = String::new();
+        self.hint = String::new();
+        self.revoke_reason = None;
+        self.last_used_at = None;
+        self
+    }
+
     /// Revoked at or before `now`.
     pub fn is_revoked(&self, now: DateTime<Utc>) -> bool {
         self.revoked_at.is_some_and(|t| t <= now)

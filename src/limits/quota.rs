@@ -17,6 +17,11 @@ use crate::telemetry;
 
 /// Largest chunk leased at once.
 const MAX_CHUNK: u64 = 1_000;
+/// Smallest chunk (when the fair share allows it): a new counter's first
+/// lease covers the next few requests too, so they need no store round
+/// trip, and a database outage right after a key's first use does not turn
+/// its second request into UNAVAILABLE.
+const MIN_CHUNK: u64 = 16;
 /// After the store said "exhausted", ask again no sooner than this (other
 /// replicas may return their leases on shutdown).
 const EXHAUSTED_RECHECK_NS: u64 = 1_000_000_000;
@@ -162,7 +167,7 @@ impl Quotas {
     fn chunk(&self, lease: &Lease, limit: u64, cost: u64) -> u64 {
         let replicas = u64::from(self.replicas.load(Ordering::Relaxed).max(1));
         // About a second of this replica's traffic…
-        let desired = lease.rate.load(Ordering::Relaxed).clamp(1, MAX_CHUNK);
+        let desired = lease.rate.load(Ordering::Relaxed).clamp(MIN_CHUNK, MAX_CHUNK);
         // …but no more than a fair share of what is left, so the last units
         // are not stranded on one replica.
         let left = limit.saturating_sub(lease.known_used.load(Ordering::Acquire));

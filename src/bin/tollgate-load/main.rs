@@ -1,0 +1,128 @@
+//! `tollgate-load`: the load driver and no-op baseline behind BENCHMARKS.md.
+//!
+//! - `suite`: baselines, cached/uncached Authenticate, CheckQuota and
+//!   ext_authz Check against real `tollgate serve` processes on Postgres,
+//!   each as a ratio of the faster no-op baseline.
+//! - `replicas`: three instances on one Postgres: revocation lag and quota
+//!   accuracy with one instance killed mid-run.
+//! - `envoy`: HTTP through Envoy without and with ext_authz (wrk).
+//! - `abuse`: a flood of random well-formed keys beside legitimate traffic.
+//! - `memory`: resident bytes per cached key.
+//! - `run`, `noop`: the pieces, for ad-hoc runs.
+//!
+//! `scripts/bench` runs them all; see BENCHMARKS.md.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+mod abuse;
+mod envoy;
+mod fixture;
+mod load;
+mod memory;
+mod noop;
+mod replicas;
+mod scenario;
+mod suite;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate-load",
+    about = "Load driver and no-op baseline for Tollgate"
+)]
+struct Cli {
+    /// Worker threads of the driver's own runtime (default: one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the no-op baseline until killed.
+    Noop {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long, value_enum, default_value = "current")]
+        runtime: noop::RuntimeShape,
+        /// Canned responses (JSON) captured from a real Tollgate; default: empty messages.
+        #[arg(long)]
+        canned: Option<PathBuf>,
+    },
+    /// Drive one scenario against a running server.
+    Run {
+        /// e.g. http://127.0.0.1:50051
+        #[arg(long)]
+        target: String,
+        #[arg(long, value_enum)]
+        scenario: scenario::Kind,
+        /// File with one API key per line.
+        #[arg(long)]
+        keys: PathBuf,
+        #[command(flatten)]
+        load: load::LoadOpts,
+    },
+    /// Baselines and every decision path, as ratios of the baseline.
+    Suite(suite::SuiteOpts),
+    /// Three replicas: revocation lag and quota accuracy with a kill.
+    Replicas(replicas::ReplicaOpts),
+    /// HTTP through Envoy without and with Tollgate's ext_authz (wrk).
+    Envoy(envoy::EnvoyOpts),
+    /// Random well-formed keys flooding beside legitimate ones.
+    Abuse(abuse::AbuseOpts),
+    /// Resident memory per cached key.
+    Memory {
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = || {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = cli.threads {
+            b.worker_threads(n);
+        }
+        b.enable_all().build()
+    };
+    match cli.command {
+        Cmd::Noop {
+            listen,
+            runtime,
+            canned,
+        } => {
+            let canned = match canned {
+                Some(path) => noop::Canned::load(&path)?,
+                None => noop::Canned::default(),
+            };
+            noop::serve(listen, runtime, canned)
+        }
+        Cmd::Memory { keys } => memory::run(keys),
+        Cmd::Run {
+            target,
+            scenario,
+            keys,
+            load,
+        } => runtime()?.block_on(async move {
+            let keys: Vec<String> = std::fs::read_to_string(keys)?
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect();
+            let s = scenario::Scenario::new(scenario, Arc::new(keys));
+            let report = load::run(&format!("{scenario:?}"), &target, s, &load).await?;
+            println!("{}", report.line());
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }),
+        Cmd::Suite(o) => runtime()?.block_on(suite::run(o)),
+        Cmd::Replicas(o) => runtime()?.block_on(replicas::run(o)),
+        Cmd::Abuse(o) => runtime()?.block_on(abuse::run(o)),
+        Cmd::Envoy(o) => runtime()?.block_on(envoy::run(o)),
+    }
+}
