@@ -152,6 +152,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     let (tx, mut rx) = mpsc::channel(1024);
     parts.store.watch(tx);
     let cache_for_events = caches.clone();
+    let digests_from = parts.store.clone();
     let (applied, _) = broadcast::channel(1024);
     let announce = applied.clone();
     let invalidations = tokio::spawn(async move {
@@ -161,13 +162,22 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
                 Invalidation::Key(_) => Some("key"),
                 Invalidation::Tenant(_) => Some("tenant"),
                 Invalidation::Flush => Some("flush"),
+                Invalidation::KeyAdded(_) => Some("key_added"),
                 _ => None,
             };
             if let Some(kind) = kind {
                 metrics::counter!(crate::telemetry::INVALIDATIONS, "kind" => kind).increment(1);
             }
             match event {
-                Invalidation::Ready => set_health(&reporter, ServingStatus::Serving).await,
+                Invalidation::Ready => {
+                    // Listening again: load every stored digest, off this
+                    // loop. Keys added from now on arrive as notifications.
+                    tokio::spawn(load_known_digests(
+                        digests_from.clone(),
+                        cache_for_events.clone(),
+                    ));
+                    set_health(&reporter, ServingStatus::Serving).await
+                }
                 Invalidation::Lost => set_health(&reporter, ServingStatus::NotServing).await,
                 _ => {}
             }
@@ -417,5 +427,19 @@ impl Drop for Running {
         for task in &self.background {
             task.abort();
         }
+    }
+}
+
+/// Loads the known-digest set. On failure the set stays unloaded, so every
+/// digest is looked up: slower under a flood, never wrong.
+async fn load_known_digests(store: Arc<dyn Store>, caches: Arc<Caches>) {
+    let epoch = caches.known_epoch();
+    match store.key_digests().await {
+        Ok(digests) => {
+            let n = digests.len();
+            caches.know(epoch, digests);
+            tracing::debug!(digests = n, "known key digests loaded");
+        }
+        Err(e) => tracing::warn!(error = %e, "could not load key digests; looking every key up"),
     }
 }

@@ -23,8 +23,8 @@ use crate::domain::{
 use crate::error::{Error, Result};
 use crate::limits::{previous_period_start, quota_counter, LimitOutcome, Limiter, Subject};
 use crate::profile::{BearerPolicy, Profile, Surface};
-use crate::store::QuotaCounter;
 use crate::store::Store;
+use crate::store::{Invalidation, QuotaCounter};
 use crate::telemetry;
 
 /// One authentication question, as received.
@@ -482,6 +482,14 @@ impl Authenticator {
                 count_lookup("negative", "hit");
                 continue;
             }
+            if !self
+                .caches
+                .worth_looking_up(&digest, crate::limits::nanos(self.clock.now()))
+            {
+                // Not a stored digest, and the budget for those is spent.
+                count_lookup("known", "absent");
+                continue;
+            }
             let g = self.caches.generation();
             asked_old_pepper |= pepper.version() != current.version();
             match self.store.find_key_by_digest(&digest).await? {
@@ -524,7 +532,7 @@ impl Authenticator {
     ) -> KeyRecord {
         match self.store.rehash_key(record.id, old, &new, version).await {
             Ok(()) => {
-                self.caches.forget_unknown(&new);
+                self.caches.apply(&Invalidation::KeyAdded(new));
                 record.digest = new;
                 record.pepper_version = version;
             }

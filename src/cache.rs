@@ -8,10 +8,16 @@
 //!   read: it notes the generation before reading the store, inserts, then
 //!   re-checks and removes its insert if the generation moved;
 //! - TTLs bound staleness even if a notification is lost.
+//!
+//! It also holds the replica's set of known key digests (8-byte prefixes of
+//! every stored digest, loaded when the invalidation feed connects and kept
+//! current by `KeyAdded` notifications). A digest outside the set is looked
+//! up in the store only within a small per-second budget, so a flood of
+//! random well-formed keys costs no database queries beyond that budget.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use moka::notification::RemovalCause;
@@ -19,6 +25,7 @@ use moka::sync::Cache;
 
 use crate::crypto::KeyDigest;
 use crate::domain::{KeyId, KeyRecord, Tenant, TenantId};
+use crate::limits::gcra::{Cell, Rate};
 use crate::store::Invalidation;
 
 /// Cache sizes and lifetimes.
@@ -35,6 +42,10 @@ pub struct CacheSettings {
     pub negative_ttl_seconds: u64,
     /// Unknown digests remembered at most.
     pub max_negative: u64,
+    /// Store lookups per second for digests outside the known set (keys
+    /// created elsewhere moments ago, before their notification arrived).
+    /// Beyond it such keys are refused as unknown without a lookup.
+    pub unknown_lookups_per_second: u64,
 }
 
 impl Default for CacheSettings {
@@ -45,6 +56,7 @@ impl Default for CacheSettings {
             ttl_seconds: 300,
             negative_ttl_seconds: 30,
             max_negative: 100_000,
+            unknown_lookups_per_second: 100,
         }
     }
 }
@@ -64,6 +76,30 @@ pub struct Caches {
     unknown: Cache<KeyDigest, ()>,
     tenants: Cache<TenantId, Arc<Tenant>>,
     generation: AtomicU64,
+    known: KnownDigests,
+}
+
+/// Prefixes of every stored key digest. Until a load completes (and again
+/// after the feed is lost) every digest is looked up. Additions are kept
+/// even then, so none is lost while a load runs.
+struct KnownDigests {
+    set: RwLock<HashSet<u64>>,
+    loaded: AtomicBool,
+    /// Bumped when the feed is lost: a load begun before does not count.
+    epoch: AtomicU64,
+    /// `loaded`, for those who wait on it.
+    watch: tokio::sync::watch::Sender<bool>,
+    budget: Cell,
+    rate: Rate,
+}
+
+/// Taken before reading every digest from the store; pass to [`Caches::know`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KnownEpoch(u64);
+
+fn prefix(digest: &KeyDigest) -> u64 {
+    let b = digest.as_bytes();
+    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
 }
 
 impl std::fmt::Debug for Caches {
@@ -110,7 +146,53 @@ impl Caches {
                 .time_to_live(ttl)
                 .build(),
             generation: AtomicU64::new(0),
+            known: KnownDigests {
+                set: RwLock::default(),
+                loaded: AtomicBool::new(false),
+                epoch: AtomicU64::new(0),
+                watch: tokio::sync::watch::Sender::new(false),
+                budget: Cell::default(),
+                rate: Rate::new(
+                    s.unknown_lookups_per_second.max(1),
+                    1_000_000_000,
+                    s.unknown_lookups_per_second.max(1),
+                    1,
+                ),
+            },
         }
+    }
+
+    /// Whether `digest` is worth a store lookup: it is a known digest, the
+    /// set is not loaded, or the per-second budget for others allows it.
+    pub fn worth_looking_up(&self, digest: &KeyDigest, now_ns: u64) -> bool {
+        !self.known.loaded.load(Ordering::Acquire)
+            || read(&self.known.set).contains(&prefix(digest))
+            || self.known.budget.take(now_ns, self.known.rate, 1).allowed
+    }
+
+    /// Take before reading every digest from the store.
+    pub fn known_epoch(&self) -> KnownEpoch {
+        KnownEpoch(self.known.epoch.load(Ordering::SeqCst))
+    }
+
+    /// Adds every stored digest, read since `epoch`, and starts using the
+    /// set, unless the feed was lost since `epoch`.
+    pub fn know(&self, epoch: KnownEpoch, digests: impl IntoIterator<Item = KeyDigest>) {
+        write(&self.known.set).extend(digests.into_iter().map(|d| prefix(&d)));
+        if self.known.epoch.load(Ordering::SeqCst) == epoch.0 {
+            self.known.loaded.store(true, Ordering::Release);
+            self.known.watch.send_replace(true);
+        }
+    }
+
+    /// Follows whether the known set is loaded and in use.
+    pub fn known_loaded(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.known.watch.subscribe()
+    }
+
+    /// Whether the known set is loaded and in use.
+    pub fn knows_digests(&self) -> bool {
+        self.known.loaded.load(Ordering::Acquire)
     }
 
     /// Take before reading the store; pass to the `insert_*` call.
@@ -194,7 +276,18 @@ impl Caches {
                 self.generation.fetch_add(1, Ordering::SeqCst);
                 self.tenants.invalidate(id);
             }
-            Invalidation::Flush => self.flush(),
+            Invalidation::KeyAdded(digest) => {
+                self.unknown.invalidate(digest);
+                write(&self.known.set).insert(prefix(digest));
+            }
+            Invalidation::Flush => {
+                // Additions may have been missed too: look everything up
+                // until the set is reloaded.
+                self.known.epoch.fetch_add(1, Ordering::SeqCst);
+                self.known.loaded.store(false, Ordering::Release);
+                self.known.watch.send_replace(false);
+                self.flush();
+            }
             Invalidation::Ready | Invalidation::Lost => {}
         }
     }
@@ -205,6 +298,12 @@ impl Caches {
         self.keys.invalidate_all();
         self.unknown.invalidate_all();
         self.tenants.invalidate_all();
+    }
+
+    /// Entries of the id → digest index (tests).
+    #[cfg(test)]
+    fn indexed(&self) -> usize {
+        lock(&self.digests).len()
     }
 
     /// Number of cached keys (approximate, for metrics and tests).
@@ -221,6 +320,14 @@ fn forget_digest(index: &Mutex<HashMap<KeyId, KeyDigest>>, id: KeyId, digest: &K
     if index.get(&id) == Some(digest) {
         index.remove(&id);
     }
+}
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The index holds plain data: a panic elsewhere cannot leave it torn.
@@ -281,6 +388,101 @@ mod tests {
         assert!(c.key(&digest(2)).is_none());
         c.insert_unknown(g, digest(3));
         assert!(!c.is_unknown(&digest(3)));
+    }
+
+    #[test]
+    fn the_id_index_forgets_keys_the_cache_evicts() {
+        let c = Caches::new(&CacheSettings {
+            max_keys: 8,
+            ..CacheSettings::default()
+        });
+        for b in 0..64u8 {
+            c.insert_key(
+                c.generation(),
+                digest(b),
+                record(uuid::Uuid::now_v7(), digest(b)),
+            );
+        }
+        let held = c.key_count();
+        assert!(held <= 8, "{held}");
+        // Evictions removed their index entries (at most the safety net's
+        // bound of twice the capacity remains before it sweeps).
+        assert!(c.indexed() <= 16, "{} index entries", c.indexed());
+        c.flush();
+        assert_eq!(c.key_count(), 0);
+        assert_eq!(c.indexed(), 0);
+    }
+
+    #[test]
+    fn a_cached_record_keeps_everything_a_decision_reads() {
+        let id = uuid::Uuid::now_v7();
+        let mut full = (*record(id, digest(9))).clone();
+        full.scopes = vec!["read".into()];
+        full.expires_at = Some(Utc::now());
+        full.revoke_reason = Some("leaked".into());
+        let slim = full.clone().for_decisions();
+        assert_eq!(
+            (slim.id, &slim.tenant_id, &slim.environment, &slim.scopes),
+            (full.id, &full.tenant_id, &full.environment, &full.scopes)
+        );
+        assert_eq!(
+            (slim.expires_at, slim.revoked_at),
+            (full.expires_at, full.revoked_at)
+        );
+        assert_eq!(
+            (slim.digest, slim.pepper_version),
+            (full.digest, full.pepper_version)
+        );
+        assert_eq!(
+            (&slim.limits, slim.replaced_by),
+            (&full.limits, full.replaced_by)
+        );
+        assert_eq!((slim.name.as_str(), slim.hint.as_str()), ("", ""));
+        assert_eq!(slim.revoke_reason, None);
+    }
+
+    #[test]
+    fn outside_the_known_digests_lookups_are_budgeted_per_second() {
+        let c = Caches::new(&CacheSettings {
+            unknown_lookups_per_second: 2,
+            ..CacheSettings::default()
+        });
+        let t0 = 1_000_000_000_000;
+        // Not loaded yet: everything is looked up.
+        assert!((0..10).all(|b| c.worth_looking_up(&digest(b), t0)));
+        c.know(c.known_epoch(), [digest(1)]);
+        assert!(c.knows_digests());
+        assert!((0..10).all(|_| c.worth_looking_up(&digest(1), t0)));
+        assert!(c.worth_looking_up(&digest(20), t0));
+        assert!(c.worth_looking_up(&digest(21), t0));
+        assert!(!c.worth_looking_up(&digest(22), t0));
+        assert!(c.worth_looking_up(&digest(22), t0 + 500_000_000));
+    }
+
+    #[test]
+    fn a_key_added_while_digests_load_is_kept_and_a_lost_feed_unloads_them() {
+        let c = Caches::new(&CacheSettings {
+            unknown_lookups_per_second: 1,
+            ..CacheSettings::default()
+        });
+        let mut loaded = c.known_loaded();
+        let epoch = c.known_epoch();
+        c.apply(&Invalidation::KeyAdded(digest(7)));
+        c.know(epoch, [digest(1)]);
+        assert!(*loaded.borrow_and_update());
+        assert!(c.worth_looking_up(&digest(30), 0)); // the budget's one
+        assert!(!c.worth_looking_up(&digest(31), 0));
+        assert!(c.worth_looking_up(&digest(7), 0));
+
+        let before_loss = c.known_epoch();
+        c.apply(&Invalidation::Flush);
+        assert!(!*loaded.borrow_and_update());
+        assert!(c.worth_looking_up(&digest(32), 0));
+        // A load begun before the loss does not switch the set back on.
+        c.know(before_loss, []);
+        assert!(!c.knows_digests());
+        c.know(c.known_epoch(), []);
+        assert!(c.knows_digests());
     }
 
     #[test]

@@ -339,6 +339,7 @@ impl Manager {
             .await
             .map_err(not_found("tenant"))?;
         tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id, "key created");
+        self.changed(Invalidation::KeyAdded(record.digest));
         Ok(IssuedKey { secret, record })
     }
 
@@ -494,6 +495,7 @@ impl Manager {
         tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id,
             previous_key_id = %previous.id, grace_seconds, "key rotated");
         self.changed(Invalidation::Key(previous.id));
+        self.changed(Invalidation::KeyAdded(record.digest));
         Ok((IssuedKey { secret, record }, previous))
     }
 

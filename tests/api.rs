@@ -148,6 +148,32 @@ async fn a_rotated_key_keeps_working_for_the_grace_period_then_is_refused(
 }
 
 #[sqlx::test]
+async fn with_the_lookup_budget_spent_a_key_created_on_another_replica_still_works_at_once(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut a = spawn(&conn, "msgflash").await;
+    let mut b = spawn(&conn, "msgflash").await;
+    a.create_tenant("acme", "pro").await;
+    let mut loaded = b.running.caches().known_loaded();
+    loaded.wait_for(|loaded| *loaded).await.unwrap();
+    // A flood of random well-formed keys spends B's lookup budget for
+    // digests it does not know.
+    for _ in 0..150 {
+        let random = b.profile.key_format.generate("live");
+        assert_eq!(
+            reason(&b.authenticate(random.expose()).await),
+            "KEY_UNKNOWN"
+        );
+    }
+    let mut seen_by_b = b.invalidations();
+    let (secret, _) = a.create_key("acme").await;
+    wait_for(&mut seen_by_b, |e| matches!(e, Invalidation::KeyAdded(_))).await;
+    let r = b.authenticate(&secret).await;
+    assert!(r.allowed, "{r:?}");
+}
+
+#[sqlx::test]
 async fn rotation_with_no_grace_refuses_the_old_key_at_once_on_every_replica(
     _p: PgPoolOptions,
     conn: PgConnectOptions,

@@ -69,6 +69,9 @@ impl Store for CountingStore {
     async fn insert_key(&self, key: NewKey, cap: KeyCap<'_>, a: &Audit) -> R<KeyRecord> {
         self.inner.insert_key(key, cap, a).await
     }
+    async fn key_digests(&self) -> R<Vec<KeyDigest>> {
+        self.inner.key_digests().await
+    }
     async fn find_key_by_digest(&self, digest: &KeyDigest) -> R<Option<KeyRecord>> {
         self.key_lookups.fetch_add(1, SeqCst);
         self.inner.find_key_by_digest(digest).await
@@ -894,6 +897,34 @@ async fn an_unknown_key_is_looked_up_once_then_negatively_cached() {
         );
     }
     assert_eq!(fx.store.key_lookups.load(SeqCst), 1);
+}
+
+#[tokio::test]
+async fn random_well_formed_keys_cost_no_lookups_beyond_the_budget_once_digests_are_known() {
+    let fx = Fixture::new(MSGFLASH).await;
+    fx.clock.freeze_at(fx.clock.now());
+    fx.tenant("acme", "pro").await;
+    let key = fx.key("acme").await;
+    fx.caches.know(
+        fx.caches.known_epoch(),
+        fx.store.key_digests().await.unwrap(),
+    );
+    for _ in 0..300 {
+        let random = fx.profile.key_format.generate("live");
+        assert_eq!(
+            denied(fx.check(random.expose(), &[]).await),
+            Reason::KeyUnknown
+        );
+    }
+    // The default budget: 100 lookups a second for digests outside the set.
+    assert_eq!(fx.store.key_lookups.load(SeqCst), 100);
+    fx.allow(&key, &[]).await;
+    assert_eq!(fx.store.key_lookups.load(SeqCst), 101);
+    // A key created now reaches the set through its notification.
+    let created = fx.key("acme").await;
+    fx.sync().await;
+    fx.allow(&created, &[]).await;
+    assert_eq!(fx.store.key_lookups.load(SeqCst), 102);
 }
 
 #[tokio::test]

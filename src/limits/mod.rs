@@ -132,7 +132,8 @@ impl std::fmt::Debug for Limiter {
     }
 }
 
-fn nanos(t: DateTime<Utc>) -> u64 {
+/// `t` as nanoseconds since the epoch (0 before it), for GCRA cells.
+pub fn nanos(t: DateTime<Utc>) -> u64 {
     t.timestamp_nanos_opt().unwrap_or(0).max(0) as u64
 }
 

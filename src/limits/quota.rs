@@ -167,7 +167,10 @@ impl Quotas {
     fn chunk(&self, lease: &Lease, limit: u64, cost: u64) -> u64 {
         let replicas = u64::from(self.replicas.load(Ordering::Relaxed).max(1));
         // About a second of this replica's traffic…
-        let desired = lease.rate.load(Ordering::Relaxed).clamp(MIN_CHUNK, MAX_CHUNK);
+        let desired = lease
+            .rate
+            .load(Ordering::Relaxed)
+            .clamp(MIN_CHUNK, MAX_CHUNK);
         // …but no more than a fair share of what is left, so the last units
         // are not stranded on one replica.
         let left = limit.saturating_sub(lease.known_used.load(Ordering::Acquire));

@@ -160,7 +160,12 @@ impl Store for MemoryStore {
         }
         let record = s.insert(key)?;
         s.console.record(audit::key_created(ctx, &record));
+        self.publish(Invalidation::KeyAdded(record.digest));
         Ok(record)
+    }
+
+    async fn key_digests(&self) -> Result<Vec<KeyDigest>, StoreError> {
+        Ok(self.state().by_digest.keys().copied().collect())
     }
 
     async fn find_key_by_digest(
@@ -249,6 +254,7 @@ impl Store for MemoryStore {
             (previous, inserted)
         };
         self.publish(Invalidation::Key(previous.id));
+        self.publish(Invalidation::KeyAdded(inserted.digest));
         Ok((previous, inserted))
     }
 
@@ -298,6 +304,8 @@ impl Store for MemoryStore {
                 k.pepper_version = pepper_version;
             }
         }
+        drop(s);
+        self.publish(Invalidation::KeyAdded(*new));
         Ok(())
     }
 

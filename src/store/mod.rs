@@ -48,6 +48,9 @@ impl StoreError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invalidation {
     Key(KeyId),
+    /// A key digest now exists (created, rotated in, or rehashed): replicas
+    /// add it to their set of known digests.
+    KeyAdded(KeyDigest),
     Tenant(TenantId),
     /// Notifications may have been missed (the listener reconnected): drop
     /// everything.
@@ -123,6 +126,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<KeyRecord, StoreError>;
     async fn find_key_by_digest(&self, digest: &KeyDigest)
         -> Result<Option<KeyRecord>, StoreError>;
+    /// Every stored key digest (revoked and expired keys included), for
+    /// the replica's set of known digests.
+    async fn key_digests(&self) -> Result<Vec<KeyDigest>, StoreError>;
     async fn get_key(&self, key: KeyRef<'_>) -> Result<Option<KeyRecord>, StoreError>;
     /// A tenant's keys ordered by id, after `after`.
     async fn list_keys(

@@ -168,6 +168,7 @@ async fn notify(tx: &mut Transaction<'_, Postgres>, what: &Invalidation) -> Resu
     let payload = match what {
         Invalidation::Key(id) => format!("k:{id}@{sent_ms}"),
         Invalidation::Tenant(id) => format!("t:{id}@{sent_ms}"),
+        Invalidation::KeyAdded(digest) => format!("n:{}", hex::encode(digest.as_bytes())),
         _ => return Ok(()),
     };
     sqlx::query("SELECT pg_notify($1, $2)")
@@ -191,6 +192,10 @@ fn parse_payload(payload: &str) -> Option<Invalidation> {
     match body.split_once(':')? {
         ("k", id) => Uuid::parse_str(id).ok().map(Invalidation::Key),
         ("t", id) => TenantId::parse(id).map(Invalidation::Tenant),
+        ("n", digest) => hex::decode(digest)
+            .ok()
+            .and_then(|b| KeyDigest::from_slice(&b))
+            .map(Invalidation::KeyAdded),
         _ => None,
     }
 }
@@ -359,6 +364,7 @@ impl Store for PostgresStore {
         }
         let record = insert_key_row(&mut tx, &key).await?;
         insert_audit(&mut tx, &audit::key_created(ctx, &record)).await?;
+        notify(&mut tx, &Invalidation::KeyAdded(record.digest)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(record)
     }
@@ -377,6 +383,21 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         row.map(KeyRecord::try_from).transpose()
+    }
+
+    async fn key_digests(&self) -> Result<Vec<KeyDigest>, StoreError> {
+        let rows: Vec<Vec<u8>> = timed(
+            "key_digests",
+            sqlx::query_scalar("SELECT digest FROM api_keys").fetch_all(&self.pool),
+        )
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|b| {
+                KeyDigest::from_slice(b)
+                    .ok_or_else(|| StoreError::Internal("stored key digest is malformed".into()))
+            })
+            .collect()
     }
 
     async fn get_key(&self, key: KeyRef<'_>) -> Result<Option<KeyRecord>, StoreError> {
@@ -474,6 +495,7 @@ impl Store for PostgresStore {
         let previous: KeyRecord = row.try_into()?;
         insert_audit(&mut tx, &audit::key_rotated(ctx, &previous, &inserted)).await?;
         notify(&mut tx, &Invalidation::Key(previous.id)).await?;
+        notify(&mut tx, &Invalidation::KeyAdded(inserted.digest)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok((previous, inserted))
     }
@@ -517,6 +539,7 @@ impl Store for PostgresStore {
         new: &KeyDigest,
         pepper_version: i32,
     ) -> Result<(), StoreError> {
+        let mut tx = begin(&self.pool).await?;
         sqlx::query(
             "UPDATE api_keys SET digest = $3, pepper_version = $4 \
              WHERE key_id = $1 AND digest = $2",
@@ -525,9 +548,11 @@ impl Store for PostgresStore {
         .bind(&old.as_bytes()[..])
         .bind(&new.as_bytes()[..])
         .bind(pepper_version)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(map_err)?;
+        notify(&mut tx, &Invalidation::KeyAdded(*new)).await?;
+        tx.commit().await.map_err(map_err)?;
         Ok(())
     }
 
@@ -746,6 +771,12 @@ mod tests {
             parse_payload("t:acme"),
             Some(Invalidation::Tenant(TenantId::parse("acme").unwrap()))
         );
+        let digest = KeyDigest::from_slice(&[7; 32]).unwrap();
+        assert_eq!(
+            parse_payload(&format!("n:{}@1700000000000", hex::encode([7u8; 32]))),
+            Some(Invalidation::KeyAdded(digest))
+        );
+        assert_eq!(parse_payload("n:abcd"), None);
         assert_eq!(parse_payload("x:1"), None);
         assert_eq!(parse_payload("k:nope"), None);
     }

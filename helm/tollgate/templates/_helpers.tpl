@@ -115,6 +115,7 @@ cache.max_tenants = {{ $c.cache.maxTenants | int64 }}
 cache.ttl_seconds = {{ $c.cache.ttlSeconds | int64 }}
 cache.negative_ttl_seconds = {{ $c.cache.negativeTtlSeconds | int64 }}
 cache.max_negative = {{ $c.cache.maxNegative | int64 }}
+cache.unknown_lookups_per_second = {{ $c.cache.unknownLookupsPerSecond | int64 }}
 {{- with $c.extraToml }}
 
 # config.extraToml
