@@ -653,24 +653,28 @@ impl Authenticator {
                 };
                 match self.identify(input).await? {
                     Err(reason) => return Ok(denied(reason)),
-                    Ok(who) => (
-                        who.tenant,
-                        who.record.as_deref().cloned(),
-                        Decision::Allow(who.principal),
-                    ),
+                    Ok(who) => (who.tenant, who.record, Decision::Allow(who.principal)),
                 }
             }
             QuotaSubject::Key(id) => match self.subject("", id).await? {
                 Err(reason) => return Ok(denied(reason)),
-                Ok((tenant, key)) => (tenant, key, Decision::Deny(Reason::KeyUnknown)),
+                Ok((tenant, key)) => (
+                    tenant,
+                    key.map(Arc::new),
+                    Decision::Deny(Reason::KeyUnknown),
+                ),
             },
             QuotaSubject::Tenant(id) => match self.subject(id, "").await? {
                 Err(reason) => return Ok(denied(reason)),
-                Ok((tenant, key)) => (tenant, key, Decision::Deny(Reason::KeyUnknown)),
+                Ok((tenant, key)) => (
+                    tenant,
+                    key.map(Arc::new),
+                    Decision::Deny(Reason::KeyUnknown),
+                ),
             },
         };
         let outcome = self
-            .check_limits(&tenant, key.as_ref(), cost, dry_run)
+            .check_limits(&tenant, key.as_deref(), cost, dry_run)
             .await?;
         // For tenant/key subjects there is no principal: "allow" is just
         // "no limit denies", carried as the verdict's shadow-free decision.
