@@ -12,7 +12,10 @@
 //!   store, for a key and tenant already in the caches; enterprise plan, so
 //!   no limits apply. `decide/cached_with_rate_limit`: the same with a key
 //!   carrying its own (never reached) per-second rate limit, so one GCRA cell
-//!   is taken per decision.
+//!   is taken per decision. `decide/cached_with_quota`: a key with its own
+//!   (never reached) monthly quota, so one unit is taken from the local lease.
+//! - `check_quota/cached_credential`: `Authenticator::check_quota` by API key
+//!   (identify, then consume 1 of that quota), as the CheckQuota RPC does.
 //! - `runtime/block_on_ready`: `block_on` of an already-ready future on the
 //!   current-thread runtime the `decide` benches run on: their harness
 //!   overhead, to subtract.
@@ -34,7 +37,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use futures::FutureExt;
 use tokio::runtime::Runtime;
 
-use tollgate::authz::{AuthInput, Authenticator, UsageRecorder};
+use tollgate::authz::{AuthInput, Authenticator, QuotaSubject, UsageRecorder};
 use tollgate::cache::{CacheSettings, Caches};
 use tollgate::clock::Clock;
 use tollgate::crypto::{Pepper, Peppers};
@@ -170,7 +173,15 @@ fn decide_benches(c: &mut Criterion) {
         burst: None,
         environments: vec![],
     };
-    let (plain, limited) = rt.block_on(async {
+    // A key quota far above what the loop consumes: 10^12 a month.
+    let per_month = LimitSpec {
+        scope: LimitScope::Key,
+        period: LimitPeriod::Month,
+        limit: 1_000_000_000_000,
+        burst: None,
+        environments: vec![],
+    };
+    let (plain, limited, quota) = rt.block_on(async {
         replica
             .manager
             .create_tenant(CreateTenantInput {
@@ -183,13 +194,15 @@ fn decide_benches(c: &mut Criterion) {
             .expect("tenant created");
         let plain = replica.key("bench", vec![]).await;
         let limited = replica.key("bench", vec![per_second]).await;
+        let quota = replica.key("bench", vec![per_month]).await;
         // Warm the caches: the first decision of each key reads the store.
         assert_allowed(&replica.decide(&plain, &scopes).await, &[]);
         assert_allowed(
             &replica.decide(&limited, &scopes).await,
             &["key_per_second"],
         );
-        (plain, limited)
+        assert_allowed(&replica.decide(&quota, &scopes).await, &["key_per_month"]);
+        (plain, limited, quota)
     });
     // From here on the key and tenant come from the caches.
     let digest = pepper().digest(&plain);
@@ -204,7 +217,29 @@ fn decide_benches(c: &mut Criterion) {
     g.bench_function("cached_with_rate_limit", |b| {
         b.iter(|| rt.block_on(replica.decide(black_box(&limited), &scopes)))
     });
+    g.bench_function("cached_with_quota", |b| {
+        b.iter(|| rt.block_on(replica.decide(black_box(&quota), &scopes)))
+    });
     g.finish();
+    // CheckQuota by credential, as the RPC makes it: identify, then consume 1.
+    let answer = rt.block_on(
+        replica
+            .auth
+            .check_quota(QuotaSubject::Credential(&quota), 1, false),
+    );
+    assert!(matches!(
+        answer.expect("no store error").verdict.decision,
+        Decision::Allow(_)
+    ));
+    c.bench_function("check_quota/cached_credential", |b| {
+        b.iter(|| {
+            rt.block_on(replica.auth.check_quota(
+                QuotaSubject::Credential(black_box(&quota)),
+                1,
+                false,
+            ))
+        })
+    });
     // The limit was never reached while timing.
     let v = rt.block_on(replica.decide(&limited, &scopes));
     assert_allowed(&v, &["key_per_second"]);
