@@ -3,23 +3,19 @@
 //! queries per 1000 flood requests, and legitimate throughput during the
 //! flood as a ratio of legitimate throughput alone.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::ensure;
 use tollgate::profile::Profile;
 
-use crate::fixture::{limit, seed, Fixture};
+use crate::fixture::{limit, seed, FixtureOpts};
 use crate::load::{self, LoadOpts};
 use crate::scenario::{Kind, Scenario};
-use crate::suite::tollgate_bin;
 
 #[derive(Debug, clap::Args)]
 pub struct AbuseOpts {
-    #[arg(long)]
-    pub tollgate: Option<PathBuf>,
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: String,
+    #[command(flatten)]
+    pub setup: FixtureOpts,
     /// Legitimate keys.
     #[arg(long, default_value_t = 10_000)]
     pub keys: usize,
@@ -33,7 +29,7 @@ pub struct AbuseOpts {
 const DB_QUERIES: &str = "tollgate_db_query_duration_seconds_count";
 
 pub async fn run(o: AbuseOpts) -> anyhow::Result<()> {
-    let fixture = Fixture::new(tollgate_bin(o.tollgate.clone())?, &o.database_url).await?;
+    let fixture = o.setup.fixture().await?;
     let server = fixture.spawn("tollgate", &[]).await?;
     let legit = seed(
         &server.target(),

@@ -10,15 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use serde::Serialize;
 
-use crate::fixture::{free_port, limit, seed, Fixture, Proc};
-use crate::suite::{capture, spawn_noop, tollgate_bin};
+use crate::fixture::{free_port, limit, seed, FixtureOpts, Proc};
+use crate::suite::{capture, spawn_noop};
 
 #[derive(Debug, clap::Args)]
 pub struct EnvoyOpts {
-    #[arg(long)]
-    pub tollgate: Option<PathBuf>,
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: String,
+    #[command(flatten)]
+    pub setup: FixtureOpts,
     /// The Envoy binary.
     #[arg(long, env = "ENVOY_BIN")]
     pub envoy: PathBuf,
@@ -202,7 +200,7 @@ async fn wait_listening(port: u16) -> anyhow::Result<()> {
 }
 
 pub async fn run(o: EnvoyOpts) -> anyhow::Result<()> {
-    let fixture = Fixture::new(tollgate_bin(o.tollgate.clone())?, &o.database_url).await?;
+    let fixture = o.setup.fixture().await?;
     let tollgate = fixture.spawn("tollgate", &[]).await?;
     let keys = seed(
         &tollgate.target(),

@@ -20,6 +20,31 @@ use tonic::Request;
 pub const OPERATOR_TOKEN: &str = "bench-operator-token-0123456789abcdef";
 const PEPPER: &str = "bench-pepper-0123456789abcdef0123456789abcdef";
 
+/// Where the benchmarked processes come from (shared by every scenario).
+#[derive(Debug, clap::Args)]
+pub struct FixtureOpts {
+    /// The `tollgate` binary [default: next to this one].
+    #[arg(long)]
+    pub tollgate: Option<PathBuf>,
+    /// Postgres to create each run's fresh database in.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+impl FixtureOpts {
+    /// A fresh, migrated database and the binary to run on it.
+    pub async fn fixture(&self) -> anyhow::Result<Fixture> {
+        let bin = match &self.tollgate {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("no parent directory")?
+                .join("tollgate"),
+        };
+        Fixture::new(bin, &self.database_url).await
+    }
+}
+
 /// One fresh database and the `tollgate` binary to run on it.
 pub struct Fixture {
     bin: PathBuf,

@@ -4,7 +4,6 @@
 //! - quota accuracy: CheckQuota through all three until the quota is
 //!   spent, one replica SIGKILLed half-way: admitted must never exceed it.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,16 +14,13 @@ use tokio::task::JoinSet;
 use tollgate::grpc::pb::auth_service_client::AuthServiceClient;
 use tonic::transport::Channel;
 
-use crate::fixture::{limit, revoke, seed, Fixture, Proc};
+use crate::fixture::{limit, revoke, seed, FixtureOpts, Proc};
 use crate::scenario::{authenticate_request, check_quota_request};
-use crate::suite::tollgate_bin;
 
 #[derive(Debug, clap::Args)]
 pub struct ReplicaOpts {
-    #[arg(long)]
-    pub tollgate: Option<PathBuf>,
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: String,
+    #[command(flatten)]
+    pub setup: FixtureOpts,
     /// Revocations to time.
     #[arg(long, default_value_t = 300)]
     pub revocations: usize,
@@ -72,7 +68,7 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
 }
 
 pub async fn run(o: ReplicaOpts) -> anyhow::Result<()> {
-    let fixture = Fixture::new(tollgate_bin(o.tollgate.clone())?, &o.database_url).await?;
+    let fixture = o.setup.fixture().await?;
     let mut replicas = Vec::new();
     for i in 0..3 {
         replicas.push(fixture.spawn(&format!("replica-{i}"), &[]).await?);

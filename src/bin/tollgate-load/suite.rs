@@ -15,19 +15,15 @@ use prost::Message;
 use serde::Serialize;
 use tollgate::grpc::pb::auth_service_client::AuthServiceClient;
 
-use crate::fixture::{free_port, limit, seed, Fixture, Proc};
+use crate::fixture::{free_port, limit, seed, FixtureOpts, Proc};
 use crate::load::{self, LoadOpts, Report};
 use crate::noop::Canned;
 use crate::scenario::{self, Kind, Scenario};
 
 #[derive(Debug, clap::Args)]
 pub struct SuiteOpts {
-    /// The `tollgate` binary.
-    #[arg(long)]
-    pub tollgate: Option<PathBuf>,
-    /// Postgres to create the benchmark database in.
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: String,
+    #[command(flatten)]
+    pub setup: FixtureOpts,
     /// Distinct keys (spread over 10 tenants).
     #[arg(long, default_value_t = 10_000)]
     pub keys: usize,
@@ -48,17 +44,6 @@ struct Row {
     report: Report,
     /// Throughput over the same call's baseline; `None` for baselines.
     ratio: Option<f64>,
-}
-
-/// The `tollgate` binary: `--tollgate`, or next to this one.
-pub fn tollgate_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match given {
-        Some(p) => Ok(p),
-        None => Ok(std::env::current_exe()?
-            .parent()
-            .context("no parent directory")?
-            .join("tollgate")),
-    }
 }
 
 /// Starts this binary's `noop` server and waits for its address.
@@ -127,8 +112,7 @@ async fn measure(
 }
 
 pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
-    let bin = tollgate_bin(o.tollgate.clone())?;
-    let fixture = Fixture::new(bin, &o.database_url).await?;
+    let fixture = o.setup.fixture().await?;
     let threads = o.tollgate_threads.map(|n| n.to_string());
     let mut env = vec![];
     if let Some(n) = &threads {
