@@ -29,6 +29,9 @@ pub struct SuiteOpts {
     pub keys: usize,
     #[command(flatten)]
     pub load: LoadOpts,
+    /// Rounds: every baseline and Tollgate run, alternating, this many times.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Tokio worker threads of the Tollgate processes (`TOKIO_WORKER_THREADS`;
     /// default: one per core).
     #[arg(long)]
@@ -40,6 +43,7 @@ pub struct SuiteOpts {
 
 #[derive(Serialize)]
 struct Row {
+    round: usize,
     #[serde(flatten)]
     report: Report,
     /// Throughput over the same call's baseline; `None` for baselines.
@@ -149,101 +153,172 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
     );
 
     // Each call's baseline: the same messages against the no-op server on
-    // both runtimes; the faster one counts.
+    // both runtimes; the faster one counts. Baselines and Tollgate runs
+    // alternate, round after round, and each ratio compares runs of the
+    // same round, so drifts of a shared machine cancel out; the summary
+    // gives the median over rounds.
     let noops = [
         ("multi", spawn_noop("multi", &canned_file)?),
         ("current", spawn_noop("current", &canned_file)?),
     ];
-    let mut rows: Vec<(Report, Option<Kind>)> = Vec::new();
-    let mut baselines: Vec<(Kind, Report, &Proc)> = Vec::new();
-    for kind in [Kind::Authenticate, Kind::CheckQuota, Kind::ExtAuthz] {
-        for (shape, noop) in &noops {
-            let r = measure(
-                &format!("noop {} ({shape})", kind.label()),
-                &noop.target(),
-                kind,
-                &keys,
-                &o.load,
-            )
-            .await?;
-            match baselines.iter_mut().find(|b| b.0 == kind) {
-                Some(b) if b.1.rps >= r.rps => {}
-                Some(b) => *b = (kind, r.clone(), noop),
-                None => baselines.push((kind, r.clone(), noop)),
-            }
-            rows.push((r, None));
-        }
-    }
-    let baseline = |kind: Kind| {
-        baselines
-            .iter()
-            .find(|b| b.0 == kind)
-            .map(|b| b.1.clone())
-            .expect("every kind has a baseline")
-    };
-
     let runs = [
         ("authenticate cached", &cached, Kind::Authenticate),
         ("check_quota", &cached, Kind::CheckQuota),
         ("ext_authz check", &cached, Kind::ExtAuthz),
         ("authenticate uncached", &uncached, Kind::Authenticate),
     ];
-    let mut peaks = Vec::new();
-    for (name, proc, kind) in runs {
-        let r = measure(name, &proc.target(), kind, &keys, &o.load).await?;
-        peaks.push((name.to_owned(), proc, kind, r.rps));
-        rows.push((r, Some(kind)));
+    let kinds = [Kind::Authenticate, Kind::CheckQuota, Kind::ExtAuthz];
+    let mut rows: Vec<Row> = Vec::new();
+    let mut series: Vec<Series> = Vec::new();
+    let mut wins = [[0usize; 2]; 3];
+    for round in 1..=o.rounds.max(1) {
+        println!("-- round {round}");
+        let mut base = [0f64; 3];
+        for (k, kind) in kinds.into_iter().enumerate() {
+            let mut best = (0f64, 0usize);
+            for (n, (shape, noop)) in noops.iter().enumerate() {
+                let name = format!("noop {} ({shape})", kind.label());
+                let r = measure(&name, &noop.target(), kind, &keys, &o.load).await?;
+                if r.rps > best.0 {
+                    best = (r.rps, n);
+                }
+                rows.push(Row {
+                    round,
+                    report: r,
+                    ratio: None,
+                });
+            }
+            base[k] = best.0;
+            wins[k][best.1] += 1;
+            push(
+                &mut series,
+                &format!("baseline {}", kind.label()),
+                None,
+                best.0,
+                1.0,
+            );
+        }
+        for (name, proc, kind) in runs {
+            let r = measure(name, &proc.target(), kind, &keys, &o.load).await?;
+            let ratio = r.rps / base[kind_index(kind)];
+            push(&mut series, name, Some(kind), r.rps, ratio);
+            rows.push(Row {
+                round,
+                report: r,
+                ratio: Some(ratio),
+            });
+        }
     }
-    // Latency at half of each peak, baselines included.
+
+    // Latency at half of each (median) peak, on the runtime that won most.
     let half = |rps: f64| LoadOpts {
         rate: Some((rps / 2.0) as u64),
         ..o.load.clone()
     };
-    for (kind, b, noop) in &baselines {
-        let name = format!("{} @ half peak", b.name);
-        rows.push((
-            measure(&name, &noop.target(), *kind, &keys, &half(b.rps)).await?,
-            None,
-        ));
+    let mut latency = Vec::new();
+    for (k, kind) in kinds.into_iter().enumerate() {
+        let n = usize::from(wins[k][1] > wins[k][0]);
+        let (shape, noop) = &noops[n];
+        let peak = median(&series[k].2);
+        let name = format!("noop {} ({shape}) @ half peak", kind.label());
+        latency.push(measure(&name, &noop.target(), kind, &keys, &half(peak)).await?);
     }
-    for (name, proc, kind, rps) in peaks {
+    for (name, proc, kind) in runs {
+        let peak = series
+            .iter()
+            .find(|s| s.0 == name)
+            .map(|s| median(&s.2))
+            .unwrap_or_default();
         let name = format!("{name} @ half peak");
-        rows.push((
-            measure(&name, &proc.target(), kind, &keys, &half(rps)).await?,
-            Some(kind),
-        ));
+        latency.push(measure(&name, &proc.target(), kind, &keys, &half(peak)).await?);
     }
 
-    println!("\nratio = throughput / the same call's no-op baseline (faster runtime)");
     println!(
-        "{:<36} {:>9} {:>6} {:>9} {:>9} {:>9} {:>7}",
-        "run", "req/s", "ratio", "p50 µs", "p99 µs", "p99.9 µs", "errors"
+        "\nover {} round(s): ratio = throughput / the same call's no-op baseline (faster runtime) in the same round",
+        o.rounds.max(1)
     );
-    let mut out = Vec::new();
-    for (r, kind) in rows {
-        let ratio = kind.map(|k| r.rps / baseline(k).rps);
+    println!(
+        "{:<30} {:>12} {:>13} {:>13}",
+        "run", "median req/s", "median ratio", "min–max"
+    );
+    let mut summary = Vec::new();
+    for (name, kind, rps, ratios) in &series {
+        let (lo, hi) = min_max(ratios);
         println!(
-            "{:<36} {:>9.0} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>7}",
-            r.name,
-            r.rps,
-            ratio.map(|x| format!("{x:.2}")).unwrap_or_default(),
-            r.p50_us,
-            r.p99_us,
-            r.p999_us,
-            r.errors
+            "{:<30} {:>12.0} {:>13} {:>13}",
+            name,
+            median(rps),
+            kind.map(|_| format!("{:.2}", median(ratios)))
+                .unwrap_or_default(),
+            kind.map(|_| format!("{lo:.2}–{hi:.2}")).unwrap_or_default(),
         );
+        summary.push(serde_json::json!({
+            "name": name, "median_rps": median(rps), "rps": rps,
+            "median_ratio": kind.map(|_| median(ratios)), "ratios": kind.map(|_| ratios),
+        }));
+    }
+    println!(
+        "\nlatency at half of the median peak\n{:<44} {:>9} {:>9} {:>9} {:>9}",
+        "run", "req/s", "p50 µs", "p99 µs", "p99.9 µs"
+    );
+    for r in &latency {
+        println!(
+            "{:<44} {:>9.0} {:>9.1} {:>9.1} {:>9.1}",
+            r.name, r.rps, r.p50_us, r.p99_us, r.p999_us
+        );
+    }
+    for r in rows.iter().map(|r| &r.report).chain(&latency) {
         if r.errors > 0 || r.denied > 0 {
             eprintln!(
                 "warning: {}: {} denied, {} errors (first: {:?})",
                 r.name, r.denied, r.errors, r.first_error
             );
         }
-        out.push(Row { report: r, ratio });
     }
     if let Some(path) = o.out {
-        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+        let all = serde_json::json!({ "rounds": rows, "summary": summary, "latency": latency });
+        std::fs::write(path, serde_json::to_string_pretty(&all)?)?;
     }
     let _ = std::fs::remove_file(&canned_file);
-    drop((cached, uncached));
+    drop((cached, uncached, noops));
     Ok(())
+}
+
+/// One run's figures over the rounds: name, the call it is a ratio for
+/// (`None` for baselines), req/s per round, ratio per round.
+type Series = (String, Option<Kind>, Vec<f64>, Vec<f64>);
+
+fn kind_index(kind: Kind) -> usize {
+    match kind {
+        Kind::Authenticate => 0,
+        Kind::CheckQuota => 1,
+        Kind::ExtAuthz => 2,
+    }
+}
+
+fn push(series: &mut Vec<Series>, name: &str, kind: Option<Kind>, rps: f64, ratio: f64) {
+    match series.iter_mut().find(|s| s.0 == name) {
+        Some(s) => {
+            s.2.push(rps);
+            s.3.push(ratio);
+        }
+        None => series.push((name.to_owned(), kind, vec![rps], vec![ratio])),
+    }
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn min_max(xs: &[f64]) -> (f64, f64) {
+    xs.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
 }
