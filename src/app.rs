@@ -14,7 +14,7 @@ use tonic_health::ServingStatus;
 
 use crate::access::Access;
 use crate::authz::{Authenticator, UsageRecorder};
-use crate::cache::{CacheSettings, Caches};
+use crate::cache::{CacheSettings, Caches, KnownEpoch};
 use crate::clock::Clock;
 use crate::console::Console;
 use crate::crypto::jwks::RefreshStats;
@@ -156,6 +156,9 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     let (applied, _) = broadcast::channel(1024);
     let announce = applied.clone();
     let invalidations = tokio::spawn(async move {
+        // The digest load of the latest Ready; a newer Ready (or the end of
+        // the feed) aborts it, so loads never pile up or outlive the feed.
+        let mut loading: Option<JoinHandle<()>> = None;
         while let Some(event) = rx.recv().await {
             cache_for_events.apply(&event);
             let kind = match &event {
@@ -172,10 +175,15 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
                 Invalidation::Ready => {
                     // Listening again: load every stored digest, off this
                     // loop. Keys added from now on arrive as notifications.
-                    tokio::spawn(load_known_digests(
+                    if let Some(previous) = loading.take() {
+                        previous.abort();
+                    }
+                    let epoch = cache_for_events.known_epoch();
+                    loading = Some(tokio::spawn(load_known_digests(
                         digests_from.clone(),
                         cache_for_events.clone(),
-                    ));
+                        epoch,
+                    )));
                     set_health(&reporter, ServingStatus::Serving).await
                 }
                 Invalidation::Lost => set_health(&reporter, ServingStatus::NotServing).await,
@@ -184,16 +192,21 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
             // Nobody listening is the normal case outside tests.
             let _ = announce.send(event);
         }
+        if let Some(load) = loading {
+            load.abort();
+        }
     });
 
     let store = parts.store.clone();
     let flush_usage = usage.clone();
     let period = parts.last_used_flush;
+    let upkeep = caches.clone();
     let last_used = tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            upkeep.maintain();
             if let Err(e) = flush_usage.flush(store.as_ref()).await {
                 tracing::warn!(error = %e, "could not record last use of keys; will retry");
             }
@@ -432,8 +445,7 @@ impl Drop for Running {
 
 /// Loads the known-digest set. On failure the set stays unloaded, so every
 /// digest is looked up: slower under a flood, never wrong.
-async fn load_known_digests(store: Arc<dyn Store>, caches: Arc<Caches>) {
-    let epoch = caches.known_epoch();
+async fn load_known_digests(store: Arc<dyn Store>, caches: Arc<Caches>, epoch: KnownEpoch) {
     match store.key_digests().await {
         Ok(digests) => {
             let n = digests.len();

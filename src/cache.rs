@@ -68,10 +68,12 @@ pub struct Generation(u64);
 /// The caches of one replica.
 pub struct Caches {
     keys: Cache<KeyDigest, Arc<KeyRecord>>,
-    /// key id → digest, to evict by the id carried in notifications.
-    /// Entries leave with their key entry. A plain map, not a second moka
-    /// cache: it halves the memory per cached key (BENCHMARKS.md).
-    digests: Arc<Mutex<HashMap<KeyId, KeyDigest>>>,
+    /// key id → the cached record (its digest is the cache key), to evict
+    /// by the id carried in notifications. An entry leaves when the very
+    /// record it points at is evicted, so re-inserting a key over its own
+    /// expired entry keeps the index. A plain map, not a second moka cache:
+    /// it halves the memory per cached key (BENCHMARKS.md).
+    digests: Arc<Mutex<Index>>,
     max_keys: u64,
     unknown: Cache<KeyDigest, ()>,
     tenants: Cache<TenantId, Arc<Tenant>>,
@@ -116,15 +118,15 @@ impl Caches {
     /// Empty caches sized by `s`.
     pub fn new(s: &CacheSettings) -> Self {
         let ttl = Duration::from_secs(s.ttl_seconds.max(1));
-        let digests: Arc<Mutex<HashMap<KeyId, KeyDigest>>> = Arc::default();
+        let digests: Arc<Mutex<Index>> = Arc::default();
         let index = digests.clone();
         let keys = Cache::builder()
             .max_capacity(s.max_keys)
             .time_to_live(ttl)
             .eviction_listener(
-                move |digest: Arc<KeyDigest>, record: Arc<KeyRecord>, cause| {
+                move |_digest: Arc<KeyDigest>, record: Arc<KeyRecord>, cause| {
                     if cause != RemovalCause::Replaced {
-                        forget_digest(&index, record.id, &digest);
+                        forget(&index, &record);
                     }
                     if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
                         metrics::counter!(crate::telemetry::CACHE_EVICTIONS, "cache" => "key")
@@ -178,10 +180,33 @@ impl Caches {
     /// Adds every stored digest, read since `epoch`, and starts using the
     /// set, unless the feed was lost since `epoch`.
     pub fn know(&self, epoch: KnownEpoch, digests: impl IntoIterator<Item = KeyDigest>) {
-        write(&self.known.set).extend(digests.into_iter().map(|d| prefix(&d)));
+        let mut set = write(&self.known.set);
+        set.extend(digests.into_iter().map(|d| prefix(&d)));
+        // Under the set's lock, as in `unload_known`: a loss cannot slip in
+        // between the check and the switch.
         if self.known.epoch.load(Ordering::SeqCst) == epoch.0 {
             self.known.loaded.store(true, Ordering::Release);
             self.known.watch.send_replace(true);
+        }
+    }
+
+    /// The feed was lost: notifications (additions among them) may be
+    /// missed, so every digest is looked up until a reload completes.
+    fn unload_known(&self) {
+        let _set = write(&self.known.set);
+        self.known.epoch.fetch_add(1, Ordering::SeqCst);
+        self.known.loaded.store(false, Ordering::Release);
+        self.known.watch.send_replace(false);
+    }
+
+    /// Background upkeep: applies moka's pending evictions (so the id index
+    /// follows them) and, as a safety net, drops index entries whose record
+    /// is no longer cached. Off the request path.
+    pub fn maintain(&self) {
+        self.keys.run_pending_tasks();
+        let mut index = lock(&self.digests);
+        if index.len() as u64 > self.max_keys {
+            index.retain(|_, r| self.keys.contains_key(&r.digest));
         }
     }
 
@@ -216,19 +241,10 @@ impl Caches {
 
     /// Caches a key read from the store under `digest`, unless an
     /// invalidation arrived since `g`.
+    /// `digest` is `record.digest`.
     pub fn insert_key(&self, g: Generation, digest: KeyDigest, record: Arc<KeyRecord>) {
-        let id = record.id;
-        let indexed = {
-            let mut index = lock(&self.digests);
-            index.insert(id, digest);
-            index.len() as u64
-        };
+        lock(&self.digests).insert(record.id, record.clone());
         self.keys.insert(digest, record);
-        if indexed > self.max_keys.saturating_mul(2) {
-            // Safety net: drop index entries whose key entry is gone.
-            self.keys.run_pending_tasks();
-            lock(&self.digests).retain(|_, d| self.keys.contains_key(d));
-        }
         if self.moved_since(g) {
             self.keys.invalidate(&digest);
         }
@@ -267,7 +283,7 @@ impl Caches {
         match event {
             Invalidation::Key(id) => {
                 self.generation.fetch_add(1, Ordering::SeqCst);
-                let digest = lock(&self.digests).get(id).copied();
+                let digest = lock(&self.digests).get(id).map(|r| r.digest);
                 if let Some(digest) = digest {
                     self.keys.invalidate(&digest);
                 }
@@ -280,15 +296,12 @@ impl Caches {
                 self.unknown.invalidate(digest);
                 write(&self.known.set).insert(prefix(digest));
             }
+            Invalidation::Lost => self.unload_known(),
             Invalidation::Flush => {
-                // Additions may have been missed too: look everything up
-                // until the set is reloaded.
-                self.known.epoch.fetch_add(1, Ordering::SeqCst);
-                self.known.loaded.store(false, Ordering::Release);
-                self.known.watch.send_replace(false);
+                self.unload_known();
                 self.flush();
             }
-            Invalidation::Ready | Invalidation::Lost => {}
+            Invalidation::Ready => {}
         }
     }
 
@@ -313,12 +326,17 @@ impl Caches {
     }
 }
 
-/// Removes `id → digest` only if it still points at `digest` (a rehash may
-/// have pointed it elsewhere).
-fn forget_digest(index: &Mutex<HashMap<KeyId, KeyDigest>>, id: KeyId, digest: &KeyDigest) {
+type Index = HashMap<KeyId, Arc<KeyRecord>>;
+
+/// Removes the index entry of an evicted record only if it still points at
+/// that very record (a re-insert or a rehash may have replaced it).
+fn forget(index: &Mutex<Index>, evicted: &Arc<KeyRecord>) {
     let mut index = lock(index);
-    if index.get(&id) == Some(digest) {
-        index.remove(&id);
+    if index
+        .get(&evicted.id)
+        .is_some_and(|current| Arc::ptr_eq(current, evicted))
+    {
+        index.remove(&evicted.id);
     }
 }
 
@@ -331,7 +349,7 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 }
 
 /// The index holds plain data: a panic elsewhere cannot leave it torn.
-fn lock(index: &Mutex<HashMap<KeyId, KeyDigest>>) -> MutexGuard<'_, HashMap<KeyId, KeyDigest>> {
+fn lock(index: &Mutex<Index>) -> MutexGuard<'_, Index> {
     index
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -405,12 +423,30 @@ mod tests {
         }
         let held = c.key_count();
         assert!(held <= 8, "{held}");
-        // Evictions removed their index entries (at most the safety net's
-        // bound of twice the capacity remains before it sweeps).
+        // Evictions removed their index entries; background upkeep sweeps
+        // anything left beyond the capacity.
+        c.maintain();
         assert!(c.indexed() <= 16, "{} index entries", c.indexed());
         c.flush();
         assert_eq!(c.key_count(), 0);
         assert_eq!(c.indexed(), 0);
+    }
+
+    #[test]
+    fn evicting_an_older_record_of_a_key_keeps_the_index_on_the_newer_one() {
+        // A key re-read and re-inserted over its own expired entry: moka
+        // evicts the old record after the index points at the new one.
+        let c = Caches::new(&CacheSettings::default());
+        let id = uuid::Uuid::now_v7();
+        let old = record(id, digest(6));
+        c.insert_key(c.generation(), digest(6), old.clone());
+        let new = record(id, digest(6));
+        c.insert_key(c.generation(), digest(6), new);
+        forget(&c.digests, &old);
+        assert_eq!(c.indexed(), 1);
+        // So a revocation still finds and evicts it.
+        c.apply(&Invalidation::Key(id));
+        assert!(c.key(&digest(6)).is_none());
     }
 
     #[test]
@@ -475,8 +511,10 @@ mod tests {
         assert!(c.worth_looking_up(&digest(7), 0));
 
         let before_loss = c.known_epoch();
-        c.apply(&Invalidation::Flush);
+        c.apply(&Invalidation::Lost);
         assert!(!*loaded.borrow_and_update());
+        c.apply(&Invalidation::Flush);
+        assert!(!c.knows_digests());
         assert!(c.worth_looking_up(&digest(32), 0));
         // A load begun before the loss does not switch the set back on.
         c.know(before_loss, []);

@@ -8,7 +8,7 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::console::{ConsoleStore, NextRefresh, TokenUse};
-use super::postgres::{begin, map_err};
+use super::postgres::{begin, insert_tenant_row, map_err};
 use super::{PostgresStore, StoreError};
 use crate::domain::console::{
     AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, Role, TokenKind, UserId,
@@ -197,20 +197,7 @@ impl ConsoleStore for PostgresStore {
         ctx: &AuditContext,
     ) -> Result<(), StoreError> {
         let mut tx = begin(self.pool()).await?;
-        sqlx::query(
-            "INSERT INTO tenants (tenant_id, name, plan, subscription_status, overrides, \
-             created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7)",
-        )
-        .bind(t.id.as_str())
-        .bind(&t.name)
-        .bind(&t.plan)
-        .bind(t.status.as_str())
-        .bind(Json(&t.overrides))
-        .bind(t.created_at)
-        .bind(t.updated_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
+        insert_tenant_row(&mut tx, &t).await?;
         insert_user(&mut tx, &owner).await?;
         insert_token_tx(&mut tx, &verification).await?;
         let created = audit::tenant_created(ctx, &t);

@@ -245,6 +245,28 @@ async fn lock_key(
     row.ok_or(StoreError::NotFound)?.try_into()
 }
 
+/// Inserts a tenant row; the one INSERT for tenants (CreateTenant, SignUp).
+pub(super) async fn insert_tenant_row(
+    tx: &mut Transaction<'_, Postgres>,
+    t: &Tenant,
+) -> Result<Tenant, StoreError> {
+    let row: TenantRow = sqlx::query_as(
+        "INSERT INTO tenants (tenant_id, name, plan, subscription_status, overrides, \
+         created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7) RETURNING *",
+    )
+    .bind(t.id.as_str())
+    .bind(&t.name)
+    .bind(&t.plan)
+    .bind(t.status.as_str())
+    .bind(Json(&t.overrides))
+    .bind(t.created_at)
+    .bind(t.updated_at)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    row.try_into()
+}
+
 pub(super) async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
     pool.begin().await.map_err(map_err)
 }
@@ -253,21 +275,7 @@ pub(super) async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres
 impl Store for PostgresStore {
     async fn create_tenant(&self, t: Tenant, ctx: &AuditContext) -> Result<Tenant, StoreError> {
         let mut tx = begin(&self.pool).await?;
-        let row: TenantRow = sqlx::query_as(
-            "INSERT INTO tenants (tenant_id, name, plan, subscription_status, overrides, \
-             created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7) RETURNING *",
-        )
-        .bind(t.id.as_str())
-        .bind(&t.name)
-        .bind(&t.plan)
-        .bind(t.status.as_str())
-        .bind(Json(&t.overrides))
-        .bind(t.created_at)
-        .bind(t.updated_at)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let tenant: Tenant = row.try_into()?;
+        let tenant = insert_tenant_row(&mut tx, &t).await?;
         insert_audit(&mut tx, &audit::tenant_created(ctx, &tenant)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(tenant)
