@@ -16,7 +16,8 @@ throwaway_pg_cleanup() {
   fi
 }
 find_pg_bin() {
-  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
+  # `|| true`: with no PostgreSQL installed, pipefail must not end the caller.
+  { ls -d /usr/lib/postgresql/*/bin 2>/dev/null || true; } | sort -V | tail -n 1
 }
 throwaway_pg() {
   [ -z "${DATABASE_URL:-}" ] || return 0

@@ -100,14 +100,21 @@ impl ConsoleService for ConsoleApi {
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
         let peer = peer(&request);
+        // Only a trusted backend (the operator) may name the end user's
+        // address; anyone else could dodge the per-address throttle by
+        // sending a new one each time.
+        let trusted = matches!(
+            self.guard.check(request.metadata()),
+            Ok(crate::access::Caller::Operator)
+        );
         let r = request.into_inner();
         if r.client_address.len() > 64 {
             return Err(Error::invalid("client_address", "must be at most 64 characters").into());
         }
-        let address = if r.client_address.is_empty() {
-            peer
-        } else {
+        let address = if trusted && !r.client_address.is_empty() {
             r.client_address
+        } else {
+            peer
         };
         let s = self
             .console()?

@@ -326,6 +326,27 @@ async fn failed_logins_back_off_per_account(_p: PgPoolOptions, conn: PgConnectOp
 }
 
 #[sqlx::test]
+async fn an_unauthenticated_caller_cannot_dodge_the_address_throttle_with_client_address(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut c = spawn_console(&conn).await;
+    let login = |i: u32| pb::LoginRequest {
+        email: format!("nobody{i}@example.com"),
+        password: "wrong password!!".into(),
+        client_address: format!("198.51.100.{i}"),
+    };
+    // 21 failures from one peer, each claiming another address.
+    for i in 0..21 {
+        let e = c.console.login(login(i)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "attempt {i}: {e:?}");
+    }
+    // The peer's counter is what counts: it is backing off now.
+    let e = c.console.login(login(21)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+}
+
+#[sqlx::test]
 async fn console_tokens_are_not_valid_for_another_audience_or_after_expiry(
     _p: PgPoolOptions,
     conn: PgConnectOptions,

@@ -26,7 +26,10 @@ pub struct AbuseOpts {
     pub load: LoadOpts,
 }
 
-const DB_QUERIES: &str = "tollgate_db_query_duration_seconds_count";
+/// Every store query is timed into this histogram: its count is the queries.
+fn db_queries() -> String {
+    format!("{}_count", tollgate::telemetry::DB_QUERY_SECONDS)
+}
 
 pub async fn run(o: AbuseOpts) -> anyhow::Result<()> {
     let fixture = o.setup.fixture().await?;
@@ -66,7 +69,7 @@ pub async fn run(o: AbuseOpts) -> anyhow::Result<()> {
         ..o.load.clone()
     };
     let target = server.target();
-    let before = server.metric_sum(DB_QUERIES).await?;
+    let before = server.metric_sum(&db_queries()).await?;
     let (flooded, during) = tokio::join!(
         load::run(
             "flood (random keys)",
@@ -81,7 +84,7 @@ pub async fn run(o: AbuseOpts) -> anyhow::Result<()> {
             &flood_opts,
         )
     );
-    let after = server.metric_sum(DB_QUERIES).await?;
+    let after = server.metric_sum(&db_queries()).await?;
     let (flooded, during) = (flooded?, during?);
     println!("{}", flooded.line());
     println!("{}", during.line());

@@ -65,13 +65,10 @@ impl Fixture {
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await?;
-        let database_url = match admin_url.rsplit_once('/') {
-            Some((base, rest)) => match rest.split_once('?') {
-                Some((_, query)) => format!("{base}/{name}?{query}"),
-                None => format!("{base}/{name}"),
-            },
-            None => bail!("DATABASE_URL has no database name"),
-        };
+        // Same server, user and options; only the database differs.
+        let mut url = reqwest::Url::parse(admin_url).context("DATABASE_URL is not a URL")?;
+        url.set_path(&name);
+        let database_url = url.to_string();
         let fixture = Self { bin, database_url };
         let status = fixture.command(&["migrate"]).status()?;
         if !status.success() {
@@ -167,7 +164,7 @@ impl Proc {
             .await?
             .text()
             .await?;
-        Ok(metric_sum(&text, name))
+        metric_sum(&text, name).with_context(|| format!("{} exports no {name}", self.name))
     }
 }
 
@@ -177,8 +174,9 @@ impl Drop for Proc {
     }
 }
 
-/// Sums the samples of `name` (any labels) in a Prometheus text scrape.
-pub fn metric_sum(text: &str, name: &str) -> f64 {
+/// Sums the samples of `name` (any labels) in a Prometheus text scrape;
+/// `None` when there is none (a renamed metric must not read as zero).
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
@@ -186,7 +184,7 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
                 .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(None, |sum, x| Some(sum.unwrap_or(0.0) + x))
 }
 
 /// A free loopback port (bound, then released).

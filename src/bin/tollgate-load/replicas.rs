@@ -14,6 +14,8 @@ use tokio::task::JoinSet;
 use tollgate::grpc::pb::auth_service_client::AuthServiceClient;
 use tonic::transport::Channel;
 
+use tollgate::telemetry::{REPLICAS, REVOCATION_LAG_SECONDS};
+
 use crate::fixture::{limit, revoke, seed, FixtureOpts, Proc};
 use crate::scenario::{authenticate_request, check_quota_request};
 
@@ -76,7 +78,7 @@ pub async fn run(o: ReplicaOpts) -> anyhow::Result<()> {
     // Every replica must count three before the accuracy run divides limits.
     for r in &replicas {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while r.metric_sum("tollgate_replicas").await? < 3.0 {
+        while r.metric_sum(REPLICAS).await.unwrap_or(0.0) < 3.0 {
             ensure!(Instant::now() < deadline, "{} never saw 3 replicas", r.name);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -116,9 +118,11 @@ pub async fn run(o: ReplicaOpts) -> anyhow::Result<()> {
     let mut server_sum = 0.0;
     let mut server_count = 0.0;
     for r in &replicas {
-        server_sum += r.metric_sum("tollgate_revocation_lag_seconds_sum").await?;
+        server_sum += r
+            .metric_sum(&format!("{REVOCATION_LAG_SECONDS}_sum"))
+            .await?;
         server_count += r
-            .metric_sum("tollgate_revocation_lag_seconds_count")
+            .metric_sum(&format!("{REVOCATION_LAG_SECONDS}_count"))
             .await?;
     }
     println!(
