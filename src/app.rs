@@ -52,6 +52,9 @@ pub struct Parts {
     pub clock: Clock,
     /// The Envoy ext_authz adapter's settings.
     pub envoy: EnvoySettings,
+    /// Readiness also waits for this to turn true (start-up migrations
+    /// still running); `None`: no such wait.
+    pub ready_gate: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// A started instance.
@@ -153,6 +156,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     parts.store.watch(tx);
     let cache_for_events = caches.clone();
     let digests_from = parts.store.clone();
+    let mut ready_gate = parts.ready_gate.take();
     let (applied, _) = broadcast::channel(1024);
     let announce = applied.clone();
     let invalidations = tokio::spawn(async move {
@@ -173,6 +177,14 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
             }
             match event {
                 Invalidation::Ready => {
+                    if let Some(gate) = ready_gate.as_mut() {
+                        // Not ready before the schema is: wait for the
+                        // start-up migrations (once; later Readys pass).
+                        if gate.wait_for(|done| *done).await.is_err() {
+                            continue;
+                        }
+                        ready_gate = None;
+                    }
                     // Listening again: load every stored digest, off this
                     // loop. Keys added from now on arrive as notifications.
                     if let Some(previous) = loading.take() {

@@ -150,10 +150,7 @@ async fn migrate_with_retry(store: &PostgresStore) -> anyhow::Result<()> {
 fn is_unreachable(e: &sqlx::Error) -> bool {
     matches!(
         e,
-        sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_)
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
     )
 }
 
@@ -217,6 +214,11 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
     if operator_token.is_none() {
         tracing::warn!("no operator token configured: every management call will be refused");
     }
+    // Start-up migrations run beside the server (health NOT_SERVING until
+    // they are done), so a pod whose database is down still answers its
+    // liveness probe; a migration that fails for good stops the process.
+    let (migrated, ready_gate) = tokio::sync::watch::channel(false);
+    let mut migrations = None;
     let (store, peppers): (Arc<dyn Store>, Peppers) = if dev {
         // Dev keys live only in memory, so a per-run random pepper is right.
         let pepper = Pepper::new(1, random_secret().into_bytes()).expect("64 bytes");
@@ -226,11 +228,16 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
         )
     } else {
         let peppers = settings.load_peppers()?;
-        let store = connect_lazy(&settings)?;
+        let store = Arc::new(connect_lazy(&settings)?);
         if settings.database.migrate_on_start {
-            migrate_with_retry(&store).await?;
+            let store = store.clone();
+            migrations = Some(tokio::spawn(async move {
+                migrate_with_retry(&store).await?;
+                let _ = migrated.send(true);
+                anyhow::Ok(())
+            }));
         }
-        (Arc::new(store), peppers)
+        (store, peppers)
     };
 
     let tls = match settings.tls.clone() {
@@ -258,6 +265,7 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
             tls,
             clock: Clock::system(),
             envoy: settings.envoy.clone(),
+            ready_gate: migrations.is_some().then_some(ready_gate),
         },
         listener,
     )
@@ -289,8 +297,30 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
             key.secret.expose(),
         );
     }
-    running.serve_until(shutdown_signal()).await?;
-    Ok(())
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
+    let migration_failed = async move {
+        let failure = match migrations {
+            None => return std::future::pending().await,
+            Some(m) => match m.await {
+                Ok(Ok(())) => return std::future::pending().await,
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::anyhow!(e).context("migration task"),
+            },
+        };
+        let _ = failed_tx.send(failure);
+    };
+    running
+        .serve_until(async {
+            tokio::select! {
+                () = shutdown_signal() => {}
+                () = migration_failed => {}
+            }
+        })
+        .await?;
+    match failed_rx.await {
+        Ok(e) => Err(e),
+        Err(_) => Ok(()),
+    }
 }
 
 fn print_dev_banner(addr: std::net::SocketAddr, token: Option<&str>, tenant: &str, key: &str) {

@@ -282,6 +282,54 @@ async fn migrate_creates_the_schema_and_running_it_again_changes_nothing(
     assert_eq!(after, migrations);
 }
 
+#[tokio::test]
+async fn serve_with_postgres_down_listens_alive_but_not_ready_while_migrations_retry() {
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let pepper = std::str::from_utf8(PEPPER).unwrap();
+    let mut serve = Process::spawn(
+        tollgate(&format!(
+            "serve --listen 127.0.0.1:0 --database-url postgres://tollgate@{closed}/tollgate"
+        ))
+        .env("TOLLGATE_PEPPER", pepper)
+        .env("TOLLGATE_LOG_FORMAT", "json"),
+    );
+    let addr: SocketAddr = serve
+        .read_until(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let fields = &v["fields"];
+            (fields["message"] == "tollgate listening")
+                .then(|| fields["addr"].as_str().unwrap().parse().unwrap())
+        })
+        .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let ready = health.check(status("")).await.unwrap().into_inner().status;
+    assert_eq!(
+        ready,
+        ServingStatus::NotServing as i32,
+        "{}",
+        serve.output()
+    );
+    let live = health
+        .check(status("liveness"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(live, ServingStatus::Serving as i32, "{}", serve.output());
+}
+
 #[sqlx::test(migrations = false)]
 async fn serve_becomes_healthy_on_postgres_then_on_sigterm_reports_not_serving_and_exits_cleanly(
     _pool: PgPoolOptions,

@@ -253,6 +253,7 @@ async fn start_unwaited(
             tls,
             clock: tollgate::clock::Clock::system(),
             envoy: Default::default(),
+            ready_gate: None,
             dashboard: Default::default(),
         },
         listener,

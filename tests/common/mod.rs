@@ -107,6 +107,7 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             tls: None,
             clock: Clock::system(),
             envoy: Default::default(),
+            ready_gate: None,
         },
         listener,
     )
