@@ -1004,6 +1004,7 @@ fn every_option_yields_a_configuration_tollgate_accepts() {
     assert_eq!(settings.log_format, LogFormat::Text);
     assert_eq!(settings.log_level, "tollgate=debug,info");
     assert_eq!(settings.cache.max_keys, 2_000_000);
+    assert_eq!(settings.cache.unknown_lookups_per_second, 250);
     assert_eq!(settings.database.max_connections, 32);
     assert!(!settings.database.migrate_on_start);
     assert_eq!(

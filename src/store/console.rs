@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use super::StoreError;
 use crate::domain::console::{
-    AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, UserId,
+    AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash,
 };
 use crate::domain::{Tenant, TenantId};
 
@@ -57,7 +57,6 @@ pub trait ConsoleStore: Send + Sync + 'static {
         ctx: &AuditContext,
     ) -> Result<(), StoreError>;
     async fn user_by_email(&self, email: &Email) -> Result<Option<ConsoleUser>, StoreError>;
-    async fn user(&self, id: UserId) -> Result<Option<ConsoleUser>, StoreError>;
     /// A tenant's users, oldest first.
     async fn list_users(&self, tenant: &TenantId) -> Result<Vec<ConsoleUser>, StoreError>;
     async fn insert_token(&self, token: NewToken) -> Result<(), StoreError>;

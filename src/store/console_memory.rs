@@ -127,10 +127,6 @@ impl ConsoleStore for MemoryStore {
             .cloned())
     }
 
-    async fn user(&self, id: UserId) -> Result<Option<ConsoleUser>, StoreError> {
-        Ok(self.state().console.users.get(&id).cloned())
-    }
-
     async fn list_users(&self, tenant: &TenantId) -> Result<Vec<ConsoleUser>, StoreError> {
         let mut users: Vec<ConsoleUser> = self
             .state()

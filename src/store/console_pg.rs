@@ -197,10 +197,10 @@ impl ConsoleStore for PostgresStore {
         ctx: &AuditContext,
     ) -> Result<(), StoreError> {
         let mut tx = begin(self.pool()).await?;
-        insert_tenant_row(&mut tx, &t).await?;
+        let tenant = insert_tenant_row(&mut tx, &t).await?;
         insert_user(&mut tx, &owner).await?;
         insert_token_tx(&mut tx, &verification).await?;
-        let created = audit::tenant_created(ctx, &t);
+        let created = audit::tenant_created(ctx, &tenant);
         insert_audit(&mut tx, &created).await?;
         insert_audit(&mut tx, &audit::user_created(ctx, &owner)).await?;
         tx.commit().await.map_err(map_err)
@@ -223,16 +223,6 @@ impl ConsoleStore for PostgresStore {
         let sql = format!("SELECT {USER_COLUMNS} FROM console_users WHERE email = $1");
         let row: Option<UserRow> = sqlx::query_as(&sql)
             .bind(email.as_str())
-            .fetch_optional(self.pool())
-            .await
-            .map_err(map_err)?;
-        row.map(ConsoleUser::try_from).transpose()
-    }
-
-    async fn user(&self, id: UserId) -> Result<Option<ConsoleUser>, StoreError> {
-        let sql = format!("SELECT {USER_COLUMNS} FROM console_users WHERE user_id = $1");
-        let row: Option<UserRow> = sqlx::query_as(&sql)
-            .bind(id)
             .fetch_optional(self.pool())
             .await
             .map_err(map_err)?;

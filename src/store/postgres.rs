@@ -162,14 +162,21 @@ const KEY_COLUMNS: &str = "key_id, tenant_id, name, environment, scopes, hint, d
     pepper_version, created_at, expires_at, revoked_at, revoke_reason, last_used_at, replaced_by, \
     limits";
 
-async fn notify(tx: &mut Transaction<'_, Postgres>, what: &Invalidation) -> Result<(), StoreError> {
+/// The NOTIFY payload of `what`; `None` for feed events never sent.
+fn payload(what: &Invalidation) -> Option<String> {
     // The send time rides along so receivers can measure revocation lag.
     let sent_ms = Utc::now().timestamp_millis();
-    let payload = match what {
+    Some(match what {
         Invalidation::Key(id) => format!("k:{id}@{sent_ms}"),
         Invalidation::Tenant(id) => format!("t:{id}@{sent_ms}"),
         Invalidation::KeyAdded(digest) => format!("n:{}", hex::encode(digest.as_bytes())),
-        _ => return Ok(()),
+        _ => return None,
+    })
+}
+
+async fn notify(tx: &mut Transaction<'_, Postgres>, what: &Invalidation) -> Result<(), StoreError> {
+    let Some(payload) = payload(what) else {
+        return Ok(());
     };
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(CHANNEL)
@@ -547,20 +554,22 @@ impl Store for PostgresStore {
         new: &KeyDigest,
         pepper_version: i32,
     ) -> Result<(), StoreError> {
-        let mut tx = begin(&self.pool).await?;
+        // One statement on the request path: the update and, only if it
+        // matched, the notification of the new digest.
         sqlx::query(
-            "UPDATE api_keys SET digest = $3, pepper_version = $4 \
-             WHERE key_id = $1 AND digest = $2",
+            "WITH u AS (UPDATE api_keys SET digest = $3, pepper_version = $4 \
+             WHERE key_id = $1 AND digest = $2 RETURNING 1) \
+             SELECT pg_notify($5, $6) FROM u",
         )
         .bind(id)
         .bind(&old.as_bytes()[..])
         .bind(&new.as_bytes()[..])
         .bind(pepper_version)
-        .execute(&mut *tx)
+        .bind(CHANNEL)
+        .bind(payload(&Invalidation::KeyAdded(*new)))
+        .execute(&self.pool)
         .await
         .map_err(map_err)?;
-        notify(&mut tx, &Invalidation::KeyAdded(*new)).await?;
-        tx.commit().await.map_err(map_err)?;
         Ok(())
     }
 
