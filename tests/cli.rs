@@ -282,21 +282,19 @@ async fn migrate_creates_the_schema_and_running_it_again_changes_nothing(
     assert_eq!(after, migrations);
 }
 
-#[tokio::test]
-async fn serve_with_postgres_down_listens_alive_but_not_ready_while_migrations_retry() {
-    // A port nothing listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+/// `tollgate serve` on `database_url` (JSON logs), once it listens, and a
+/// health client on it.
+async fn serve_listening(database_url: &str) -> (Process, HealthClient<tonic::transport::Channel>) {
     let pepper = std::str::from_utf8(PEPPER).unwrap();
     let mut serve = Process::spawn(
         tollgate(&format!(
-            "serve --listen 127.0.0.1:0 --database-url postgres://tollgate@{closed}/tollgate"
+            "serve --listen 127.0.0.1:0 --database-url {database_url}"
         ))
         .env("TOLLGATE_PEPPER", pepper)
+        .env("TOLLGATE_OPERATOR_TOKEN", OPERATOR_TOKEN)
         .env("TOLLGATE_LOG_FORMAT", "json"),
     );
+    // The log line announcing the listener carries the bound address.
     let addr: SocketAddr = serve
         .read_until(|line| {
             let v: serde_json::Value = serde_json::from_str(line).ok()?;
@@ -310,7 +308,18 @@ async fn serve_with_postgres_down_listens_alive_but_not_ready_while_migrations_r
         .connect()
         .await
         .unwrap();
-    let mut health = HealthClient::new(channel);
+    (serve, HealthClient::new(channel))
+}
+
+#[tokio::test]
+async fn serve_with_postgres_down_listens_alive_but_not_ready_while_migrations_retry() {
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (serve, mut health) =
+        serve_listening(&format!("postgres://tollgate@{closed}/tollgate")).await;
     let status = |service: &str| HealthCheckRequest {
         service: service.into(),
     };
@@ -337,29 +346,7 @@ async fn serve_becomes_healthy_on_postgres_then_on_sigterm_reports_not_serving_a
 ) {
     // An empty database: `serve` applies the migrations itself on start.
     let url = url_of_database(conn.get_database().unwrap());
-    let pepper = std::str::from_utf8(PEPPER).unwrap();
-    let mut serve = Process::spawn(
-        tollgate(&format!("serve --listen 127.0.0.1:0 --database-url {url}"))
-            .env("TOLLGATE_PEPPER", pepper)
-            .env("TOLLGATE_OPERATOR_TOKEN", OPERATOR_TOKEN)
-            .env("TOLLGATE_LOG_FORMAT", "json"),
-    );
-    // The log line announcing the listener carries the bound address.
-    let addr: SocketAddr = serve
-        .read_until(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).ok()?;
-            let fields = &v["fields"];
-            (fields["message"] == "tollgate listening")
-                .then(|| fields["addr"].as_str().unwrap().parse().unwrap())
-        })
-        .await;
-
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
+    let (mut serve, mut health) = serve_listening(&url).await;
     let mut updates = health
         .watch(HealthCheckRequest {
             service: "tollgate.v1.AuthService".into(),
@@ -381,6 +368,7 @@ async fn serve_becomes_healthy_on_postgres_then_on_sigterm_reports_not_serving_a
     assert!(status.success(), "{status:?}; output:\n{}", serve.output());
     let output = serve.output();
     assert!(output.contains("shutting down"), "{output}");
+    let pepper = std::str::from_utf8(PEPPER).unwrap();
     assert!(!output.contains(pepper) && !output.contains(OPERATOR_TOKEN));
 }
 
