@@ -137,7 +137,8 @@ async fn migrate_with_retry(store: &PostgresStore) -> anyhow::Result<()> {
         match store.migrate().await {
             Ok(()) => return Ok(()),
             Err(sqlx::migrate::MigrateError::Execute(e)) if is_unreachable(&e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+                let why = unreachable_because(&store.pool().connect_options(), e).await;
+                tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64,
                     "database unreachable; retrying migrations");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -157,11 +158,43 @@ fn is_unreachable(e: &sqlx::Error) -> bool {
 /// Connects now (`migrate`: a Job that fails fast and is retried by Kubernetes).
 async fn connect(settings: &Settings) -> anyhow::Result<PostgresStore> {
     let (pool, opts) = pool_config(settings)?;
-    let pool = pool
-        .connect_with(opts)
-        .await
-        .context("cannot connect to Postgres")?;
-    Ok(PostgresStore::new(pool))
+    match pool.connect_with(opts.clone()).await {
+        Ok(pool) => Ok(PostgresStore::new(pool)),
+        Err(e) => Err(anyhow::anyhow!(unreachable_because(&opts, e).await)),
+    }
+}
+
+/// Why the database at `opts` cannot be used, in words one can act on: the
+/// host and port, and the cause. A pool only says it timed out, so the
+/// cause then comes from one direct connection attempt.
+async fn unreachable_because(opts: &sqlx::postgres::PgConnectOptions, e: sqlx::Error) -> String {
+    use sqlx::ConnectOptions;
+    let at = match opts.get_socket() {
+        Some(dir) => format!("{} (socket in {})", opts.get_host(), dir.display()),
+        None => format!("{}:{}", opts.get_host(), opts.get_port()),
+    };
+    let cause = match e {
+        sqlx::Error::PoolTimedOut => match opts.connect().await {
+            Ok(_) => {
+                return format!("Postgres at {at} did not answer in time (pool acquire timeout)")
+            }
+            Err(inner) => inner,
+        },
+        other => other,
+    };
+    match cause {
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => format!(
+            "cannot connect to Postgres at {at}: connection refused (is PostgreSQL running \
+             there, and do DATABASE_URL's host and port name it?)"
+        ),
+        sqlx::Error::Io(io) => format!("cannot connect to Postgres at {at}: {io}"),
+        sqlx::Error::Database(db) => format!(
+            "Postgres at {at} refused the connection: {} (the role and database in \
+             DATABASE_URL must exist; see README.md, Running against Postgres)",
+            db.message()
+        ),
+        other => format!("cannot connect to Postgres at {at}: {other}"),
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -323,20 +356,27 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
     }
 }
 
+/// The dev banner: ready-to-paste `export` lines and commands using them
+/// (README.md's examples assume exactly these variables).
 fn print_dev_banner(addr: std::net::SocketAddr, token: Option<&str>, tenant: &str, key: &str) {
     let token_line = match token {
-        Some(t) => format!("operator token (generated): {t}"),
-        None => "operator token: the one you configured".to_string(),
+        Some(t) => format!("export T={t}"),
+        // A configured token is the operator's secret: not printed.
+        None => "export T=\"$TOLLGATE_OPERATOR_TOKEN\"   # the operator token you configured"
+            .to_string(),
     };
-    let token_arg = token.unwrap_or("$TOLLGATE_OPERATOR_TOKEN");
     println!(
         "\nTollgate dev mode: in-memory store, default profile, listening on {addr}\n\
+         Demo tenant `{tenant}`; its API key (K) is shown once, here. Paste these lines\n\
+         into another shell:\n\n\
+         export A={addr}\n\
          {token_line}\n\
-         demo tenant: {tenant}\n\
-         demo API key (shown once): {key}\n\n\
-         Try:\n  grpcurl -plaintext -d '{{\"api_key\": \"{key}\"}}' {addr} tollgate.v1.AuthService/Authenticate\n  \
-         grpcurl -plaintext -H 'authorization: Bearer {token_arg}' -d '{{\"tenant_id\": \"{tenant}\", \"name\": \"second\"}}' {addr} tollgate.v1.AuthService/CreateKey\n  \
-         grpcurl -plaintext -d '{{\"email\": \"you@example.com\", \"password\": \"at least 12 chars\", \"tenant_name\": \"Mine\"}}' {addr} tollgate.v1.ConsoleService/SignUp\n"
+         export K={key}\n\
+         export H=\"authorization: Bearer $T\"\n\n\
+         Then try (README.md has more):\n\
+         grpcurl -plaintext -d \"{{\\\"api_key\\\": \\\"$K\\\"}}\" $A tollgate.v1.AuthService/Authenticate\n\
+         grpcurl -plaintext -emit-defaults -d \"{{\\\"api_key\\\": \\\"$K\\\", \\\"dry_run\\\": true}}\" $A tollgate.v1.AuthService/CheckQuota\n\
+         grpcurl -plaintext -H \"$H\" -d '{{\"tenant_id\": \"{tenant}\", \"name\": \"second\"}}' $A tollgate.v1.AuthService/CreateKey\n"
     );
 }
 

@@ -47,7 +47,11 @@ pub fn init(
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
 
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Postgres NOTICEs (`relation "_sqlx_migrations" already exists,
+    // skipping` on every start) are noise at INFO; a level naming them wins.
+    let quiet = "sqlx::postgres::notice=warn";
+    let filter = EnvFilter::try_new(format!("{quiet},{level}"))
+        .unwrap_or_else(|_| EnvFilter::new(format!("{quiet},info")));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)

@@ -139,10 +139,10 @@ async fn dev_mode_prints_a_working_key_and_operator_token() {
         .read_until(|l| after(l, "listening on ").map(|a| a.parse().unwrap()))
         .await;
     let token = dev
-        .read_until(|l| after(l, "operator token (generated):").map(str::to_owned))
+        .read_until(|l| l.strip_prefix("export T=").map(str::to_owned))
         .await;
     let key = dev
-        .read_until(|l| after(l, "demo API key (shown once):").map(str::to_owned))
+        .read_until(|l| l.strip_prefix("export K=").map(str::to_owned))
         .await;
     assert!(token.len() >= 16, "{token:?}");
     assert!(key.starts_with("tg_live_"), "{key:?}");
@@ -429,7 +429,7 @@ async fn with_an_otlp_endpoint_request_spans_are_exported_and_flushed_on_sigterm
         .read_until(|l| after(l, "listening on ").map(|a| a.parse().unwrap()))
         .await;
     let key = dev
-        .read_until(|l| after(l, "demo API key (shown once):").map(str::to_owned))
+        .read_until(|l| l.strip_prefix("export K=").map(str::to_owned))
         .await;
     let mut auth = AuthServiceClient::connect(format!("http://{addr}"))
         .await
