@@ -1,5 +1,5 @@
 //! Tollgate: a gRPC authorization service. API keys and JWTs in;
-//! decisions, principals and limits out. See README.md and DESIGN.md.
+//! decisions, principals and limits out. See README.md and ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
 pub mod access;

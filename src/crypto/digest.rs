@@ -2,7 +2,7 @@
 //!
 //! Keys carry ≥64 bits of CSPRNG randomness, so a fast keyed hash is enough;
 //! a slow hash would only add CPU per cache miss and a denial-of-service
-//! lever (see DESIGN.md §1).
+//! lever (see ARCHITECTURE.md, Invariants).
 
 use std::fmt;
 

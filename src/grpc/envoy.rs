@@ -1,5 +1,5 @@
 //! `envoy.service.auth.v3.Authorization/Check`: Envoy's ext_authz as a thin
-//! adapter over [`Authenticator::decide`] (DESIGN.md §6). Proto in →
+//! adapter over [`Authenticator::decide`] (ARCHITECTURE.md, "One Authenticate call"). Proto in →
 //! [`AuthInput`] → decide → proto out; no rules live here.
 //!
 //! Per-route policy comes from the route's `context_extensions`: `surface`,

@@ -1,4 +1,4 @@
-//! Quota leases (DESIGN.md §4). A replica reserves a chunk of a quota with
+//! Quota leases (ARCHITECTURE.md, Invariants). A replica reserves a chunk of a quota with
 //! one conditional write in Postgres, serves requests from an atomic local
 //! counter, prefetches the next chunk off the request path before it runs
 //! out, and returns what is unused on graceful shutdown. The sum of leases
