@@ -312,6 +312,46 @@ async fn serve_listening(database_url: &str) -> (Process, HealthClient<tonic::tr
 }
 
 #[tokio::test]
+async fn migrate_against_a_refused_port_says_where_and_that_the_connection_was_refused() {
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let output = refused(tollgate("migrate").env(
+        "DATABASE_URL",
+        format!("postgres://tollgate@{closed}/tollgate"),
+    ))
+    .await;
+    assert!(
+        output.contains(&format!(
+            "cannot connect to Postgres at {closed}: connection refused"
+        )),
+        "{output}"
+    );
+    assert!(!output.contains("pool timed out"), "{output}");
+}
+
+#[sqlx::test(migrations = false)]
+async fn migrate_with_a_missing_role_says_the_role_does_not_exist(
+    _pool: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let url = format!(
+        "postgres://no_such_role@{}:{}/{}",
+        conn.get_host(),
+        conn.get_port(),
+        conn.get_database().unwrap_or("postgres")
+    );
+    let output = refused(tollgate("migrate").env("DATABASE_URL", url)).await;
+    assert!(
+        output.contains(r#"role "no_such_role" does not exist"#),
+        "{output}"
+    );
+    assert!(output.contains("must exist"), "{output}");
+}
+
+#[tokio::test]
 async fn serve_with_postgres_down_listens_alive_but_not_ready_while_migrations_retry() {
     // A port nothing listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
