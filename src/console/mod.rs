@@ -30,7 +30,7 @@ use crate::store::StoreError;
 
 use delivery::{Deliver, Message, MessageKind, Nowhere, Stdout, Webhook};
 pub use settings::{ConsoleSettings, SignupPolicy};
-use throttle::{AddressThrottle, Attempt, LoginThrottle};
+use throttle::{Attempt, LoginThrottle, MailThrottle};
 use work::{Busy, WorkQueue};
 
 /// Email-verification tokens live a day; password-reset tokens an hour.
@@ -135,10 +135,12 @@ pub struct Console {
     settings: ConsoleSettings,
     clock: Clock,
     throttle: LoginThrottle,
-    /// SignUp, per address.
-    signups: AddressThrottle,
-    /// RequestPasswordReset and RequestEmailVerification, per address.
-    mail: AddressThrottle,
+    /// SignUp, per client address.
+    signups: MailThrottle,
+    /// RequestPasswordReset and RequestEmailVerification, per client
+    /// address and per email address (no mail-bombing one inbox).
+    mail: MailThrottle,
+    mail_per_account: MailThrottle,
     passwords: WorkQueue,
     delivery: Arc<dyn Deliver>,
 }
@@ -192,8 +194,9 @@ impl Console {
             settings,
             clock,
             throttle: LoginThrottle::default(),
-            signups: AddressThrottle::default(),
-            mail: AddressThrottle::default(),
+            signups: MailThrottle::default(),
+            mail: MailThrottle::default(),
+            mail_per_account: MailThrottle::default(),
         }
     }
 
@@ -270,7 +273,7 @@ impl Console {
             .map_err(|e| Error::Internal(e.to_string()))
     }
 
-    fn reserve_mail(&self, throttle: &AddressThrottle, address: &str) -> Result<()> {
+    fn reserve_mail(&self, throttle: &MailThrottle, address: &str) -> Result<()> {
         throttle
             .reserve(address, self.clock.now())
             .map_err(|retry_after_seconds| Error::TooManyAttempts {
@@ -296,6 +299,7 @@ impl Console {
         v.into_result()?;
         let email = email.expect("validated");
         self.reserve_mail(&self.signups, address)?;
+        self.reserve_mail(&self.mail_per_account, email.as_str())?;
         // Hashed whether or not the address is taken: the same work, the
         // same time, either way.
         let password_hash = self.hash(input.password).await?;
@@ -630,14 +634,10 @@ impl Console {
     /// Sends a new email-verification token to an unverified account
     /// (voiding its older ones). The caller is told nothing either way.
     pub async fn request_email_verification(&self, email: &str, address: &str) -> Result<()> {
-        let mut v = Violations::default();
-        let email = parse_email(email, &mut v);
-        v.into_result()?;
-        self.reserve_mail(&self.mail, address)?;
-        let Some(user) = self.store.user_by_email(&email.expect("validated")).await? else {
+        let Some(user) = self.mail_recipient(email, address).await? else {
             return Ok(());
         };
-        if user.email_verified_at.is_some() || user.disabled_at.is_some() {
+        if user.email_verified_at.is_some() {
             return Ok(());
         }
         let (token, row) =
@@ -645,6 +645,23 @@ impl Console {
         self.store.insert_token(row.clone()).await?;
         self.deliver(MessageKind::EmailVerification, &user, token, &row);
         Ok(())
+    }
+
+    /// For the calls that send a token: the enabled account of `email`,
+    /// after the throttles (per client and per email address) and only
+    /// when a delivery is configured (else nothing is stored or sent).
+    async fn mail_recipient(&self, email: &str, address: &str) -> Result<Option<ConsoleUser>> {
+        let mut v = Violations::default();
+        let email = parse_email(email, &mut v);
+        v.into_result()?;
+        let email = email.expect("validated");
+        self.reserve_mail(&self.mail, address)?;
+        self.reserve_mail(&self.mail_per_account, email.as_str())?;
+        if !self.delivery.delivers() {
+            return Ok(None);
+        }
+        let user = self.store.user_by_email(&email).await?;
+        Ok(user.filter(|u| u.disabled_at.is_none()))
     }
 
     /// Spends an email-verification token.
@@ -660,16 +677,9 @@ impl Console {
     /// Sends a password-reset token to an existing account (voiding its
     /// older ones). The caller is told nothing either way.
     pub async fn request_password_reset(&self, email: &str, address: &str) -> Result<()> {
-        let mut v = Violations::default();
-        let email = parse_email(email, &mut v);
-        v.into_result()?;
-        self.reserve_mail(&self.mail, address)?;
-        let Some(user) = self.store.user_by_email(&email.expect("validated")).await? else {
+        let Some(user) = self.mail_recipient(email, address).await? else {
             return Ok(());
         };
-        if user.disabled_at.is_some() {
-            return Ok(());
-        }
         let (token, row) = self.new_token(TokenKind::PasswordReset, &user, RESET_TTL_SECS);
         self.store.insert_token(row.clone()).await?;
         tracing::info!(user_id = %user.id, "password reset requested");

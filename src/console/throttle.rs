@@ -203,26 +203,28 @@ impl LoginThrottle {
     }
 }
 
-/// Per-address counters of calls that create accounts or send mail
-/// (SignUp, RequestPasswordReset, RequestEmailVerification).
+/// Counters of calls that create accounts or send mail (SignUp,
+/// RequestPasswordReset, RequestEmailVerification), by client address
+/// (IPv6 by /64) or by email address: every call counts.
 #[derive(Debug)]
-pub struct AddressThrottle {
-    addresses: Mutex<Backoff>,
+pub struct MailThrottle {
+    keys: Mutex<Backoff>,
 }
 
-impl Default for AddressThrottle {
+impl Default for MailThrottle {
     fn default() -> Self {
         Self {
-            addresses: Mutex::new(Backoff::new(FREE_MAIL_PER_ADDRESS, MAX_ADDRESSES)),
+            keys: Mutex::new(Backoff::new(FREE_MAIL_PER_ADDRESS, MAX_ADDRESSES)),
         }
     }
 }
 
-impl AddressThrottle {
-    /// Counts a call from `address`; `Err(seconds)` while it backs off.
-    pub fn reserve(&self, address: &str, now: DateTime<Utc>) -> Result<(), u64> {
-        let mut map = self.addresses.lock().unwrap_or_else(|e| e.into_inner());
-        let key = address_key(address);
+impl MailThrottle {
+    /// Counts a call for `key` (a client or email address); `Err(seconds)`
+    /// while it backs off.
+    pub fn reserve(&self, key: &str, now: DateTime<Utc>) -> Result<(), u64> {
+        let mut map = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let key = address_key(key);
         retry_after(map.wait_ms(&key, now))?;
         map.count(&key, now);
         Ok(())
@@ -341,7 +343,7 @@ mod tests {
 
     #[test]
     fn mail_sending_calls_back_off_per_address() {
-        let t = AddressThrottle::default();
+        let t = MailThrottle::default();
         let now = Utc::now();
         for _ in 0..=FREE_MAIL_PER_ADDRESS {
             assert!(t.reserve("10.0.0.1", now).is_ok());

@@ -9,7 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
 use crate::common::op;
-use crate::harness::{bearer, spawn_console, Console, PASSWORD};
+use crate::harness::{bearer, spawn_console, spawn_console_with, Console, PASSWORD};
 use tollgate::grpc::pb;
 
 const DAY: u64 = 24 * 3600;
@@ -321,4 +321,32 @@ async fn expired_console_tokens_are_purged(_p: PgPoolOptions, conn: PgConnectOpt
     // The next write removes what has expired.
     c.login("ada@example.com").await;
     assert_eq!(c.count("console_tokens").await, 1);
+}
+
+#[sqlx::test]
+async fn with_require_verified_email_an_unverified_user_manages_nothing(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut c = spawn_console_with(&conn, |s| s.require_verified_email = true).await;
+    let ada = c.sign_up("ada@example.com").await;
+    let unverified = c.login("ada@example.com").await.access_token;
+    let e =
+        c.t.auth
+            .list_keys(bearer(&unverified, pb::ListKeysRequest::default()))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("verify your email"), "{}", e.message());
+    c.console
+        .verify_email(pb::VerifyEmailRequest {
+            token: ada.verification_token,
+        })
+        .await
+        .unwrap();
+    let verified = c.login("ada@example.com").await.access_token;
+    c.t.auth
+        .list_keys(bearer(&verified, pb::ListKeysRequest::default()))
+        .await
+        .unwrap();
 }
