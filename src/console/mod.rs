@@ -518,19 +518,35 @@ impl Console {
             .map_err(|retry_after_seconds| Error::TooManyAttempts {
                 retry_after_seconds,
             })?;
-        let user = self.store.user_by_email(&email).await?;
+        let verified = self.verify_login(&email, password).await;
+        let user = match verified {
+            Ok(user) => user,
+            Err(e) => {
+                if !matches!(e, Error::BadCredentials(_)) {
+                    // Never verified (busy, store down): not a failure.
+                    self.throttle.abandoned(attempt, self.clock.now());
+                }
+                return Err(e);
+            }
+        };
+        self.throttle.succeeded(attempt, self.clock.now());
+        let session = self.start_session(&user).await?;
+        tracing::info!(tenant_id = %user.tenant_id, user_id = %user.id, "console login");
+        Ok(session)
+    }
+
+    /// The enabled account whose password this is, or `BadCredentials`.
+    async fn verify_login(&self, email: &Email, password: SecretString) -> Result<ConsoleUser> {
+        let user = self.store.user_by_email(email).await?;
         let ok = {
             let _slot = self.passwords.enter().await?;
             password::verify(password, user.as_ref().map(|u| u.password_hash.clone())).await
         };
-        let Some(user) = user.filter(|u| ok && u.disabled_at.is_none()) else {
-            tracing::info!("console login refused");
-            return Err(Error::BadCredentials(BAD_LOGIN));
-        };
-        self.throttle.succeeded(attempt);
-        let session = self.start_session(&user).await?;
-        tracing::info!(tenant_id = %user.tenant_id, user_id = %user.id, "console login");
-        Ok(session)
+        user.filter(|u| ok && u.disabled_at.is_none())
+            .ok_or_else(|| {
+                tracing::info!("console login refused");
+                Error::BadCredentials(BAD_LOGIN)
+            })
     }
 
     async fn start_session(&self, user: &ConsoleUser) -> Result<Session> {

@@ -110,6 +110,17 @@ impl Backoff {
     fn forget(&mut self, key: &str) {
         self.entries.remove(key);
     }
+
+    /// Takes back one counted failure (a reservation that turned out not
+    /// to be one); below the free attempts the back-off ends.
+    fn refund(&mut self, key: &str, now: DateTime<Utc>) {
+        if let Some(f) = self.entries.get_mut(key) {
+            f.count = f.count.saturating_sub(1);
+            if f.count <= self.free {
+                f.blocked_until = f.blocked_until.min(now);
+            }
+        }
+    }
 }
 
 /// Whole seconds, rounded up: never "retry in 0 s".
@@ -190,10 +201,20 @@ impl LoginThrottle {
         Ok(())
     }
 
-    /// A successful login clears the account's failures (not the address's).
-    pub fn succeeded(&self, attempt: Attempt<'_>) {
+    /// A successful login clears the account's failures and takes back its
+    /// reservation from the address (whose earlier failures stay).
+    pub fn succeeded(&self, attempt: Attempt<'_>, now: DateTime<Utc>) {
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         maps.accounts.forget(attempt.account);
+        maps.addresses.refund(&address_key(attempt.address), now);
+    }
+
+    /// An attempt that was never verified (the server was busy): its
+    /// reservation is taken back from both counters.
+    pub fn abandoned(&self, attempt: Attempt<'_>, now: DateTime<Utc>) {
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        maps.accounts.refund(attempt.account, now);
+        maps.addresses.refund(&address_key(attempt.address), now);
     }
 
     #[cfg(test)]
@@ -269,12 +290,37 @@ mod tests {
             address: "10.0.0.3",
         };
         assert!(t.reserve(fresh, now).is_err());
-        t.succeeded(a);
+        t.succeeded(a, now);
         let elsewhere = Attempt {
             address: "10.0.0.9",
             ..a
         };
         assert!(t.reserve(elsewhere, now).is_ok());
+    }
+
+    #[test]
+    fn successful_and_abandoned_attempts_do_not_count_as_failures() {
+        let t = LoginThrottle::default();
+        let now = Utc::now();
+        // Many people behind one NAT log in successfully.
+        for i in 0..3 * FREE_PER_ADDRESS {
+            let account = format!("u{i}@example.com");
+            let a = Attempt {
+                account: &account,
+                address: "10.0.0.1",
+            };
+            assert!(t.reserve(a, now).is_ok(), "login {i}");
+            t.succeeded(a, now);
+        }
+        // Attempts the server was too busy to verify are given back.
+        let a = Attempt {
+            account: "ada@example.com",
+            address: "10.0.0.2",
+        };
+        for i in 0..3 * FREE_PER_ACCOUNT {
+            assert!(t.reserve(a, now).is_ok(), "attempt {i}");
+            t.abandoned(a, now);
+        }
     }
 
     #[test]
