@@ -81,7 +81,9 @@ pub struct DeliverySettings {
     /// Bound on each attempt, 1..=30 seconds.
     pub timeout_seconds: u64,
     /// DEVELOPMENT ONLY: print messages (tokens included) to stdout instead
-    /// of sending them. `tollgate dev` turns it on when no webhook is set.
+    /// of sending them. Not configurable: only `tollgate dev` turns it on
+    /// (when no webhook is set), through [`ConsoleSettings::for_dev`].
+    #[serde(skip)]
     pub stdout: bool,
 }
 
@@ -358,5 +360,11 @@ mod tests {
         let dev = ConsoleSettings::default().for_dev();
         assert_eq!(dev.signup_policy(), SignupPolicy::Open);
         assert!(dev.delivery.stdout);
+        // Printing tokens is for `tollgate dev` only: no file turns it on.
+        assert!(toml::from_str::<ConsoleSettings>("[delivery]\nstdout = true").is_err());
+        let parsed: ConsoleSettings =
+            toml::from_str("signup = \"open\"\n[delivery]\ntimeout_seconds = 3").unwrap();
+        assert_eq!(parsed.signup, Some(SignupPolicy::Open));
+        assert_eq!(parsed.delivery.timeout_seconds, 3);
     }
 }
