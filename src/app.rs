@@ -133,6 +133,11 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         parts.dashboard.verifier.clone(),
         console_issuer,
         parts.clock.clone(),
+    )
+    .with_verified_email_required(
+        console_parts
+            .as_ref()
+            .is_some_and(|c| c.settings.require_verified_email),
     );
     let console = console_parts.as_ref().and_then(|c| {
         let signer = c.signer.clone()?;

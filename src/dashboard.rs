@@ -77,6 +77,9 @@ impl Dashboard {
         let mut issuers = built.issuers;
         if let Some(c) = &console {
             c.settings.validate()?;
+            // A misconfigured webhook (unreadable secret file, short
+            // secret) stops the start, rather than silently sending nothing.
+            c.settings.load_webhook()?;
             if let Some(signer) = &c.signer {
                 let rules = crate::console::Console::issuer_rules(&c.settings);
                 issuers.push(Arc::new(Issuer::new(rules, signer.key_set())));
@@ -91,7 +94,8 @@ impl Dashboard {
 
     /// The dashboard of a deployment: the configured issuers, and the
     /// console on `store`'s console side, signing with the configured keys
-    /// (in `dev`, a generated key when none are configured).
+    /// (in `dev`, a generated key when none are configured; sign-up open
+    /// and console messages printed to stdout unless configured).
     pub fn configure(
         settings: &JwtSettings,
         store: &Arc<dyn Store>,
@@ -105,9 +109,14 @@ impl Dashboard {
                 None
             }
         };
+        let console_settings = if dev {
+            settings.console.clone().for_dev()
+        } else {
+            settings.console.clone()
+        };
         let console = store.clone().console_store().map(|store| ConsoleParts {
             store,
-            settings: settings.console.clone(),
+            settings: console_settings,
             signer: signer.map(Arc::new),
         });
         Self::new(settings, console)

@@ -34,6 +34,9 @@ pub enum Error {
     /// Too many failed logins: retry after this many seconds.
     #[error("too many failed attempts")]
     TooManyAttempts { retry_after_seconds: u64 },
+    /// Too much work queued (password hashing): retry after this long.
+    #[error("the server is busy")]
+    Overloaded { retry_after_seconds: u64 },
     /// The store cannot be reached; retry later. Never turned into a denial.
     #[error("storage is unavailable")]
     Unavailable(String),

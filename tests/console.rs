@@ -1,9 +1,9 @@
 //! The dashboard surface over real gRPC against real Postgres: JWTs from
 //! several issuers (secrets, PEM keys, JWKS files and URLs), key rotation
 //! through JWKS, and the refusals; console accounts (sign-up, login,
-//! refresh rotation, email verification, password reset, throttling);
-//! tenant-scoped management by console users; the audit log; and no secret
-//! in the logs.
+//! refresh rotation, email verification, password reset through the signed
+//! webhook, throttling); users disabled, deleted and re-roled; tenant-scoped
+//! management by console users; the audit log; and no secret in the logs.
 
 #[path = "console/accounts.rs"]
 mod accounts;
@@ -18,8 +18,12 @@ mod jwks_server;
 mod jwt_keys;
 #[path = "console/logs.rs"]
 mod logs;
+#[path = "console/mailbox.rs"]
+mod mailbox;
 #[path = "console/manage.rs"]
 mod manage;
+#[path = "console/users.rs"]
+mod users;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -778,7 +778,7 @@ async fn msgflash_console_routes_accept_a_console_token_and_refuse_an_api_key(
             email: "owner@acme.test".into(),
             password: "correct horse battery staple".into(),
             tenant_name: "Acme".into(),
-            tenant_id: "acme".into(),
+            client_address: String::new(),
         })
         .await
         .unwrap();
@@ -792,19 +792,21 @@ async fn msgflash_console_routes_accept_a_console_token_and_refuse_an_api_key(
         .unwrap()
         .into_inner();
     let jwt = format!("Bearer {}", login.access_token);
+    // Sign-up generates the tenant id; the login tells it.
+    let acme = login.user.as_ref().unwrap().tenant_id.clone();
 
     let r = envoy
         .get("/api/instances", &[("authorization", &jwt)])
         .await;
     assert_eq!(r.status, 200, "{r:?}");
     let seen = &r.json()["headers"];
-    assert_eq!(seen["x-tollgate-tenant-id"], json!(["acme"]));
+    assert_eq!(seen["x-tollgate-tenant-id"], json!([acme]));
     assert!(
         !r.body.contains(&login.access_token),
         "the token never reaches the upstream"
     );
 
-    let (key, _) = t.create_key("acme").await;
+    let (key, _) = t.create_key(&acme).await;
     let r = envoy
         .get(
             "/api/instances",

@@ -136,7 +136,8 @@ fn fields(output: &str, into: &mut BTreeMap<String, String>) {
                     walk(v, into);
                 }
             }
-            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, into)),
+            // In a list the last item's fields win (ListUsers: the newest).
+            serde_json::Value::Array(a) => a.iter().rev().for_each(|v| walk(v, into)),
             _ => {}
         }
     }
@@ -153,8 +154,61 @@ fn fields(output: &str, into: &mut BTreeMap<String, String>) {
     into.extend(answer);
 }
 
-/// `text` with each `<name>` replaced by the latest answer's `name` field.
-fn fill(text: &str, answers: &BTreeMap<String, String>, line: usize) -> String {
+/// The message a console message printed by `tollgate dev` carries, as
+/// (`<type in camelCase>Token`, token): `emailVerificationToken`, ….
+fn delivered_token(line: &str) -> Option<(String, String)> {
+    let json = line.strip_prefix("[tollgate dev] console message")?;
+    let message: serde_json::Value = serde_json::from_str(&json[json.find('{')?..]).ok()?;
+    let kind = message["type"].as_str()?;
+    let token = message["token"].as_str()?;
+    let mut name = String::new();
+    for (i, part) in kind.split('_').enumerate() {
+        let mut chars = part.chars();
+        match chars.next() {
+            Some(c) if i > 0 => name.extend(c.to_uppercase().chain(chars)),
+            Some(c) => name.extend(std::iter::once(c).chain(chars)),
+            None => {}
+        }
+    }
+    Some((format!("{name}Token"), token.to_string()))
+}
+
+/// The answers so far, and the tokens the dev server printed (each used once).
+struct Answers<'a> {
+    fields: BTreeMap<String, String>,
+    delivered: BTreeMap<String, String>,
+    dev: &'a mut RunCommand,
+}
+
+impl Answers<'_> {
+    /// The value for `<name>`: an answer's field, else a token the dev
+    /// server delivers (waiting for its message, within a bound).
+    fn value(&mut self, name: &str, line: usize) -> String {
+        if let Some(v) = self.fields.get(name) {
+            return v.clone();
+        }
+        loop {
+            if let Some(token) = self.delivered.remove(name) {
+                return token;
+            }
+            match self.dev.lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(printed) => {
+                    if let Some((kind, token)) = delivered_token(&printed) {
+                        self.delivered.insert(kind, token);
+                    }
+                    self.dev.seen.push(printed);
+                }
+                Err(_) => panic!(
+                    "README.md line {line}: no earlier answer has a `{name}` field for \
+                     <{name}>, and the dev server printed no message with one"
+                ),
+            }
+        }
+    }
+}
+
+/// `text` with each `<name>` replaced by its value.
+fn fill(text: &str, answers: &mut Answers<'_>, line: usize) -> String {
     let mut out = String::new();
     let mut rest = text;
     while let Some(open) = rest.find('<') {
@@ -167,11 +221,9 @@ fn fill(text: &str, answers: &BTreeMap<String, String>, line: usize) -> String {
             rest = &rest[open + 1..];
             continue;
         }
-        let value = answers.get(name).unwrap_or_else(|| {
-            panic!("README.md line {line}: no earlier answer has a `{name}` field for <{name}>")
-        });
+        let value = answers.value(name, line);
         out.push_str(&rest[..open]);
-        out.push_str(value);
+        out.push_str(&value);
         rest = &rest[open + close + 1..];
     }
     out.push_str(rest);
@@ -180,11 +232,7 @@ fn fill(text: &str, answers: &BTreeMap<String, String>, line: usize) -> String {
 
 /// Runs one example; panics with the README line and output when it does
 /// not do what the README says.
-fn run(
-    example: &Example,
-    env: &mut BTreeMap<String, String>,
-    answers: &mut BTreeMap<String, String>,
-) {
+fn run(example: &Example, env: &mut BTreeMap<String, String>, answers: &mut Answers<'_>) {
     match &example.line {
         Line::Assign { name, value } => {
             let value = fill(value, answers, example.at);
@@ -218,7 +266,7 @@ fn run(
                     example.at
                 );
             }
-            fields(&out, answers);
+            fields(&out, &mut answers.fields);
         }
     }
 }
@@ -276,6 +324,11 @@ fn every_readme_command_works_as_written_in_order() {
     }
 
     // The README's examples, top to bottom.
+    let mut answers = Answers {
+        fields: answers,
+        delivered: BTreeMap::new(),
+        dev: &mut dev,
+    };
     let examples = examples(README).unwrap_or_else(|e| panic!("{e}"));
     let commands = examples
         .iter()
@@ -286,6 +339,7 @@ fn every_readme_command_works_as_written_in_order() {
         run(example, &mut env, &mut answers);
     }
 
+    drop(answers);
     // The secrets the banner printed stay out of the log lines.
     let logs: Vec<&String> = dev.seen.iter().filter(|l| l.contains(" INFO ")).collect();
     assert!(!logs.is_empty());

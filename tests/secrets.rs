@@ -180,7 +180,7 @@ fn debug_output_of_secret_holding_types_is_redacted() {
         ],
     );
 
-    let settings = Settings {
+    let mut settings = Settings {
         operator_token: Some(OPERATOR_TOKEN.to_string().into()),
         database_url: Some(
             "postgres://tollgate:db-password-42@db/tollgate"
@@ -194,8 +194,14 @@ fn debug_output_of_secret_holding_types_is_redacted() {
         }],
         ..Settings::default()
     };
+    // The console's webhook: its secret, and a URL that may carry a
+    // credential of its own (only the host is shown).
+    let delivery = &mut settings.jwt.console.delivery;
+    delivery.webhook_url = Some("https://mail.example/hook?access_key=url-secret-77".into());
+    delivery.webhook_secret = Some("webhook-secret-0123456789-abcdef-xyz".to_string().into());
     let shown = format!("{settings:?} {settings:#?}");
     assert!(shown.contains("pepper_version"), "{shown}");
+    assert!(shown.contains("mail.example"), "{shown}");
     assert_no_secret_in(
         &shown,
         &[
@@ -203,6 +209,8 @@ fn debug_output_of_secret_holding_types_is_redacted() {
             "db-password-42".into(),
             pepper_text.into(),
             "old-pepper-secret".into(),
+            "webhook-secret-0123456789".into(),
+            "url-secret-77".into(),
         ],
     );
 }

@@ -2,8 +2,10 @@
 //! email verification, password reset, users of a tenant. Tollgate signs
 //! the access JWTs itself (see [`crate::crypto::signer`]). No tonic, no SQL.
 
+pub mod delivery;
 pub mod settings;
 pub mod throttle;
+pub mod work;
 
 use std::sync::Arc;
 
@@ -17,7 +19,7 @@ use crate::crypto::opaque::{presented, OpaqueToken};
 use crate::crypto::password;
 use crate::crypto::signer::ConsoleSigner;
 use crate::domain::console::{
-    check_password, AuditContext, ConsoleUser, Email, NewToken, Role, TokenKind,
+    check_password, AuditContext, ConsoleUser, Email, NewToken, Role, TokenKind, UserChange,
 };
 use crate::domain::validate::check_name;
 use crate::domain::{SubscriptionStatus, Tenant, TenantId, TenantOverrides, Violations};
@@ -26,8 +28,10 @@ use crate::profile::Profile;
 use crate::store::console::{ConsoleStore, NextRefresh, TokenUse};
 use crate::store::StoreError;
 
-pub use settings::ConsoleSettings;
-use throttle::{Attempt, LoginThrottle};
+use delivery::{Deliver, Message, MessageKind, Nowhere, Stdout, Webhook};
+pub use settings::{ConsoleSettings, SignupPolicy};
+use throttle::{Attempt, LoginThrottle, MailThrottle};
+use work::{Busy, WorkQueue};
 
 /// Email-verification tokens live a day; password-reset tokens an hour.
 const VERIFICATION_TTL_SECS: i64 = 24 * 3600;
@@ -67,12 +71,11 @@ impl std::fmt::Debug for Session {
     }
 }
 
-/// A SignUp request, as received.
+/// A SignUp request, as received. The tenant id is always generated.
 pub struct SignUpInput {
     pub email: String,
     pub password: SecretString,
     pub tenant_name: String,
-    pub tenant_id: String,
 }
 
 /// A CreateUser request, as received (the caller is already authorised).
@@ -83,17 +86,46 @@ pub struct CreateUserInput {
     pub role: String,
 }
 
-/// An account just created, and the email-verification token to deliver.
-#[derive(Debug)]
-pub struct Created {
-    pub user: ConsoleUser,
-    pub tenant: Option<Tenant>,
-    pub verification: OpaqueToken,
+/// Expired tokens removed per login, at most.
+const PURGE_BATCH: u32 = 100;
+
+/// Who changes a user: the operator, or a console user with this role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Actor {
+    Operator,
+    User(Role),
+}
+
+fn user_change_error(e: StoreError) -> Error {
+    match e {
+        StoreError::NotFound => Error::NotFound("user"),
+        e => e.into(),
+    }
 }
 
 const BAD_LOGIN: &str = "email or password is incorrect";
 const BAD_REFRESH: &str = "the refresh token is invalid, expired or already used";
 const BAD_TOKEN: &str = "is invalid, expired or already used";
+
+/// The rule behind `jwt.console.require_verified_email`, for the guard of
+/// management calls: with `required`, a console user whose access token
+/// says `email_verified: false` (or says nothing) is refused.
+pub fn check_verified_email(required: bool, email_verified: Option<bool>) -> Result<()> {
+    if required && email_verified != Some(true) {
+        return Err(Error::PermissionDenied(
+            "verify your email address before managing this tenant".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl From<Busy> for Error {
+    fn from(b: Busy) -> Self {
+        Error::Overloaded {
+            retry_after_seconds: b.retry_after_seconds,
+        }
+    }
+}
 
 /// The console service.
 pub struct Console {
@@ -103,10 +135,41 @@ pub struct Console {
     settings: ConsoleSettings,
     clock: Clock,
     throttle: LoginThrottle,
+    /// SignUp, per client address.
+    signups: MailThrottle,
+    /// RequestPasswordReset and RequestEmailVerification, per client
+    /// address and per email address (no mail-bombing one inbox).
+    mail: MailThrottle,
+    mail_per_account: MailThrottle,
+    passwords: WorkQueue,
+    delivery: Arc<dyn Deliver>,
+}
+
+fn delivery_for(settings: &ConsoleSettings) -> Arc<dyn Deliver> {
+    match settings.load_webhook() {
+        Ok(Some((url, secret, timeout))) => match Webhook::new(url, secret, timeout) {
+            Ok(w) => return Arc::new(w),
+            Err(e) => tracing::error!(error = %e, "the console webhook client cannot be built"),
+        },
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "the console webhook is misconfigured"),
+    }
+    if settings.delivery.stdout {
+        tracing::warn!(
+            "console messages (verification and reset tokens) are PRINTED TO STDOUT: \
+             development delivery, never for production"
+        );
+        return Arc::new(Stdout);
+    }
+    tracing::warn!(
+        "no console delivery configured (jwt.console.delivery.webhook_url): password resets \
+         and email verification send nothing and cannot complete"
+    );
+    Arc::new(Nowhere)
 }
 
 impl Console {
-    /// Assembles the service.
+    /// Assembles the service; messages go where `settings.delivery` says.
     pub fn new(
         profile: Arc<Profile>,
         store: Arc<dyn ConsoleStore>,
@@ -117,14 +180,41 @@ impl Console {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(password::warm_up());
         }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
             profile,
             store,
             signer,
+            delivery: delivery_for(&settings),
+            passwords: WorkQueue::new(
+                cores,
+                settings.password_queue,
+                std::time::Duration::from_secs(settings.password_queue_wait_seconds),
+            ),
             settings,
             clock,
             throttle: LoginThrottle::default(),
+            signups: MailThrottle::default(),
+            mail: MailThrottle::default(),
+            mail_per_account: MailThrottle::default(),
         }
+    }
+
+    /// Sends messages through `delivery` instead.
+    pub fn with_delivery(mut self, delivery: Arc<dyn Deliver>) -> Self {
+        self.delivery = delivery;
+        self
+    }
+
+    /// Hashes passwords behind `queue` instead.
+    pub fn with_password_queue(mut self, queue: WorkQueue) -> Self {
+        self.passwords = queue;
+        self
+    }
+
+    /// The password-hashing queue (tests hold its slots).
+    pub fn password_queue(&self) -> &WorkQueue {
+        &self.passwords
     }
 
     /// How console access tokens are verified (the console issuer).
@@ -147,39 +237,79 @@ impl Console {
             family: None,
             created_at: now,
             expires_at: now + Duration::seconds(ttl),
+            session_ends_at: None,
         };
         (token, row)
     }
 
+    /// Sends a token to `user`'s address.
+    fn deliver(&self, kind: MessageKind, user: &ConsoleUser, token: OpaqueToken, row: &NewToken) {
+        self.delivery.send(Message {
+            kind,
+            email: user.email.clone(),
+            token: Some(token),
+            expires_at: Some(row.expires_at),
+            tenant_id: user.tenant_id.clone(),
+        });
+    }
+
+    /// Tells the holder of an existing account that someone tried to
+    /// create another one with their address (the caller learns nothing).
+    fn notify_exists(&self, user: &ConsoleUser) {
+        tracing::info!(user_id = %user.id, "account creation for a taken address; owner notified");
+        self.delivery.send(Message {
+            kind: MessageKind::AccountExists,
+            email: user.email.clone(),
+            token: None,
+            expires_at: None,
+            tenant_id: user.tenant_id.clone(),
+        });
+    }
+
     async fn hash(&self, password: SecretString) -> Result<crate::domain::console::PasswordHash> {
+        let _slot = self.passwords.enter().await?;
         password::hash(password)
             .await
             .map_err(|e| Error::Internal(e.to_string()))
     }
 
-    /// Creates a tenant on the profile's default plan and its owner.
-    pub async fn sign_up(&self, input: SignUpInput, request_id: &str) -> Result<Created> {
+    fn reserve_mail(&self, throttle: &MailThrottle, address: &str) -> Result<()> {
+        throttle
+            .reserve(address, self.clock.now())
+            .map_err(|retry_after_seconds| Error::TooManyAttempts {
+                retry_after_seconds,
+            })
+    }
+
+    /// Creates a tenant (generated id) on the profile's default plan and
+    /// its owner, when sign-up is open. The answer is the same whether or
+    /// not the address has an account: a new owner is sent a verification
+    /// token, an existing one a notice.
+    pub async fn sign_up(&self, input: SignUpInput, address: &str, request_id: &str) -> Result<()> {
+        if self.settings.signup_policy() != SignupPolicy::Open {
+            return Err(Error::PermissionDenied(
+                "sign-up is closed: an owner or admin of your tenant adds you with CreateUser"
+                    .into(),
+            ));
+        }
         let mut v = Violations::default();
         let email = parse_email(&input.email, &mut v);
         check_password("password", input.password.expose_secret(), &mut v);
         check_name("tenant_name", &input.tenant_name, &mut v);
-        let tenant_id = if input.tenant_id.is_empty() {
-            Some(TenantId::generate())
-        } else {
-            let id = TenantId::parse(&input.tenant_id);
-            if id.is_none() {
-                v.add("tenant_id", "must be 1-64 characters of [A-Za-z0-9_-]");
-            }
-            id
-        };
         v.into_result()?;
-        let (email, tenant_id) = (email.expect("validated"), tenant_id.expect("validated"));
-        if self.store.user_by_email(&email).await?.is_some() {
-            return Err(Error::AlreadyExists("an account with this email"));
+        let email = email.expect("validated");
+        self.reserve_mail(&self.signups, address)?;
+        self.reserve_mail(&self.mail_per_account, email.as_str())?;
+        // Hashed whether or not the address is taken: the same work, the
+        // same time, either way.
+        let password_hash = self.hash(input.password).await?;
+        if let Some(existing) = self.store.user_by_email(&email).await? {
+            self.notify_exists(&existing);
+            return Ok(());
         }
         let now = self.clock.now();
         let tenant = Tenant {
-            id: tenant_id.clone(),
+            id: TenantId::generate(),
             name: input.tenant_name,
             plan: self.profile.default_plan.clone(),
             status: SubscriptionStatus::Active,
@@ -189,11 +319,12 @@ impl Console {
         };
         let user = ConsoleUser {
             id: uuid::Uuid::now_v7(),
-            tenant_id,
+            tenant_id: tenant.id.clone(),
             email,
             role: Role::Owner,
-            password_hash: self.hash(input.password).await?,
+            password_hash,
             email_verified_at: None,
+            disabled_at: None,
             created_at: now,
         };
         let (verification, row) =
@@ -202,25 +333,35 @@ impl Console {
             actor: format!("user:{}", user.id),
             request_id: request_id.to_string(),
         };
-        self.store
-            .sign_up(tenant.clone(), user.clone(), row, &ctx)
+        match self
+            .store
+            .sign_up(tenant.clone(), user.clone(), row.clone(), &ctx)
             .await
-            .map_err(|e| match e {
-                StoreError::AlreadyExists => {
-                    Error::AlreadyExists("an account with this email, or a tenant with this id,")
+        {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists) => {
+                // A race with another sign-up for the address.
+                if let Some(existing) = self.store.user_by_email(&user.email).await? {
+                    self.notify_exists(&existing);
                 }
-                e => e.into(),
-            })?;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
         tracing::info!(tenant_id = %tenant.id, user_id = %user.id, "console sign-up");
-        Ok(Created {
-            user,
-            tenant: Some(tenant),
-            verification,
-        })
+        self.deliver(MessageKind::EmailVerification, &user, verification, &row);
+        Ok(())
     }
 
-    /// Adds a user to a tenant (authorisation is the caller's job).
-    pub async fn create_user(&self, input: CreateUserInput, ctx: &AuditContext) -> Result<Created> {
+    /// Adds a user to a tenant (authorisation is the caller's job). The
+    /// answer is the same whether or not the address has an account
+    /// anywhere: its holder is notified instead.
+    pub async fn create_user(&self, input: CreateUserInput, ctx: &AuditContext) -> Result<()> {
+        if self.settings.signup_policy() == SignupPolicy::Off {
+            return Err(Error::PermissionDenied(
+                "the console takes no new accounts (jwt.console.signup = \"off\")".into(),
+            ));
+        }
         let mut v = Violations::default();
         let email = parse_email(&input.email, &mut v);
         check_password("password", input.password.expose_secret(), &mut v);
@@ -230,8 +371,10 @@ impl Console {
         }
         v.into_result()?;
         let email = email.expect("validated");
-        if self.store.user_by_email(&email).await?.is_some() {
-            return Err(Error::AlreadyExists("an account with this email"));
+        let password_hash = self.hash(input.password).await?;
+        if let Some(existing) = self.store.user_by_email(&email).await? {
+            self.notify_exists(&existing);
+            return Ok(());
         }
         let now = self.clock.now();
         let user = ConsoleUser {
@@ -239,27 +382,28 @@ impl Console {
             tenant_id: input.tenant_id,
             email,
             role: role.expect("validated"),
-            password_hash: self.hash(input.password).await?,
+            password_hash,
             email_verified_at: None,
+            disabled_at: None,
             created_at: now,
         };
         let (verification, row) =
             self.new_token(TokenKind::EmailVerification, &user, VERIFICATION_TTL_SECS);
-        self.store
-            .create_user(user.clone(), row, ctx)
-            .await
-            .map_err(|e| match e {
-                StoreError::AlreadyExists => Error::AlreadyExists("an account with this email"),
-                StoreError::NotFound => Error::NotFound("tenant"),
-                e => e.into(),
-            })?;
+        match self.store.create_user(user.clone(), row.clone(), ctx).await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists) => {
+                if let Some(existing) = self.store.user_by_email(&user.email).await? {
+                    self.notify_exists(&existing);
+                }
+                return Ok(());
+            }
+            Err(StoreError::NotFound) => return Err(Error::NotFound("tenant")),
+            Err(e) => return Err(e.into()),
+        }
         tracing::info!(tenant_id = %user.tenant_id, user_id = %user.id, role = user.role.as_str(),
             "console user created");
-        Ok(Created {
-            user,
-            tenant: None,
-            verification,
-        })
+        self.deliver(MessageKind::EmailVerification, &user, verification, &row);
+        Ok(())
     }
 
     /// A tenant's users.
@@ -267,8 +411,89 @@ impl Console {
         Ok(self.store.list_users(tenant).await?)
     }
 
-    /// Email + password → session. Throttled per account and per address;
-    /// unknown emails cost the same argon2 work as known ones.
+    /// The user `user_id` of `tenant`, if `actor` may change them in a way
+    /// that involves `new_role` (only owners touch owners).
+    async fn target(
+        &self,
+        actor: Actor,
+        tenant: &TenantId,
+        user_id: &str,
+        new_role: Option<Role>,
+    ) -> Result<ConsoleUser> {
+        let id = uuid::Uuid::parse_str(user_id)
+            .map_err(|_| Error::invalid("user_id", "must be a user id (UUID)"))?;
+        let user = self
+            .store
+            .user_in(tenant, id)
+            .await?
+            .ok_or(Error::NotFound("user"))?;
+        if let Actor::User(role) = actor {
+            if !role.manages() {
+                return Err(Error::PermissionDenied(
+                    "only owners and admins manage users".into(),
+                ));
+            }
+            let touches_owner = user.role == Role::Owner || new_role == Some(Role::Owner);
+            if touches_owner && role != Role::Owner {
+                return Err(Error::PermissionDenied(
+                    "only owners change, disable or delete owners".into(),
+                ));
+            }
+        }
+        Ok(user)
+    }
+
+    /// Changes a user's role, or disables or enables them (disabling ends
+    /// their sessions). The tenant always keeps an enabled owner.
+    pub async fn update_user(
+        &self,
+        actor: Actor,
+        tenant: &TenantId,
+        user_id: &str,
+        change: UserChange,
+        ctx: &AuditContext,
+    ) -> Result<ConsoleUser> {
+        let user = self.target(actor, tenant, user_id, change.role).await?;
+        let changed = self
+            .store
+            .update_user(tenant, user.id, user.role, change, ctx, self.clock.now())
+            .await
+            .map_err(user_change_error)?;
+        tracing::info!(tenant_id = %tenant, user_id = %changed.id, role = changed.role.as_str(),
+            disabled = changed.disabled_at.is_some(), "console user updated");
+        Ok(changed)
+    }
+
+    /// Deletes a user with their sessions and tokens. The tenant always
+    /// keeps an enabled owner.
+    pub async fn delete_user(
+        &self,
+        actor: Actor,
+        tenant: &TenantId,
+        user_id: &str,
+        ctx: &AuditContext,
+    ) -> Result<()> {
+        let user = self.target(actor, tenant, user_id, None).await?;
+        self.store
+            .delete_user(tenant, user.id, user.role, ctx, self.clock.now())
+            .await
+            .map_err(user_change_error)?;
+        tracing::info!(tenant_id = %tenant, user_id = %user.id, "console user deleted");
+        Ok(())
+    }
+
+    /// Removes a bounded batch of expired tokens (called on writes).
+    async fn purge_expired_tokens(&self) {
+        match self.store.purge_tokens(self.clock.now(), PURGE_BATCH).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(purged = n, "expired console tokens purged"),
+            Err(e) => tracing::warn!(error = %e, "purging expired console tokens failed"),
+        }
+    }
+
+    /// Email + password → session. Each attempt is reserved with the
+    /// throttle (per account and per address) before its password is
+    /// verified; unknown emails cost the same argon2 work as known ones.
     pub async fn login(
         &self,
         email: &str,
@@ -288,28 +513,47 @@ impl Console {
             account: email.as_str(),
             address,
         };
-        let now = self.clock.now();
         self.throttle
-            .check(attempt, now)
+            .reserve(attempt, self.clock.now())
             .map_err(|retry_after_seconds| Error::TooManyAttempts {
                 retry_after_seconds,
             })?;
-        let user = self.store.user_by_email(&email).await?;
-        let ok = password::verify(password, user.as_ref().map(|u| u.password_hash.clone())).await;
-        let Some(user) = user.filter(|_| ok) else {
-            self.throttle.failed(attempt, self.clock.now());
-            tracing::info!("console login refused");
-            return Err(Error::BadCredentials(BAD_LOGIN));
+        let verified = self.verify_login(&email, password).await;
+        let user = match verified {
+            Ok(user) => user,
+            Err(e) => {
+                if !matches!(e, Error::BadCredentials(_)) {
+                    // Never verified (busy, store down): not a failure.
+                    self.throttle.abandoned(attempt, self.clock.now());
+                }
+                return Err(e);
+            }
         };
-        self.throttle.succeeded(attempt);
+        self.throttle.succeeded(attempt, self.clock.now());
         let session = self.start_session(&user).await?;
         tracing::info!(tenant_id = %user.tenant_id, user_id = %user.id, "console login");
         Ok(session)
     }
 
+    /// The enabled account whose password this is, or `BadCredentials`.
+    async fn verify_login(&self, email: &Email, password: SecretString) -> Result<ConsoleUser> {
+        let user = self.store.user_by_email(email).await?;
+        let ok = {
+            let _slot = self.passwords.enter().await?;
+            password::verify(password, user.as_ref().map(|u| u.password_hash.clone())).await
+        };
+        user.filter(|u| ok && u.disabled_at.is_none())
+            .ok_or_else(|| {
+                tracing::info!("console login refused");
+                Error::BadCredentials(BAD_LOGIN)
+            })
+    }
+
     async fn start_session(&self, user: &ConsoleUser) -> Result<Session> {
         let now = self.clock.now();
         let refresh = OpaqueToken::generate(TokenKind::Refresh);
+        let ends = now + Duration::seconds(self.settings.session_max_age_seconds as i64);
+        let expires_at = (now + self.refresh_ttl()).min(ends);
         self.store
             .insert_token(NewToken {
                 digest: refresh.digest(),
@@ -317,10 +561,12 @@ impl Console {
                 user_id: user.id,
                 family: Some(uuid::Uuid::now_v7()),
                 created_at: now,
-                expires_at: now + self.refresh_ttl(),
+                expires_at,
+                session_ends_at: Some(ends),
             })
             .await?;
-        self.session(user.clone(), refresh, now)
+        self.purge_expired_tokens().await;
+        self.session(user.clone(), refresh, now, expires_at)
     }
 
     fn refresh_ttl(&self) -> Duration {
@@ -332,6 +578,7 @@ impl Console {
         user: ConsoleUser,
         refresh: OpaqueToken,
         now: DateTime<Utc>,
+        refresh_expires_at: DateTime<Utc>,
     ) -> Result<Session> {
         let ttl = self.settings.access_ttl_seconds as i64;
         let claims = AccessClaims {
@@ -356,13 +603,14 @@ impl Console {
             access_token,
             expires_in_seconds: ttl as u32,
             refresh_token: refresh.into_exposed(),
-            refresh_expires_in_seconds: self.settings.refresh_ttl_seconds as u32,
+            refresh_expires_in_seconds: (refresh_expires_at - now).num_seconds().max(0) as u32,
             user,
         })
     }
 
     /// Spends a refresh token for a new session pair. A replayed token ends
-    /// the whole session it belonged to.
+    /// the whole session it belonged to; no refresh outlives the session's
+    /// absolute lifetime, nor a disabled account.
     pub async fn refresh(&self, refresh_token: &str) -> Result<Session> {
         let digest = presented(TokenKind::Refresh, refresh_token)
             .ok_or(Error::BadCredentials(BAD_REFRESH))?;
@@ -380,7 +628,9 @@ impl Console {
             )
             .await?;
         match outcome {
-            TokenUse::Spent { user, .. } => self.session(user, next, now),
+            TokenUse::Spent {
+                user, expires_at, ..
+            } => self.session(user, next, now, expires_at),
             TokenUse::Replayed => {
                 tracing::warn!("a spent refresh token was presented again; its session is revoked");
                 Err(Error::BadCredentials(BAD_REFRESH))
@@ -397,21 +647,37 @@ impl Console {
         Ok(())
     }
 
-    /// A new email-verification token for an unverified account.
-    pub async fn request_email_verification(&self, email: &str) -> Result<Option<OpaqueToken>> {
-        let mut v = Violations::default();
-        let email = parse_email(email, &mut v);
-        v.into_result()?;
-        let Some(user) = self.store.user_by_email(&email.expect("validated")).await? else {
-            return Ok(None);
+    /// Sends a new email-verification token to an unverified account
+    /// (voiding its older ones). The caller is told nothing either way.
+    pub async fn request_email_verification(&self, email: &str, address: &str) -> Result<()> {
+        let Some(user) = self.mail_recipient(email, address).await? else {
+            return Ok(());
         };
         if user.email_verified_at.is_some() {
-            return Ok(None);
+            return Ok(());
         }
         let (token, row) =
             self.new_token(TokenKind::EmailVerification, &user, VERIFICATION_TTL_SECS);
-        self.store.insert_token(row).await?;
-        Ok(Some(token))
+        self.store.insert_token(row.clone()).await?;
+        self.deliver(MessageKind::EmailVerification, &user, token, &row);
+        Ok(())
+    }
+
+    /// For the calls that send a token: the enabled account of `email`,
+    /// after the throttles (per client and per email address) and only
+    /// when a delivery is configured (else nothing is stored or sent).
+    async fn mail_recipient(&self, email: &str, address: &str) -> Result<Option<ConsoleUser>> {
+        let mut v = Violations::default();
+        let email = parse_email(email, &mut v);
+        v.into_result()?;
+        let email = email.expect("validated");
+        self.reserve_mail(&self.mail, address)?;
+        self.reserve_mail(&self.mail_per_account, email.as_str())?;
+        if !self.delivery.delivers() {
+            return Ok(None);
+        }
+        let user = self.store.user_by_email(&email).await?;
+        Ok(user.filter(|u| u.disabled_at.is_none()))
     }
 
     /// Spends an email-verification token.
@@ -424,22 +690,22 @@ impl Console {
         }
     }
 
-    /// A password-reset token for an existing account (`None` otherwise).
-    pub async fn request_password_reset(&self, email: &str) -> Result<Option<OpaqueToken>> {
-        let mut v = Violations::default();
-        let email = parse_email(email, &mut v);
-        v.into_result()?;
-        let Some(user) = self.store.user_by_email(&email.expect("validated")).await? else {
-            return Ok(None);
+    /// Sends a password-reset token to an existing account (voiding its
+    /// older ones). The caller is told nothing either way.
+    pub async fn request_password_reset(&self, email: &str, address: &str) -> Result<()> {
+        let Some(user) = self.mail_recipient(email, address).await? else {
+            return Ok(());
         };
         let (token, row) = self.new_token(TokenKind::PasswordReset, &user, RESET_TTL_SECS);
-        self.store.insert_token(row).await?;
+        self.store.insert_token(row.clone()).await?;
         tracing::info!(user_id = %user.id, "password reset requested");
-        Ok(Some(token))
+        self.deliver(MessageKind::PasswordReset, &user, token, &row);
+        Ok(())
     }
 
-    /// Sets a new password with a reset token and ends every session. A
-    /// weak password is refused before the token is spent.
+    /// Sets a new password with a reset token and ends every session. The
+    /// token is checked before any hashing, and a weak password is refused
+    /// before the token is spent.
     pub async fn reset_password(
         &self,
         token: &str,
@@ -453,8 +719,16 @@ impl Console {
         }
         check_password("new_password", new_password.expose_secret(), &mut v);
         v.into_result()?;
-        let hash = self.hash(new_password).await?;
         let digest = digest.expect("validated");
+        let now = self.clock.now();
+        if !self
+            .store
+            .token_is_live(&digest, TokenKind::PasswordReset, now)
+            .await?
+        {
+            return Err(Error::invalid("token", BAD_TOKEN));
+        }
+        let hash = self.hash(new_password).await?;
         match self
             .store
             .reset_password(&digest, &hash, self.clock.now(), request_id)

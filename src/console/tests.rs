@@ -1,33 +1,66 @@
 //! The console service on the in-memory store (dev mode's): the same rules
 //! as on Postgres, and bad input refused before anything is written.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use secrecy::SecretString;
 
+use super::delivery::{Deliver, Message, MessageKind};
 use super::*;
 use crate::store::MemoryStore;
 
 const PASSWORD: &str = "correct horse battery staple";
+const ADDRESS: &str = "192.0.2.1";
 
-fn console() -> (Console, Arc<MemoryStore>) {
+/// Keeps what would have been sent: (kind, email, token).
+#[derive(Default)]
+struct Outbox(Mutex<Vec<(MessageKind, String, Option<String>)>>);
+
+impl Deliver for Outbox {
+    fn send(&self, m: Message) {
+        self.0.lock().unwrap().push((
+            m.kind,
+            m.email.as_str().to_string(),
+            m.token.map(OpaqueToken::into_exposed),
+        ));
+    }
+}
+
+impl Outbox {
+    fn kinds(&self) -> Vec<MessageKind> {
+        self.0.lock().unwrap().iter().map(|m| m.0).collect()
+    }
+    fn last_token(&self) -> String {
+        self.0.lock().unwrap().last().unwrap().2.clone().unwrap()
+    }
+}
+
+fn console_with(settings: ConsoleSettings) -> (Console, Arc<MemoryStore>, Arc<Outbox>) {
     let store = Arc::new(MemoryStore::new());
+    let outbox = Arc::new(Outbox::default());
     let c = Console::new(
         Arc::new(Profile::embedded_default()),
         store.clone(),
         Arc::new(ConsoleSigner::ephemeral("t")),
-        ConsoleSettings::default(),
+        settings,
         Clock::system(),
-    );
-    (c, store)
+    )
+    .with_delivery(outbox.clone());
+    (c, store, outbox)
 }
 
-fn sign_up(email: &str, tenant: &str) -> SignUpInput {
+fn console() -> (Console, Arc<MemoryStore>, Arc<Outbox>) {
+    console_with(ConsoleSettings {
+        signup: Some(SignupPolicy::Open),
+        ..ConsoleSettings::default()
+    })
+}
+
+fn sign_up(email: &str) -> SignUpInput {
     SignUpInput {
         email: email.into(),
         password: SecretString::from(PASSWORD),
         tenant_name: "Acme".into(),
-        tenant_id: tenant.into(),
     }
 }
 
@@ -38,14 +71,23 @@ fn fields(e: Error) -> Vec<String> {
     }
 }
 
+async fn user(store: &MemoryStore, email: &str) -> ConsoleUser {
+    store
+        .user_by_email(&Email::parse(email).unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn sign_up_login_refresh_and_replay_on_the_memory_store() {
-    let (c, store) = console();
-    let created = c
-        .sign_up(sign_up("ada@example.com", "acme"), "r1")
+    let (c, store, outbox) = console();
+    c.sign_up(sign_up("ada@example.com"), ADDRESS, "r1")
         .await
         .unwrap();
-    assert_eq!(created.tenant.unwrap().plan, "free");
+    let ada = user(&store, "ada@example.com").await;
+    assert_ne!(ada.tenant_id.as_str(), "", "the server chose the tenant id");
+    assert_eq!(outbox.kinds(), [MessageKind::EmailVerification]);
     let s = c
         .login("ada@example.com", PASSWORD.into(), "127.0.0.1")
         .await
@@ -67,14 +109,15 @@ async fn sign_up_login_refresh_and_replay_on_the_memory_store() {
 
 #[tokio::test]
 async fn oversized_and_malformed_input_is_refused_and_writes_nothing() {
-    let (c, store) = console();
+    let (c, store, outbox) = console();
     let long_email = format!("{}@example.com", "a".repeat(300));
-    let mut input = sign_up(&long_email, "bad id");
+    let mut input = sign_up(&long_email);
     input.password = SecretString::from("x".repeat(2000));
     input.tenant_name = "n".repeat(500);
-    let e = c.sign_up(input, "r").await.unwrap_err();
-    assert_eq!(fields(e), ["email", "password", "tenant_name", "tenant_id"]);
+    let e = c.sign_up(input, ADDRESS, "r").await.unwrap_err();
+    assert_eq!(fields(e), ["email", "password", "tenant_name"]);
     assert!(store.list_audit(None, None, 10).await.unwrap().is_empty());
+    assert!(outbox.kinds().is_empty());
     let e = c
         .login("ada@example.com", SecretString::from("x".repeat(2000)), "a")
         .await
@@ -91,17 +134,29 @@ async fn oversized_and_malformed_input_is_refused_and_writes_nothing() {
 }
 
 #[tokio::test]
-async fn a_reset_token_is_single_use_and_weak_passwords_do_not_spend_it() {
-    let (c, _) = console();
-    c.sign_up(sign_up("ada@example.com", "acme"), "r")
+async fn a_reset_token_is_delivered_single_use_and_a_newer_one_voids_it() {
+    let (c, _, outbox) = console();
+    c.sign_up(sign_up("ada@example.com"), ADDRESS, "r")
         .await
         .unwrap();
-    let token = c
-        .request_password_reset("ada@example.com")
+    c.request_password_reset("ada@example.com", ADDRESS)
         .await
-        .unwrap()
-        .unwrap()
-        .into_exposed();
+        .unwrap();
+    let older = outbox.last_token();
+    c.request_password_reset("ada@example.com", ADDRESS)
+        .await
+        .unwrap();
+    let token = outbox.last_token();
+    assert!(token.starts_with("tgpr_"));
+    let voided = c
+        .reset_password(&older, "a brand new passphrase".into(), "r")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        fields(voided),
+        ["token"],
+        "only the newest reset token works"
+    );
     assert!(c.reset_password(&token, "weak".into(), "r").await.is_err());
     c.reset_password(&token, "a brand new passphrase".into(), "r")
         .await
@@ -111,9 +166,211 @@ async fn a_reset_token_is_single_use_and_weak_passwords_do_not_spend_it() {
         .await
         .unwrap_err();
     assert_eq!(fields(again), ["token"]);
-    assert!(c
-        .request_password_reset("nobody@example.com")
+    let sent = outbox.kinds().len();
+    c.request_password_reset("nobody@example.com", ADDRESS)
         .await
-        .unwrap()
-        .is_none());
+        .unwrap();
+    assert_eq!(outbox.kinds().len(), sent, "nothing sent for no account");
+}
+
+#[tokio::test]
+async fn an_existing_address_gets_a_notice_and_the_caller_the_same_answer() {
+    let (c, store, outbox) = console();
+    c.sign_up(sign_up("ada@example.com"), ADDRESS, "r")
+        .await
+        .unwrap();
+    let tenant = user(&store, "ada@example.com").await.tenant_id;
+    c.sign_up(sign_up("ADA@example.com"), "192.0.2.2", "r")
+        .await
+        .unwrap();
+    c.create_user(
+        CreateUserInput {
+            tenant_id: tenant.clone(),
+            email: "ada@example.com".into(),
+            password: PASSWORD.into(),
+            role: "viewer".into(),
+        },
+        &AuditContext::system(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        outbox.kinds(),
+        [
+            MessageKind::EmailVerification,
+            MessageKind::AccountExists,
+            MessageKind::AccountExists
+        ]
+    );
+    assert_eq!(c.list_users(&tenant).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn sign_up_follows_the_policy_and_invite_is_the_default() {
+    let (c, _, _) = console_with(ConsoleSettings::default());
+    let e = c
+        .sign_up(sign_up("ada@example.com"), ADDRESS, "r")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::PermissionDenied(_)), "{e:?}");
+    let (c, store, _) = console_with(ConsoleSettings {
+        signup: Some(SignupPolicy::Off),
+        ..ConsoleSettings::default()
+    });
+    let tenant = TenantId::parse("ops-made").unwrap();
+    let e = c
+        .create_user(
+            CreateUserInput {
+                tenant_id: tenant,
+                email: "bob@example.com".into(),
+                password: PASSWORD.into(),
+                role: "owner".into(),
+            },
+            &AuditContext::system(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::PermissionDenied(_)), "{e:?}");
+    assert!(store.list_audit(None, None, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn sign_ups_back_off_per_address() {
+    let (c, _, _) = console();
+    let mut refused = None;
+    for i in 0..10 {
+        if let Err(e) = c
+            .sign_up(sign_up(&format!("u{i}@example.com")), ADDRESS, "r")
+            .await
+        {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (i, e) = refused.expect("the address backs off");
+    assert!(i <= 6, "{i}");
+    assert!(matches!(e, Error::TooManyAttempts { .. }), "{e:?}");
+    c.sign_up(sign_up("other@example.com"), "192.0.2.99", "r")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_full_password_queue_answers_resource_exhausted_with_retry_info() {
+    let (c, _, _) = console();
+    let c = c.with_password_queue(WorkQueue::new(1, 0, std::time::Duration::from_secs(7)));
+    let held = c.password_queue().enter().await.unwrap();
+    let e = c
+        .login("ada@example.com", PASSWORD.into(), ADDRESS)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Overloaded {
+                retry_after_seconds: 7
+            }
+        ),
+        "{e:?}"
+    );
+    let status = tonic::Status::from(e);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    use tonic_types::StatusExt;
+    let retry = status.get_details_retry_info().unwrap().retry_delay;
+    assert_eq!(retry, Some(std::time::Duration::from_secs(7)));
+    let e = c
+        .sign_up(sign_up("ada@example.com"), ADDRESS, "r")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Overloaded { .. }), "{e:?}");
+    drop(held);
+    c.sign_up(sign_up("ada@example.com"), ADDRESS, "r")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn reset_password_checks_the_token_before_any_hashing() {
+    let (c, _, _) = console();
+    let c = c.with_password_queue(WorkQueue::new(1, 0, std::time::Duration::from_secs(1)));
+    // Every hashing slot is taken: a call that tried to hash would be told
+    // the server is busy. An unknown token is refused without trying.
+    let _held = c.password_queue().enter().await.unwrap();
+    let unknown = OpaqueToken::generate(TokenKind::PasswordReset).into_exposed();
+    let e = c
+        .reset_password(&unknown, "a brand new passphrase".into(), "r")
+        .await
+        .unwrap_err();
+    assert_eq!(fields(e), ["token"]);
+}
+
+#[tokio::test]
+async fn parallel_wrong_guesses_verify_at_most_the_free_attempts() {
+    let (c, _, _) = console();
+    c.sign_up(sign_up("ada@example.com"), ADDRESS, "r")
+        .await
+        .unwrap();
+    let c = Arc::new(c);
+    let guesses = (0..64).map(|i| {
+        let c = c.clone();
+        async move {
+            c.login(
+                "ada@example.com",
+                format!("wrong guess number {i}").into(),
+                &format!("198.51.100.{i}"),
+            )
+            .await
+        }
+    });
+    let results = futures::future::join_all(guesses).await;
+    let verified = results
+        .iter()
+        .filter(|r| matches!(r, Err(Error::BadCredentials(_))))
+        .count();
+    let throttled = results
+        .iter()
+        .filter(|r| matches!(r, Err(Error::TooManyAttempts { .. })))
+        .count();
+    assert_eq!(verified + throttled, 64);
+    assert!(verified <= 6, "{verified} guesses were verified");
+}
+
+#[tokio::test]
+async fn the_last_enabled_owner_cannot_be_demoted_disabled_or_deleted() {
+    let (c, store, _) = console();
+    c.sign_up(sign_up("ada@example.com"), ADDRESS, "r")
+        .await
+        .unwrap();
+    let ada = user(&store, "ada@example.com").await;
+    let t = ada.tenant_id.clone();
+    let ctx = AuditContext::system();
+    let id = ada.id.to_string();
+    for change in [
+        UserChange {
+            role: Some(Role::Admin),
+            disabled: None,
+        },
+        UserChange {
+            role: None,
+            disabled: Some(true),
+        },
+    ] {
+        let e = c
+            .update_user(Actor::Operator, &t, &id, change, &ctx)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+    }
+    let e = c
+        .delete_user(Actor::Operator, &t, &id, &ctx)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+    // An admin may not touch an owner.
+    let e = c
+        .delete_user(Actor::User(Role::Admin), &t, &id, &ctx)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::PermissionDenied(_)), "{e:?}");
+    assert_eq!(user(&store, "ada@example.com").await, ada);
 }

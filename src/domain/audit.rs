@@ -5,6 +5,10 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use super::console::{AuditAction, AuditContext, AuditEvent, ConsoleUser};
+
+fn user_facts(u: &ConsoleUser) -> serde_json::Value {
+    json!({"role": u.role.as_str(), "disabled": u.disabled_at.is_some()})
+}
 use super::{KeyRecord, KeyUpdate, Tenant, TenantUpdate};
 
 /// A key was created.
@@ -120,6 +124,34 @@ pub fn password_reset(ctx: &AuditContext, u: &ConsoleUser, at: DateTime<Utc>) ->
         &u.tenant_id,
         u.id.to_string(),
         json!({}),
+        at,
+    )
+}
+
+/// A user's role changed, or they were disabled or enabled: the old and
+/// the new values.
+pub fn user_updated(
+    ctx: &AuditContext,
+    old: &ConsoleUser,
+    new: &ConsoleUser,
+    at: DateTime<Utc>,
+) -> AuditEvent {
+    ctx.event(
+        AuditAction::UserUpdated,
+        &new.tenant_id,
+        new.id.to_string(),
+        json!({"email": new.email.as_str(), "old": user_facts(old), "new": user_facts(new)}),
+        at,
+    )
+}
+
+/// A user was deleted (their sessions and tokens with them).
+pub fn user_deleted(ctx: &AuditContext, old: &ConsoleUser, at: DateTime<Utc>) -> AuditEvent {
+    ctx.event(
+        AuditAction::UserDeleted,
+        &old.tenant_id,
+        old.id.to_string(),
+        json!({"email": old.email.as_str(), "old": user_facts(old)}),
         at,
     )
 }

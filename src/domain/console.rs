@@ -129,7 +129,37 @@ pub struct ConsoleUser {
     pub role: Role,
     pub password_hash: PasswordHash,
     pub email_verified_at: Option<DateTime<Utc>>,
+    /// Set while the account is disabled: no login, no refresh.
+    pub disabled_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+}
+
+/// A change to a console user by a tenant's owner or admin (or the
+/// operator); `None` fields stay as they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserChange {
+    /// A new role.
+    pub role: Option<Role>,
+    /// Disable (`true`: no login, sessions end) or enable again.
+    pub disabled: Option<bool>,
+}
+
+impl UserChange {
+    /// `user` with the change applied at `now`.
+    pub fn apply(&self, user: &ConsoleUser, now: DateTime<Utc>) -> ConsoleUser {
+        let mut new = user.clone();
+        if let Some(role) = self.role {
+            new.role = role;
+        }
+        match self.disabled {
+            Some(true) => {
+                new.disabled_at.get_or_insert(now);
+            }
+            Some(false) => new.disabled_at = None,
+            None => {}
+        }
+        new
+    }
 }
 
 /// What a single-use console token is for.
@@ -170,6 +200,8 @@ pub struct NewToken {
     pub family: Option<uuid::Uuid>,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// Refresh tokens: the session's absolute end (no rotation passes it).
+    pub session_ends_at: Option<DateTime<Utc>>,
 }
 
 /// What a management change did.
@@ -182,6 +214,8 @@ pub enum AuditAction {
     TenantCreated,
     TenantUpdated,
     UserCreated,
+    UserUpdated,
+    UserDeleted,
     PasswordReset,
 }
 
@@ -196,6 +230,8 @@ impl AuditAction {
             Self::TenantCreated => "tenant.created",
             Self::TenantUpdated => "tenant.updated",
             Self::UserCreated => "user.created",
+            Self::UserUpdated => "user.updated",
+            Self::UserDeleted => "user.deleted",
             Self::PasswordReset => "user.password_reset",
         }
     }

@@ -22,6 +22,8 @@ pub struct CallerGuard {
     /// The console issuer's `iss`; `None`: only the operator may manage.
     console_issuer: Option<String>,
     clock: Clock,
+    /// `jwt.console.require_verified_email`.
+    require_verified_email: bool,
 }
 
 impl std::fmt::Debug for CallerGuard {
@@ -55,7 +57,15 @@ impl CallerGuard {
             verifier,
             console_issuer,
             clock,
+            require_verified_email: false,
         }
+    }
+
+    /// Refuses console users whose email is unverified
+    /// ([`crate::console::check_verified_email`]).
+    pub fn with_verified_email_required(mut self, required: bool) -> Self {
+        self.require_verified_email = required;
+        self
     }
 
     /// The caller, or `Unauthenticated`.
@@ -84,6 +94,11 @@ impl CallerGuard {
             .ok_or(Error::Unauthenticated)?;
         let user_id =
             uuid::Uuid::parse_str(&verified.subject).map_err(|_| Error::Unauthenticated)?;
+        let email_verified = verified
+            .claims
+            .get("email_verified")
+            .and_then(|v| v.as_bool());
+        crate::console::check_verified_email(self.require_verified_email, email_verified)?;
         Ok(Caller::Console {
             tenant_id,
             role,

@@ -8,9 +8,9 @@ use tonic::{Request, Response, Status};
 use super::caller::{peer, request_id, CallerGuard};
 use super::convert::ts;
 use super::pb::{self, console_service_server::ConsoleService};
-use crate::access::Need;
-use crate::console::{audit_page, Console, CreateUserInput, Session, SignUpInput};
-use crate::domain::console::{AuditEvent, ConsoleUser, Role};
+use crate::access::{Caller, Need};
+use crate::console::{audit_page, Actor, Console, CreateUserInput, Session, SignUpInput};
+use crate::domain::console::{AuditEvent, ConsoleUser, Role, UserChange};
 use crate::domain::TenantId;
 use crate::error::Error;
 use crate::store::ConsoleStore;
@@ -30,6 +30,34 @@ impl ConsoleApi {
             Status::failed_precondition("the console is not configured (jwt.console.signing_keys)")
         })
     }
+
+    /// The end user's address for throttling: `claimed` only from a
+    /// trusted backend (the operator), since anyone else could dodge the
+    /// per-address throttle by sending a new one each time; else the peer.
+    fn client_address<T>(&self, request: &Request<T>, claimed: &str) -> Result<String, Status> {
+        if claimed.len() > 64 {
+            return Err(Error::invalid("client_address", "must be at most 64 characters").into());
+        }
+        let trusted = matches!(self.guard.check(request.metadata()), Ok(Caller::Operator));
+        Ok(if trusted && !claimed.is_empty() {
+            claimed.to_string()
+        } else {
+            peer(request)
+        })
+    }
+}
+
+fn tenant(scope: &str) -> Result<TenantId, Status> {
+    TenantId::parse(scope).ok_or_else(|| {
+        Error::invalid("tenant_id", "must be 1-64 characters of [A-Za-z0-9_-]").into()
+    })
+}
+
+fn actor(caller: &Caller) -> Actor {
+    match caller {
+        Caller::Operator => Actor::Operator,
+        Caller::Console { role, .. } => Actor::User(*role),
+    }
 }
 
 fn user(u: &ConsoleUser) -> pb::ConsoleUser {
@@ -40,6 +68,7 @@ fn user(u: &ConsoleUser) -> pb::ConsoleUser {
         role: u.role.as_str().to_string(),
         email_verified: u.email_verified_at.is_some(),
         created_at: Some(ts(u.created_at)),
+        disabled: u.disabled_at.is_some(),
     }
 }
 
@@ -74,24 +103,20 @@ impl ConsoleService for ConsoleApi {
         request: Request<pb::SignUpRequest>,
     ) -> Result<Response<pb::SignUpResponse>, Status> {
         let rid = request_id(request.metadata());
+        let address = self.client_address(&request, &request.get_ref().client_address)?;
         let r = request.into_inner();
-        let created = self
-            .console()?
+        self.console()?
             .sign_up(
                 SignUpInput {
                     email: r.email,
                     password: SecretString::from(r.password),
                     tenant_name: r.tenant_name,
-                    tenant_id: r.tenant_id,
                 },
+                &address,
                 &rid,
             )
             .await?;
-        Ok(Response::new(pb::SignUpResponse {
-            user: Some(user(&created.user)),
-            plan: created.tenant.map(|t| t.plan).unwrap_or_default(),
-            email_verification_token: created.verification.into_exposed(),
-        }))
+        Ok(Response::new(pb::SignUpResponse {}))
     }
 
     #[tracing::instrument(skip_all)]
@@ -99,23 +124,8 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
-        let peer = peer(&request);
-        // Only a trusted backend (the operator) may name the end user's
-        // address; anyone else could dodge the per-address throttle by
-        // sending a new one each time.
-        let trusted = matches!(
-            self.guard.check(request.metadata()),
-            Ok(crate::access::Caller::Operator)
-        );
+        let address = self.client_address(&request, &request.get_ref().client_address)?;
         let r = request.into_inner();
-        if r.client_address.len() > 64 {
-            return Err(Error::invalid("client_address", "must be at most 64 characters").into());
-        }
-        let address = if trusted && !r.client_address.is_empty() {
-            r.client_address
-        } else {
-            peer
-        };
         let s = self
             .console()?
             .login(&r.email, SecretString::from(r.password), &address)
@@ -151,13 +161,11 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::RequestEmailVerificationRequest>,
     ) -> Result<Response<pb::RequestEmailVerificationResponse>, Status> {
-        let token = self
-            .console()?
-            .request_email_verification(&request.get_ref().email)
+        let address = self.client_address(&request, &request.get_ref().client_address)?;
+        self.console()?
+            .request_email_verification(&request.get_ref().email, &address)
             .await?;
-        Ok(Response::new(pb::RequestEmailVerificationResponse {
-            email_verification_token: token.map(|t| t.into_exposed()).unwrap_or_default(),
-        }))
+        Ok(Response::new(pb::RequestEmailVerificationResponse {}))
     }
 
     #[tracing::instrument(skip_all)]
@@ -179,13 +187,11 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::RequestPasswordResetRequest>,
     ) -> Result<Response<pb::RequestPasswordResetResponse>, Status> {
-        let token = self
-            .console()?
-            .request_password_reset(&request.get_ref().email)
+        let address = self.client_address(&request, &request.get_ref().client_address)?;
+        self.console()?
+            .request_password_reset(&request.get_ref().email, &address)
             .await?;
-        Ok(Response::new(pb::RequestPasswordResetResponse {
-            password_reset_token: token.map(|t| t.into_exposed()).unwrap_or_default(),
-        }))
+        Ok(Response::new(pb::RequestPasswordResetResponse {}))
     }
 
     #[tracing::instrument(skip_all)]
@@ -222,11 +228,8 @@ impl ConsoleService for ConsoleApi {
         if let Some(role) = Role::parse(&r.role) {
             caller.may_grant(role)?;
         }
-        let tenant_id = TenantId::parse(&scope).ok_or_else(|| {
-            Error::invalid("tenant_id", "must be 1-64 characters of [A-Za-z0-9_-]")
-        })?;
-        let created = self
-            .console()?
+        let tenant_id = tenant(&scope)?;
+        self.console()?
             .create_user(
                 CreateUserInput {
                     tenant_id,
@@ -237,10 +240,7 @@ impl ConsoleService for ConsoleApi {
                 &caller.audit(&rid),
             )
             .await?;
-        Ok(Response::new(pb::CreateUserResponse {
-            user: Some(user(&created.user)),
-            email_verification_token: created.verification.into_exposed(),
-        }))
+        Ok(Response::new(pb::CreateUserResponse {}))
     }
 
     async fn list_users(
@@ -249,13 +249,73 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
         let caller = self.guard.check(request.metadata())?;
         let scope = caller.tenant_scope(&request.get_ref().tenant_id, Need::ManageUsers)?;
-        let tenant_id = TenantId::parse(&scope).ok_or_else(|| {
-            Error::invalid("tenant_id", "must be 1-64 characters of [A-Za-z0-9_-]")
-        })?;
-        let users = self.console()?.list_users(&tenant_id).await?;
+        let users = self.console()?.list_users(&tenant(&scope)?).await?;
         Ok(Response::new(pb::ListUsersResponse {
             users: users.iter().map(user).collect(),
         }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn update_user(
+        &self,
+        request: Request<pb::UpdateUserRequest>,
+    ) -> Result<Response<pb::UpdateUserResponse>, Status> {
+        let caller = self.guard.check(request.metadata())?;
+        let rid = request_id(request.metadata());
+        let r = request.into_inner();
+        let scope = caller.tenant_scope(&r.tenant_id, Need::ManageUsers)?;
+        let mut change = UserChange::default();
+        let mut v = crate::domain::Violations::default();
+        for field in &r.update_mask {
+            match field.as_str() {
+                "role" => match Role::parse(&r.role) {
+                    Some(role) => change.role = Some(role),
+                    None => v.add("role", "must be one of: owner, admin, developer, viewer"),
+                },
+                "disabled" => change.disabled = Some(r.disabled),
+                other => v.add(
+                    "update_mask",
+                    format!("unknown field `{other}`: role, disabled"),
+                ),
+            }
+        }
+        if r.update_mask.is_empty() {
+            v.add("update_mask", "name at least one field: role, disabled");
+        }
+        v.into_result().map_err(Error::from)?;
+        let changed = self
+            .console()?
+            .update_user(
+                actor(&caller),
+                &tenant(&scope)?,
+                &r.user_id,
+                change,
+                &caller.audit(&rid),
+            )
+            .await?;
+        Ok(Response::new(pb::UpdateUserResponse {
+            user: Some(user(&changed)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_user(
+        &self,
+        request: Request<pb::DeleteUserRequest>,
+    ) -> Result<Response<pb::DeleteUserResponse>, Status> {
+        let caller = self.guard.check(request.metadata())?;
+        let rid = request_id(request.metadata());
+        let r = request.into_inner();
+        let scope = caller.tenant_scope(&r.tenant_id, Need::ManageUsers)?;
+        self.console()?
+            .delete_user(
+                actor(&caller),
+                &tenant(&scope)?,
+                &r.user_id,
+                &caller.audit(&rid),
+            )
+            .await?;
+        Ok(Response::new(pb::DeleteUserResponse {}))
     }
 
     async fn list_audit_events(
@@ -268,9 +328,7 @@ impl ConsoleService for ConsoleApi {
         let tenant = if scope.is_empty() {
             None
         } else {
-            Some(TenantId::parse(&scope).ok_or_else(|| {
-                Error::invalid("tenant_id", "must be 1-64 characters of [A-Za-z0-9_-]")
-            })?)
+            Some(tenant(&scope)?)
         };
         let store = self
             .store

@@ -38,6 +38,15 @@ impl From<Error> for Status {
                     retry_after_seconds,
                 ))),
             ),
+            Error::Overloaded {
+                retry_after_seconds,
+            } => Status::with_error_details(
+                Code::ResourceExhausted,
+                format!("the server is busy; retry in {retry_after_seconds} s"),
+                ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(
+                    retry_after_seconds,
+                ))),
+            ),
             Error::Unavailable(detail) => {
                 tracing::warn!(error = %detail, "storage unavailable");
                 Status::unavailable("storage is unavailable; retry later")

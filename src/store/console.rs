@@ -7,18 +7,27 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::StoreError;
+
+/// Refused: the change would leave the tenant without an enabled owner.
+pub const LAST_OWNER: &str = "the tenant must keep at least one enabled owner";
+/// Refused: the user's role changed since it was read.
+pub const ROLE_MOVED: &str = "the user's role changed meanwhile; read it again";
 use crate::domain::console::{
-    AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash,
+    AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, Role, TokenKind,
+    UserChange, UserId,
 };
 use crate::domain::{Tenant, TenantId};
 
 /// The outcome of spending a single-use token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenUse {
-    /// Spent now; the owner (and, for refresh tokens, the session).
+    /// Spent now; the owner (and, for refresh tokens, the session, and
+    /// when the token issued in its place expires: never past the
+    /// session's absolute end).
     Spent {
         user: ConsoleUser,
         family: Option<uuid::Uuid>,
+        expires_at: DateTime<Utc>,
     },
     /// It was spent before: a replay. For a refresh token the whole session
     /// has been revoked.
@@ -59,9 +68,21 @@ pub trait ConsoleStore: Send + Sync + 'static {
     async fn user_by_email(&self, email: &Email) -> Result<Option<ConsoleUser>, StoreError>;
     /// A tenant's users, oldest first.
     async fn list_users(&self, tenant: &TenantId) -> Result<Vec<ConsoleUser>, StoreError>;
+    /// Stores a token. An email-verification or password-reset token voids
+    /// the user's older unspent ones of its kind (one valid at a time).
     async fn insert_token(&self, token: NewToken) -> Result<(), StoreError>;
+    /// Whether a token of `kind` exists, is unspent and unexpired, and its
+    /// user is enabled (read only: nothing is spent).
+    async fn token_is_live(
+        &self,
+        digest: &[u8; 32],
+        kind: TokenKind,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
     /// Spends a refresh token and issues `next` in the same session, in one
-    /// transaction. A replay revokes every token of the session.
+    /// transaction, expiring no later than the session's absolute end. A
+    /// replay revokes every token of the session; a disabled user's token
+    /// is `Unknown`.
     async fn rotate_refresh(
         &self,
         spent: &[u8; 32],
@@ -85,6 +106,40 @@ pub trait ConsoleStore: Send + Sync + 'static {
         now: DateTime<Utc>,
         request_id: &str,
     ) -> Result<TokenUse, StoreError>;
+    /// A user of `tenant` by id (`None`: none there).
+    async fn user_in(
+        &self,
+        tenant: &TenantId,
+        user: UserId,
+    ) -> Result<Option<ConsoleUser>, StoreError>;
+    /// Changes a user of `tenant` whose role is still `expected_role`, in
+    /// one transaction with its audit row (old and new values). Disabling
+    /// ends every session and voids outstanding tokens. `NotFound` without
+    /// the user, `Precondition` when the role moved meanwhile or when the
+    /// tenant would be left without an enabled owner. Returns the user as
+    /// changed.
+    async fn update_user(
+        &self,
+        tenant: &TenantId,
+        user: UserId,
+        expected_role: Role,
+        change: UserChange,
+        ctx: &AuditContext,
+        now: DateTime<Utc>,
+    ) -> Result<ConsoleUser, StoreError>;
+    /// Deletes a user of `tenant` (and their tokens), audited, under the
+    /// same checks as [`Self::update_user`].
+    async fn delete_user(
+        &self,
+        tenant: &TenantId,
+        user: UserId,
+        expected_role: Role,
+        ctx: &AuditContext,
+        now: DateTime<Utc>,
+    ) -> Result<ConsoleUser, StoreError>;
+    /// Deletes at most `limit` tokens that expired before `before`;
+    /// returns how many.
+    async fn purge_tokens(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
     /// Audit events, newest first, of one tenant (or all), before `before`.
     async fn list_audit(
         &self,

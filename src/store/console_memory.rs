@@ -7,11 +7,12 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::console::{ConsoleStore, NextRefresh, TokenUse};
+use super::console::{ConsoleStore, NextRefresh, TokenUse, LAST_OWNER, ROLE_MOVED};
 use super::memory::State;
 use super::{MemoryStore, StoreError};
 use crate::domain::console::{
-    AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, TokenKind, UserId,
+    AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, Role, TokenKind,
+    UserChange, UserId,
 };
 use crate::domain::{audit, Tenant, TenantId};
 
@@ -33,13 +34,73 @@ impl ConsoleState {
     fn add_user(&mut self, user: ConsoleUser, verification: NewToken) {
         self.by_email.insert(user.email.clone(), user.id);
         self.users.insert(user.id, user);
+        self.add_token(verification);
+    }
+
+    /// Stores a token; a verification or reset token voids the older ones.
+    fn add_token(&mut self, token: NewToken) {
+        if matches!(
+            token.kind,
+            TokenKind::EmailVerification | TokenKind::PasswordReset
+        ) {
+            for t in self.tokens.values_mut() {
+                if t.token.user_id == token.user_id && t.token.kind == token.kind {
+                    t.used_at.get_or_insert(token.created_at);
+                }
+            }
+        }
         self.tokens.insert(
-            verification.digest,
+            token.digest,
             StoredToken {
-                token: verification,
+                token,
                 used_at: None,
             },
         );
+    }
+
+    fn end_everything(&mut self, user: UserId, now: DateTime<Utc>) {
+        for t in self.tokens.values_mut() {
+            if t.token.user_id == user {
+                t.used_at.get_or_insert(now);
+            }
+        }
+    }
+
+    /// `user` of `tenant`, still with `expected_role`.
+    fn tenant_user(
+        &self,
+        tenant: &TenantId,
+        user: UserId,
+        expected_role: Role,
+    ) -> Result<ConsoleUser, StoreError> {
+        let found = self
+            .users
+            .get(&user)
+            .filter(|u| &u.tenant_id == tenant)
+            .ok_or(StoreError::NotFound)?;
+        if found.role != expected_role {
+            return Err(StoreError::Precondition(ROLE_MOVED));
+        }
+        Ok(found.clone())
+    }
+
+    /// Whether `tenant` keeps an enabled owner once `user` is `replaced`.
+    fn keeps_an_owner(
+        &self,
+        tenant: &TenantId,
+        user: UserId,
+        replaced: Option<&ConsoleUser>,
+    ) -> Result<(), StoreError> {
+        let owner = |u: &ConsoleUser| u.role == Role::Owner && u.disabled_at.is_none();
+        let others = self
+            .users
+            .values()
+            .any(|u| &u.tenant_id == tenant && u.id != user && owner(u));
+        if others || replaced.is_some_and(owner) {
+            Ok(())
+        } else {
+            Err(StoreError::Precondition(LAST_OWNER))
+        }
     }
 
     pub(super) fn record(&mut self, e: AuditEvent) {
@@ -63,13 +124,16 @@ impl ConsoleState {
         if t.token.expires_at <= now {
             return TokenUse::Unknown;
         }
-        t.used_at = Some(now);
-        let (user_id, family) = (t.token.user_id, t.token.family);
-        match self.users.get(&user_id) {
-            Some(user) => TokenUse::Spent {
-                user: user.clone(),
-                family,
-            },
+        let (user_id, family, expires_at) = (t.token.user_id, t.token.family, t.token.expires_at);
+        match self.users.get(&user_id).filter(|u| u.disabled_at.is_none()) {
+            Some(user) => {
+                t.used_at = Some(now);
+                TokenUse::Spent {
+                    user: user.clone(),
+                    family,
+                    expires_at,
+                }
+            }
             None => TokenUse::Unknown,
         }
     }
@@ -145,14 +209,95 @@ impl ConsoleStore for MemoryStore {
         if s.console.tokens.contains_key(&token.digest) {
             return Err(StoreError::AlreadyExists);
         }
-        s.console.tokens.insert(
-            token.digest,
-            StoredToken {
-                token,
-                used_at: None,
-            },
-        );
+        s.console.add_token(token);
         Ok(())
+    }
+
+    async fn token_is_live(
+        &self,
+        digest: &[u8; 32],
+        kind: TokenKind,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let s = self.state();
+        Ok(s.console.tokens.get(digest).is_some_and(|t| {
+            t.token.kind == kind
+                && t.used_at.is_none()
+                && t.token.expires_at > now
+                && s.console
+                    .users
+                    .get(&t.token.user_id)
+                    .is_some_and(|u| u.disabled_at.is_none())
+        }))
+    }
+
+    async fn user_in(
+        &self,
+        tenant: &TenantId,
+        user: UserId,
+    ) -> Result<Option<ConsoleUser>, StoreError> {
+        Ok(self
+            .state()
+            .console
+            .users
+            .get(&user)
+            .filter(|u| &u.tenant_id == tenant)
+            .cloned())
+    }
+
+    async fn update_user(
+        &self,
+        tenant: &TenantId,
+        user: UserId,
+        expected_role: Role,
+        change: UserChange,
+        ctx: &AuditContext,
+        now: DateTime<Utc>,
+    ) -> Result<ConsoleUser, StoreError> {
+        let mut s = self.state();
+        let old = s.console.tenant_user(tenant, user, expected_role)?;
+        let new = change.apply(&old, now);
+        s.console.keeps_an_owner(tenant, user, Some(&new))?;
+        if new.disabled_at.is_some() {
+            s.console.end_everything(user, now);
+        }
+        s.console.users.insert(user, new.clone());
+        s.console.record(audit::user_updated(ctx, &old, &new, now));
+        Ok(new)
+    }
+
+    async fn delete_user(
+        &self,
+        tenant: &TenantId,
+        user: UserId,
+        expected_role: Role,
+        ctx: &AuditContext,
+        now: DateTime<Utc>,
+    ) -> Result<ConsoleUser, StoreError> {
+        let mut s = self.state();
+        let old = s.console.tenant_user(tenant, user, expected_role)?;
+        s.console.keeps_an_owner(tenant, user, None)?;
+        s.console.tokens.retain(|_, t| t.token.user_id != user);
+        s.console.users.remove(&user);
+        s.console.by_email.remove(&old.email);
+        s.console.record(audit::user_deleted(ctx, &old, now));
+        Ok(old)
+    }
+
+    async fn purge_tokens(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        let mut s = self.state();
+        let expired: Vec<[u8; 32]> = s
+            .console
+            .tokens
+            .iter()
+            .filter(|(_, t)| t.token.expires_at < before)
+            .map(|(d, _)| *d)
+            .take(limit as usize)
+            .collect();
+        for d in &expired {
+            s.console.tokens.remove(d);
+        }
+        Ok(expired.len() as u64)
     }
 
     async fn rotate_refresh(
@@ -162,25 +307,30 @@ impl ConsoleStore for MemoryStore {
         now: DateTime<Utc>,
     ) -> Result<TokenUse, StoreError> {
         let mut s = self.state();
+        let session_ends_at = s
+            .console
+            .tokens
+            .get(spent)
+            .and_then(|t| t.token.session_ends_at);
         let outcome = s.console.spend(spent, TokenKind::Refresh, now);
-        if let TokenUse::Spent { user, family } = &outcome {
-            let token = NewToken {
-                digest: next.digest,
-                kind: TokenKind::Refresh,
-                user_id: user.id,
-                family: *family,
-                created_at: now,
-                expires_at: next.expires_at,
-            };
-            s.console.tokens.insert(
-                next.digest,
-                StoredToken {
-                    token,
-                    used_at: None,
-                },
-            );
-        }
-        Ok(outcome)
+        let TokenUse::Spent { user, family, .. } = outcome else {
+            return Ok(outcome);
+        };
+        let expires_at = session_ends_at.map_or(next.expires_at, |end| next.expires_at.min(end));
+        s.console.add_token(NewToken {
+            digest: next.digest,
+            kind: TokenKind::Refresh,
+            user_id: user.id,
+            family,
+            created_at: now,
+            expires_at,
+            session_ends_at,
+        });
+        Ok(TokenUse::Spent {
+            user,
+            family,
+            expires_at,
+        })
     }
 
     async fn end_session(&self, refresh: &[u8; 32], now: DateTime<Utc>) -> Result<(), StoreError> {
@@ -208,7 +358,10 @@ impl ConsoleStore for MemoryStore {
     ) -> Result<TokenUse, StoreError> {
         let mut s = self.state();
         let outcome = s.console.spend(token, TokenKind::EmailVerification, now);
-        let TokenUse::Spent { user, .. } = outcome else {
+        let TokenUse::Spent {
+            user, expires_at, ..
+        } = outcome
+        else {
             return Ok(outcome);
         };
         let stored = s
@@ -220,6 +373,7 @@ impl ConsoleStore for MemoryStore {
         Ok(TokenUse::Spent {
             user: stored.clone(),
             family: None,
+            expires_at,
         })
     }
 
@@ -232,7 +386,10 @@ impl ConsoleStore for MemoryStore {
     ) -> Result<TokenUse, StoreError> {
         let mut s = self.state();
         let outcome = s.console.spend(token, TokenKind::PasswordReset, now);
-        let TokenUse::Spent { user, .. } = outcome else {
+        let TokenUse::Spent {
+            user, expires_at, ..
+        } = outcome
+        else {
             return Ok(outcome);
         };
         let stored = s
@@ -254,7 +411,11 @@ impl ConsoleStore for MemoryStore {
         };
         let event = audit::password_reset(&ctx, &user, now);
         s.console.record(event);
-        Ok(TokenUse::Spent { user, family: None })
+        Ok(TokenUse::Spent {
+            user,
+            family: None,
+            expires_at,
+        })
     }
 
     async fn list_audit(

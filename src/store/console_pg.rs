@@ -7,11 +7,12 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use super::console::{ConsoleStore, NextRefresh, TokenUse};
+use super::console::{ConsoleStore, NextRefresh, TokenUse, LAST_OWNER, ROLE_MOVED};
 use super::postgres::{begin, insert_tenant_row, map_err};
 use super::{PostgresStore, StoreError};
 use crate::domain::console::{
-    AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, Role, TokenKind, UserId,
+    AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, Role, TokenKind,
+    UserChange, UserId,
 };
 use crate::domain::{audit, Tenant, TenantId};
 
@@ -23,6 +24,7 @@ struct UserRow {
     role: String,
     password_hash: String,
     email_verified_at: Option<DateTime<Utc>>,
+    disabled_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
 }
 
@@ -37,13 +39,14 @@ impl TryFrom<UserRow> for ConsoleUser {
             role: Role::parse(&r.role).ok_or_else(|| bad("role"))?,
             password_hash: PasswordHash(r.password_hash),
             email_verified_at: r.email_verified_at,
+            disabled_at: r.disabled_at,
             created_at: r.created_at,
         })
     }
 }
 
 const USER_COLUMNS: &str =
-    "user_id, tenant_id, email, role, password_hash, email_verified_at, created_at";
+    "user_id, tenant_id, email, role, password_hash, email_verified_at, disabled_at, created_at";
 
 #[derive(sqlx::FromRow)]
 struct AuditRow {
@@ -86,7 +89,8 @@ async fn insert_user(
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO console_users (user_id, tenant_id, email, role, password_hash, \
-         email_verified_at, created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$7)",
+         email_verified_at, created_at, updated_at, disabled_at) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$7,$8)",
     )
     .bind(u.id)
     .bind(u.tenant_id.as_str())
@@ -95,6 +99,7 @@ async fn insert_user(
     .bind(&u.password_hash.0)
     .bind(u.email_verified_at)
     .bind(u.created_at)
+    .bind(u.disabled_at)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
@@ -105,9 +110,25 @@ async fn insert_token_tx(
     tx: &mut Transaction<'_, Postgres>,
     t: &NewToken,
 ) -> Result<(), StoreError> {
+    if matches!(
+        t.kind,
+        TokenKind::EmailVerification | TokenKind::PasswordReset
+    ) {
+        // One valid at a time: a new one voids the older ones.
+        sqlx::query(
+            "UPDATE console_tokens SET used_at = $3 WHERE user_id = $1 AND kind = $2 \
+             AND used_at IS NULL",
+        )
+        .bind(t.user_id)
+        .bind(t.kind.as_str())
+        .bind(t.created_at)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    }
     sqlx::query(
-        "INSERT INTO console_tokens (digest, kind, user_id, family, created_at, expires_at) \
-         VALUES ($1,$2,$3,$4,$5,$6)",
+        "INSERT INTO console_tokens (digest, kind, user_id, family, created_at, expires_at, \
+         session_ends_at) VALUES ($1,$2,$3,$4,$5,$6,$7)",
     )
     .bind(&t.digest[..])
     .bind(t.kind.as_str())
@@ -115,18 +136,27 @@ async fn insert_token_tx(
     .bind(t.family)
     .bind(t.created_at)
     .bind(t.expires_at)
+    .bind(t.session_ends_at)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
     Ok(())
 }
 
-/// user_id, family, expires_at, used_at.
-type TokenRow = (Uuid, Option<Uuid>, DateTime<Utc>, Option<DateTime<Utc>>);
+/// user_id, family, expires_at, used_at, session_ends_at.
+type TokenRow = (
+    Uuid,
+    Option<Uuid>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+);
 
 struct Spent {
     user_id: Uuid,
     family: Option<Uuid>,
+    expires_at: DateTime<Utc>,
+    session_ends_at: Option<DateTime<Utc>>,
 }
 
 /// Spends a token of `kind` under a row lock. A replayed refresh token
@@ -138,7 +168,7 @@ async fn spend(
     now: DateTime<Utc>,
 ) -> Result<Result<Spent, TokenUse>, StoreError> {
     let row: Option<TokenRow> = sqlx::query_as(
-        "SELECT user_id, family, expires_at, used_at FROM console_tokens \
+        "SELECT user_id, family, expires_at, used_at, session_ends_at FROM console_tokens \
          WHERE digest = $1 AND kind = $2 FOR UPDATE",
     )
     .bind(&digest[..])
@@ -146,7 +176,7 @@ async fn spend(
     .fetch_optional(&mut **tx)
     .await
     .map_err(map_err)?;
-    let Some((user_id, family, expires_at, used_at)) = row else {
+    let Some((user_id, family, expires_at, used_at, session_ends_at)) = row else {
         return Ok(Err(TokenUse::Unknown));
     };
     if used_at.is_some() {
@@ -171,7 +201,12 @@ async fn spend(
         .execute(&mut **tx)
         .await
         .map_err(map_err)?;
-    Ok(Ok(Spent { user_id, family }))
+    Ok(Ok(Spent {
+        user_id,
+        family,
+        expires_at,
+        session_ends_at,
+    }))
 }
 
 async fn user_tx(
@@ -185,6 +220,67 @@ async fn user_tx(
         .await
         .map_err(map_err)?;
     row.try_into()
+}
+
+/// Locks the tenant's users (so two changes cannot each remove "the other"
+/// owner) and returns `user`, still with `expected_role`.
+async fn lock_tenant_user(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    user: UserId,
+    expected_role: Role,
+) -> Result<ConsoleUser, StoreError> {
+    let sql = format!(
+        "SELECT {USER_COLUMNS} FROM console_users WHERE tenant_id = $1 ORDER BY user_id FOR UPDATE"
+    );
+    let rows: Vec<UserRow> = sqlx::query_as(&sql)
+        .bind(tenant.as_str())
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    let row = rows
+        .into_iter()
+        .find(|r| r.user_id == user)
+        .ok_or(StoreError::NotFound)?;
+    let found = ConsoleUser::try_from(row)?;
+    if found.role != expected_role {
+        return Err(StoreError::Precondition(ROLE_MOVED));
+    }
+    Ok(found)
+}
+
+/// `Precondition` unless the tenant still has an enabled owner.
+async fn keeps_an_owner(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+) -> Result<(), StoreError> {
+    let owners: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM console_users WHERE tenant_id = $1 AND role = 'owner' \
+         AND disabled_at IS NULL",
+    )
+    .bind(tenant.as_str())
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    if owners == 0 {
+        return Err(StoreError::Precondition(LAST_OWNER));
+    }
+    Ok(())
+}
+
+/// Ends every session of `user` and voids their outstanding tokens.
+async fn end_everything(
+    tx: &mut Transaction<'_, Postgres>,
+    user: UserId,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE console_tokens SET used_at = $2 WHERE user_id = $1 AND used_at IS NULL")
+        .bind(user)
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
 }
 
 #[async_trait]
@@ -263,6 +359,13 @@ impl ConsoleStore for PostgresStore {
                 return Ok(outcome);
             }
         };
+        let user = user_tx(&mut tx, s.user_id).await?;
+        if user.disabled_at.is_some() {
+            return Ok(TokenUse::Unknown);
+        }
+        let expires_at = s
+            .session_ends_at
+            .map_or(next.expires_at, |end| next.expires_at.min(end));
         insert_token_tx(
             &mut tx,
             &NewToken {
@@ -271,15 +374,16 @@ impl ConsoleStore for PostgresStore {
                 user_id: s.user_id,
                 family: s.family,
                 created_at: now,
-                expires_at: next.expires_at,
+                expires_at,
+                session_ends_at: s.session_ends_at,
             },
         )
         .await?;
-        let user = user_tx(&mut tx, s.user_id).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(TokenUse::Spent {
             user,
             family: s.family,
+            expires_at,
         })
     }
 
@@ -316,8 +420,15 @@ impl ConsoleStore for PostgresStore {
         .await
         .map_err(map_err)?;
         let user = user_tx(&mut tx, s.user_id).await?;
+        if user.disabled_at.is_some() {
+            return Ok(TokenUse::Unknown);
+        }
         tx.commit().await.map_err(map_err)?;
-        Ok(TokenUse::Spent { user, family: None })
+        Ok(TokenUse::Spent {
+            user,
+            family: None,
+            expires_at: s.expires_at,
+        })
     }
 
     async fn reset_password(
@@ -352,6 +463,9 @@ impl ConsoleStore for PostgresStore {
         .await
         .map_err(map_err)?;
         let user = user_tx(&mut tx, s.user_id).await?;
+        if user.disabled_at.is_some() {
+            return Ok(TokenUse::Unknown);
+        }
         let ctx = AuditContext {
             actor: format!("user:{}", user.id),
             request_id: request_id.to_string(),
@@ -359,7 +473,118 @@ impl ConsoleStore for PostgresStore {
         let event = audit::password_reset(&ctx, &user, now);
         insert_audit(&mut tx, &event).await?;
         tx.commit().await.map_err(map_err)?;
-        Ok(TokenUse::Spent { user, family: None })
+        Ok(TokenUse::Spent {
+            user,
+            family: None,
+            expires_at: s.expires_at,
+        })
+    }
+
+    async fn token_is_live(
+        &self,
+        digest: &[u8; 32],
+        kind: TokenKind,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM console_tokens t JOIN console_users u USING (user_id) \
+             WHERE t.digest = $1 AND t.kind = $2 AND t.used_at IS NULL AND t.expires_at > $3 \
+             AND u.disabled_at IS NULL)",
+        )
+        .bind(&digest[..])
+        .bind(kind.as_str())
+        .bind(now)
+        .fetch_one(self.pool())
+        .await
+        .map_err(map_err)
+    }
+
+    async fn user_in(
+        &self,
+        tenant: &TenantId,
+        user: UserId,
+    ) -> Result<Option<ConsoleUser>, StoreError> {
+        let sql = format!(
+            "SELECT {USER_COLUMNS} FROM console_users WHERE tenant_id = $1 AND user_id = $2"
+        );
+        let row: Option<UserRow> = sqlx::query_as(&sql)
+            .bind(tenant.as_str())
+            .bind(user)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(map_err)?;
+        row.map(ConsoleUser::try_from).transpose()
+    }
+
+    async fn update_user(
+        &self,
+        tenant: &TenantId,
+        user: UserId,
+        expected_role: Role,
+        change: UserChange,
+        ctx: &AuditContext,
+        now: DateTime<Utc>,
+    ) -> Result<ConsoleUser, StoreError> {
+        let mut tx = begin(self.pool()).await?;
+        let old = lock_tenant_user(&mut tx, tenant, user, expected_role).await?;
+        let new = change.apply(&old, now);
+        sqlx::query(
+            "UPDATE console_users SET role = $2, disabled_at = $3, updated_at = $4 \
+             WHERE user_id = $1",
+        )
+        .bind(user)
+        .bind(new.role.as_str())
+        .bind(new.disabled_at)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        keeps_an_owner(&mut tx, tenant).await?;
+        if new.disabled_at.is_some() {
+            end_everything(&mut tx, user, now).await?;
+        }
+        insert_audit(&mut tx, &audit::user_updated(ctx, &old, &new, now)).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(new)
+    }
+
+    async fn delete_user(
+        &self,
+        tenant: &TenantId,
+        user: UserId,
+        expected_role: Role,
+        ctx: &AuditContext,
+        now: DateTime<Utc>,
+    ) -> Result<ConsoleUser, StoreError> {
+        let mut tx = begin(self.pool()).await?;
+        let old = lock_tenant_user(&mut tx, tenant, user, expected_role).await?;
+        sqlx::query("DELETE FROM console_tokens WHERE user_id = $1")
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query("DELETE FROM console_users WHERE user_id = $1")
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        keeps_an_owner(&mut tx, tenant).await?;
+        insert_audit(&mut tx, &audit::user_deleted(ctx, &old, now)).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(old)
+    }
+
+    async fn purge_tokens(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM console_tokens WHERE digest IN (SELECT digest FROM console_tokens \
+             WHERE expires_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(self.pool())
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected())
     }
 
     async fn list_audit(

@@ -1,5 +1,6 @@
 //! Console accounts: sign-up, login, refresh rotation, email verification,
-//! password reset, throttling, bad input.
+//! password reset (tokens only ever through the signed webhook),
+//! throttling, bad input.
 
 use std::collections::HashMap;
 
@@ -7,8 +8,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::common::{reason, violations};
-use crate::harness::{spawn_console, PASSWORD};
+use crate::common::{op, reason, violations};
+use crate::harness::{spawn_console, spawn_console_with, PASSWORD};
+use crate::mailbox::WEBHOOK_SECRET;
+use tollgate::console::delivery::verify_signature;
+use tollgate::console::settings::SignupPolicy;
 use tollgate::grpc::pb;
 
 #[sqlx::test]
@@ -17,17 +21,18 @@ async fn sign_up_then_login_gives_a_dashboard_jwt_on_the_default_plan(
     conn: PgConnectOptions,
 ) {
     let mut c = spawn_console(&conn).await;
-    let signed = c.sign_up("Ada@Example.com", "acme").await;
-    let user = signed.user.unwrap();
+    let signed = c.sign_up("Ada@Example.com").await;
+    assert!(signed.verification_token.starts_with("tgev_"));
+
+    let session = c.login("ada@example.com").await;
+    let user = session.user.clone().unwrap();
     assert_eq!(
         (user.email.as_str(), user.role.as_str()),
         ("ada@example.com", "owner")
     );
-    assert_eq!(signed.plan, "free");
     assert!(!user.email_verified);
-    assert!(signed.email_verification_token.starts_with("tgev_"));
-
-    let session = c.login("ada@example.com").await;
+    assert_eq!(user.tenant_id, signed.tenant_id, "a generated tenant id");
+    let acme = signed.tenant_id.as_str();
     assert!(session.refresh_token.starts_with("tgrt_"));
     assert_eq!(session.expires_in_seconds, 900);
     let header = jsonwebtoken::decode_header(&session.access_token).unwrap();
@@ -52,7 +57,7 @@ async fn sign_up_then_login_gives_a_dashboard_jwt_on_the_default_plan(
         .unwrap();
     assert!(r.allowed, "{r:?}");
     let p = r.principal.unwrap();
-    assert_eq!((p.tenant_id.as_str(), p.plan.as_str()), ("acme", "free"));
+    assert_eq!((p.tenant_id.as_str(), p.plan.as_str()), (acme, "free"));
     assert_eq!(p.subject, user.user_id);
 
     // GetJwks publishes the key that verifies it.
@@ -71,29 +76,30 @@ async fn sign_up_then_login_gives_a_dashboard_jwt_on_the_default_plan(
         .unwrap()
         .claims;
     assert_eq!(claims["role"], "owner");
-    assert_eq!(claims["tenant_id"], "acme");
+    assert_eq!(claims["tenant_id"], acme);
 }
 
 #[sqlx::test]
-async fn weak_passwords_bad_emails_and_duplicates_are_refused_and_write_nothing(
+async fn weak_passwords_and_bad_emails_are_refused_and_a_taken_email_gets_the_same_answer(
     _p: PgPoolOptions,
     conn: PgConnectOptions,
 ) {
     let mut c = spawn_console(&conn).await;
-    c.sign_up("ada@example.com", "acme").await;
+    c.sign_up("ada@example.com").await;
     let (tenants, users, audit) = (
         c.count("tenants").await,
         c.count("console_users").await,
         c.count("audit_events").await,
     );
+    let sign_up = |email: &str, password: &str, tenant_name: &str| pb::SignUpRequest {
+        email: email.into(),
+        password: password.into(),
+        tenant_name: tenant_name.into(),
+        client_address: String::new(),
+    };
     let weak = c
         .console
-        .sign_up(pb::SignUpRequest {
-            email: "bob@example.com".into(),
-            password: "hunter2".into(),
-            tenant_name: "Bob".into(),
-            tenant_id: "bob".into(),
-        })
+        .sign_up(sign_up("bob@example.com", "hunter2", "Bob"))
         .await
         .unwrap_err();
     assert_eq!(violations(&weak), ["password"]);
@@ -106,38 +112,22 @@ async fn weak_passwords_bad_emails_and_duplicates_are_refused_and_write_nothing(
 
     let bad = c
         .console
-        .sign_up(pb::SignUpRequest {
-            email: "not-an-email".into(),
-            password: PASSWORD.into(),
-            tenant_name: String::new(),
-            tenant_id: "bad id!".into(),
-        })
+        .sign_up(sign_up("not-an-email", PASSWORD, ""))
         .await
         .unwrap_err();
-    assert_eq!(violations(&bad), ["email", "tenant_name", "tenant_id"]);
+    assert_eq!(violations(&bad), ["email", "tenant_name"]);
 
+    // A taken address: the same empty answer as a new one, nothing
+    // written, and the account's holder is told instead of the caller.
     let dup = c
         .console
-        .sign_up(pb::SignUpRequest {
-            email: "ADA@example.com".into(),
-            password: PASSWORD.into(),
-            tenant_name: "Another".into(),
-            tenant_id: "another".into(),
-        })
+        .sign_up(sign_up("ADA@example.com", PASSWORD, "Another"))
         .await
-        .unwrap_err();
-    assert_eq!(dup.code(), Code::AlreadyExists);
-    let taken_tenant = c
-        .console
-        .sign_up(pb::SignUpRequest {
-            email: "eve@example.com".into(),
-            password: PASSWORD.into(),
-            tenant_name: "Acme again".into(),
-            tenant_id: "acme".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(taken_tenant.code(), Code::AlreadyExists);
+        .unwrap()
+        .into_inner();
+    assert_eq!(dup, pb::SignUpResponse {});
+    let notice = c.mail.next_for("account_exists", "ada@example.com").await;
+    assert_eq!(notice.token(), "", "a notice carries no token");
     assert_eq!(c.count("tenants").await, tenants);
     assert_eq!(c.count("console_users").await, users);
     assert_eq!(c.count("audit_events").await, audit);
@@ -158,12 +148,119 @@ async fn weak_passwords_bad_emails_and_duplicates_are_refused_and_write_nothing(
 }
 
 #[sqlx::test]
+async fn create_user_answers_the_same_whether_or_not_the_email_has_an_account_anywhere(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut c = spawn_console(&conn).await;
+    c.add_owner("elsewhere@example.com", "tenant-b").await;
+    let a = c.add_owner("a@example.com", "tenant-a").await;
+    let own = c.login("a@example.com").await.access_token;
+    let add = |email: &str| {
+        crate::harness::bearer(
+            &own,
+            pb::CreateUserRequest {
+                email: email.into(),
+                password: PASSWORD.into(),
+                role: "viewer".into(),
+                ..Default::default()
+            },
+        )
+    };
+    let taken = c
+        .console
+        .create_user(add("elsewhere@example.com"))
+        .await
+        .unwrap()
+        .into_inner();
+    c.mail
+        .next_for("account_exists", "elsewhere@example.com")
+        .await;
+    let fresh = c
+        .console
+        .create_user(add("new@example.com"))
+        .await
+        .unwrap()
+        .into_inner();
+    c.mail
+        .next_for("email_verification", "new@example.com")
+        .await;
+    assert_eq!(taken, fresh, "one answer either way");
+    assert_eq!(taken, pb::CreateUserResponse {});
+    let listed = c
+        .console
+        .list_users(op(pb::ListUsersRequest {
+            tenant_id: a.tenant_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .users;
+    let emails: Vec<&str> = listed.iter().map(|u| u.email.as_str()).collect();
+    assert_eq!(emails, ["a@example.com", "new@example.com"]);
+}
+
+#[sqlx::test]
+async fn sign_up_is_by_invitation_unless_opened_and_off_takes_no_accounts(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    // `invite`, the default of `tollgate serve` (the harness runs in dev
+    // mode, where sign-up is open unless configured).
+    let mut c = spawn_console_with(&conn, |s| s.signup = Some(SignupPolicy::Invite)).await;
+    let e = c
+        .console
+        .sign_up(pb::SignUpRequest {
+            email: "ada@example.com".into(),
+            password: PASSWORD.into(),
+            tenant_name: "Acme".into(),
+            client_address: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(c.count("tenants").await, 0);
+    // An operator-made tenant gets its owner; the owner adds users.
+    c.add_owner("ada@example.com", "acme").await;
+    let own = c.login("ada@example.com").await.access_token;
+    c.console
+        .create_user(crate::harness::bearer(
+            &own,
+            pb::CreateUserRequest {
+                email: "bob@example.com".into(),
+                password: PASSWORD.into(),
+                role: "viewer".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    c.mail
+        .next_for("email_verification", "bob@example.com")
+        .await;
+
+    let mut off = spawn_console_with(&conn, |s| s.signup = Some(SignupPolicy::Off)).await;
+    off.t.create_tenant("ops", "free").await;
+    let e = off
+        .console
+        .create_user(op(pb::CreateUserRequest {
+            tenant_id: "ops".into(),
+            email: "carol@example.com".into(),
+            password: PASSWORD.into(),
+            role: "owner".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+}
+
+#[sqlx::test]
 async fn refresh_tokens_rotate_and_a_replay_revokes_the_session(
     _p: PgPoolOptions,
     conn: PgConnectOptions,
 ) {
     let mut c = spawn_console(&conn).await;
-    c.sign_up("ada@example.com", "acme").await;
+    c.sign_up("ada@example.com").await;
     let first = c.login("ada@example.com").await;
     let second = c.refresh(&first.refresh_token).await.unwrap();
     assert_ne!(second.refresh_token, first.refresh_token);
@@ -199,32 +296,45 @@ async fn refresh_tokens_rotate_and_a_replay_revokes_the_session(
 }
 
 #[sqlx::test]
-async fn a_password_reset_token_works_once_and_ends_every_session(
+async fn a_password_reset_token_is_never_returned_to_the_caller_it_reaches_the_signed_webhook(
     _p: PgPoolOptions,
     conn: PgConnectOptions,
 ) {
     let mut c = spawn_console(&conn).await;
-    c.sign_up("ada@example.com", "acme").await;
+    let ada = c.sign_up("ada@example.com").await;
     let session = c.login("ada@example.com").await;
-    let token = c
+    let ask = |email: &str| pb::RequestPasswordResetRequest {
+        email: email.into(),
+        client_address: String::new(),
+    };
+    let answer = c
         .console
-        .request_password_reset(pb::RequestPasswordResetRequest {
-            email: "ada@example.com".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .password_reset_token;
-    assert!(token.starts_with("tgpr_"));
-    let none = c
-        .console
-        .request_password_reset(pb::RequestPasswordResetRequest {
-            email: "nobody@example.com".into(),
-        })
+        .request_password_reset(ask("ada@example.com"))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(none.password_reset_token, "");
+    assert_eq!(answer, pb::RequestPasswordResetResponse {}, "no token");
+    let m = c.mail.next_for("password_reset", "ada@example.com").await;
+    assert!(
+        verify_signature(WEBHOOK_SECRET.as_bytes(), &m.signature, &m.body),
+        "signed: {}",
+        m.signature
+    );
+    assert!(!verify_signature(b"another secret", &m.signature, &m.body));
+    assert_eq!(m.content_type, "application/json");
+    assert_eq!(m.json["id"], m.delivery_id.as_str());
+    assert_eq!(m.tenant_id(), ada.tenant_id);
+    assert!(m.json["expires_at"].as_str().unwrap().ends_with('Z'));
+    let token = m.token();
+    assert!(token.starts_with("tgpr_"));
+    // No account: the same answer, and nothing is sent.
+    let none = c
+        .console
+        .request_password_reset(ask("nobody@example.com"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(none, answer);
 
     let reset = |token: &str, password: &str| pb::ResetPasswordRequest {
         token: token.into(),
@@ -262,18 +372,61 @@ async fn a_password_reset_token_works_once_and_ends_every_session(
         c.refresh(&session.refresh_token).await.unwrap_err().code(),
         Code::Unauthenticated
     );
+    assert!(c.mail.is_empty().await, "nothing was sent for nobody@");
+}
+
+#[sqlx::test]
+async fn a_newer_reset_token_voids_the_older_one(_p: PgPoolOptions, conn: PgConnectOptions) {
+    let mut c = spawn_console(&conn).await;
+    c.sign_up("ada@example.com").await;
+    let older = c.reset_token("ada@example.com").await;
+    let newer = c.reset_token("ada@example.com").await;
+    let reset = |token: &str| pb::ResetPasswordRequest {
+        token: token.into(),
+        new_password: "a much better passphrase".into(),
+    };
+    let e = c.console.reset_password(reset(&older)).await.unwrap_err();
+    assert_eq!(violations(&e), ["token"]);
+    c.console.reset_password(reset(&newer)).await.unwrap();
+}
+
+#[sqlx::test]
+async fn a_refused_delivery_is_retried_with_the_same_id_and_token(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut c = spawn_console(&conn).await;
+    c.sign_up("ada@example.com").await;
+    c.mail.refuse(true);
+    c.console
+        .request_password_reset(pb::RequestPasswordResetRequest {
+            email: "ada@example.com".into(),
+            client_address: String::new(),
+        })
+        .await
+        .unwrap();
+    let refused = c.mail.next_for("password_reset", "ada@example.com").await;
+    c.mail.refuse(false);
+    let retried = c.mail.next_for("password_reset", "ada@example.com").await;
+    assert_eq!(retried.delivery_id, refused.delivery_id);
+    assert_eq!(retried.token(), refused.token());
+    assert!(verify_signature(
+        WEBHOOK_SECRET.as_bytes(),
+        &retried.signature,
+        &retried.body
+    ));
 }
 
 #[sqlx::test]
 async fn email_verification_tokens_work_once(_p: PgPoolOptions, conn: PgConnectOptions) {
     let mut c = spawn_console(&conn).await;
-    let signed = c.sign_up("ada@example.com", "acme").await;
+    let signed = c.sign_up("ada@example.com").await;
     let verify = |token: &str| pb::VerifyEmailRequest {
         token: token.into(),
     };
     let user = c
         .console
-        .verify_email(verify(&signed.email_verification_token))
+        .verify_email(verify(&signed.verification_token))
         .await
         .unwrap()
         .into_inner()
@@ -282,7 +435,7 @@ async fn email_verification_tokens_work_once(_p: PgPoolOptions, conn: PgConnectO
     assert!(user.email_verified);
     let again = c
         .console
-        .verify_email(verify(&signed.email_verification_token))
+        .verify_email(verify(&signed.verification_token))
         .await
         .unwrap_err();
     assert_eq!(violations(&again), ["token"]);
@@ -291,19 +444,21 @@ async fn email_verification_tokens_work_once(_p: PgPoolOptions, conn: PgConnectO
         .console
         .request_email_verification(pb::RequestEmailVerificationRequest {
             email: "ada@example.com".into(),
+            client_address: String::new(),
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(next.email_verification_token, "");
+    assert_eq!(next, pb::RequestEmailVerificationResponse {});
     let session = c.login("ada@example.com").await;
     assert!(session.user.unwrap().email_verified);
+    assert!(c.mail.is_empty().await);
 }
 
 #[sqlx::test]
 async fn failed_logins_back_off_per_account(_p: PgPoolOptions, conn: PgConnectOptions) {
     let mut c = spawn_console(&conn).await;
-    c.sign_up("ada@example.com", "acme").await;
+    c.sign_up("ada@example.com").await;
     for _ in 0..5 {
         let e = c
             .login_as("ada@example.com", "wrong password!!")
@@ -321,8 +476,47 @@ async fn failed_logins_back_off_per_account(_p: PgPoolOptions, conn: PgConnectOp
         .get_details_retry_info()
         .and_then(|r| r.retry_delay)
         .is_some());
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    c.t.running
+        .clock()
+        .advance(std::time::Duration::from_millis(1100));
     c.login("ada@example.com").await;
+}
+
+#[sqlx::test]
+async fn sixty_four_parallel_wrong_guesses_verify_at_most_six(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut c = spawn_console(&conn).await;
+    c.sign_up("ada@example.com").await;
+    // Time stands still: the back-off cannot run out mid-test.
+    c.t.running.clock().freeze_at(chrono::Utc::now());
+    let guesses = (0..64).map(|i| {
+        let mut client = c.console.clone();
+        async move {
+            client
+                .login(pb::LoginRequest {
+                    email: "ada@example.com".into(),
+                    password: format!("wrong guess number {i}"),
+                    client_address: String::new(),
+                })
+                .await
+                .unwrap_err()
+                .code()
+        }
+    });
+    let codes = futures::future::join_all(guesses).await;
+    // Each attempt is reserved before its password is verified: five free
+    // ones, one that starts the back-off, and the rest never verified.
+    let verified = codes
+        .iter()
+        .filter(|c| **c == Code::Unauthenticated)
+        .count();
+    let throttled = codes
+        .iter()
+        .filter(|c| **c == Code::ResourceExhausted)
+        .count();
+    assert_eq!((verified, throttled), (6, 58), "{codes:?}");
 }
 
 #[sqlx::test]
@@ -352,7 +546,7 @@ async fn console_tokens_are_not_valid_for_another_audience_or_after_expiry(
     conn: PgConnectOptions,
 ) {
     let mut c = spawn_console(&conn).await;
-    c.sign_up("ada@example.com", "acme").await;
+    c.sign_up("ada@example.com").await;
     let session = c.login("ada@example.com").await;
     c.t.running
         .clock()
@@ -372,21 +566,16 @@ async fn console_tokens_are_not_valid_for_another_audience_or_after_expiry(
 async fn no_password_token_or_hash_reaches_the_logs(_p: PgPoolOptions, conn: PgConnectOptions) {
     crate::logs::capture();
     let mut c = spawn_console(&conn).await;
-    let signed = c.sign_up("logs@example.com", "logs").await;
+    let signed = c.sign_up("logs@example.com").await;
     let wrong = "wrong but long password";
     c.login_as("logs@example.com", wrong).await.unwrap_err();
     let first = c.login("logs@example.com").await;
     let second = c.refresh(&first.refresh_token).await.unwrap();
     c.refresh(&first.refresh_token).await.unwrap_err(); // a replay is logged
-    let reset = c
-        .console
-        .request_password_reset(pb::RequestPasswordResetRequest {
-            email: "logs@example.com".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .password_reset_token;
+    c.mail.refuse(true); // a failed delivery is logged too
+    let reset = c.reset_token("logs@example.com").await;
+    c.mail.refuse(false);
+    c.mail.next_for("password_reset", "logs@example.com").await;
     let new_password = "the new secret passphrase";
     c.console
         .reset_password(pb::ResetPasswordRequest {
@@ -397,7 +586,7 @@ async fn no_password_token_or_hash_reaches_the_logs(_p: PgPoolOptions, conn: PgC
         .unwrap();
     c.console
         .verify_email(pb::VerifyEmailRequest {
-            token: signed.email_verification_token.clone(),
+            token: signed.verification_token.clone(),
         })
         .await
         .unwrap();
@@ -408,6 +597,11 @@ async fn no_password_token_or_hash_reaches_the_logs(_p: PgPoolOptions, conn: PgC
     let text = crate::logs::text();
     assert!(text.contains("console login"), "the capture works");
     assert!(text.contains("refresh token was presented again"));
+    assert!(
+        text.contains("console delivery failed"),
+        "the failure is logged"
+    );
+    let url = c.mail.url();
     let salt = hash.rsplit('$').nth(1).unwrap().to_string();
     for secret in [
         PASSWORD,
@@ -419,8 +613,10 @@ async fn no_password_token_or_hash_reaches_the_logs(_p: PgPoolOptions, conn: PgC
         &first.refresh_token,
         &second.access_token,
         &second.refresh_token,
-        &signed.email_verification_token,
+        &signed.verification_token,
         &reset,
+        WEBHOOK_SECRET,
+        &url,
     ] {
         assert!(
             !text.contains(secret),

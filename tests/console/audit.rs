@@ -19,8 +19,9 @@ async fn every_management_change_is_audited_with_actor_target_and_request_id(
     conn: PgConnectOptions,
 ) {
     let mut c = spawn_console(&conn).await;
-    let signed = c.sign_up("o@example.com", "acme").await;
-    let owner_id = signed.user.unwrap().user_id;
+    let signed = c.sign_up("o@example.com").await;
+    let owner_id = signed.user_id;
+    let acme = signed.tenant_id.as_str();
     let own = c.login("o@example.com").await.access_token;
     let me = format!("user:{owner_id}");
 
@@ -80,7 +81,7 @@ async fn every_management_change_is_audited_with_actor_target_and_request_id(
     c.t.tenants
         .update_tenant(with_request_id(
             op(pb::UpdateTenantRequest {
-                tenant_id: "acme".into(),
+                tenant_id: acme.into(),
                 update_mask: vec!["plan".into(), "subscription_status".into()],
                 plan: "pro".into(),
                 subscription_status: "past_due".into(),
@@ -90,8 +91,7 @@ async fn every_management_change_is_audited_with_actor_target_and_request_id(
         ))
         .await
         .unwrap();
-    let added = c
-        .console
+    c.console
         .create_user(bearer(
             &own,
             pb::CreateUserRequest {
@@ -102,19 +102,19 @@ async fn every_management_change_is_audited_with_actor_target_and_request_id(
             },
         ))
         .await
-        .unwrap()
-        .into_inner()
-        .user
         .unwrap();
-    let reset = c
+    c.mail.next_for("email_verification", "v@example.com").await;
+    let added = c
         .console
-        .request_password_reset(pb::RequestPasswordResetRequest {
-            email: "v@example.com".into(),
-        })
+        .list_users(bearer(&own, pb::ListUsersRequest::default()))
         .await
         .unwrap()
         .into_inner()
-        .password_reset_token;
+        .users
+        .into_iter()
+        .find(|u| u.email == "v@example.com")
+        .unwrap();
+    let reset = c.reset_token("v@example.com").await;
     c.console
         .reset_password(pb::ResetPasswordRequest {
             token: reset,
@@ -152,13 +152,13 @@ async fn every_management_change_is_audited_with_actor_target_and_request_id(
     assert_eq!(
         got,
         [
-            ("tenant.created", me.as_str(), "acme"),
+            ("tenant.created", me.as_str(), acme),
             ("user.created", me.as_str(), owner_id.as_str()),
             ("key.created", me.as_str(), key_id.as_str()),
             ("key.rotated", me.as_str(), key_id.as_str()),
             ("key.updated", me.as_str(), new_id.as_str()),
             ("key.revoked", me.as_str(), new_id.as_str()),
-            ("tenant.updated", "operator", "acme"),
+            ("tenant.updated", "operator", acme),
             ("user.created", me.as_str(), added.user_id.as_str()),
             (
                 "user.password_reset",
@@ -174,9 +174,7 @@ async fn every_management_change_is_audited_with_actor_target_and_request_id(
         uuid::Uuid::parse_str(&by_action("key.revoked").request_id).is_ok(),
         "generated"
     );
-    assert!(events
-        .iter()
-        .all(|e| e.tenant_id == "acme" && e.at.is_some()));
+    assert!(events.iter().all(|e| e.tenant_id == acme && e.at.is_some()));
     let updated: serde_json::Value =
         serde_json::from_str(&by_action("tenant.updated").details).unwrap();
     assert_eq!(updated["plan"], "pro");
@@ -199,8 +197,8 @@ async fn the_audit_log_is_paged_tenant_scoped_and_append_only(
     conn: PgConnectOptions,
 ) {
     let mut c = spawn_console(&conn).await;
-    c.sign_up("a@example.com", "tenant-a").await;
-    c.sign_up("b@example.com", "tenant-b").await;
+    c.add_owner("a@example.com", "tenant-a").await;
+    c.add_owner("b@example.com", "tenant-b").await;
     let a = c.login("a@example.com").await.access_token;
     c.t.tenants
         .update_tenant(op(pb::UpdateTenantRequest {

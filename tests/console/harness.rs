@@ -1,4 +1,5 @@
-//! A Tollgate with the console on (a generated signing key), and clients.
+//! A Tollgate with the console on (a generated signing key, open sign-up,
+//! messages to a real signed-webhook receiver), and clients.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -7,7 +8,9 @@ use sqlx::postgres::PgConnectOptions;
 use tonic::transport::Channel;
 use tonic::Request;
 
-use crate::common::{pool, profile, spawn_on_store, Options, Tollgate};
+use crate::common::{op, pool, profile, spawn_on_store, Options, Tollgate};
+use crate::mailbox::{Mailbox, WEBHOOK_SECRET};
+use tollgate::console::settings::{ConsoleSettings, SignupPolicy};
 use tollgate::dashboard::{Dashboard, JwtSettings};
 use tollgate::grpc::pb;
 use tollgate::grpc::pb::console_service_client::ConsoleServiceClient;
@@ -19,21 +22,52 @@ pub struct Console {
     pub t: Tollgate,
     pub console: ConsoleServiceClient<Channel>,
     pub pool: sqlx::PgPool,
+    /// Receives the console's signed messages.
+    pub mail: Mailbox,
 }
 
-/// A Tollgate on the `msgflash` profile with the console on.
+/// An owner made the invite way, and what reached their mailbox.
+pub struct Owner {
+    pub tenant_id: String,
+    pub user_id: String,
+    pub verification_token: String,
+}
+
+/// A Tollgate on the `msgflash` profile with the console on, sign-up open
+/// and a webhook receiver for its messages.
 pub async fn spawn_console(conn: &PgConnectOptions) -> Console {
+    spawn_console_with(conn, |_| {}).await
+}
+
+/// As [`spawn_console`], with the console settings adjusted by `adjust`.
+pub async fn spawn_console_with(
+    conn: &PgConnectOptions,
+    adjust: impl FnOnce(&mut ConsoleSettings),
+) -> Console {
+    let mail = Mailbox::start().await;
+    let mut settings = ConsoleSettings {
+        signup: Some(SignupPolicy::Open),
+        ..ConsoleSettings::default()
+    };
+    settings.delivery.webhook_url = Some(mail.url());
+    settings.delivery.webhook_secret = Some(WEBHOOK_SECRET.to_string().into());
+    adjust(&mut settings);
+    let jwt = JwtSettings {
+        console: settings,
+        ..JwtSettings::default()
+    };
     let pg = pool(conn).await;
     let store: Arc<dyn Store> = Arc::new(PostgresStore::new(pg.clone()));
     let mut opts = Options::new(profile("msgflash"));
     // `dev = true`: a generated console signing key.
-    opts.dashboard = Dashboard::configure(&JwtSettings::default(), &store, true).unwrap();
+    opts.dashboard = Dashboard::configure(&jwt, &store, true).unwrap();
     let t = spawn_on_store(store, opts).await;
     let console = ConsoleServiceClient::new(t.channel.clone());
     Console {
         t,
         console,
         pool: pg,
+        mail,
     }
 }
 
@@ -46,18 +80,77 @@ pub fn bearer<T>(token: &str, msg: T) -> Request<T> {
 }
 
 impl Console {
-    /// Signs up `email` as owner of a new tenant `tenant`.
-    pub async fn sign_up(&mut self, email: &str, tenant: &str) -> pb::SignUpResponse {
-        self.console
+    /// Signs up `email` (open sign-up): a new tenant with a generated id.
+    /// Returns the owner, from the verification message that reached the
+    /// mailbox (the response itself says nothing).
+    pub async fn sign_up(&mut self, email: &str) -> Owner {
+        let r = self
+            .console
             .sign_up(pb::SignUpRequest {
                 email: email.into(),
                 password: PASSWORD.into(),
-                tenant_name: format!("Tenant {tenant}"),
-                tenant_id: tenant.into(),
+                tenant_name: format!("Tenant of {email}"),
+                client_address: String::new(),
             })
             .await
             .unwrap()
+            .into_inner();
+        assert_eq!(r, pb::SignUpResponse {});
+        let email = email.trim().to_lowercase();
+        let m = self.mail.next_for("email_verification", &email).await;
+        self.owner_from(&email, m.tenant_id(), m.token()).await
+    }
+
+    /// The invite way: the operator creates tenant `tenant` and adds
+    /// `email` as its owner.
+    pub async fn add_owner(&mut self, email: &str, tenant: &str) -> Owner {
+        self.t.create_tenant(tenant, "free").await;
+        self.console
+            .create_user(op(pb::CreateUserRequest {
+                tenant_id: tenant.into(),
+                email: email.into(),
+                password: PASSWORD.into(),
+                role: "owner".into(),
+            }))
+            .await
+            .unwrap();
+        let m = self.mail.next_for("email_verification", email).await;
+        assert_eq!(m.tenant_id(), tenant);
+        self.owner_from(email, m.tenant_id(), m.token()).await
+    }
+
+    async fn owner_from(&mut self, email: &str, tenant_id: String, token: String) -> Owner {
+        let users = self
+            .console
+            .list_users(op(pb::ListUsersRequest {
+                tenant_id: tenant_id.clone(),
+            }))
+            .await
+            .unwrap()
             .into_inner()
+            .users;
+        let user = users.iter().find(|u| u.email == email).expect("listed");
+        Owner {
+            tenant_id,
+            user_id: user.user_id.clone(),
+            verification_token: token,
+        }
+    }
+
+    /// Asks for a password reset of `email` and returns the token that
+    /// reached the mailbox.
+    pub async fn reset_token(&mut self, email: &str) -> String {
+        let r = self
+            .console
+            .request_password_reset(pb::RequestPasswordResetRequest {
+                email: email.into(),
+                client_address: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r, pb::RequestPasswordResetResponse {});
+        self.mail.next_for("password_reset", email).await.token()
     }
 
     pub async fn login_as(

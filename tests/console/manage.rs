@@ -8,9 +8,10 @@ use crate::common::{op, reason};
 use crate::harness::{bearer, spawn_console, Console, PASSWORD};
 use tollgate::grpc::pb;
 
-/// Signs up `email` as owner of `tenant` and returns their access token.
+/// Makes `email` the owner of a new tenant `tenant` (the operator's way)
+/// and returns their access token.
 async fn owner(c: &mut Console, email: &str, tenant: &str) -> String {
-    c.sign_up(email, tenant).await;
+    c.add_owner(email, tenant).await;
     c.login(email).await.access_token
 }
 
@@ -28,6 +29,7 @@ async fn member(c: &mut Console, owner_token: &str, email: &str, role: &str) -> 
         ))
         .await
         .unwrap();
+    c.mail.next_for("email_verification", email).await;
     c.login(email).await.access_token
 }
 
@@ -42,7 +44,7 @@ async fn an_owner_manages_their_own_keys_and_nothing_of_another_tenant(
 ) {
     let mut c = spawn_console(&conn).await;
     let a = owner(&mut c, "a@example.com", "tenant-a").await;
-    c.sign_up("b@example.com", "tenant-b").await;
+    c.add_owner("b@example.com", "tenant-b").await;
     // The operator's path is unchanged: it moves A to a bigger plan.
     c.t.tenants
         .update_tenant(op(pb::UpdateTenantRequest {
