@@ -330,4 +330,30 @@ mod tests {
         };
         assert!(!format!("{m:?}").contains("tgpr_"));
     }
+
+    #[test]
+    fn messages_nobody_receives_are_counted_as_dropped() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            assert!(!Nowhere.delivers());
+            Nowhere.send(Message {
+                kind: MessageKind::PasswordReset,
+                email: Email::parse("ada@example.com").unwrap(),
+                token: Some(OpaqueToken::generate(
+                    crate::domain::console::TokenKind::PasswordReset,
+                )),
+                expires_at: None,
+                tenant_id: TenantId::parse("acme").unwrap(),
+            });
+        });
+        let text = handle.render();
+        assert!(
+            text.contains(
+                "tollgate_console_deliveries_total{type=\"password_reset\",outcome=\"dropped\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("tgpr_"), "no token in a metric");
+    }
 }
