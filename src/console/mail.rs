@@ -8,7 +8,7 @@ use super::delivery::{Message, MessageKind};
 use super::throttle::MailThrottle;
 use super::{parse_email, Console, BAD_TOKEN, RESET_TTL_SECS, VERIFICATION_TTL_SECS};
 use crate::crypto::opaque::{presented, OpaqueToken};
-use crate::domain::console::{check_password, ConsoleUser, NewToken, TokenKind};
+use crate::domain::console::{check_password, ConsoleUser, Email, NewToken, TokenKind};
 use crate::domain::Violations;
 use crate::error::{Error, Result};
 use crate::store::console::TokenUse;
@@ -31,9 +31,12 @@ impl Console {
         });
     }
 
-    /// Tells the holder of an existing account that someone tried to
-    /// create another one with their address (the caller learns nothing).
-    pub(super) fn notify_exists(&self, user: &ConsoleUser) {
+    /// Whether `email` has an account; if so, its holder is told that
+    /// someone tried to create another one (the caller learns nothing).
+    pub(super) async fn notify_if_taken(&self, email: &Email) -> Result<bool> {
+        let Some(user) = self.store.user_by_email(email).await? else {
+            return Ok(false);
+        };
         tracing::info!(user_id = %user.id, "account creation for a taken address; owner notified");
         self.delivery.send(Message {
             kind: MessageKind::AccountExists,
@@ -42,6 +45,7 @@ impl Console {
             expires_at: None,
             tenant_id: user.tenant_id.clone(),
         });
+        Ok(true)
     }
 
     pub(super) fn reserve_mail(&self, throttle: &MailThrottle, address: &str) -> Result<()> {

@@ -266,8 +266,7 @@ impl Console {
         // Hashed whether or not the address is taken: the same work, the
         // same time, either way.
         let password_hash = self.hash(input.password).await?;
-        if let Some(existing) = self.store.user_by_email(&email).await? {
-            self.notify_exists(&existing);
+        if self.notify_if_taken(&email).await? {
             return Ok(());
         }
         let now = self.clock.now();
@@ -304,9 +303,7 @@ impl Console {
             Ok(()) => {}
             Err(StoreError::AlreadyExists) => {
                 // A race with another sign-up for the address.
-                if let Some(existing) = self.store.user_by_email(&user.email).await? {
-                    self.notify_exists(&existing);
-                }
+                self.notify_if_taken(&user.email).await?;
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
@@ -335,8 +332,7 @@ impl Console {
         v.into_result()?;
         let email = email.expect("validated");
         let password_hash = self.hash(input.password).await?;
-        if let Some(existing) = self.store.user_by_email(&email).await? {
-            self.notify_exists(&existing);
+        if self.notify_if_taken(&email).await? {
             return Ok(());
         }
         let now = self.clock.now();
@@ -355,9 +351,7 @@ impl Console {
         match self.store.create_user(user.clone(), row.clone(), ctx).await {
             Ok(()) => {}
             Err(StoreError::AlreadyExists) => {
-                if let Some(existing) = self.store.user_by_email(&user.email).await? {
-                    self.notify_exists(&existing);
-                }
+                self.notify_if_taken(&user.email).await?;
                 return Ok(());
             }
             Err(StoreError::NotFound) => return Err(Error::NotFound("tenant")),
