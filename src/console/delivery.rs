@@ -175,16 +175,18 @@ impl std::fmt::Debug for Webhook {
     }
 }
 
-/// `t=<t>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
-pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+fn mac(secret: &[u8], timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    format!(
-        "t={timestamp},v1={}",
-        hex::encode(mac.finalize().into_bytes())
-    )
+    mac
+}
+
+/// `t=<t>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    let v1 = mac(secret, timestamp, body).finalize().into_bytes();
+    format!("t={timestamp},v1={}", hex::encode(v1))
 }
 
 /// Whether `header` is a valid signature of `body` with `secret` (for
@@ -199,14 +201,10 @@ pub fn verify_signature(secret: &[u8], header: &str, body: &[u8]) -> bool {
             _ => {}
         }
     }
-    let (Some(t), Some(v1)) = (t, v1) else {
-        return false;
-    };
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(t.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.verify_slice(&v1).is_ok()
+    match (t, v1) {
+        (Some(t), Some(v1)) => mac(secret, t, body).verify_slice(&v1).is_ok(),
+        _ => false,
+    }
 }
 
 impl Webhook {
@@ -329,5 +327,31 @@ mod tests {
             tenant_id: TenantId::parse("acme").unwrap(),
         };
         assert!(!format!("{m:?}").contains("tgpr_"));
+    }
+
+    #[test]
+    fn messages_nobody_receives_are_counted_as_dropped() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            assert!(!Nowhere.delivers());
+            Nowhere.send(Message {
+                kind: MessageKind::PasswordReset,
+                email: Email::parse("ada@example.com").unwrap(),
+                token: Some(OpaqueToken::generate(
+                    crate::domain::console::TokenKind::PasswordReset,
+                )),
+                expires_at: None,
+                tenant_id: TenantId::parse("acme").unwrap(),
+            });
+        });
+        let text = handle.render();
+        assert!(
+            text.contains(
+                "tollgate_console_deliveries_total{type=\"password_reset\",outcome=\"dropped\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("tgpr_"), "no token in a metric");
     }
 }

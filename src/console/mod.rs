@@ -1,10 +1,18 @@
-//! Console accounts: sign-up, login (throttled), rotating refresh tokens,
-//! email verification, password reset, users of a tenant. Tollgate signs
-//! the access JWTs itself (see [`crate::crypto::signer`]). No tonic, no SQL.
+//! Console accounts: sign-up, login (throttled), rotating refresh tokens
+//! with an absolute session end, users of a tenant. Tollgate signs the
+//! access JWTs itself (see [`crate::crypto::signer`]). No tonic, no SQL.
+//!
+//! Here: accounts and sessions. `mail`: tokens sent out of band (email
+//! verification, password reset) through `delivery` (the signed webhook).
+//! `users`: role changes, disabling, deletion. `throttle`: login and
+//! mail-sending back-off. `work`: the bounded argon2 queue. `settings`:
+//! `[jwt.console]`.
 
 pub mod delivery;
+mod mail;
 pub mod settings;
 pub mod throttle;
+mod users;
 pub mod work;
 
 use std::sync::Arc;
@@ -19,7 +27,7 @@ use crate::crypto::opaque::{presented, OpaqueToken};
 use crate::crypto::password;
 use crate::crypto::signer::ConsoleSigner;
 use crate::domain::console::{
-    check_password, AuditContext, ConsoleUser, Email, NewToken, Role, TokenKind, UserChange,
+    check_password, AuditContext, ConsoleUser, Email, NewToken, Role, TokenKind,
 };
 use crate::domain::validate::check_name;
 use crate::domain::{SubscriptionStatus, Tenant, TenantId, TenantOverrides, Violations};
@@ -28,9 +36,10 @@ use crate::profile::Profile;
 use crate::store::console::{ConsoleStore, NextRefresh, TokenUse};
 use crate::store::StoreError;
 
-use delivery::{Deliver, Message, MessageKind, Nowhere, Stdout, Webhook};
+use delivery::{Deliver, MessageKind, Nowhere, Stdout, Webhook};
 pub use settings::{ConsoleSettings, SignupPolicy};
 use throttle::{Attempt, LoginThrottle, MailThrottle};
+pub use users::Actor;
 use work::{Busy, WorkQueue};
 
 /// Email-verification tokens live a day; password-reset tokens an hour.
@@ -88,20 +97,6 @@ pub struct CreateUserInput {
 
 /// Expired tokens removed per login, at most.
 const PURGE_BATCH: u32 = 100;
-
-/// Who changes a user: the operator, or a console user with this role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Actor {
-    Operator,
-    User(Role),
-}
-
-fn user_change_error(e: StoreError) -> Error {
-    match e {
-        StoreError::NotFound => Error::NotFound("user"),
-        e => e.into(),
-    }
-}
 
 const BAD_LOGIN: &str = "email or password is incorrect";
 const BAD_REFRESH: &str = "the refresh token is invalid, expired or already used";
@@ -242,43 +237,11 @@ impl Console {
         (token, row)
     }
 
-    /// Sends a token to `user`'s address.
-    fn deliver(&self, kind: MessageKind, user: &ConsoleUser, token: OpaqueToken, row: &NewToken) {
-        self.delivery.send(Message {
-            kind,
-            email: user.email.clone(),
-            token: Some(token),
-            expires_at: Some(row.expires_at),
-            tenant_id: user.tenant_id.clone(),
-        });
-    }
-
-    /// Tells the holder of an existing account that someone tried to
-    /// create another one with their address (the caller learns nothing).
-    fn notify_exists(&self, user: &ConsoleUser) {
-        tracing::info!(user_id = %user.id, "account creation for a taken address; owner notified");
-        self.delivery.send(Message {
-            kind: MessageKind::AccountExists,
-            email: user.email.clone(),
-            token: None,
-            expires_at: None,
-            tenant_id: user.tenant_id.clone(),
-        });
-    }
-
     async fn hash(&self, password: SecretString) -> Result<crate::domain::console::PasswordHash> {
         let _slot = self.passwords.enter().await?;
         password::hash(password)
             .await
             .map_err(|e| Error::Internal(e.to_string()))
-    }
-
-    fn reserve_mail(&self, throttle: &MailThrottle, address: &str) -> Result<()> {
-        throttle
-            .reserve(address, self.clock.now())
-            .map_err(|retry_after_seconds| Error::TooManyAttempts {
-                retry_after_seconds,
-            })
     }
 
     /// Creates a tenant (generated id) on the profile's default plan and
@@ -303,8 +266,7 @@ impl Console {
         // Hashed whether or not the address is taken: the same work, the
         // same time, either way.
         let password_hash = self.hash(input.password).await?;
-        if let Some(existing) = self.store.user_by_email(&email).await? {
-            self.notify_exists(&existing);
+        if self.notify_if_taken(&email).await? {
             return Ok(());
         }
         let now = self.clock.now();
@@ -341,9 +303,7 @@ impl Console {
             Ok(()) => {}
             Err(StoreError::AlreadyExists) => {
                 // A race with another sign-up for the address.
-                if let Some(existing) = self.store.user_by_email(&user.email).await? {
-                    self.notify_exists(&existing);
-                }
+                self.notify_if_taken(&user.email).await?;
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
@@ -372,8 +332,7 @@ impl Console {
         v.into_result()?;
         let email = email.expect("validated");
         let password_hash = self.hash(input.password).await?;
-        if let Some(existing) = self.store.user_by_email(&email).await? {
-            self.notify_exists(&existing);
+        if self.notify_if_taken(&email).await? {
             return Ok(());
         }
         let now = self.clock.now();
@@ -392,9 +351,7 @@ impl Console {
         match self.store.create_user(user.clone(), row.clone(), ctx).await {
             Ok(()) => {}
             Err(StoreError::AlreadyExists) => {
-                if let Some(existing) = self.store.user_by_email(&user.email).await? {
-                    self.notify_exists(&existing);
-                }
+                self.notify_if_taken(&user.email).await?;
                 return Ok(());
             }
             Err(StoreError::NotFound) => return Err(Error::NotFound("tenant")),
@@ -409,77 +366,6 @@ impl Console {
     /// A tenant's users.
     pub async fn list_users(&self, tenant: &TenantId) -> Result<Vec<ConsoleUser>> {
         Ok(self.store.list_users(tenant).await?)
-    }
-
-    /// The user `user_id` of `tenant`, if `actor` may change them in a way
-    /// that involves `new_role` (only owners touch owners).
-    async fn target(
-        &self,
-        actor: Actor,
-        tenant: &TenantId,
-        user_id: &str,
-        new_role: Option<Role>,
-    ) -> Result<ConsoleUser> {
-        let id = uuid::Uuid::parse_str(user_id)
-            .map_err(|_| Error::invalid("user_id", "must be a user id (UUID)"))?;
-        let user = self
-            .store
-            .user_in(tenant, id)
-            .await?
-            .ok_or(Error::NotFound("user"))?;
-        if let Actor::User(role) = actor {
-            if !role.manages() {
-                return Err(Error::PermissionDenied(
-                    "only owners and admins manage users".into(),
-                ));
-            }
-            let touches_owner = user.role == Role::Owner || new_role == Some(Role::Owner);
-            if touches_owner && role != Role::Owner {
-                return Err(Error::PermissionDenied(
-                    "only owners change, disable or delete owners".into(),
-                ));
-            }
-        }
-        Ok(user)
-    }
-
-    /// Changes a user's role, or disables or enables them (disabling ends
-    /// their sessions). The tenant always keeps an enabled owner.
-    pub async fn update_user(
-        &self,
-        actor: Actor,
-        tenant: &TenantId,
-        user_id: &str,
-        change: UserChange,
-        ctx: &AuditContext,
-    ) -> Result<ConsoleUser> {
-        let user = self.target(actor, tenant, user_id, change.role).await?;
-        let changed = self
-            .store
-            .update_user(tenant, user.id, user.role, change, ctx, self.clock.now())
-            .await
-            .map_err(user_change_error)?;
-        tracing::info!(tenant_id = %tenant, user_id = %changed.id, role = changed.role.as_str(),
-            disabled = changed.disabled_at.is_some(), "console user updated");
-        Ok(changed)
-    }
-
-    /// Deletes a user with their sessions and tokens. The tenant always
-    /// keeps an enabled owner.
-    pub async fn delete_user(
-        &self,
-        actor: Actor,
-        tenant: &TenantId,
-        user_id: &str,
-        ctx: &AuditContext,
-    ) -> Result<()> {
-        let user = self.target(actor, tenant, user_id, None).await?;
-        self.store
-            .delete_user(tenant, user.id, user.role, ctx, self.clock.now())
-            .await
-            .map_err(user_change_error)?;
-        tracing::info!(tenant_id = %tenant, user_id = %user.id, "console user deleted");
-        Ok(())
     }
 
     /// Removes a bounded batch of expired tokens (called on writes).
@@ -645,101 +531,6 @@ impl Console {
             self.store.end_session(&digest, self.clock.now()).await?;
         }
         Ok(())
-    }
-
-    /// Sends a new email-verification token to an unverified account
-    /// (voiding its older ones). The caller is told nothing either way.
-    pub async fn request_email_verification(&self, email: &str, address: &str) -> Result<()> {
-        let Some(user) = self.mail_recipient(email, address).await? else {
-            return Ok(());
-        };
-        if user.email_verified_at.is_some() {
-            return Ok(());
-        }
-        let (token, row) =
-            self.new_token(TokenKind::EmailVerification, &user, VERIFICATION_TTL_SECS);
-        self.store.insert_token(row.clone()).await?;
-        self.deliver(MessageKind::EmailVerification, &user, token, &row);
-        Ok(())
-    }
-
-    /// For the calls that send a token: the enabled account of `email`,
-    /// after the throttles (per client and per email address) and only
-    /// when a delivery is configured (else nothing is stored or sent).
-    async fn mail_recipient(&self, email: &str, address: &str) -> Result<Option<ConsoleUser>> {
-        let mut v = Violations::default();
-        let email = parse_email(email, &mut v);
-        v.into_result()?;
-        let email = email.expect("validated");
-        self.reserve_mail(&self.mail, address)?;
-        self.reserve_mail(&self.mail_per_account, email.as_str())?;
-        if !self.delivery.delivers() {
-            return Ok(None);
-        }
-        let user = self.store.user_by_email(&email).await?;
-        Ok(user.filter(|u| u.disabled_at.is_none()))
-    }
-
-    /// Spends an email-verification token.
-    pub async fn verify_email(&self, token: &str) -> Result<ConsoleUser> {
-        let digest = presented(TokenKind::EmailVerification, token)
-            .ok_or_else(|| Error::invalid("token", BAD_TOKEN))?;
-        match self.store.verify_email(&digest, self.clock.now()).await? {
-            TokenUse::Spent { user, .. } => Ok(user),
-            _ => Err(Error::invalid("token", BAD_TOKEN)),
-        }
-    }
-
-    /// Sends a password-reset token to an existing account (voiding its
-    /// older ones). The caller is told nothing either way.
-    pub async fn request_password_reset(&self, email: &str, address: &str) -> Result<()> {
-        let Some(user) = self.mail_recipient(email, address).await? else {
-            return Ok(());
-        };
-        let (token, row) = self.new_token(TokenKind::PasswordReset, &user, RESET_TTL_SECS);
-        self.store.insert_token(row.clone()).await?;
-        tracing::info!(user_id = %user.id, "password reset requested");
-        self.deliver(MessageKind::PasswordReset, &user, token, &row);
-        Ok(())
-    }
-
-    /// Sets a new password with a reset token and ends every session. The
-    /// token is checked before any hashing, and a weak password is refused
-    /// before the token is spent.
-    pub async fn reset_password(
-        &self,
-        token: &str,
-        new_password: SecretString,
-        request_id: &str,
-    ) -> Result<()> {
-        let mut v = Violations::default();
-        let digest = presented(TokenKind::PasswordReset, token);
-        if digest.is_none() {
-            v.add("token", BAD_TOKEN);
-        }
-        check_password("new_password", new_password.expose_secret(), &mut v);
-        v.into_result()?;
-        let digest = digest.expect("validated");
-        let now = self.clock.now();
-        if !self
-            .store
-            .token_is_live(&digest, TokenKind::PasswordReset, now)
-            .await?
-        {
-            return Err(Error::invalid("token", BAD_TOKEN));
-        }
-        let hash = self.hash(new_password).await?;
-        match self
-            .store
-            .reset_password(&digest, &hash, self.clock.now(), request_id)
-            .await?
-        {
-            TokenUse::Spent { user, .. } => {
-                tracing::info!(tenant_id = %user.tenant_id, user_id = %user.id, "password reset");
-                Ok(())
-            }
-            _ => Err(Error::invalid("token", BAD_TOKEN)),
-        }
     }
 }
 

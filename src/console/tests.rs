@@ -7,6 +7,7 @@ use secrecy::SecretString;
 
 use super::delivery::{Deliver, Message, MessageKind};
 use super::*;
+use crate::domain::console::UserChange;
 use crate::store::MemoryStore;
 
 const PASSWORD: &str = "correct horse battery staple";

@@ -1,7 +1,9 @@
 //! Console passwords: argon2id with OWASP's parameters (19 MiB, t = 2,
 //! p = 1), hashed and verified on the blocking pool so a login never stalls
 //! the runtime. Unknown accounts are answered after a dummy verification,
-//! so timing does not tell which emails exist.
+//! so timing does not tell which emails exist. Each call takes ~19 MiB and
+//! a core for a while: callers bound how many run at once (the console's
+//! `console::work::WorkQueue`).
 
 use std::sync::{Arc, OnceLock};
 
@@ -26,20 +28,8 @@ fn argon2() -> Argon2<'static> {
 #[error("password hashing failed: {0}")]
 pub struct HashError(String);
 
-/// At most one argon2 computation per core at a time: each takes ~19 MiB
-/// and a core for a while, and the callers (Login, SignUp, …) are mostly
-/// unauthenticated, so a burst must queue rather than exhaust memory or
-/// the blocking pool.
-fn slots() -> &'static tokio::sync::Semaphore {
-    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    SLOTS.get_or_init(|| {
-        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
-    })
-}
-
 /// Hashes a new password.
 pub async fn hash(password: SecretString) -> Result<PasswordHash, HashError> {
-    let _slot = slots().acquire().await.ok();
     tokio::task::spawn_blocking(move || {
         let salt_bytes: [u8; 16] = rand::random();
         let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| HashError(e.to_string()))?;
@@ -60,7 +50,6 @@ pub async fn verify(password: SecretString, stored: Option<PasswordHash>) -> boo
         Some(h) => h,
         None => (*dummy_hash().await).clone(),
     };
-    let _slot = slots().acquire().await.ok();
     let matches = tokio::task::spawn_blocking(move || {
         let Ok(phc) = Phc::new(&stored.0) else {
             return false;
