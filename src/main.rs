@@ -367,8 +367,9 @@ fn print_dev_banner(addr: std::net::SocketAddr, token: Option<&str>, tenant: &st
     };
     println!(
         "\nTollgate dev mode: in-memory store, default profile, listening on {addr}\n\
-         Demo tenant `{tenant}`; its API key (K) is shown once, here. Paste these lines\n\
-         into another shell:\n\n\
+         Demo tenant `{tenant}`; its API key (K) is shown once, here. Console messages\n\
+         (email verification and password reset tokens) are printed here too.\n\
+         Paste these lines into another shell:\n\n\
          export A={addr}\n\
          {token_line}\n\
          export K={key}\n\
