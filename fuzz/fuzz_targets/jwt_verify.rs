@@ -1,0 +1,6 @@
+#![no_main]
+
+#[path = "../../tests/support/fuzz_harness.rs"]
+mod fuzz_harness;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_harness::jwt_verify(data));
