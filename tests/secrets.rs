@@ -182,6 +182,8 @@ fn debug_output_of_secret_holding_types_is_redacted() {
 
     let settings = Settings {
         operator_token: Some(OPERATOR_TOKEN.to_string().into()),
+        gateway_token: Some("gateway-secret-token-0123".to_string().into()),
+        console_backend_token: Some("backend-secret-token-0123".to_string().into()),
         database_url: Some(
             "postgres://tollgate:db-password-42@db/tollgate"
                 .to_string()
@@ -203,6 +205,17 @@ fn debug_output_of_secret_holding_types_is_redacted() {
             "db-password-42".into(),
             pepper_text.into(),
             "old-pepper-secret".into(),
+            "gateway-secret-token".into(),
+            "backend-secret-token".into(),
         ],
+    );
+    let guard = tollgate::app::GuardParts {
+        gateway_token: settings.gateway_token.clone(),
+        console_backend_token: settings.console_backend_token.clone(),
+        management: settings.management,
+    };
+    assert_no_secret_in(
+        &format!("{guard:?} {guard:#?}"),
+        &["gateway-secret-token".into(), "backend-secret-token".into()],
     );
 }

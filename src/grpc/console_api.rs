@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use super::caller::{peer, request_id, CallerGuard};
 use super::convert::ts;
 use super::pb::{self, console_service_server::ConsoleService};
-use crate::access::Need;
+use crate::access::Rpc;
 use crate::console::{audit_page, Console, CreateUserInput, Session, SignUpInput};
 use crate::domain::console::{AuditEvent, ConsoleUser, Role};
 use crate::domain::TenantId;
@@ -100,12 +100,12 @@ impl ConsoleService for ConsoleApi {
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
         let peer = peer(&request);
-        // Only a trusted backend (the operator) may name the end user's
-        // address; anyone else could dodge the per-address throttle by
-        // sending a new one each time.
+        // Only the console backend (its own narrow token) may name the end
+        // user's address; anyone else could dodge the per-address throttle
+        // by sending a new one each time.
         let trusted = matches!(
-            self.guard.check(request.metadata()),
-            Ok(crate::access::Caller::Operator)
+            self.guard.admit(Rpc::Login, request.metadata(), false),
+            Ok(crate::access::Caller::ConsoleBackend)
         );
         let r = request.into_inner();
         if r.client_address.len() > 64 {
@@ -215,10 +215,12 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self
+            .guard
+            .admit(Rpc::CreateUser, request.metadata(), false)?;
         let rid = request_id(request.metadata());
         let r = request.into_inner();
-        let scope = caller.tenant_scope(&r.tenant_id, Need::ManageUsers)?;
+        let scope = caller.tenant_scope(&r.tenant_id)?;
         if let Some(role) = Role::parse(&r.role) {
             caller.may_grant(role)?;
         }
@@ -247,8 +249,10 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
-        let scope = caller.tenant_scope(&request.get_ref().tenant_id, Need::ManageUsers)?;
+        let caller = self
+            .guard
+            .admit(Rpc::ListUsers, request.metadata(), false)?;
+        let scope = caller.tenant_scope(&request.get_ref().tenant_id)?;
         let tenant_id = TenantId::parse(&scope).ok_or_else(|| {
             Error::invalid("tenant_id", "must be 1-64 characters of [A-Za-z0-9_-]")
         })?;
@@ -262,9 +266,11 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self
+            .guard
+            .admit(Rpc::ListAuditEvents, request.metadata(), false)?;
         let r = request.into_inner();
-        let scope = caller.tenant_scope(&r.tenant_id, Need::ReadAudit)?;
+        let scope = caller.tenant_scope(&r.tenant_id)?;
         let tenant = if scope.is_empty() {
             None
         } else {

@@ -461,20 +461,22 @@ impl Store for PostgresStore {
     ) -> Result<KeyRecord, StoreError> {
         let mut tx = begin(&self.pool).await?;
         let sql = format!(
-            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3), \
-             revoke_reason = CASE WHEN revoked_at IS NULL THEN $4 ELSE revoke_reason END \
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()), \
+             revoke_reason = CASE WHEN revoked_at IS NULL THEN $3 ELSE revoke_reason END \
              WHERE key_id = $1 AND ($2::text IS NULL OR tenant_id = $2) RETURNING {KEY_COLUMNS}"
         );
+        // The database's clock stamps the revocation (replicas' clocks may
+        // differ); the key is revoked from then on whatever they say.
         let row: Option<KeyRow> = sqlx::query_as(&sql)
             .bind(key.id)
             .bind(key.tenant.map(TenantId::as_str))
-            .bind(now)
             .bind(reason)
             .fetch_optional(&mut *tx)
             .await
             .map_err(map_err)?;
         let record: KeyRecord = row.ok_or(StoreError::NotFound)?.try_into()?;
-        insert_audit(&mut tx, &audit::key_revoked(ctx, &record, now)).await?;
+        let at = record.revoked_at.unwrap_or(now);
+        insert_audit(&mut tx, &audit::key_revoked(ctx, &record, at)).await?;
         notify(&mut tx, &Invalidation::Key(record.id)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(record)
