@@ -6,8 +6,13 @@
 //! behind, a flood of slow management calls).
 
 mod common;
+#[allow(dead_code)]
+#[path = "console/jwks_server.rs"]
+mod jwks_server;
 #[path = "support/jwt_keys.rs"]
 mod jwt_keys;
+#[path = "console/logs.rs"]
+mod logs;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -1253,4 +1258,75 @@ async fn a_flood_of_slow_management_calls_is_shed_while_decisions_answer(
         .list_tenants(op(pb::ListTenantsRequest::default()))
         .await
         .unwrap();
+}
+
+#[sqlx::test]
+async fn a_jwks_redirect_to_another_origin_is_not_followed_and_urls_stay_out_of_logs(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    logs::capture();
+    // The other origin serves a key set an attacker would like trusted.
+    let key = jwt_keys::TestKey::es256("evil");
+    let elsewhere = jwks_server::JwksServer::start(jwt_keys::jwks(&[&key])).await;
+    // The configured origin answers every fetch with a redirect there.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    let target = elsewhere.url();
+    let redirector = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = vec![0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let answer = format!(
+                "HTTP/1.1 302 Found\r\nlocation: {target}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+            let _ = conn.write_all(answer.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        }
+    });
+    let secret_path = "/tenant-jwks/s3cr3t-path?access_token=s3cr3t-query";
+    let settings = JwtSettings {
+        issuers: vec![IssuerSettings {
+            issuer: "https://redirecting.example".into(),
+            audiences: vec!["dashboard".into()],
+            jwks_url: Some(format!("http://{origin}{secret_path}")),
+            allow_insecure_http: true,
+            refresh_seconds: 1,
+            min_refresh_seconds: 1,
+            ..IssuerSettings::default()
+        }],
+        ..JwtSettings::default()
+    };
+    let mut opts = Options::new(profile("default"));
+    opts.dashboard = Dashboard::new(&settings, None).unwrap();
+    let t = spawn_with(&conn, opts).await;
+    let stats = t
+        .running
+        .jwks_refreshes("https://redirecting.example")
+        .unwrap()
+        .clone();
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while stats.failed() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the fetch ends (refused), without following the redirect");
+    assert_eq!(stats.ok(), 0);
+    assert_eq!(
+        elsewhere.hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the other origin was never asked"
+    );
+    let logged = logs::text();
+    assert!(logged.contains("JWKS refresh failed"), "{logged}");
+    assert!(logged.contains(&origin.to_string()), "the host is named");
+    for part in ["s3cr3t", "tenant-jwks", "access_token"] {
+        assert!(!logged.contains(part), "{part} logged:\n{logged}");
+    }
+    redirector.abort();
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use super::jwks::{parse_jwks, JwksSource, RefreshPolicy, Refresher};
+use super::jwks::{parse_jwks, redact_url, JwksSource, RefreshPolicy, Refresher};
 use super::jwt::{parse_algorithm, Algorithm, Issuer, IssuerRules, KeySet, VerifyingKey};
 
 /// A PEM public key given in config.
@@ -56,8 +56,12 @@ pub struct IssuerSettings {
     pub public_keys: Vec<PublicKeySettings>,
     /// A JWKS document on disk (re-read every `refresh_seconds`).
     pub jwks_file: Option<PathBuf>,
-    /// A JWKS URL, fetched in the background.
+    /// A JWKS URL, fetched in the background: `https://` (redirects are
+    /// followed only within its origin).
     pub jwks_url: Option<String>,
+    /// Development only: accept an `http://` `jwks_url` (keys fetched in
+    /// the clear can be swapped by anyone on the path). Default false.
+    pub allow_insecure_http: bool,
     /// JWKS refresh interval.
     pub refresh_seconds: u64,
     /// Least time between two JWKS fetches (unknown `kid` refreshes).
@@ -78,6 +82,7 @@ impl Default for IssuerSettings {
             public_keys: Vec::new(),
             jwks_file: None,
             jwks_url: None,
+            allow_insecure_http: false,
             refresh_seconds: 300,
             min_refresh_seconds: 30,
         }
@@ -89,7 +94,7 @@ impl std::fmt::Debug for IssuerSettings {
         f.debug_struct("IssuerSettings")
             .field("issuer", &self.issuer)
             .field("audiences", &self.audiences)
-            .field("jwks_url", &self.jwks_url)
+            .field("jwks_url", &self.jwks_url.as_deref().map(redact_url))
             .field("jwks_file", &self.jwks_file)
             .finish_non_exhaustive()
     }
@@ -210,10 +215,23 @@ impl IssuerSettings {
                 Some(JwksSource::File(path.clone()))
             }
             (None, Some(url)) => {
-                if !(url.starts_with("https://") || url.starts_with("http://")) {
-                    return Err(err("jwks_url", "must be an http(s) URL".into()));
+                let parsed = reqwest::Url::parse(url)
+                    .ok()
+                    .filter(|u| u.host_str().is_some())
+                    .ok_or_else(|| err("jwks_url", "is not an absolute URL".into()))?;
+                match parsed.scheme() {
+                    "https" => {}
+                    "http" if self.allow_insecure_http => {}
+                    "http" => {
+                        return Err(err(
+                            "jwks_url",
+                            "must be https (plain http only with allow_insecure_http = true, for development)"
+                                .into(),
+                        ))
+                    }
+                    _ => return Err(err("jwks_url", "must be an https URL".into())),
                 }
-                Some(JwksSource::Url(url.clone()))
+                Some(JwksSource::Url(parsed))
             }
             _ => None,
         };
@@ -321,9 +339,22 @@ secret = "0123456789abcdef0123456789abcdef"
         assert_eq!(err(bad_alg), "jwt.issuers[2].algorithms");
         let ftp = IssuerSettings {
             jwks_url: Some("ftp://x".into()),
-            ..base
+            ..base.clone()
         };
         assert_eq!(err(ftp), "jwt.issuers[2].jwks_url");
+        let plain = IssuerSettings {
+            jwks_url: Some("http://idp.example.com/jwks?token=s3cr3t".into()),
+            ..base.clone()
+        };
+        let refused = plain.build(2).unwrap_err();
+        assert_eq!(refused.field, "jwt.issuers[2].jwks_url");
+        assert!(refused.message.contains("allow_insecure_http"), "{refused}");
+        let dev = IssuerSettings {
+            allow_insecure_http: true,
+            ..plain
+        };
+        assert!(dev.build(2).is_ok());
+        assert!(!format!("{dev:?}").contains("s3cr3t"), "{dev:?}");
         assert!(load("[[jwt.issuers]]\nissuer = \"x\"\nbogus = 1\n").is_err());
     }
 }
