@@ -372,7 +372,7 @@ impl Authenticator {
             Credential::Ambiguous => Ok(Err(Reason::CredentialMalformed)),
             Credential::Jwt(token) => {
                 let span = tracing::debug_span!("jwt", tenant_id = tracing::field::Empty);
-                self.decide_jwt(token, input.required_scopes)
+                self.decide_jwt(token, surface, input.required_scopes)
                     .instrument(span)
                     .await
             }

@@ -41,6 +41,7 @@ const AUD: &str = "msgflash-dashboard";
 fn issuer(name: &str) -> IssuerSettings {
     IssuerSettings {
         issuer: name.into(),
+        tenants: Some(tollgate::crypto::issuers::IssuerTenants::Word("all".into())),
         audiences: vec![AUD.into()],
         refresh_seconds: 1,
         min_refresh_seconds: 1,

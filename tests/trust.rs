@@ -29,7 +29,7 @@ use tonic_health::pb::HealthCheckRequest;
 use common::*;
 use tollgate::access::Rpc;
 use tollgate::app::GuardParts;
-use tollgate::crypto::issuers::IssuerSettings;
+use tollgate::crypto::issuers::{IssuerSettings, IssuerTenants};
 use tollgate::dashboard::{Dashboard, JwtSettings};
 use tollgate::grpc::pb;
 use tollgate::grpc::pb::console_service_client::ConsoleServiceClient;
@@ -85,6 +85,7 @@ async fn fixture_with(conn: &PgConnectOptions, guard: GuardParts) -> Fixture {
         issuers: vec![IssuerSettings {
             issuer: "partner".into(),
             audiences: vec!["partner-dashboard".into()],
+            tenants: Some(IssuerTenants::Word("all".into())),
             secret: Some(String::from_utf8(PARTNER_SECRET.to_vec()).unwrap().into()),
             ..IssuerSettings::default()
         }],
@@ -1193,7 +1194,7 @@ async fn a_flood_of_slow_management_calls_is_shed_while_decisions_answer(
         GuardParts {
             management: tollgate::grpc::budget::ManagementSettings {
                 max_in_flight: 2,
-                timeout_ms: 1500,
+                timeout_ms: 4000,
             },
             ..GuardParts::default()
         },
@@ -1219,21 +1220,28 @@ async fn a_flood_of_slow_management_calls_is_shed_while_decisions_answer(
             })
         })
         .collect();
-    // Both slots taken: the next management call is shed at once.
-    let mut tenants = fx.t.tenants.clone();
-    let shed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        loop {
-            let r = tenants
-                .list_tenants(op(pb::ListTenantsRequest::default()))
-                .await;
-            match r {
-                Err(e) if e.code() == Code::ResourceExhausted => break e,
-                _ => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
-            }
+    // Wait until both are stuck behind the lock (each holding a slot).
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while sqlx::query_scalar::<_, i64>(waiting)
+            .fetch_one(&fx.pool)
+            .await
+            .unwrap()
+            < 2
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     })
     .await
-    .expect("a management call is shed while both slots are taken");
+    .expect("both slow calls reach the database");
+    // Both slots taken: the next management call is shed at once.
+    let shed =
+        fx.t.tenants
+            .list_tenants(op(pb::ListTenantsRequest::default()))
+            .await
+            .unwrap_err();
+    assert_eq!(shed.code(), Code::ResourceExhausted, "{shed:?}");
     assert!(shed.message().contains("management"), "{shed:?}");
     // Decisions never wait for a slot.
     let secret = fx.a_secret.clone();
@@ -1293,6 +1301,7 @@ async fn a_jwks_redirect_to_another_origin_is_not_followed_and_urls_stay_out_of_
         issuers: vec![IssuerSettings {
             issuer: "https://redirecting.example".into(),
             audiences: vec!["dashboard".into()],
+            tenants: Some(IssuerTenants::Word("all".into())),
             jwks_url: Some(format!("http://{origin}{secret_path}")),
             allow_insecure_http: true,
             refresh_seconds: 1,
@@ -1329,4 +1338,108 @@ async fn a_jwks_redirect_to_another_origin_is_not_followed_and_urls_stay_out_of_
         assert!(!logged.contains(part), "{part} logged:\n{logged}");
     }
     redirector.abort();
+}
+
+#[sqlx::test]
+async fn an_issuer_speaks_only_for_its_tenants_and_a_surface_takes_only_its_issuers(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let text = std::fs::read_to_string(format!(
+        "{}/profiles/default.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+    .replace(
+        "[surfaces.dashboard]\nbearer = \"jwt\"\n",
+        "[surfaces.dashboard]\nbearer = \"jwt\"\njwt_issuers = [\"partner\"]\n\
+         jwt_audiences = [\"partner-dashboard\"]\n\n\
+         [surfaces.other_app]\nbearer = \"jwt\"\njwt_issuers = [\"other\"]\n",
+    );
+    let profile = tollgate::profile::Profile::from_toml(&text).unwrap();
+    assert!(
+        profile.surface("other_app").is_some(),
+        "the profile edit applied"
+    );
+    const OTHER_SECRET: &[u8] = b"other-hs256-secret-0123456789abcdef0";
+    let secret = |s: &[u8]| Some(String::from_utf8(s.to_vec()).unwrap().into());
+    let settings = JwtSettings {
+        issuers: vec![
+            IssuerSettings {
+                issuer: "partner".into(),
+                audiences: vec!["partner-dashboard".into(), "partner-admin".into()],
+                tenants: Some(IssuerTenants::List(vec![A.into()])),
+                secret: secret(PARTNER_SECRET),
+                ..IssuerSettings::default()
+            },
+            IssuerSettings {
+                issuer: "other".into(),
+                audiences: vec!["other-app".into()],
+                tenants: Some(IssuerTenants::Map {
+                    map: [("org-b".to_string(), B.to_string())].into(),
+                }),
+                secret: secret(OTHER_SECRET),
+                ..IssuerSettings::default()
+            },
+        ],
+        ..JwtSettings::default()
+    };
+    let mut opts = Options::new(profile);
+    opts.dashboard = Dashboard::new(&settings, None).unwrap();
+    let mut t = spawn_with(&conn, opts).await;
+    t.create_tenant(A, "pro").await;
+    t.create_tenant(B, "pro").await;
+    let partner = |aud: &str, tenant: &str| {
+        jwt_keys::hs256_with(
+            PARTNER_SECRET,
+            "p",
+            &jwt_keys::claims("partner", aud, tenant, 600),
+        )
+    };
+    let other = |tenant: &str| {
+        jwt_keys::hs256_with(
+            OTHER_SECRET,
+            "o",
+            &jwt_keys::claims("other", "other-app", tenant, 600),
+        )
+    };
+    let cases = [
+        (
+            "partner for A",
+            partner("partner-dashboard", A),
+            "dashboard",
+            A,
+        ),
+        (
+            "partner for B",
+            partner("partner-dashboard", B),
+            "dashboard",
+            "",
+        ),
+        (
+            "partner, admin audience",
+            partner("partner-admin", A),
+            "dashboard",
+            "",
+        ),
+        ("other, mapped org", other("org-b"), "other_app", B),
+        ("other, a raw tenant id", other(A), "other_app", ""),
+        ("other on the dashboard", other("org-b"), "dashboard", ""),
+    ];
+    for (what, token, surface, tenant) in cases {
+        let r = t
+            .authenticate_with(pb::AuthenticateRequest {
+                token,
+                surface: surface.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if tenant.is_empty() {
+            assert_eq!(reason(&r), "TOKEN_INVALID", "{what}");
+        } else {
+            assert!(r.allowed, "{what}: {r:?}");
+            assert_eq!(r.principal.unwrap().tenant_id, tenant, "{what}");
+        }
+    }
 }

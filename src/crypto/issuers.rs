@@ -11,7 +11,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::jwks::{parse_jwks, redact_url, JwksSource, RefreshPolicy, Refresher};
-use super::jwt::{parse_algorithm, Algorithm, Issuer, IssuerRules, KeySet, VerifyingKey};
+use super::jwt::{
+    parse_algorithm, Algorithm, Issuer, IssuerRules, KeySet, TenantRule, VerifyingKey,
+};
 
 /// A PEM public key given in config.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -31,6 +33,19 @@ pub struct PublicKeySettings {
     pub file: Option<PathBuf>,
 }
 
+/// `tenants` of an issuer: `"all"`, a list of tenant ids, or
+/// `{ map = { "<claim value>" = "<tenant id>" } }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum IssuerTenants {
+    /// `"all"` (any other word is refused at load).
+    Word(String),
+    List(Vec<String>),
+    Map {
+        map: std::collections::BTreeMap<String, String>,
+    },
+}
+
 /// One trusted external issuer (`[[jwt.issuers]]`).
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -41,6 +56,9 @@ pub struct IssuerSettings {
     pub audiences: Vec<String>,
     /// Claim naming the tenant.
     pub tenant_claim: String,
+    /// Which tenants this issuer may speak for; required (no default, so
+    /// trusting an issuer never silently trusts it for every tenant).
+    pub tenants: Option<IssuerTenants>,
     /// Claim holding scopes (string, space-separated, or array); `scope`
     /// falls back to `scp`.
     pub scope_claim: String,
@@ -74,6 +92,7 @@ impl Default for IssuerSettings {
             issuer: String::new(),
             audiences: Vec::new(),
             tenant_claim: "tenant_id".into(),
+            tenants: None,
             scope_claim: "scope".into(),
             leeway_seconds: 30,
             algorithms: Vec::new(),
@@ -142,6 +161,26 @@ impl IssuerSettings {
         if self.tenant_claim.is_empty() || self.scope_claim.is_empty() {
             return Err(err("tenant_claim", "claim names cannot be empty".into()));
         }
+        let tenants = match &self.tenants {
+            None => {
+                return Err(err(
+                    "tenants",
+                    "declare which tenants this issuer may speak for: \"all\", a list of tenant ids, or { map = { \"<claim value>\" = \"<tenant id>\" } }".into(),
+                ))
+            }
+            Some(IssuerTenants::Word(w)) if w == "all" => TenantRule::All,
+            Some(IssuerTenants::Word(w)) => {
+                return Err(err("tenants", format!("`{w}` is not \"all\", a list or a map")))
+            }
+            Some(IssuerTenants::List(l)) if l.is_empty() || l.iter().any(String::is_empty) => {
+                return Err(err("tenants", "name at least one tenant id".into()))
+            }
+            Some(IssuerTenants::List(l)) => TenantRule::Only(l.clone()),
+            Some(IssuerTenants::Map { map }) if map.is_empty() => {
+                return Err(err("tenants", "the map names no tenant".into()))
+            }
+            Some(IssuerTenants::Map { map }) => TenantRule::Map(map.clone()),
+        };
         if self.leeway_seconds > 300 {
             return Err(err("leeway_seconds", "must be 0..=300".into()));
         }
@@ -241,6 +280,7 @@ impl IssuerSettings {
             tenant_claim: self.tenant_claim.clone(),
             scope_claim: self.scope_claim.clone(),
             leeway_seconds: self.leeway_seconds,
+            tenants,
         };
         let issuer = Arc::new(Issuer::new(rules, KeySet::new(keys)));
         let refresher = source.map(|source| {
@@ -292,11 +332,13 @@ mod tests {
 [[jwt.issuers]]
 issuer = "https://idp.example.com/"
 audiences = ["dashboard"]
+tenants = "all"
 jwks_url = "https://idp.example.com/.well-known/jwks.json"
 
 [[jwt.issuers]]
 issuer = "legacy"
 audiences = ["console"]
+tenants = { map = { "org-1" = "acme" } }
 tenant_claim = "org_id"
 secret = "0123456789abcdef0123456789abcdef"
 "#,
@@ -318,9 +360,21 @@ secret = "0123456789abcdef0123456789abcdef"
         let base = IssuerSettings {
             issuer: "i".into(),
             audiences: vec!["a".into()],
+            tenants: Some(IssuerTenants::List(vec!["acme".into()])),
             ..IssuerSettings::default()
         };
         let err = |s: IssuerSettings| s.build(2).unwrap_err().field;
+        let undeclared = IssuerSettings {
+            tenants: None,
+            secret: Some("0123456789abcdef0123456789abcdef".to_string().into()),
+            ..base.clone()
+        };
+        assert_eq!(err(undeclared), "jwt.issuers[2].tenants");
+        let some = IssuerSettings {
+            tenants: Some(IssuerTenants::Word("some".into())),
+            ..base.clone()
+        };
+        assert_eq!(err(some), "jwt.issuers[2].tenants");
         assert_eq!(err(base.clone()), "jwt.issuers[2].secret"); // no key source
         let short = IssuerSettings {
             secret: Some("short".to_string().into()),
