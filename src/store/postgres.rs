@@ -311,7 +311,7 @@ impl Store for PostgresStore {
         let row: Option<TenantRow> = sqlx::query_as(
             "UPDATE tenants SET name = COALESCE($2, name), plan = COALESCE($3, plan), \
              subscription_status = COALESCE($4, subscription_status), \
-             overrides = COALESCE($5, overrides), updated_at = $6 \
+             overrides = COALESCE($5, overrides), updated_at = now() \
              WHERE tenant_id = $1 RETURNING *",
         )
         .bind(id.as_str())
@@ -319,7 +319,6 @@ impl Store for PostgresStore {
         .bind(u.plan.as_deref())
         .bind(u.status.map(SubscriptionStatus::as_str))
         .bind(u.overrides.as_ref().map(Json))
-        .bind(now)
         .fetch_optional(&mut *tx)
         .await
         .map_err(map_err)?;
