@@ -116,6 +116,14 @@ macro_rules! rpcs {
             pub const fn path(self) -> &'static str {
                 match self { $(Rpc::$name => $path,)* }
             }
+
+            /// The RPC at a gRPC path (one `match`: cheap on the hot path).
+            pub fn from_path(path: &str) -> Option<Rpc> {
+                match path {
+                    $($path => Some(Rpc::$name),)*
+                    _ => None,
+                }
+            }
         }
     };
 }
@@ -154,11 +162,6 @@ rpcs! {
 }
 
 impl Rpc {
-    /// The RPC at a gRPC path.
-    pub fn from_path(path: &str) -> Option<Rpc> {
-        Rpc::ALL.iter().copied().find(|r| r.path() == path)
-    }
-
     /// The decision path: never queued behind management work.
     pub const fn is_decision(self) -> bool {
         matches!(
