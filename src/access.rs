@@ -1,29 +1,44 @@
-//! Who may make which management call (DESIGN.md §7): the operator may do
-//! anything; a console user acts only inside their own tenant, and only as
-//! their role allows. Refusals are `PermissionDenied` and change nothing.
-//! No tonic.
+//! The trust model (DESIGN.md §7), written down once: who may be calling
+//! ([`Caller`]), every RPC Tollgate serves ([`Rpc`]), and the one rule for
+//! each ([`Rpc::rule`]). The gRPC layer identifies the caller and asks
+//! [`admit`] once at the top of every handler; the tenant checks that need
+//! the store are [`Access`]. No tonic.
+//!
+//! Refusals: an unidentified caller where one is needed is
+//! `Unauthenticated`; an identified caller of the wrong kind or role is
+//! `PermissionDenied`; another tenant's object is `NotFound`, exactly like a
+//! missing one (so ids cannot be probed). Nothing changes on a refusal.
 
 use std::sync::Arc;
 
 use crate::domain::console::{AuditContext, Role, UserId};
-use crate::domain::{KeyId, TenantId};
+use crate::domain::{KeyId, SubscriptionStatus, TenantId};
 use crate::error::{Error, Result};
 use crate::store::{KeyRef, Store};
 
-/// The authenticated caller of a management RPC.
+/// Who is calling, as identified from the call's metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
-    /// Holder of the operator token.
-    Operator,
-    /// A console user, from a console access token.
+    /// No credential of its own: at most the credential inside the request
+    /// (Authenticate, CheckQuota by `api_key`, Envoy Check) speaks.
+    Anonymous,
+    /// A configured gateway identity (`gateway_token`): may ask for quota
+    /// and usage of any tenant or key, nothing else.
+    Gateway,
+    /// The console's backend (`console_backend_token`): may name the end
+    /// user's address on Login, nothing else.
+    ConsoleBackend,
+    /// A console user, from Tollgate's own console access token.
     Console {
         tenant_id: TenantId,
         role: Role,
         user_id: UserId,
     },
+    /// Holder of the operator token.
+    Operator,
 }
 
-/// What a management call needs.
+/// What a console user's role must allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
     /// Read the tenant's keys, usage, tenant record: every role.
@@ -34,43 +49,245 @@ pub enum Need {
     ManageUsers,
     /// Read the audit log: owners, admins.
     ReadAudit,
-    /// Operator only (creating or listing tenants, plans and billing state).
-    Operator,
+}
+
+/// Whether a call needs no caller identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anyone {
+    /// An identified caller is required.
+    No,
+    /// Open to anyone (the request carries its own proof, or the call is
+    /// public by nature).
+    Yes,
+    /// Open when the request carries the credential it asks about (CheckQuota
+    /// by `api_key`); otherwise an identified caller is required.
+    WithOwnCredential,
+}
+
+/// Who may make one RPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    pub anyone: Anyone,
+    pub gateway: bool,
+    pub console_backend: bool,
+    /// Console users whose role allows this, inside their own tenant;
+    /// `None`: never.
+    pub console: Option<Need>,
+    pub operator: bool,
+}
+
+const OPEN: Rule = Rule {
+    anyone: Anyone::Yes,
+    gateway: true,
+    console_backend: true,
+    console: Some(Need::Read),
+    operator: true,
+};
+
+const fn tenant(need: Need) -> Rule {
+    Rule {
+        anyone: Anyone::No,
+        gateway: false,
+        console_backend: false,
+        console: Some(need),
+        operator: true,
+    }
+}
+
+const OPERATOR: Rule = Rule {
+    anyone: Anyone::No,
+    gateway: false,
+    console_backend: false,
+    console: None,
+    operator: true,
+};
+
+macro_rules! rpcs {
+    ($($name:ident => $path:literal,)*) => {
+        /// Every RPC Tollgate serves, on every service.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Rpc { $($name,)* }
+
+        impl Rpc {
+            /// Every RPC, in table order.
+            pub const ALL: &'static [Rpc] = &[$(Rpc::$name,)*];
+
+            /// Its gRPC path, `/package.Service/Method`.
+            pub const fn path(self) -> &'static str {
+                match self { $(Rpc::$name => $path,)* }
+            }
+
+            /// The RPC at a gRPC path (one `match`: cheap on the hot path).
+            pub fn from_path(path: &str) -> Option<Rpc> {
+                match path {
+                    $($path => Some(Rpc::$name),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+rpcs! {
+    Authenticate => "/tollgate.v1.AuthService/Authenticate",
+    CheckQuota => "/tollgate.v1.AuthService/CheckQuota",
+    GetUsage => "/tollgate.v1.AuthService/GetUsage",
+    CreateKey => "/tollgate.v1.AuthService/CreateKey",
+    RevokeKey => "/tollgate.v1.AuthService/RevokeKey",
+    GetKey => "/tollgate.v1.AuthService/GetKey",
+    ListKeys => "/tollgate.v1.AuthService/ListKeys",
+    RotateKey => "/tollgate.v1.AuthService/RotateKey",
+    UpdateKey => "/tollgate.v1.AuthService/UpdateKey",
+    CreateTenant => "/tollgate.v1.TenantService/CreateTenant",
+    GetTenant => "/tollgate.v1.TenantService/GetTenant",
+    UpdateTenant => "/tollgate.v1.TenantService/UpdateTenant",
+    ListTenants => "/tollgate.v1.TenantService/ListTenants",
+    SignUp => "/tollgate.v1.ConsoleService/SignUp",
+    Login => "/tollgate.v1.ConsoleService/Login",
+    Refresh => "/tollgate.v1.ConsoleService/Refresh",
+    Logout => "/tollgate.v1.ConsoleService/Logout",
+    RequestEmailVerification => "/tollgate.v1.ConsoleService/RequestEmailVerification",
+    VerifyEmail => "/tollgate.v1.ConsoleService/VerifyEmail",
+    RequestPasswordReset => "/tollgate.v1.ConsoleService/RequestPasswordReset",
+    ResetPassword => "/tollgate.v1.ConsoleService/ResetPassword",
+    GetJwks => "/tollgate.v1.ConsoleService/GetJwks",
+    CreateUser => "/tollgate.v1.ConsoleService/CreateUser",
+    ListUsers => "/tollgate.v1.ConsoleService/ListUsers",
+    UpdateUser => "/tollgate.v1.ConsoleService/UpdateUser",
+    DeleteUser => "/tollgate.v1.ConsoleService/DeleteUser",
+    ListAuditEvents => "/tollgate.v1.ConsoleService/ListAuditEvents",
+    EnvoyCheck => "/envoy.service.auth.v3.Authorization/Check",
+    HealthCheck => "/grpc.health.v1.Health/Check",
+    HealthWatch => "/grpc.health.v1.Health/Watch",
+    Reflection => "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    ReflectionAlpha => "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+}
+
+impl Rpc {
+    /// The decision path: never queued behind management work.
+    pub const fn is_decision(self) -> bool {
+        matches!(
+            self,
+            Rpc::Authenticate
+                | Rpc::CheckQuota
+                | Rpc::EnvoyCheck
+                | Rpc::HealthCheck
+                | Rpc::HealthWatch
+        )
+    }
+
+    /// The rule: the trust model's table.
+    pub const fn rule(self) -> Rule {
+        use Rpc::*;
+        match self {
+            // The credential in the request proves itself; denials are answers.
+            Authenticate | EnvoyCheck => OPEN,
+            // Probing or spending a tenant's or key's quota by id needs a
+            // caller that may: the gateway, the tenant's users, the operator.
+            CheckQuota => Rule {
+                anyone: Anyone::WithOwnCredential,
+                gateway: true,
+                console_backend: false,
+                console: Some(Need::Read),
+                operator: true,
+            },
+            GetUsage => Rule {
+                anyone: Anyone::No,
+                gateway: true,
+                console_backend: false,
+                console: Some(Need::Read),
+                operator: true,
+            },
+            GetKey | ListKeys | GetTenant => tenant(Need::Read),
+            CreateKey | RevokeKey | RotateKey | UpdateKey => tenant(Need::ManageKeys),
+            // Console users may only rename their tenant (checked by the call).
+            UpdateTenant => tenant(Need::ManageKeys),
+            CreateTenant | ListTenants => OPERATOR,
+            // The console's public flows: each proves itself with a password
+            // or a token. Login trusts `client_address` only from the
+            // console backend.
+            SignUp
+            | Login
+            | Refresh
+            | Logout
+            | RequestEmailVerification
+            | VerifyEmail
+            | RequestPasswordReset
+            | ResetPassword
+            | GetJwks => OPEN,
+            // Only owners touch or make owners (checked by the call).
+            CreateUser | ListUsers | UpdateUser | DeleteUser => tenant(Need::ManageUsers),
+            ListAuditEvents => tenant(Need::ReadAudit),
+            HealthCheck | HealthWatch | Reflection | ReflectionAlpha => OPEN,
+        }
+    }
 }
 
 fn denied(why: &str) -> Error {
     Error::PermissionDenied(why.to_string())
 }
 
-impl Caller {
-    /// Whether the caller's role allows `need` (tenant aside).
-    pub fn allow(&self, need: Need) -> Result<()> {
-        let Caller::Console { role, .. } = self else {
-            return Ok(());
-        };
-        match need {
-            Need::Read => Ok(()),
-            Need::ManageKeys | Need::ManageUsers | Need::ReadAudit if role.manages() => Ok(()),
-            Need::ManageKeys => Err(denied("only owners and admins manage keys")),
-            Need::ManageUsers => Err(denied("only owners and admins manage users")),
-            Need::ReadAudit => Err(denied("only owners and admins read the audit log")),
-            Need::Operator => Err(denied("this call is for the operator only")),
+/// Whether `caller` may make `rpc` (`own_credential`: the request carries
+/// the credential it asks about). Tenant checks come after, in [`Access`].
+pub fn admit(rpc: Rpc, caller: &Caller, own_credential: bool) -> Result<()> {
+    let rule = rpc.rule();
+    match rule.anyone {
+        Anyone::Yes => return Ok(()),
+        Anyone::WithOwnCredential if own_credential => return Ok(()),
+        _ => {}
+    }
+    match caller {
+        Caller::Anonymous => Err(Error::Unauthenticated),
+        Caller::Operator if rule.operator => Ok(()),
+        Caller::Gateway if rule.gateway => Ok(()),
+        Caller::ConsoleBackend if rule.console_backend => Ok(()),
+        Caller::Console { role, .. } => match rule.console {
+            None => Err(denied("this call is for the operator only")),
+            Some(need) => role_allows(*role, need),
+        },
+        Caller::Operator | Caller::Gateway | Caller::ConsoleBackend => {
+            Err(denied("this credential may not make this call"))
         }
     }
+}
 
+fn role_allows(role: Role, need: Need) -> Result<()> {
+    match need {
+        Need::Read => Ok(()),
+        _ if role.manages() => Ok(()),
+        Need::ManageKeys => Err(denied("only owners and admins manage keys")),
+        Need::ManageUsers => Err(denied("only owners and admins manage users")),
+        Need::ReadAudit => Err(denied("only owners and admins read the audit log")),
+    }
+}
+
+/// Subscription states in which console users may change things: other
+/// states (past due, canceled, suspended) leave the console read-only
+/// until billing is sorted out. The operator is never paused.
+fn console_may_write(status: SubscriptionStatus) -> bool {
+    matches!(
+        status,
+        SubscriptionStatus::Active | SubscriptionStatus::Trialing
+    )
+}
+
+impl Caller {
     /// The tenant a call may touch, given the `tenant_id` it names (empty:
-    /// none). The operator gets what it asked; a console user gets their
-    /// own tenant, and naming another one is refused.
-    pub fn tenant_scope(&self, requested: &str, need: Need) -> Result<String> {
-        self.allow(need)?;
+    /// none). The operator and the gateway get what they asked; a console
+    /// user gets their own tenant, and another one is `NotFound` like a
+    /// missing one.
+    pub fn tenant_scope(&self, requested: &str) -> Result<String> {
         match self {
-            Caller::Operator => Ok(requested.to_string()),
+            Caller::Operator | Caller::Gateway => Ok(requested.to_string()),
             Caller::Console { tenant_id, .. } => {
                 if requested.is_empty() || requested == tenant_id.as_str() {
                     Ok(tenant_id.to_string())
                 } else {
-                    Err(denied("the caller may not access another tenant"))
+                    Err(Error::NotFound("tenant"))
                 }
+            }
+            Caller::Anonymous | Caller::ConsoleBackend => {
+                Err(denied("this credential may not name a tenant"))
             }
         }
     }
@@ -85,11 +302,19 @@ impl Caller {
         }
     }
 
+    /// Whether this is a console user (whose reach is narrower).
+    pub fn is_console_user(&self) -> bool {
+        matches!(self, Caller::Console { .. })
+    }
+
     /// The audit context of this caller's changes.
     pub fn audit(&self, request_id: &str) -> AuditContext {
         AuditContext {
             actor: match self {
                 Caller::Operator => "operator".into(),
+                Caller::Gateway => "gateway".into(),
+                Caller::ConsoleBackend => "console-backend".into(),
+                Caller::Anonymous => "anonymous".into(),
                 Caller::Console { user_id, .. } => format!("user:{user_id}"),
             },
             request_id: request_id.to_string(),
@@ -97,8 +322,8 @@ impl Caller {
     }
 }
 
-/// Checks that need the store: a key named by id must belong to the
-/// caller's tenant.
+/// Tenant checks that need the store: a key named by id must belong to
+/// the caller's tenant, and console writes wait for an active subscription.
 pub struct Access {
     store: Arc<dyn Store>,
 }
@@ -109,17 +334,26 @@ impl Access {
         Self { store }
     }
 
-    /// For a call on key `key_id` (with the optional `tenant_id` it names):
+    /// For `rpc` on the tenant `requested` names: the tenant scope to pass
+    /// down (see [`Caller::tenant_scope`]); a console write also needs the
+    /// tenant's subscription in good standing.
+    pub async fn tenant(&self, rpc: Rpc, caller: &Caller, requested: &str) -> Result<String> {
+        let scope = caller.tenant_scope(requested)?;
+        self.writable(rpc, caller).await?;
+        Ok(scope)
+    }
+
+    /// For `rpc` on key `key_id` (with the optional `tenant_id` it names):
     /// the tenant scope to pass down. A console user's scope is their own
-    /// tenant, and a key of another tenant is refused outright.
+    /// tenant; a key of another tenant is `NotFound`, like a missing one.
     pub async fn key(
         &self,
+        rpc: Rpc,
         caller: &Caller,
         key_id: &str,
         requested_tenant: &str,
-        need: Need,
     ) -> Result<String> {
-        let scope = caller.tenant_scope(requested_tenant, need)?;
+        let scope = caller.tenant_scope(requested_tenant)?;
         if let Caller::Console { tenant_id, .. } = caller {
             // A malformed id is reported by the call itself.
             if let Ok(id) = KeyId::parse_str(key_id) {
@@ -129,11 +363,35 @@ impl Access {
                     .await?
                     .map(|k| k.tenant_id);
                 if owner.is_some_and(|t| &t != tenant_id) {
-                    return Err(denied("the key belongs to another tenant"));
+                    return Err(Error::NotFound("key"));
                 }
             }
         }
+        self.writable(rpc, caller).await?;
         Ok(scope)
+    }
+
+    /// A console user's write needs the tenant's subscription active.
+    async fn writable(&self, rpc: Rpc, caller: &Caller) -> Result<()> {
+        let Caller::Console { tenant_id, .. } = caller else {
+            return Ok(());
+        };
+        if !matches!(rpc.rule().console, Some(Need::ManageKeys)) {
+            return Ok(());
+        }
+        let tenant = self
+            .store
+            .get_tenant(tenant_id)
+            .await?
+            .ok_or(Error::NotFound("tenant"))?;
+        if console_may_write(tenant.status) {
+            Ok(())
+        } else {
+            Err(Error::FailedPrecondition(format!(
+                "the tenant's subscription is {}: the console is read-only until it is active",
+                tenant.status.as_str()
+            )))
+        }
     }
 }
 
@@ -152,22 +410,42 @@ mod tests {
     #[test]
     fn console_users_stay_in_their_tenant_and_role() {
         let viewer = user(Role::Viewer);
-        assert_eq!(viewer.tenant_scope("", Need::Read).unwrap(), "a");
-        assert_eq!(viewer.tenant_scope("a", Need::Read).unwrap(), "a");
+        assert_eq!(viewer.tenant_scope("").unwrap(), "a");
+        assert_eq!(viewer.tenant_scope("a").unwrap(), "a");
         assert!(matches!(
-            viewer.tenant_scope("b", Need::Read),
-            Err(Error::PermissionDenied(_))
+            viewer.tenant_scope("b"),
+            Err(Error::NotFound("tenant"))
         ));
-        assert!(viewer.tenant_scope("a", Need::ManageKeys).is_err());
-        assert!(user(Role::Developer).allow(Need::ManageKeys).is_err());
-        assert!(user(Role::Admin).allow(Need::ManageKeys).is_ok());
-        assert!(user(Role::Owner).allow(Need::Operator).is_err());
+        assert!(admit(Rpc::CreateKey, &viewer, false).is_err());
+        assert!(admit(Rpc::CreateKey, &user(Role::Developer), false).is_err());
+        assert!(admit(Rpc::CreateKey, &user(Role::Admin), false).is_ok());
+        assert!(admit(Rpc::ListTenants, &user(Role::Owner), false).is_err());
         assert!(user(Role::Admin).may_grant(Role::Owner).is_err());
         assert!(user(Role::Owner).may_grant(Role::Owner).is_ok());
-        assert_eq!(
-            Caller::Operator.tenant_scope("b", Need::Operator).unwrap(),
-            "b"
-        );
+        assert_eq!(Caller::Operator.tenant_scope("b").unwrap(), "b");
         assert_eq!(Caller::Operator.audit("r").actor, "operator");
+    }
+
+    #[test]
+    fn every_rpc_has_one_path_and_narrow_callers_stay_narrow() {
+        for rpc in Rpc::ALL {
+            assert_eq!(Rpc::from_path(rpc.path()), Some(*rpc));
+        }
+        for rpc in Rpc::ALL.iter().filter(|r| r.rule().anyone != Anyone::Yes) {
+            assert!(matches!(
+                admit(*rpc, &Caller::Anonymous, false),
+                Err(Error::Unauthenticated)
+            ));
+            assert!(
+                admit(*rpc, &Caller::ConsoleBackend, false).is_err(),
+                "{rpc:?}"
+            );
+        }
+        assert!(admit(Rpc::CheckQuota, &Caller::Anonymous, true).is_ok());
+        assert!(admit(Rpc::CheckQuota, &Caller::Gateway, false).is_ok());
+        assert!(admit(Rpc::GetUsage, &Caller::Gateway, false).is_ok());
+        assert!(admit(Rpc::GetKey, &Caller::Gateway, false).is_err());
+        assert!(console_may_write(SubscriptionStatus::Trialing));
+        assert!(!console_may_write(SubscriptionStatus::PastDue));
     }
 }

@@ -21,10 +21,11 @@ use crate::crypto::jwks::RefreshStats;
 use crate::crypto::Peppers;
 use crate::dashboard::Dashboard;
 use crate::grpc::auth_api::AuthApi;
-use crate::grpc::caller::CallerGuard;
+use crate::grpc::budget::{Budget, ManagementSettings};
+use crate::grpc::caller::{CallerGuard, CallerTokens};
 use crate::grpc::console_api::ConsoleApi;
 use crate::grpc::envoy::{AuthorizationServer, EnvoyAuthz, EnvoySettings};
-use crate::grpc::operator::OperatorGuard;
+use crate::grpc::operator::StaticToken;
 use crate::grpc::pb::auth_service_server::AuthServiceServer;
 use crate::grpc::pb::console_service_server::ConsoleServiceServer;
 use crate::grpc::pb::tenant_service_server::TenantServiceServer;
@@ -40,6 +41,8 @@ pub struct Parts {
     pub peppers: Peppers,
     pub store: Arc<dyn Store>,
     pub operator_token: Option<SecretString>,
+    /// Other callers' credentials and the management budget.
+    pub guard: GuardParts,
     /// JWT issuers and console (dashboard surface); default: none.
     pub dashboard: Dashboard,
     pub cache: CacheSettings,
@@ -55,6 +58,34 @@ pub struct Parts {
     /// Readiness also waits for this to turn true (start-up migrations
     /// still running); `None`: no such wait.
     pub ready_gate: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// Who may call besides the operator, and how much management work runs
+/// at once (see [`crate::access`] for what each caller may do).
+#[derive(Clone, Default)]
+pub struct GuardParts {
+    /// The gateway identity's bearer token (quota and usage by id).
+    pub gateway_token: Option<SecretString>,
+    /// The console backend's bearer token (Login's `client_address`).
+    pub console_backend_token: Option<SecretString>,
+    /// Slots and timeout of management and console calls.
+    pub management: ManagementSettings,
+}
+
+impl std::fmt::Debug for GuardParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardParts")
+            .field(
+                "gateway_token",
+                &self.gateway_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "console_backend_token",
+                &self.console_backend_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("management", &self.management)
+            .finish()
+    }
 }
 
 /// A started instance.
@@ -122,14 +153,19 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         )
         .with_caches(caches.clone()),
     );
-    let guard = OperatorGuard::new(parts.operator_token.as_ref());
+    let tokens = CallerTokens {
+        operator: StaticToken::new(parts.operator_token.as_ref()),
+        gateway: StaticToken::new(parts.guard.gateway_token.as_ref()),
+        console_backend: StaticToken::new(parts.guard.console_backend_token.as_ref()),
+    };
+    let budget = Budget::new(&parts.guard.management);
     let console_parts = parts.dashboard.console.take();
     let console_issuer = console_parts
         .as_ref()
         .filter(|c| c.signer.is_some())
         .map(|c| c.settings.issuer.clone());
     let callers = CallerGuard::new(
-        guard.clone(),
+        tokens,
         parts.dashboard.verifier.clone(),
         console_issuer,
         parts.clock.clone(),
@@ -274,16 +310,18 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         &parts.envoy,
     ))
     .max_decoding_message_size(max);
+    let access = Arc::new(Access::new(parts.store.clone()));
     let auth = AuthServiceServer::new(AuthApi {
         authz,
         manager: manager.clone(),
         guard: callers.clone(),
-        access: Arc::new(Access::new(parts.store.clone())),
+        access: access.clone(),
     })
     .max_decoding_message_size(max);
     let tenants = TenantServiceServer::new(TenantApi {
         manager: manager.clone(),
         guard: callers.clone(),
+        access,
     })
     .max_decoding_message_size(max);
 
@@ -299,10 +337,10 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(auth)
-        .add_service(tenants)
+        .add_service(budget.wrap(auth))
+        .add_service(budget.wrap(tenants))
         .add_service(envoy)
-        .add_service(console_api);
+        .add_service(budget.wrap(console_api));
     let stop = async {
         let _ = signal.await;
     };

@@ -372,7 +372,7 @@ impl Authenticator {
             Credential::Ambiguous => Ok(Err(Reason::CredentialMalformed)),
             Credential::Jwt(token) => {
                 let span = tracing::debug_span!("jwt", tenant_id = tracing::field::Empty);
-                self.decide_jwt(token, input.required_scopes)
+                self.decide_jwt(token, surface, input.required_scopes)
                     .instrument(span)
                     .await
             }
@@ -407,7 +407,7 @@ impl Authenticator {
         span.record("key_id", tracing::field::display(record.id));
 
         let now = self.clock.now();
-        if record.is_revoked(now) {
+        if record.is_revoked() {
             return deny(Reason::KeyRevoked);
         }
         if record.is_expired(now) {
@@ -607,7 +607,7 @@ impl Authenticator {
                 .await?
                 .ok_or(Error::NotFound("key"))?;
             let now = self.clock.now();
-            if record.is_revoked(now) {
+            if record.is_revoked() {
                 return Ok(Err(Reason::KeyRevoked));
             }
             if record.is_expired(now) {
@@ -673,6 +673,19 @@ impl Authenticator {
                 ),
             },
         };
+        // A cost no limit in force could ever admit is a caller's mistake
+        // (or a drain attempt), not a denial: refused, nothing consumed.
+        let most = self
+            .limits_for(&tenant, key.as_deref())
+            .iter()
+            .map(|s| s.burst.unwrap_or(s.limit).max(1))
+            .min();
+        if let Some(most) = most.filter(|m| cost > *m) {
+            return Err(Error::invalid(
+                "cost",
+                &format!("is more than the tightest limit in force ({most})"),
+            ));
+        }
         let outcome = self
             .check_limits(&tenant, key.as_deref(), cost, dry_run)
             .await?;

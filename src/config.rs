@@ -81,6 +81,16 @@ pub struct Settings {
     #[serde(serialize_with = "ser_opt_secret")]
     pub operator_token: Option<SecretString>,
     pub operator_token_file: Option<PathBuf>,
+    /// The gateway identity's bearer token (CheckQuota and GetUsage by id).
+    #[serde(serialize_with = "ser_opt_secret")]
+    pub gateway_token: Option<SecretString>,
+    pub gateway_token_file: Option<PathBuf>,
+    /// The console backend's bearer token (Login's `client_address`).
+    #[serde(serialize_with = "ser_opt_secret")]
+    pub console_backend_token: Option<SecretString>,
+    pub console_backend_token_file: Option<PathBuf>,
+    /// Management and console calls: slots and timeout (`[management]`).
+    pub management: crate::grpc::budget::ManagementSettings,
     #[serde(serialize_with = "ser_opt_secret")]
     pub database_url: Option<SecretString>,
     pub database: DatabaseSettings,
@@ -120,6 +130,11 @@ impl Default for Settings {
             profile: None,
             operator_token: None,
             operator_token_file: None,
+            gateway_token: None,
+            gateway_token_file: None,
+            console_backend_token: None,
+            console_backend_token_file: None,
+            management: Default::default(),
             database_url: None,
             database: DatabaseSettings::default(),
             pepper: None,
@@ -148,6 +163,11 @@ const ENV_KEYS: &[&str] = &[
     "profile",
     "operator_token",
     "operator_token_file",
+    "gateway_token",
+    "gateway_token_file",
+    "console_backend_token",
+    "console_backend_token_file",
+    "management",
     "database_url",
     "database",
     "pepper",
@@ -236,21 +256,48 @@ impl Settings {
 
     /// The operator token from `operator_token` or `operator_token_file`.
     pub fn load_operator_token(&self) -> Result<Option<SecretString>, ConfigError> {
-        let token = match (&self.operator_token, &self.operator_token_file) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "operator_token",
-                    "set operator_token or operator_token_file, not both",
-                ))
-            }
-            (Some(t), None) => t.clone(),
-            (None, Some(path)) => read_secret_file("operator_token_file", path)?,
-            (None, None) => return Ok(None),
-        };
-        if token.expose_secret().len() < 16 {
-            return Err(invalid("operator_token", "must be at least 16 characters"));
+        load_token(
+            "operator_token",
+            &self.operator_token,
+            &self.operator_token_file,
+        )
+    }
+
+    /// The gateway token from `gateway_token` or `gateway_token_file`.
+    pub fn load_gateway_token(&self) -> Result<Option<SecretString>, ConfigError> {
+        load_token(
+            "gateway_token",
+            &self.gateway_token,
+            &self.gateway_token_file,
+        )
+    }
+
+    /// The console backend token from `console_backend_token` or
+    /// `console_backend_token_file`.
+    pub fn load_console_backend_token(&self) -> Result<Option<SecretString>, ConfigError> {
+        load_token(
+            "console_backend_token",
+            &self.console_backend_token,
+            &self.console_backend_token_file,
+        )
+    }
+
+    /// The three caller tokens, which must all differ (one credential is
+    /// one caller kind).
+    pub fn load_caller_tokens(&self) -> Result<[Option<SecretString>; 3], ConfigError> {
+        let tokens = [
+            self.load_operator_token()?,
+            self.load_gateway_token()?,
+            self.load_console_backend_token()?,
+        ];
+        let set: Vec<&str> = tokens.iter().flatten().map(|t| t.expose_secret()).collect();
+        if (1..set.len()).any(|i| set[..i].contains(&set[i])) {
+            return Err(invalid(
+                "gateway_token",
+                "operator_token, gateway_token and console_backend_token must differ",
+            ));
         }
-        Ok(Some(token))
+        Ok(tokens)
     }
 
     /// The peppers from `pepper`/`pepper_file` and `previous_peppers`.
@@ -298,6 +345,12 @@ impl Settings {
         if self.cache.max_keys == 0 || self.cache.ttl_seconds == 0 {
             return Err(invalid("cache", "max_keys and ttl_seconds must be ≥ 1"));
         }
+        if self.management.max_in_flight == 0 || self.management.timeout_ms == 0 {
+            return Err(invalid(
+                "management",
+                "max_in_flight and timeout_ms must be ≥ 1",
+            ));
+        }
         if self.last_used_flush_seconds == 0 {
             return Err(invalid("last_used_flush_seconds", "must be ≥ 1"));
         }
@@ -305,6 +358,29 @@ impl Settings {
             .map_err(|e| invalid("log_level", e.to_string()))?;
         Ok(())
     }
+}
+
+/// A bearer token from `field` or `field_file`, at least 16 characters.
+fn load_token(
+    field: &str,
+    value: &Option<SecretString>,
+    file: &Option<PathBuf>,
+) -> Result<Option<SecretString>, ConfigError> {
+    let token = match (value, file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                field,
+                format!("set {field} or {field}_file, not both"),
+            ))
+        }
+        (Some(t), None) => t.clone(),
+        (None, Some(path)) => read_secret_file(&format!("{field}_file"), path)?,
+        (None, None) => return Ok(None),
+    };
+    if token.expose_secret().len() < 16 {
+        return Err(invalid(field, "must be at least 16 characters"));
+    }
+    Ok(Some(token))
 }
 
 fn read_secret_file(field: &str, path: &Path) -> Result<SecretString, ConfigError> {

@@ -20,8 +20,8 @@ pub enum Error {
     /// rotating a revoked key).
     #[error("{0}")]
     FailedPrecondition(String),
-    /// Missing or wrong management credentials.
-    #[error("missing or invalid operator credentials")]
+    /// Missing or wrong caller credentials where the call needs them.
+    #[error("missing or invalid caller credentials")]
     Unauthenticated,
     /// The caller is known but may not do this (another tenant's data, a
     /// role without the right). Nothing changed.

@@ -243,7 +243,7 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
         settings.operator_token = Some(SecretString::from(token.clone()));
         generated_token = Some(token);
     }
-    let operator_token = settings.load_operator_token()?;
+    let [operator_token, gateway_token, console_backend_token] = settings.load_caller_tokens()?;
     if operator_token.is_none() {
         tracing::warn!("no operator token configured: every management call will be refused");
     }
@@ -290,6 +290,11 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
             peppers,
             store,
             operator_token,
+            guard: app::GuardParts {
+                gateway_token,
+                console_backend_token,
+                management: settings.management,
+            },
             dashboard,
             cache: settings.cache.clone(),
             max_message_bytes: settings.max_message_bytes,

@@ -40,6 +40,30 @@ pub struct Surface {
     /// Key environments accepted here; empty = all.
     #[serde(default)]
     pub environments: Vec<String>,
+    /// JWT issuers (`iss`) accepted here; empty = every configured issuer.
+    #[serde(default)]
+    pub jwt_issuers: Vec<String>,
+    /// JWT audiences accepted here (the token's `aud` must hold one);
+    /// empty = whatever the issuer accepts.
+    #[serde(default)]
+    pub jwt_audiences: Vec<String>,
+}
+
+impl Surface {
+    /// Whether a verified token of `issuer` with `aud` may be used here.
+    pub fn accepts_jwt(&self, issuer: &str, aud: Option<&serde_json::Value>) -> bool {
+        let issuer_ok = self.jwt_issuers.is_empty() || self.jwt_issuers.iter().any(|i| i == issuer);
+        let audience_ok = self.jwt_audiences.is_empty()
+            || match aud {
+                Some(serde_json::Value::String(a)) => self.jwt_audiences.contains(a),
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .filter_map(serde_json::Value::as_str)
+                    .any(|a| self.jwt_audiences.iter().any(|x| x == a)),
+                _ => false,
+            };
+        issuer_ok && audience_ok
+    }
 }
 
 /// A plan: a product decision shipped in the profile.

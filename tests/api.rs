@@ -938,7 +938,9 @@ async fn check_quota_answers_from_the_plan(_p: PgPoolOptions, conn: PgConnectOpt
             ..Default::default()
         },
     ] {
-        let r = t.auth.check_quota(req).await.unwrap().into_inner();
+        // By id the operator asks (anonymous callers may only ask with
+        // the credential itself; see tests/trust.rs).
+        let r = t.auth.check_quota(op(req)).await.unwrap().into_inner();
         assert!(r.allowed);
         assert_eq!(r.plan, "starter");
     }
@@ -956,11 +958,11 @@ async fn check_quota_answers_from_the_plan(_p: PgPoolOptions, conn: PgConnectOpt
     assert_eq!(r.denial.unwrap().reason, "KEY_REVOKED");
     let err = t
         .auth
-        .check_quota(pb::CheckQuotaRequest {
+        .check_quota(op(pb::CheckQuotaRequest {
             tenant_id: "acme".into(),
             key_id: key.key_id,
             ..Default::default()
-        })
+        }))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);

@@ -45,6 +45,7 @@ const AUD: &str = "msgflash-dashboard";
 fn issuer(name: &str) -> IssuerSettings {
     IssuerSettings {
         issuer: name.into(),
+        tenants: Some(tollgate::crypto::issuers::IssuerTenants::Word("all".into())),
         audiences: vec![AUD.into()],
         refresh_seconds: 1,
         min_refresh_seconds: 1,
@@ -125,6 +126,7 @@ async fn jwts_from_several_issuers_are_verified_and_the_plan_comes_from_the_tena
         },
         IssuerSettings {
             jwks_url: Some(server.url()),
+            allow_insecure_http: true,
             ..issuer("https://url.example")
         },
         IssuerSettings {
@@ -322,6 +324,7 @@ async fn a_new_kid_in_the_jwks_is_picked_up_and_the_last_good_keys_survive_an_ou
         &conn,
         vec![IssuerSettings {
             jwks_url: Some(server.url()),
+            allow_insecure_http: true,
             refresh_seconds: 3600, // only an unknown kid triggers a refresh here
             ..issuer(iss)
         }],

@@ -289,11 +289,11 @@ async fn usage_survives_a_restart_and_a_dry_run_consumes_nothing(
     }
     let r = second
         .auth
-        .check_quota(pb::CheckQuotaRequest {
+        .check_quota(op(pb::CheckQuotaRequest {
             key_id: record.key_id.clone(),
             cost: 2,
             ..Default::default()
-        })
+        }))
         .await
         .unwrap()
         .into_inner();

@@ -246,6 +246,7 @@ async fn start_unwaited(
             peppers: peppers(),
             store,
             operator_token: None,
+            guard: Default::default(),
             cache: Default::default(),
             max_message_bytes: 65536,
             last_used_flush: Duration::from_secs(3600),

@@ -88,9 +88,27 @@ async fn a_whole_key_lifecycle_logs_no_key_digest_pepper_or_token(
     conn: PgConnectOptions,
 ) {
     captured_logs(); // Installs the subscriber before anything logs.
-    let mut t = spawn(&conn, "default").await;
+    const GATEWAY: &str = "logged-never-gateway-token-0123";
+    const BACKEND: &str = "logged-never-backend-token-0123";
+    let mut opts = Options::new(profile("default"));
+    opts.guard.gateway_token = Some(GATEWAY.to_string().into());
+    opts.guard.console_backend_token = Some(BACKEND.to_string().into());
+    let mut t = spawn_with(&conn, opts).await;
     t.create_tenant("acme", "pro").await;
     let (key, record) = t.create_key("acme").await;
+
+    // The gateway and console backend tokens, right and slightly wrong.
+    for token in [GATEWAY, BACKEND, &GATEWAY[1..], &BACKEND[1..]] {
+        let mut request = tonic::Request::new(pb::GetUsageRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let answer = t.auth.get_usage(request).await;
+        assert_eq!(answer.is_ok(), token == GATEWAY, "{token}: {answer:?}");
+    }
 
     assert!(t.authenticate(&key).await.allowed);
     for (header, value) in [
@@ -152,6 +170,8 @@ async fn a_whole_key_lifecycle_logs_no_key_digest_pepper_or_token(
         .collect();
     secrets.push(String::from_utf8(PEPPER.to_vec()).unwrap());
     secrets.push(OPERATOR_TOKEN.to_string());
+    secrets.push("gateway-token-0123".to_string());
+    secrets.push("backend-token-0123".to_string());
     assert_no_secret_in(&logs, &secrets);
 }
 
@@ -182,6 +202,8 @@ fn debug_output_of_secret_holding_types_is_redacted() {
 
     let mut settings = Settings {
         operator_token: Some(OPERATOR_TOKEN.to_string().into()),
+        gateway_token: Some("gateway-secret-token-0123".to_string().into()),
+        console_backend_token: Some("backend-secret-token-0123".to_string().into()),
         database_url: Some(
             "postgres://tollgate:db-password-42@db/tollgate"
                 .to_string()
@@ -211,6 +233,17 @@ fn debug_output_of_secret_holding_types_is_redacted() {
             "old-pepper-secret".into(),
             "webhook-secret-0123456789".into(),
             "url-secret-77".into(),
+            "gateway-secret-token".into(),
+            "backend-secret-token".into(),
         ],
+    );
+    let guard = tollgate::app::GuardParts {
+        gateway_token: settings.gateway_token.clone(),
+        console_backend_token: settings.console_backend_token.clone(),
+        management: settings.management,
+    };
+    assert_no_secret_in(
+        &format!("{guard:?} {guard:#?}"),
+        &["gateway-secret-token".into(), "backend-secret-token".into()],
     );
 }

@@ -6,11 +6,13 @@ use super::{Authenticator, Identified};
 use crate::crypto::jwt::TokenError;
 use crate::domain::{CredentialType, Principal, Reason, TenantId};
 use crate::error::Result;
+use crate::profile::Surface;
 
 impl Authenticator {
     pub(super) async fn decide_jwt(
         &self,
         token: &str,
+        surface: &Surface,
         required_scopes: &[String],
     ) -> Result<Result<Identified, Reason>> {
         let deny = |r| Ok(Err(r));
@@ -22,6 +24,12 @@ impl Authenticator {
                 return deny(Reason::TokenInvalid);
             }
         };
+        // The surface says which issuers and audiences it accepts: a token
+        // minted for another product's console is not good here.
+        if !surface.accepts_jwt(&verified.issuer, verified.claims.get("aud")) {
+            tracing::debug!(issuer = %verified.issuer, "JWT from an issuer or for an audience this surface does not accept");
+            return deny(Reason::TokenInvalid);
+        }
         let Some(tenant_id) = TenantId::parse(&verified.tenant_id) else {
             tracing::debug!("JWT tenant claim is not a tenant id");
             return deny(Reason::TokenInvalid);

@@ -10,8 +10,10 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use super::jwks::{parse_jwks, JwksSource, RefreshPolicy, Refresher};
-use super::jwt::{parse_algorithm, Algorithm, Issuer, IssuerRules, KeySet, VerifyingKey};
+use super::jwks::{parse_jwks, redact_url, JwksSource, RefreshPolicy, Refresher};
+use super::jwt::{
+    parse_algorithm, Algorithm, Issuer, IssuerRules, KeySet, TenantRule, VerifyingKey,
+};
 
 /// A PEM public key given in config.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -31,6 +33,19 @@ pub struct PublicKeySettings {
     pub file: Option<PathBuf>,
 }
 
+/// `tenants` of an issuer: `"all"`, a list of tenant ids, or
+/// `{ map = { "<claim value>" = "<tenant id>" } }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum IssuerTenants {
+    /// `"all"` (any other word is refused at load).
+    Word(String),
+    List(Vec<String>),
+    Map {
+        map: std::collections::BTreeMap<String, String>,
+    },
+}
+
 /// One trusted external issuer (`[[jwt.issuers]]`).
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -41,6 +56,9 @@ pub struct IssuerSettings {
     pub audiences: Vec<String>,
     /// Claim naming the tenant.
     pub tenant_claim: String,
+    /// Which tenants this issuer may speak for; required (no default, so
+    /// trusting an issuer never silently trusts it for every tenant).
+    pub tenants: Option<IssuerTenants>,
     /// Claim holding scopes (string, space-separated, or array); `scope`
     /// falls back to `scp`.
     pub scope_claim: String,
@@ -56,8 +74,12 @@ pub struct IssuerSettings {
     pub public_keys: Vec<PublicKeySettings>,
     /// A JWKS document on disk (re-read every `refresh_seconds`).
     pub jwks_file: Option<PathBuf>,
-    /// A JWKS URL, fetched in the background.
+    /// A JWKS URL, fetched in the background: `https://` (redirects are
+    /// followed only within its origin).
     pub jwks_url: Option<String>,
+    /// Development only: accept an `http://` `jwks_url` (keys fetched in
+    /// the clear can be swapped by anyone on the path). Default false.
+    pub allow_insecure_http: bool,
     /// JWKS refresh interval.
     pub refresh_seconds: u64,
     /// Least time between two JWKS fetches (unknown `kid` refreshes).
@@ -70,6 +92,7 @@ impl Default for IssuerSettings {
             issuer: String::new(),
             audiences: Vec::new(),
             tenant_claim: "tenant_id".into(),
+            tenants: None,
             scope_claim: "scope".into(),
             leeway_seconds: 30,
             algorithms: Vec::new(),
@@ -78,6 +101,7 @@ impl Default for IssuerSettings {
             public_keys: Vec::new(),
             jwks_file: None,
             jwks_url: None,
+            allow_insecure_http: false,
             refresh_seconds: 300,
             min_refresh_seconds: 30,
         }
@@ -89,7 +113,7 @@ impl std::fmt::Debug for IssuerSettings {
         f.debug_struct("IssuerSettings")
             .field("issuer", &self.issuer)
             .field("audiences", &self.audiences)
-            .field("jwks_url", &self.jwks_url)
+            .field("jwks_url", &self.jwks_url.as_deref().map(redact_url))
             .field("jwks_file", &self.jwks_file)
             .finish_non_exhaustive()
     }
@@ -137,6 +161,26 @@ impl IssuerSettings {
         if self.tenant_claim.is_empty() || self.scope_claim.is_empty() {
             return Err(err("tenant_claim", "claim names cannot be empty".into()));
         }
+        let tenants = match &self.tenants {
+            None => {
+                return Err(err(
+                    "tenants",
+                    "declare which tenants this issuer may speak for: \"all\", a list of tenant ids, or { map = { \"<claim value>\" = \"<tenant id>\" } }".into(),
+                ))
+            }
+            Some(IssuerTenants::Word(w)) if w == "all" => TenantRule::All,
+            Some(IssuerTenants::Word(w)) => {
+                return Err(err("tenants", format!("`{w}` is not \"all\", a list or a map")))
+            }
+            Some(IssuerTenants::List(l)) if l.is_empty() || l.iter().any(String::is_empty) => {
+                return Err(err("tenants", "name at least one tenant id".into()))
+            }
+            Some(IssuerTenants::List(l)) => TenantRule::Only(l.clone()),
+            Some(IssuerTenants::Map { map }) if map.is_empty() => {
+                return Err(err("tenants", "the map names no tenant".into()))
+            }
+            Some(IssuerTenants::Map { map }) => TenantRule::Map(map.clone()),
+        };
         if self.leeway_seconds > 300 {
             return Err(err("leeway_seconds", "must be 0..=300".into()));
         }
@@ -210,10 +254,23 @@ impl IssuerSettings {
                 Some(JwksSource::File(path.clone()))
             }
             (None, Some(url)) => {
-                if !(url.starts_with("https://") || url.starts_with("http://")) {
-                    return Err(err("jwks_url", "must be an http(s) URL".into()));
+                let parsed = reqwest::Url::parse(url)
+                    .ok()
+                    .filter(|u| u.host_str().is_some())
+                    .ok_or_else(|| err("jwks_url", "is not an absolute URL".into()))?;
+                match parsed.scheme() {
+                    "https" => {}
+                    "http" if self.allow_insecure_http => {}
+                    "http" => {
+                        return Err(err(
+                            "jwks_url",
+                            "must be https (plain http only with allow_insecure_http = true, for development)"
+                                .into(),
+                        ))
+                    }
+                    _ => return Err(err("jwks_url", "must be an https URL".into())),
                 }
-                Some(JwksSource::Url(url.clone()))
+                Some(JwksSource::Url(parsed))
             }
             _ => None,
         };
@@ -223,6 +280,7 @@ impl IssuerSettings {
             tenant_claim: self.tenant_claim.clone(),
             scope_claim: self.scope_claim.clone(),
             leeway_seconds: self.leeway_seconds,
+            tenants,
         };
         let issuer = Arc::new(Issuer::new(rules, KeySet::new(keys)));
         let refresher = source.map(|source| {
@@ -274,11 +332,13 @@ mod tests {
 [[jwt.issuers]]
 issuer = "https://idp.example.com/"
 audiences = ["dashboard"]
+tenants = "all"
 jwks_url = "https://idp.example.com/.well-known/jwks.json"
 
 [[jwt.issuers]]
 issuer = "legacy"
 audiences = ["console"]
+tenants = { map = { "org-1" = "acme" } }
 tenant_claim = "org_id"
 secret = "0123456789abcdef0123456789abcdef"
 "#,
@@ -300,9 +360,21 @@ secret = "0123456789abcdef0123456789abcdef"
         let base = IssuerSettings {
             issuer: "i".into(),
             audiences: vec!["a".into()],
+            tenants: Some(IssuerTenants::List(vec!["acme".into()])),
             ..IssuerSettings::default()
         };
         let err = |s: IssuerSettings| s.build(2).unwrap_err().field;
+        let undeclared = IssuerSettings {
+            tenants: None,
+            secret: Some("0123456789abcdef0123456789abcdef".to_string().into()),
+            ..base.clone()
+        };
+        assert_eq!(err(undeclared), "jwt.issuers[2].tenants");
+        let some = IssuerSettings {
+            tenants: Some(IssuerTenants::Word("some".into())),
+            ..base.clone()
+        };
+        assert_eq!(err(some), "jwt.issuers[2].tenants");
         assert_eq!(err(base.clone()), "jwt.issuers[2].secret"); // no key source
         let short = IssuerSettings {
             secret: Some("short".to_string().into()),
@@ -321,9 +393,22 @@ secret = "0123456789abcdef0123456789abcdef"
         assert_eq!(err(bad_alg), "jwt.issuers[2].algorithms");
         let ftp = IssuerSettings {
             jwks_url: Some("ftp://x".into()),
-            ..base
+            ..base.clone()
         };
         assert_eq!(err(ftp), "jwt.issuers[2].jwks_url");
+        let plain = IssuerSettings {
+            jwks_url: Some("http://idp.example.com/jwks?token=s3cr3t".into()),
+            ..base.clone()
+        };
+        let refused = plain.build(2).unwrap_err();
+        assert_eq!(refused.field, "jwt.issuers[2].jwks_url");
+        assert!(refused.message.contains("allow_insecure_http"), "{refused}");
+        let dev = IssuerSettings {
+            allow_insecure_http: true,
+            ..plain
+        };
+        assert!(dev.build(2).is_ok());
+        assert!(!format!("{dev:?}").contains("s3cr3t"), "{dev:?}");
         assert!(load("[[jwt.issuers]]\nissuer = \"x\"\nbogus = 1\n").is_err());
     }
 }

@@ -40,10 +40,36 @@ pub fn parse_jwks(text: &[u8], allowed: &[Algorithm]) -> Result<KeySet, KeyError
 }
 
 /// Where a JWKS comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum JwksSource {
-    Url(String),
+    Url(reqwest::Url),
     File(PathBuf),
+}
+
+impl std::fmt::Debug for JwksSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JwksSource::Url(url) => f.debug_tuple("Url").field(&origin(url)).finish(),
+            JwksSource::File(path) => f.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+/// A URL as logs may show it: scheme, host and port only (paths and
+/// queries can carry tokens).
+fn origin(url: &reqwest::Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{}://{host}:{port}", url.scheme()),
+        (Some(host), None) => format!("{}://{host}", url.scheme()),
+        _ => format!("{}://?", url.scheme()),
+    }
+}
+
+/// `url` as logs may show it (see [`origin`]); unparseable: `<url>`.
+pub fn redact_url(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .map(|u| origin(&u))
+        .unwrap_or_else(|_| "<url>".into())
 }
 
 /// How often a refresher looks again.
@@ -162,13 +188,24 @@ impl Refresher {
     }
 }
 
-/// An HTTP client for JWKS URLs: rustls, bounded timeouts, no redirects to
-/// other schemes.
+/// An HTTP client for JWKS URLs: rustls, bounded timeouts, at most three
+/// redirects and only within the URL's origin (a redirect elsewhere is not
+/// followed, so the fetch fails and the last good keys stay).
 pub fn http_client(timeout: Duration) -> reqwest::Client {
+    let same_origin = reqwest::redirect::Policy::custom(|attempt| {
+        let first = attempt.previous().first().map(reqwest::Url::origin);
+        if attempt.previous().len() > 3 {
+            attempt.error("more than 3 redirects")
+        } else if first.is_some_and(|o| o == attempt.url().origin()) {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    });
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)
-        .redirect(reqwest::redirect::Policy::limited(3))
+        .redirect(same_origin)
         .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
         .build()
         .expect("a client with static settings builds")
@@ -176,16 +213,18 @@ pub fn http_client(timeout: Duration) -> reqwest::Client {
 
 async fn fetch_url(
     client: &reqwest::Client,
-    url: &str,
+    full: &reqwest::Url,
     timeout: Duration,
 ) -> Result<Vec<u8>, KeyError> {
+    // Errors and logs name the origin only, never the path or query.
+    let url = &origin(full);
     let fetch = async {
         let mut response = client
-            .get(url)
+            .get(full.clone())
             .header("accept", "application/json")
             .send()
             .await
-            .map_err(|e| KeyError(format!("GET {url}: {e}")))?;
+            .map_err(|e| KeyError(format!("GET {url}: {}", e.without_url())))?;
         if !response.status().is_success() {
             return Err(KeyError(format!("GET {url}: HTTP {}", response.status())));
         }
@@ -193,7 +232,7 @@ async fn fetch_url(
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|e| KeyError(format!("GET {url}: {e}")))?
+            .map_err(|e| KeyError(format!("GET {url}: {}", e.without_url())))?
         {
             if body.len() + chunk.len() > MAX_JWKS_BYTES {
                 return Err(KeyError(format!("GET {url}: larger than 1 MiB")));

@@ -321,6 +321,33 @@ pub struct IssuerRules {
     pub scope_claim: String,
     /// Clock skew tolerated on `exp` and `nbf`, in seconds.
     pub leeway_seconds: u64,
+    /// Which tenants this issuer may speak for.
+    pub tenants: TenantRule,
+}
+
+/// Which tenants an issuer's tokens may name (a token naming another is
+/// `TOKEN_INVALID`): trusting an issuer for one customer must not let it
+/// speak for every tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantRule {
+    /// Any tenant (Tollgate's own console issuer; an operator's own IdP).
+    All,
+    /// Only these tenant ids.
+    Only(Vec<String>),
+    /// The tenant claim's value is looked up here (claim value → tenant
+    /// id); values not listed are refused.
+    Map(std::collections::BTreeMap<String, String>),
+}
+
+impl TenantRule {
+    /// The tenant a tenant-claim value stands for, if this rule allows it.
+    pub fn tenant_for(&self, claimed: &str) -> Option<String> {
+        match self {
+            TenantRule::All => Some(claimed.to_string()),
+            TenantRule::Only(list) => list.iter().any(|t| t == claimed).then(|| claimed.into()),
+            TenantRule::Map(map) => map.get(claimed).cloned(),
+        }
+    }
 }
 
 impl IssuerRules {
@@ -332,6 +359,7 @@ impl IssuerRules {
             tenant_claim: "tenant_id".into(),
             scope_claim: "scope".into(),
             leeway_seconds: 30,
+            tenants: TenantRule::All,
         }
     }
 }
@@ -556,12 +584,15 @@ fn check_claims(
         .filter(|s| !s.is_empty())
         .ok_or(Invalid("no subject"))?
         .to_string();
-    let tenant_id = claims
+    let claimed = claims
         .get(&rules.tenant_claim)
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
-        .ok_or(Invalid("no tenant claim"))?
-        .to_string();
+        .ok_or(Invalid("no tenant claim"))?;
+    let tenant_id = rules
+        .tenants
+        .tenant_for(claimed)
+        .ok_or(Invalid("the issuer may not speak for this tenant"))?;
     let scope_value = claims.get(&rules.scope_claim).or_else(|| {
         (rules.scope_claim == "scope")
             .then(|| claims.get("scp"))

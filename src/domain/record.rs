@@ -42,9 +42,11 @@ impl KeyRecord {
         self
     }
 
-    /// Revoked at or before `now`.
-    pub fn is_revoked(&self, now: DateTime<Utc>) -> bool {
-        self.revoked_at.is_some_and(|t| t <= now)
+    /// Revoked: a state, not a time. A set `revoked_at` means revoked
+    /// everywhere at once, whatever this replica's clock says (a clock
+    /// running behind the one that revoked must not bring a key back).
+    pub fn is_revoked(&self) -> bool {
+        self.revoked_at.is_some()
     }
 
     /// Expired at or before `now`.
@@ -55,7 +57,7 @@ impl KeyRecord {
     /// Counts against the plan's key cap: not revoked, not expired, not
     /// replaced by a rotation.
     pub fn is_live(&self, now: DateTime<Utc>) -> bool {
-        !self.is_revoked(now) && !self.is_expired(now) && self.replaced_by.is_none()
+        !self.is_revoked() && !self.is_expired(now) && self.replaced_by.is_none()
     }
 }
 

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use super::caller::{request_id, CallerGuard};
 use super::convert::{self, from_ts};
 use super::pb::{self, auth_service_server::AuthService};
-use crate::access::{Access, Need};
+use crate::access::{Access, Rpc};
 use crate::authz::{AuthInput, Authenticator, QuotaSubject};
 use crate::domain::{Decision, Violations};
 use crate::error::Error;
@@ -17,7 +17,7 @@ use crate::manage::{CreateKeyInput, Manager, UpdateKeyInput};
 pub struct AuthApi {
     pub authz: Arc<Authenticator>,
     pub manager: Arc<Manager>,
-    /// Management callers: the operator, or console users in their tenant.
+    /// Identifies callers and admits them per [`crate::access`].
     pub guard: CallerGuard,
     pub access: Arc<Access>,
 }
@@ -29,6 +29,8 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
+        self.guard
+            .admit(Rpc::Authenticate, request.metadata(), true)?;
         let r = request.into_inner();
         tracing::Span::current().record("surface", r.surface.as_str());
         let input = AuthInput {
@@ -72,14 +74,35 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::CheckQuotaRequest>,
     ) -> Result<Response<pb::CheckQuotaResponse>, Status> {
+        let by_credential = {
+            let r = request.get_ref();
+            r.tenant_id.is_empty() && r.key_id.is_empty() && !r.api_key.is_empty()
+        };
+        let caller = self
+            .guard
+            .admit(Rpc::CheckQuota, request.metadata(), by_credential)?;
         let r = request.into_inner();
+        // By id the caller must reach the subject: a console user only its
+        // own tenant's (another's is NOT_FOUND, like a missing one).
+        let tenant_scope;
         let subject = match (
             r.tenant_id.is_empty(),
             r.key_id.is_empty(),
             r.api_key.is_empty(),
         ) {
-            (false, true, true) => QuotaSubject::Tenant(&r.tenant_id),
-            (true, false, true) => QuotaSubject::Key(&r.key_id),
+            (false, true, true) => {
+                tenant_scope = self
+                    .access
+                    .tenant(Rpc::CheckQuota, &caller, &r.tenant_id)
+                    .await?;
+                QuotaSubject::Tenant(&tenant_scope)
+            }
+            (true, false, true) => {
+                self.access
+                    .key(Rpc::CheckQuota, &caller, &r.key_id, "")
+                    .await?;
+                QuotaSubject::Key(&r.key_id)
+            }
             (true, true, false) => QuotaSubject::Credential(&r.api_key),
             _ => {
                 return Err(Error::invalid(
@@ -112,13 +135,15 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self.guard.admit(Rpc::GetUsage, request.metadata(), false)?;
         let r = request.into_inner();
         let tenant_id = if r.key_id.is_empty() {
-            caller.tenant_scope(&r.tenant_id, Need::Read)?
+            self.access
+                .tenant(Rpc::GetUsage, &caller, &r.tenant_id)
+                .await?
         } else {
             self.access
-                .key(&caller, &r.key_id, &r.tenant_id, Need::Read)
+                .key(Rpc::GetUsage, &caller, &r.key_id, &r.tenant_id)
                 .await?;
             r.tenant_id
         };
@@ -143,10 +168,15 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self
+            .guard
+            .admit(Rpc::CreateKey, request.metadata(), false)?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
-        let tenant_id = caller.tenant_scope(&r.tenant_id, Need::ManageKeys)?;
+        let tenant_id = self
+            .access
+            .tenant(Rpc::CreateKey, &caller, &r.tenant_id)
+            .await?;
         let mut v = Violations::default();
         let limits = convert::limit_specs_from("limits", r.limits, &mut v);
         v.into_result().map_err(Error::from)?;
@@ -174,12 +204,14 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self
+            .guard
+            .admit(Rpc::RevokeKey, request.metadata(), false)?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let tenant_id = self
             .access
-            .key(&caller, &r.key_id, &r.tenant_id, Need::ManageKeys)
+            .key(Rpc::RevokeKey, &caller, &r.key_id, &r.tenant_id)
             .await?;
         let key = self
             .manager
@@ -194,11 +226,11 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::GetKeyResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self.guard.admit(Rpc::GetKey, request.metadata(), false)?;
         let r = request.into_inner();
         let tenant_id = self
             .access
-            .key(&caller, &r.key_id, &r.tenant_id, Need::Read)
+            .key(Rpc::GetKey, &caller, &r.key_id, &r.tenant_id)
             .await?;
         let key = self.manager.get_key(&r.key_id, &tenant_id).await?;
         Ok(Response::new(pb::GetKeyResponse {
@@ -210,9 +242,12 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self.guard.admit(Rpc::ListKeys, request.metadata(), false)?;
         let r = request.into_inner();
-        let tenant_id = caller.tenant_scope(&r.tenant_id, Need::Read)?;
+        let tenant_id = self
+            .access
+            .tenant(Rpc::ListKeys, &caller, &r.tenant_id)
+            .await?;
         let page = self
             .manager
             .list_keys(&tenant_id, r.page_size, &r.page_token, r.include_revoked)
@@ -227,12 +262,14 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self
+            .guard
+            .admit(Rpc::RotateKey, request.metadata(), false)?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let tenant_id = self
             .access
-            .key(&caller, &r.key_id, &r.tenant_id, Need::ManageKeys)
+            .key(Rpc::RotateKey, &caller, &r.key_id, &r.tenant_id)
             .await?;
         let (issued, previous) = self
             .manager
@@ -249,12 +286,14 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::UpdateKeyResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self
+            .guard
+            .admit(Rpc::UpdateKey, request.metadata(), false)?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let tenant_id = self
             .access
-            .key(&caller, &r.key_id, &r.tenant_id, Need::ManageKeys)
+            .key(Rpc::UpdateKey, &caller, &r.key_id, &r.tenant_id)
             .await?;
         let mut v = Violations::default();
         let limits = convert::limit_specs_from("limits", r.limits, &mut v);

@@ -1,25 +1,36 @@
-//! Management-call authentication, generalised: the operator token (checked
-//! exactly as [`OperatorGuard`] always did), or a console access token from
-//! Tollgate's own console issuer (external issuers' tokens never manage).
+//! Who is calling, from a call's metadata: `authorization: Bearer` with the
+//! operator token, the gateway token, the console backend token, or a
+//! console access token from Tollgate's own console issuer (external
+//! issuers' tokens never manage); no `authorization` at all is
+//! [`Caller::Anonymous`]. [`CallerGuard::admit`] then applies the rule
+//! table of [`crate::access`].
 
 use std::sync::Arc;
 
 use tonic::metadata::MetadataMap;
 
-use super::operator::OperatorGuard;
-use crate::access::Caller;
+use super::operator::StaticToken;
+use crate::access::{self, Anyone, Caller, Rpc};
 use crate::clock::Clock;
 use crate::crypto::jwt::Verifier;
 use crate::domain::console::Role;
 use crate::domain::TenantId;
 use crate::error::Error;
 
-/// Turns request metadata into a [`Caller`].
+/// The static bearer tokens that identify callers (each optional).
+#[derive(Debug, Clone)]
+pub struct CallerTokens {
+    pub operator: StaticToken,
+    pub gateway: StaticToken,
+    pub console_backend: StaticToken,
+}
+
+/// Turns request metadata into a [`Caller`] and admits it per the table.
 #[derive(Clone)]
 pub struct CallerGuard {
-    operator: OperatorGuard,
+    tokens: CallerTokens,
     verifier: Arc<Verifier>,
-    /// The console issuer's `iss`; `None`: only the operator may manage.
+    /// The console issuer's `iss`; `None`: no console users.
     console_issuer: Option<String>,
     clock: Clock,
     /// `jwt.console.require_verified_email`.
@@ -34,26 +45,17 @@ impl std::fmt::Debug for CallerGuard {
     }
 }
 
-fn bearer(metadata: &MetadataMap) -> Option<&str> {
-    let (scheme, token) = metadata
-        .get("authorization")?
-        .to_str()
-        .ok()?
-        .split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
 impl CallerGuard {
-    /// A guard accepting the operator token and, when `console_issuer` is
-    /// set, console access tokens verified by `verifier`.
+    /// A guard knowing `tokens` and, when `console_issuer` is set, console
+    /// access tokens verified by `verifier`.
     pub fn new(
-        operator: OperatorGuard,
+        tokens: CallerTokens,
         verifier: Arc<Verifier>,
         console_issuer: Option<String>,
         clock: Clock,
     ) -> Self {
         Self {
-            operator,
+            tokens,
             verifier,
             console_issuer,
             clock,
@@ -68,21 +70,60 @@ impl CallerGuard {
         self
     }
 
-    /// The caller, or `Unauthenticated`.
-    pub fn check(&self, metadata: &MetadataMap) -> Result<Caller, Error> {
-        if self.operator.check(metadata).is_ok() {
+    /// The caller `rpc` may be made by, or the refusal (`Unauthenticated`:
+    /// no or a bad credential where one is needed; `PermissionDenied`: a
+    /// known caller without the right). `own_credential`: the request
+    /// carries the credential it asks about. On open calls a bad
+    /// credential is just anonymous.
+    pub fn admit(
+        &self,
+        rpc: Rpc,
+        metadata: &MetadataMap,
+        own_credential: bool,
+    ) -> Result<Caller, Error> {
+        let open = match rpc.rule().anyone {
+            Anyone::Yes => true,
+            Anyone::WithOwnCredential => own_credential,
+            Anyone::No => false,
+        };
+        if open {
+            return Ok(self.identify(metadata).unwrap_or(Caller::Anonymous));
+        }
+        let caller = self.identify(metadata)?;
+        access::admit(rpc, &caller, own_credential)?;
+        Ok(caller)
+    }
+
+    /// Who is calling (no rule applied).
+    pub fn identify(&self, metadata: &MetadataMap) -> Result<Caller, Error> {
+        let Some(value) = metadata.get("authorization") else {
+            return Ok(Caller::Anonymous);
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .ok_or(Error::Unauthenticated)?;
+        if self.tokens.operator.matches(token) {
             return Ok(Caller::Operator);
+        }
+        if self.tokens.gateway.matches(token) {
+            return Ok(Caller::Gateway);
+        }
+        if self.tokens.console_backend.matches(token) {
+            return Ok(Caller::ConsoleBackend);
         }
         let iss = self
             .console_issuer
             .as_deref()
             .ok_or(Error::Unauthenticated)?;
-        let token = bearer(metadata).ok_or(Error::Unauthenticated)?;
         let verified = self
             .verifier
             .verify_from(token, self.clock.now(), Some(iss))
             .map_err(|e| {
-                tracing::debug!(error = %e, "management call with a refused console token");
+                tracing::debug!(error = %e, "a call with a refused bearer token");
                 Error::Unauthenticated
             })?;
         let tenant_id = TenantId::parse(&verified.tenant_id).ok_or(Error::Unauthenticated)?;

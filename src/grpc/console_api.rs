@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use super::caller::{peer, request_id, CallerGuard};
 use super::convert::ts;
 use super::pb::{self, console_service_server::ConsoleService};
-use crate::access::{Caller, Need};
+use crate::access::{Caller, Rpc};
 use crate::console::{audit_page, Actor, Console, CreateUserInput, Session, SignUpInput};
 use crate::domain::console::{AuditEvent, ConsoleUser, Role, UserChange};
 use crate::domain::TenantId;
@@ -31,14 +31,20 @@ impl ConsoleApi {
         })
     }
 
-    /// The end user's address for throttling: `claimed` only from a
-    /// trusted backend (the operator), since anyone else could dodge the
-    /// per-address throttle by sending a new one each time; else the peer.
-    fn client_address<T>(&self, request: &Request<T>, claimed: &str) -> Result<String, Status> {
+    /// The end user's address for throttling: `claimed` only from the
+    /// console backend (its own narrow token), since anyone else could
+    /// dodge the per-address throttle by sending a new one each time; else
+    /// the peer.
+    fn client_address<T>(
+        &self,
+        caller: &Caller,
+        request: &Request<T>,
+        claimed: &str,
+    ) -> Result<String, Status> {
         if claimed.len() > 64 {
             return Err(Error::invalid("client_address", "must be at most 64 characters").into());
         }
-        let trusted = matches!(self.guard.check(request.metadata()), Ok(Caller::Operator));
+        let trusted = matches!(caller, Caller::ConsoleBackend);
         Ok(if trusted && !claimed.is_empty() {
             claimed.to_string()
         } else {
@@ -53,10 +59,12 @@ fn tenant(scope: &str) -> Result<TenantId, Status> {
     })
 }
 
-fn actor(caller: &Caller) -> Actor {
+/// Who changes a user (the rule table admits no one else to these calls).
+fn actor(caller: &Caller) -> Result<Actor, Status> {
     match caller {
-        Caller::Operator => Actor::Operator,
-        Caller::Console { role, .. } => Actor::User(*role),
+        Caller::Operator => Ok(Actor::Operator),
+        Caller::Console { role, .. } => Ok(Actor::User(*role)),
+        _ => Err(Error::PermissionDenied("this credential may not change users".into()).into()),
     }
 }
 
@@ -102,8 +110,9 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::SignUpRequest>,
     ) -> Result<Response<pb::SignUpResponse>, Status> {
+        let caller = self.guard.admit(Rpc::SignUp, request.metadata(), false)?;
         let rid = request_id(request.metadata());
-        let address = self.client_address(&request, &request.get_ref().client_address)?;
+        let address = self.client_address(&caller, &request, &request.get_ref().client_address)?;
         let r = request.into_inner();
         self.console()?
             .sign_up(
@@ -124,7 +133,8 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
-        let address = self.client_address(&request, &request.get_ref().client_address)?;
+        let caller = self.guard.admit(Rpc::Login, request.metadata(), false)?;
+        let address = self.client_address(&caller, &request, &request.get_ref().client_address)?;
         let r = request.into_inner();
         let s = self
             .console()?
@@ -161,7 +171,10 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::RequestEmailVerificationRequest>,
     ) -> Result<Response<pb::RequestEmailVerificationResponse>, Status> {
-        let address = self.client_address(&request, &request.get_ref().client_address)?;
+        let caller = self
+            .guard
+            .admit(Rpc::RequestEmailVerification, request.metadata(), false)?;
+        let address = self.client_address(&caller, &request, &request.get_ref().client_address)?;
         self.console()?
             .request_email_verification(&request.get_ref().email, &address)
             .await?;
@@ -187,7 +200,10 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::RequestPasswordResetRequest>,
     ) -> Result<Response<pb::RequestPasswordResetResponse>, Status> {
-        let address = self.client_address(&request, &request.get_ref().client_address)?;
+        let caller = self
+            .guard
+            .admit(Rpc::RequestPasswordReset, request.metadata(), false)?;
+        let address = self.client_address(&caller, &request, &request.get_ref().client_address)?;
         self.console()?
             .request_password_reset(&request.get_ref().email, &address)
             .await?;
@@ -221,10 +237,12 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self
+            .guard
+            .admit(Rpc::CreateUser, request.metadata(), false)?;
         let rid = request_id(request.metadata());
         let r = request.into_inner();
-        let scope = caller.tenant_scope(&r.tenant_id, Need::ManageUsers)?;
+        let scope = caller.tenant_scope(&r.tenant_id)?;
         if let Some(role) = Role::parse(&r.role) {
             caller.may_grant(role)?;
         }
@@ -247,8 +265,10 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
-        let scope = caller.tenant_scope(&request.get_ref().tenant_id, Need::ManageUsers)?;
+        let caller = self
+            .guard
+            .admit(Rpc::ListUsers, request.metadata(), false)?;
+        let scope = caller.tenant_scope(&request.get_ref().tenant_id)?;
         let users = self.console()?.list_users(&tenant(&scope)?).await?;
         Ok(Response::new(pb::ListUsersResponse {
             users: users.iter().map(user).collect(),
@@ -260,10 +280,12 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::UpdateUserResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self
+            .guard
+            .admit(Rpc::UpdateUser, request.metadata(), false)?;
         let rid = request_id(request.metadata());
         let r = request.into_inner();
-        let scope = caller.tenant_scope(&r.tenant_id, Need::ManageUsers)?;
+        let scope = caller.tenant_scope(&r.tenant_id)?;
         let mut change = UserChange::default();
         let mut v = crate::domain::Violations::default();
         for field in &r.update_mask {
@@ -286,7 +308,7 @@ impl ConsoleService for ConsoleApi {
         let changed = self
             .console()?
             .update_user(
-                actor(&caller),
+                actor(&caller)?,
                 &tenant(&scope)?,
                 &r.user_id,
                 change,
@@ -303,13 +325,15 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self
+            .guard
+            .admit(Rpc::DeleteUser, request.metadata(), false)?;
         let rid = request_id(request.metadata());
         let r = request.into_inner();
-        let scope = caller.tenant_scope(&r.tenant_id, Need::ManageUsers)?;
+        let scope = caller.tenant_scope(&r.tenant_id)?;
         self.console()?
             .delete_user(
-                actor(&caller),
+                actor(&caller)?,
                 &tenant(&scope)?,
                 &r.user_id,
                 &caller.audit(&rid),
@@ -322,9 +346,11 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self
+            .guard
+            .admit(Rpc::ListAuditEvents, request.metadata(), false)?;
         let r = request.into_inner();
-        let scope = caller.tenant_scope(&r.tenant_id, Need::ReadAudit)?;
+        let scope = caller.tenant_scope(&r.tenant_id)?;
         let tenant = if scope.is_empty() {
             None
         } else {

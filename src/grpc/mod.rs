@@ -1,7 +1,9 @@
-//! The gRPC surface: generated code, handlers, the error table, caller auth
-//! (operator token or console access token).
+//! The gRPC surface: generated code, handlers, the error table, caller
+//! identification (see [`crate::access`] for the rules) and the management
+//! budget.
 
 pub mod auth_api;
+pub mod budget;
 pub mod caller;
 pub mod console_api;
 pub mod convert;

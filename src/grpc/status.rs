@@ -25,7 +25,8 @@ impl From<Error> for Status {
             Error::AlreadyExists(what) => Status::already_exists(format!("{what} already exists")),
             Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
             Error::Unauthenticated => Status::unauthenticated(
-                "management calls need `authorization: Bearer <operator token or console access token>`",
+                "this call needs `authorization: Bearer <token>` of a caller that may make it \
+                 (operator, console user, or for quota and usage by id the gateway)",
             ),
             Error::PermissionDenied(why) => Status::permission_denied(why),
             Error::BadCredentials(why) => Status::unauthenticated(why),

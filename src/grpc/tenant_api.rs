@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use super::caller::{request_id, CallerGuard};
 use super::convert;
 use super::pb::{self, tenant_service_server::TenantService};
-use crate::access::{Caller, Need};
+use crate::access::{Access, Rpc};
 use crate::domain::Violations;
 use crate::error::Error;
 use crate::manage::{CreateTenantInput, Manager, UpdateTenantInput};
@@ -15,8 +15,9 @@ use crate::manage::{CreateTenantInput, Manager, UpdateTenantInput};
 /// The TenantService implementation.
 pub struct TenantApi {
     pub manager: Arc<Manager>,
-    /// Management callers: the operator, or console users in their tenant.
+    /// Identifies callers and admits them per [`crate::access`].
     pub guard: CallerGuard,
+    pub access: Arc<Access>,
 }
 
 #[tonic::async_trait]
@@ -25,8 +26,9 @@ impl TenantService for TenantApi {
         &self,
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
-        caller.allow(Need::Operator)?;
+        let caller = self
+            .guard
+            .admit(Rpc::CreateTenant, request.metadata(), false)?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let mut v = Violations::default();
@@ -56,8 +58,13 @@ impl TenantService for TenantApi {
         &self,
         request: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::GetTenantResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
-        let tenant_id = caller.tenant_scope(&request.get_ref().tenant_id, Need::Read)?;
+        let caller = self
+            .guard
+            .admit(Rpc::GetTenant, request.metadata(), false)?;
+        let tenant_id = self
+            .access
+            .tenant(Rpc::GetTenant, &caller, &request.get_ref().tenant_id)
+            .await?;
         let tenant = self.manager.get_tenant(&tenant_id).await?;
         Ok(Response::new(pb::GetTenantResponse {
             tenant: Some(convert::tenant(&tenant)),
@@ -68,13 +75,18 @@ impl TenantService for TenantApi {
         &self,
         request: Request<pb::UpdateTenantRequest>,
     ) -> Result<Response<pb::UpdateTenantResponse>, Status> {
-        let caller = self.guard.check(request.metadata())?;
+        let caller = self
+            .guard
+            .admit(Rpc::UpdateTenant, request.metadata(), false)?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
-        let tenant_id = caller.tenant_scope(&r.tenant_id, Need::ManageKeys)?;
+        let tenant_id = self
+            .access
+            .tenant(Rpc::UpdateTenant, &caller, &r.tenant_id)
+            .await?;
         // Plan, subscription and overrides are billing's: console users may
         // only rename their tenant.
-        if matches!(caller, Caller::Console { .. }) && r.update_mask.iter().any(|m| m != "name") {
+        if caller.is_console_user() && r.update_mask.iter().any(|m| m != "name") {
             return Err(Error::PermissionDenied(
                 "console users may change only the tenant's name".into(),
             )
@@ -109,8 +121,7 @@ impl TenantService for TenantApi {
         request: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
         self.guard
-            .check(request.metadata())?
-            .allow(Need::Operator)?;
+            .admit(Rpc::ListTenants, request.metadata(), false)?;
         let r = request.into_inner();
         let page = self
             .manager

@@ -311,7 +311,7 @@ impl Store for PostgresStore {
         let row: Option<TenantRow> = sqlx::query_as(
             "UPDATE tenants SET name = COALESCE($2, name), plan = COALESCE($3, plan), \
              subscription_status = COALESCE($4, subscription_status), \
-             overrides = COALESCE($5, overrides), updated_at = $6 \
+             overrides = COALESCE($5, overrides), updated_at = now() \
              WHERE tenant_id = $1 RETURNING *",
         )
         .bind(id.as_str())
@@ -319,7 +319,6 @@ impl Store for PostgresStore {
         .bind(u.plan.as_deref())
         .bind(u.status.map(SubscriptionStatus::as_str))
         .bind(u.overrides.as_ref().map(Json))
-        .bind(now)
         .fetch_optional(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -461,20 +460,22 @@ impl Store for PostgresStore {
     ) -> Result<KeyRecord, StoreError> {
         let mut tx = begin(&self.pool).await?;
         let sql = format!(
-            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3), \
-             revoke_reason = CASE WHEN revoked_at IS NULL THEN $4 ELSE revoke_reason END \
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()), \
+             revoke_reason = CASE WHEN revoked_at IS NULL THEN $3 ELSE revoke_reason END \
              WHERE key_id = $1 AND ($2::text IS NULL OR tenant_id = $2) RETURNING {KEY_COLUMNS}"
         );
+        // The database's clock stamps the revocation (replicas' clocks may
+        // differ); the key is revoked from then on whatever they say.
         let row: Option<KeyRow> = sqlx::query_as(&sql)
             .bind(key.id)
             .bind(key.tenant.map(TenantId::as_str))
-            .bind(now)
             .bind(reason)
             .fetch_optional(&mut *tx)
             .await
             .map_err(map_err)?;
         let record: KeyRecord = row.ok_or(StoreError::NotFound)?.try_into()?;
-        insert_audit(&mut tx, &audit::key_revoked(ctx, &record, now)).await?;
+        let at = record.revoked_at.unwrap_or(now);
+        insert_audit(&mut tx, &audit::key_revoked(ctx, &record, at)).await?;
         notify(&mut tx, &Invalidation::Key(record.id)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(record)

@@ -67,6 +67,8 @@ pub struct Options {
     pub max_message_bytes: usize,
     /// JWT issuers and console (dashboard surface).
     pub dashboard: tollgate::dashboard::Dashboard,
+    /// Gateway and console backend tokens, management budget.
+    pub guard: tollgate::app::GuardParts,
 }
 
 impl Options {
@@ -76,6 +78,7 @@ impl Options {
             peppers: peppers(),
             max_message_bytes: 64 * 1024,
             dashboard: Default::default(),
+            guard: Default::default(),
         }
     }
 }
@@ -99,6 +102,7 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             peppers: opts.peppers,
             store,
             operator_token: Some(OPERATOR_TOKEN.to_string().into()),
+            guard: opts.guard,
             dashboard: opts.dashboard,
             cache: CacheSettings::default(),
             max_message_bytes: opts.max_message_bytes,

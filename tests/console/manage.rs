@@ -281,8 +281,19 @@ async fn an_owner_manages_their_own_keys_and_nothing_of_another_tenant(
                 .await,
         ),
     ];
-    for (i, got) in denied.iter().chain(&denied_tenants).enumerate() {
-        assert_eq!(*got, Code::PermissionDenied, "call {i}");
+    // Another tenant's things are NOT_FOUND, exactly like missing ones;
+    // what no console user may do is PERMISSION_DENIED.
+    let expected = [Code::NotFound; 9]
+        .into_iter()
+        .chain([Code::NotFound, Code::NotFound])
+        .chain([Code::PermissionDenied; 3]);
+    for (i, (got, want)) in denied
+        .iter()
+        .chain(&denied_tenants)
+        .zip(expected)
+        .enumerate()
+    {
+        assert_eq!(*got, want, "call {i}");
     }
     let audit = c
         .console
@@ -294,7 +305,7 @@ async fn an_owner_manages_their_own_keys_and_nothing_of_another_tenant(
             },
         ))
         .await;
-    assert_eq!(code(audit), Code::PermissionDenied);
+    assert_eq!(code(audit), Code::NotFound);
     assert_eq!(c.count("api_keys").await, keys_before);
     assert_eq!(c.count("audit_events").await, audit_before);
     assert!(
