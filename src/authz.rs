@@ -319,7 +319,7 @@ impl Authenticator {
         &'a self,
         tenant: &'a Tenant,
         key: Option<&'a KeyRecord>,
-    ) -> Vec<&'a crate::domain::LimitSpec> {
+    ) -> Vec<std::borrow::Cow<'a, crate::domain::LimitSpec>> {
         let plan_limits = self
             .profile
             .plan(&tenant.plan)
@@ -343,6 +343,7 @@ impl Authenticator {
         dry_run: bool,
     ) -> Result<LimitOutcome> {
         let specs = self.limits_for(tenant, key);
+        let specs: Vec<&crate::domain::LimitSpec> = specs.iter().map(|s| &**s).collect();
         self.limiter
             .check(subject_of(tenant, key), &specs, cost, dry_run)
             .await
@@ -719,7 +720,7 @@ impl Authenticator {
         let now = self.clock.now();
         let mut out = Vec::new();
         let subject = subject_of(&tenant, key.as_ref());
-        for spec in specs {
+        for spec in &specs {
             let Some((current, end)) = quota_counter(&subject, spec, now) else {
                 continue;
             };

@@ -9,6 +9,7 @@ use crate::cache::Caches;
 use crate::clock::Clock;
 use crate::crypto::Peppers;
 use crate::domain::console::AuditContext;
+use crate::domain::limit::check_tightens;
 use crate::domain::validate::{check_name, check_scopes};
 use crate::domain::{
     ApiKeySecret, KeyId, KeyRecord, KeyUpdate, LimitScope, LimitSpec, NewKey, SubscriptionStatus,
@@ -34,7 +35,7 @@ pub struct CreateKeyInput {
     pub environment: String,
     pub scopes: Vec<String>,
     pub ttl_seconds: Option<i64>,
-    /// The key's own key-scoped limits; empty = the plan's.
+    /// The key's own key-scoped limits, tightening the plan's; empty = none.
     pub limits: Vec<LimitSpec>,
 }
 
@@ -304,6 +305,7 @@ impl Manager {
                 ),
             );
         }
+        self.check_limits_tighten(&tenant, &environment, &input.limits, &mut v);
         let scopes = if input.scopes.is_empty() {
             plan.map(|p| p.default_scopes.clone().unwrap_or_else(|| p.scopes.clone()))
                 .unwrap_or_default()
@@ -551,10 +553,15 @@ impl Manager {
                 &format!("must be at most {MAX_TTL_SECONDS} seconds after the key's creation"),
             ));
         }
-        if has("scopes") {
+        if has("scopes") || has("limits") {
             let owner = self.tenant(&current.tenant_id).await?;
             let mut v = Violations::default();
-            self.check_scopes_allowed(&owner, &input.scopes, &mut v);
+            if has("scopes") {
+                self.check_scopes_allowed(&owner, &input.scopes, &mut v);
+            }
+            if has("limits") {
+                self.check_limits_tighten(&owner, &current.environment, &input.limits, &mut v);
+            }
             v.into_result()?;
         }
         let update = KeyUpdate {
@@ -613,6 +620,31 @@ impl Manager {
                 );
             }
         }
+    }
+
+    /// A key's own limits may only tighten what its plan and tenant set
+    /// (limits and bursts alike), whoever asks: loosening is the
+    /// operator's, explicitly, through the tenant's overrides.
+    fn check_limits_tighten(
+        &self,
+        tenant: &Tenant,
+        environment: &str,
+        limits: &[LimitSpec],
+        v: &mut Violations,
+    ) {
+        let plan = self
+            .profile
+            .plan(&tenant.plan)
+            .map(|p| p.limits.as_slice())
+            .unwrap_or(&[]);
+        check_tightens(
+            plan,
+            tenant.overrides.limits.as_deref(),
+            environment,
+            "limits",
+            limits,
+            v,
+        );
     }
 
     fn check_plan(&self, plan: &str, v: &mut Violations) {

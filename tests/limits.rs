@@ -464,3 +464,160 @@ async fn replicas_divide_a_rate_limit_and_re_divide_when_one_leaves(
     }
     assert_eq!(admitted_by_b, 15, "half of 30/min");
 }
+
+/// The names and limits an allowed or denied call reports, tightest first.
+fn reported(r: &pb::AuthenticateResponse) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = r.limits.iter().map(|l| (l.name.clone(), l.limit)).collect();
+    v.sort();
+    v
+}
+
+#[sqlx::test]
+async fn a_key_given_its_own_daily_quota_keeps_the_plans_sixty_per_minute(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut a = spawn(&conn, "messagesmart").await;
+    a.running.clock().freeze_at(at("2026-11-23T10:00:00Z"));
+    a.create_tenant("shop", "default").await;
+    let (key, _) = a
+        .create_key_with(pb::CreateKeyRequest {
+            tenant_id: "shop".into(),
+            name: "support gave it a quota".into(),
+            limits: vec![quota("key", "day", 1000)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut admitted = 0;
+    let mut last = None;
+    for _ in 0..75 {
+        let r = spend(&mut a, &key, 1).await;
+        admitted += usize::from(r.allowed);
+        last = Some(r);
+    }
+    let last = last.unwrap();
+    assert_eq!(admitted, 60, "the plan's 60/min still holds");
+    assert_eq!(reason(&last), "RATE_LIMITED");
+    assert_eq!(
+        reported(&last),
+        vec![
+            ("key_per_day".to_string(), 1000),
+            ("key_per_minute".to_string(), 60),
+            ("key_per_month".to_string(), 10_000),
+        ]
+    );
+}
+
+#[sqlx::test]
+async fn a_key_given_its_own_rate_keeps_the_plans_monthly_quota(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "messagesmart").await;
+    t.running.clock().freeze_at(at("2026-11-23T10:00:00Z"));
+    t.create_tenant("shop", "default").await;
+    let (key, _) = t
+        .create_key_with(pb::CreateKeyRequest {
+            tenant_id: "shop".into(),
+            name: "slower".into(),
+            limits: vec![quota("key", "minute", 30)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r = spend(&mut t, &key, 1).await;
+    assert!(r.allowed);
+    assert_eq!(
+        reported(&r),
+        vec![
+            ("key_per_minute".to_string(), 30),
+            ("key_per_month".to_string(), 10_000),
+        ],
+        "its own 30/min tightens the plan's 60; the plan's quota stays"
+    );
+    for _ in 0..29 {
+        assert!(spend(&mut t, &key, 1).await.allowed);
+    }
+    assert_eq!(reason(&spend(&mut t, &key, 1).await), "RATE_LIMITED");
+}
+
+#[sqlx::test]
+async fn a_limit_for_test_keys_leaves_a_live_keys_plan_limits_in_force(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "messagesmart").await;
+    t.running.clock().freeze_at(at("2026-11-23T10:00:00Z"));
+    t.create_tenant("shop", "default").await;
+    let mut test_only = quota("key", "minute", 5);
+    test_only.environments = vec!["test".into()];
+    let (key, _) = t
+        .create_key_with(pb::CreateKeyRequest {
+            tenant_id: "shop".into(),
+            name: "live".into(),
+            environment: "live".into(),
+            limits: vec![test_only],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut admitted = 0;
+    for _ in 0..61 {
+        admitted += usize::from(spend(&mut t, &key, 1).await.allowed);
+    }
+    assert_eq!(admitted, 60, "the plan's 60/min, not nothing and not 5");
+    let r = spend(&mut t, &key, 1).await;
+    assert_eq!(
+        reported(&r),
+        vec![
+            ("key_per_minute".to_string(), 60),
+            ("key_per_month".to_string(), 10_000),
+        ]
+    );
+}
+
+#[sqlx::test]
+async fn a_key_limit_looser_than_the_plans_is_refused_naming_the_field_and_changes_nothing(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "messagesmart").await;
+    t.create_tenant("shop", "default").await;
+    let err = t
+        .create_key_with(pb::CreateKeyRequest {
+            tenant_id: "shop".into(),
+            name: "greedy".into(),
+            limits: vec![quota("key", "minute", 1_000_000_000)],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), vec!["limits[0].limit"]);
+    let (_, record) = t.create_key("shop").await;
+    let mut loose_burst = quota("key", "minute", 10);
+    loose_burst.burst = 1000;
+    let err = t
+        .auth
+        .update_key(op(pb::UpdateKeyRequest {
+            key_id: record.key_id.clone(),
+            update_mask: vec!["limits".into()],
+            limits: vec![quota("key", "month", 20_000), loose_burst],
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), vec!["limits[0].limit", "limits[1].burst"]);
+    let key = t
+        .auth
+        .get_key(op(pb::GetKeyRequest {
+            key_id: record.key_id,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert!(key.limits.is_empty(), "nothing changed");
+}
