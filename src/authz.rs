@@ -136,10 +136,11 @@ fn extract_headers<'a>(
     })
 }
 
-/// Whose usage the limits count: the tenant and, if given, its key.
+/// Whose usage the limits count: the tenant and, if given, its key's
+/// lineage (every key of a rotation chain shares one quota and rate).
 fn subject_of<'a>(tenant: &'a Tenant, key: Option<&'a KeyRecord>) -> Subject<'a> {
     Subject {
-        key: key.map(|k| k.id),
+        key: key.map(|k| k.lineage_id),
         tenant: &tenant.id,
         billing_day: tenant.overrides.billing_day,
         environment: key.map(|k| k.environment.as_str()),

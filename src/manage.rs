@@ -229,13 +229,24 @@ impl Manager {
             .ok_or(Error::NotFound("tenant"))
     }
 
+    /// The tenant's key cap: its override, else its plan's.
+    fn cap(&self) -> impl Fn(&Tenant) -> Option<u32> + Sync + use<> {
+        let profile = self.profile.clone();
+        move |t: &Tenant| {
+            t.overrides
+                .max_keys
+                .or_else(|| profile.plan(&t.plan).and_then(|p| p.max_keys))
+        }
+    }
+
     /// Generates a key of `shape`; the secret is returned once, only its
     /// digest is kept.
     fn new_key(&self, shape: KeyShape, now: DateTime<Utc>) -> (ApiKeySecret, NewKey) {
         let secret = self.profile.key_format.generate(&shape.environment);
         let pepper = self.peppers.current();
+        let id = uuid::Uuid::now_v7();
         let key = NewKey {
-            id: uuid::Uuid::now_v7(),
+            id,
             tenant_id: shape.tenant_id,
             name: shape.name,
             environment: shape.environment,
@@ -246,6 +257,7 @@ impl Manager {
             created_at: now,
             expires_at: shape.expires_at,
             limits: shape.limits,
+            lineage_id: id,
         };
         (secret, key)
     }
@@ -329,12 +341,7 @@ impl Manager {
             },
             now,
         );
-        let profile = self.profile.clone();
-        let cap = move |t: &Tenant| {
-            t.overrides
-                .max_keys
-                .or_else(|| profile.plan(&t.plan).and_then(|p| p.max_keys))
-        };
+        let cap = self.cap();
         let record = self
             .store
             .insert_key(key, &cap, ctx)
@@ -476,7 +483,9 @@ impl Manager {
             .await?
             .ok_or(Error::NotFound("key"))?;
         let now = self.clock.now();
-        // The new key keeps the old key's lifetime length, from now.
+        // Name, scopes, limits, lineage and lifetime are taken again from
+        // the locked row by the store (`KeyRecord::succeed`), so an update
+        // racing this rotation is not lost; the environment never changes.
         let expires_at = old.expires_at.map(|e| now + (e - old.created_at));
         let (secret, new) = self.new_key(
             KeyShape {
@@ -540,12 +549,8 @@ impl Manager {
             .get_key(key)
             .await?
             .ok_or(Error::NotFound("key"))?;
-        let only_renames = input.update_mask.iter().all(|m| m == "name");
-        if !only_renames && (current.revoked_at.is_some() || current.replaced_by.is_some()) {
-            return Err(Error::FailedPrecondition(
-                "a revoked or rotated key can only be renamed".into(),
-            ));
-        }
+        // Whether a revoked or rotated key may change, and whether a revival
+        // passes the cap, is decided by the store on the locked row.
         let latest = current.created_at + Duration::seconds(MAX_TTL_SECONDS);
         if has("expires_at") && input.expires_at.is_some_and(|t| t > latest) {
             return Err(Error::invalid(
@@ -570,9 +575,10 @@ impl Manager {
             expires_at: has("expires_at").then_some(input.expires_at),
             limits: has("limits").then(|| (!input.limits.is_empty()).then(|| input.limits.clone())),
         };
+        let cap = self.cap();
         let record = self
             .store
-            .update_key(key, &update, ctx)
+            .update_key(key, &update, &cap, self.clock.now(), ctx)
             .await
             .map_err(not_found("key"))?;
         tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id, "key updated");

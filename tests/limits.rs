@@ -621,3 +621,280 @@ async fn a_key_limit_looser_than_the_plans_is_refused_naming_the_field_and_chang
         .unwrap();
     assert!(key.limits.is_empty(), "nothing changed");
 }
+
+async fn rotate(t: &mut Tollgate, key_id: &str, grace_seconds: i64) -> pb::RotateKeyResponse {
+    t.auth
+        .rotate_key(op(pb::RotateKeyRequest {
+            key_id: key_id.into(),
+            grace_seconds,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[sqlx::test]
+async fn rotating_a_key_that_spent_its_daily_quota_hands_out_no_fresh_quota(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut a = spawn(&conn, "messagesmart").await;
+    let mut b = spawn(&conn, "messagesmart").await;
+    for t in [&a, &b] {
+        t.running.clock().freeze_at(at("2026-11-23T10:00:00Z"));
+    }
+    a.create_tenant("shop", "default").await;
+    let (old, record) = a
+        .create_key_with(pb::CreateKeyRequest {
+            tenant_id: "shop".into(),
+            name: "three a day".into(),
+            limits: vec![quota("key", "day", 3)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert!(spend(&mut a, &old, 1).await.allowed);
+    }
+    assert_eq!(reason(&spend(&mut a, &old, 1).await), "QUOTA_EXHAUSTED");
+    let rotated = rotate(&mut b, &record.key_id, 3600).await;
+    let new = rotated.api_key;
+    assert_eq!(
+        reason(&spend(&mut b, &new, 1).await),
+        "QUOTA_EXHAUSTED",
+        "the new key is the same key's next credential, with the same quota"
+    );
+    assert_eq!(reason(&spend(&mut a, &new, 1).await), "QUOTA_EXHAUSTED");
+    assert_eq!(reason(&spend(&mut b, &old, 1).await), "QUOTA_EXHAUSTED");
+    let usage = a
+        .auth
+        .get_usage(op(pb::GetUsageRequest {
+            key_id: rotated.key.unwrap().key_id,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let day = usage
+        .quotas
+        .iter()
+        .find(|q| q.name == "key_per_day")
+        .unwrap();
+    assert_eq!((day.used, day.limit), (3, 3));
+}
+
+#[sqlx::test]
+async fn a_chain_of_rotations_keeps_one_key_in_grace_and_shares_one_rate(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "messagesmart").await;
+    t.running.clock().freeze_at(at("2026-11-23T10:00:00Z"));
+    t.create_tenant("shop", "default").await;
+    let (first, record) = t.create_key("shop").await;
+    let second = rotate(&mut t, &record.key_id, 3600).await;
+    let third = rotate(&mut t, &second.key.unwrap().key_id, 3600).await;
+    assert_eq!(
+        reason(&t.authenticate(&first).await),
+        "KEY_EXPIRED",
+        "rotating again ends the earlier key's grace"
+    );
+    let (second, third) = (second.api_key, third.api_key);
+    let mut admitted = 0;
+    for i in 0..80 {
+        let key = if i % 2 == 0 { &second } else { &third };
+        admitted += usize::from(spend(&mut t, key, 1).await.allowed);
+    }
+    assert_eq!(
+        admitted, 60,
+        "two live credentials, one 60/min between them"
+    );
+}
+
+#[sqlx::test]
+async fn an_expired_key_revived_past_the_cap_is_refused_and_stays_expired(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "default").await;
+    t.running.clock().freeze_at(at("2026-11-23T10:00:00Z"));
+    t.create_tenant("free", "free").await;
+    let (_, short) = t
+        .create_key_with(pb::CreateKeyRequest {
+            tenant_id: "free".into(),
+            name: "short-lived".into(),
+            ttl_seconds: Some(60),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    t.create_key("free").await;
+    t.running
+        .clock()
+        .advance(std::time::Duration::from_secs(120));
+    let (_, third) = t.create_key("free").await;
+    let revive = || {
+        op(pb::UpdateKeyRequest {
+            key_id: short.key_id.clone(),
+            update_mask: vec!["expires_at".into()],
+            ..Default::default()
+        })
+    };
+    let err = t.auth.update_key(revive()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let key = t
+        .auth
+        .get_key(op(pb::GetKeyRequest {
+            key_id: short.key_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert!(key.expires_at.is_some(), "still expired: nothing changed");
+
+    // Under the cap, reviving is allowed.
+    t.revoke(&third.key_id).await;
+    let key = t.auth.update_key(revive()).await.unwrap().into_inner().key;
+    assert!(key.unwrap().expires_at.is_none());
+}
+
+/// Waits until `n` backends of this database wait on a lock (a condition
+/// polled on the database, not a sleep).
+async fn until_waiting_on_locks(db: &sqlx::PgPool, n: i64) {
+    for _ in 0..100_000 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(db)
+        .await
+        .unwrap();
+        if waiting >= n {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("{n} backends never waited on a lock");
+}
+
+/// Holds the key row's lock in a transaction of the test's own, so the
+/// calls started meanwhile queue on it in a known order.
+async fn lock_key_row(
+    db: &sqlx::PgPool,
+    key_id: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM api_keys WHERE key_id = $1::uuid FOR UPDATE")
+        .bind(key_id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+#[sqlx::test]
+async fn an_update_queued_behind_a_rotation_cannot_keep_the_rotated_key_live_forever(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "default").await;
+    let b = spawn(&conn, "default").await;
+    t.create_tenant("acme", "pro").await;
+    let (_, record) = t.create_key("acme").await;
+    let db = pool_opts.connect_with(conn).await.unwrap();
+
+    let hold = lock_key_row(&db, &record.key_id).await;
+    let mut rotator = t.auth.clone();
+    let id = record.key_id.clone();
+    let rotation = tokio::spawn(async move {
+        rotator
+            .rotate_key(op(pb::RotateKeyRequest {
+                key_id: id,
+                grace_seconds: 60,
+                ..Default::default()
+            }))
+            .await
+    });
+    until_waiting_on_locks(&db, 1).await;
+    let mut updater = b.auth.clone();
+    let id = record.key_id.clone();
+    let update = tokio::spawn(async move {
+        updater
+            .update_key(op(pb::UpdateKeyRequest {
+                key_id: id,
+                update_mask: vec!["expires_at".into()],
+                ..Default::default()
+            }))
+            .await
+    });
+    until_waiting_on_locks(&db, 2).await;
+    hold.rollback().await.unwrap();
+
+    rotation.await.unwrap().unwrap();
+    let err = update.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let old = t
+        .auth
+        .get_key(op(pb::GetKeyRequest {
+            key_id: record.key_id,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert!(
+        old.expires_at.is_some(),
+        "the rotated key ends with its grace"
+    );
+}
+
+#[sqlx::test]
+async fn scopes_narrowed_while_a_rotation_waits_are_the_new_keys_scopes(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "default").await;
+    let b = spawn(&conn, "default").await;
+    t.create_tenant("acme", "pro").await;
+    let (_, record) = t.create_key("acme").await;
+    assert_eq!(record.scopes, vec!["read", "write"]);
+    let db = pool_opts.connect_with(conn).await.unwrap();
+
+    let hold = lock_key_row(&db, &record.key_id).await;
+    let mut updater = b.auth.clone();
+    let id = record.key_id.clone();
+    let narrowing = tokio::spawn(async move {
+        updater
+            .update_key(op(pb::UpdateKeyRequest {
+                key_id: id,
+                update_mask: vec!["scopes".into()],
+                scopes: vec!["read".into()],
+                ..Default::default()
+            }))
+            .await
+    });
+    until_waiting_on_locks(&db, 1).await;
+    let mut rotator = t.auth.clone();
+    let id = record.key_id.clone();
+    let rotation = tokio::spawn(async move {
+        rotator
+            .rotate_key(op(pb::RotateKeyRequest {
+                key_id: id,
+                grace_seconds: 60,
+                ..Default::default()
+            }))
+            .await
+    });
+    until_waiting_on_locks(&db, 2).await;
+    hold.rollback().await.unwrap();
+
+    narrowing.await.unwrap().unwrap();
+    let rotated = rotation.await.unwrap().unwrap().into_inner();
+    assert_eq!(rotated.key.unwrap().scopes, vec!["read"], "not lost");
+}

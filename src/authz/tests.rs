@@ -106,8 +106,15 @@ impl Store for CountingStore {
     ) -> R<(KeyRecord, KeyRecord)> {
         self.inner.rotate_key(old, new, until, a).await
     }
-    async fn update_key(&self, key: KeyRef<'_>, u: &KeyUpdate, a: &Audit) -> R<KeyRecord> {
-        self.inner.update_key(key, u, a).await
+    async fn update_key(
+        &self,
+        key: KeyRef<'_>,
+        u: &KeyUpdate,
+        cap: KeyCap<'_>,
+        now: Time,
+        a: &Audit,
+    ) -> R<KeyRecord> {
+        self.inner.update_key(key, u, cap, now, a).await
     }
     async fn rehash_key(&self, id: KeyId, old: &KeyDigest, new: &KeyDigest, v: i32) -> R<()> {
         self.inner.rehash_key(id, old, new, v).await

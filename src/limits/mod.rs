@@ -23,6 +23,8 @@ use quota::Quotas;
 /// Whose usage is counted: a key (and its tenant) or a tenant alone.
 #[derive(Debug, Clone, Copy)]
 pub struct Subject<'a> {
+    /// The key's lineage (its first key's id): key-scoped limits count
+    /// every key of a rotation chain together.
     pub key: Option<KeyId>,
     pub tenant: &'a TenantId,
     /// The tenant's billing day, for monthly quotas.
