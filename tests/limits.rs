@@ -898,3 +898,46 @@ async fn scopes_narrowed_while_a_rotation_waits_are_the_new_keys_scopes(
     let rotated = rotation.await.unwrap().unwrap().into_inner();
     assert_eq!(rotated.key.unwrap().scopes, vec!["read"], "not lost");
 }
+
+#[sqlx::test]
+async fn retries_through_a_database_outage_do_not_burn_the_callers_rate_limit(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let proxy = Proxy::start(pg_addr(&conn)).await;
+    let store: std::sync::Arc<dyn tollgate::store::Store> = std::sync::Arc::new(
+        tollgate::store::PostgresStore::new(pool(&proxy.options(&conn)).await),
+    );
+    let mut t = spawn_on_store(store, Options::new(profile("default"))).await;
+    t.running.clock().freeze_at(at("2026-11-23T10:00:00Z"));
+    create_tenant_with_limits(
+        &mut t,
+        "acme",
+        "enterprise",
+        vec![quota("key", "minute", 3), quota("tenant", "day", 100)],
+    )
+    .await;
+    let (key, _) = t.create_key("acme").await;
+    // Identity only: the key is cached, no quota is leased yet.
+    assert!(t.authenticate(&key).await.allowed);
+
+    proxy.cut();
+    for _ in 0..3 {
+        // The rate limit is taken in memory, then the quota lease fails.
+        let err = t
+            .authenticate_with(pb::AuthenticateRequest {
+                api_key: key.clone(),
+                cost: Some(1),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    }
+    proxy.restore();
+    for i in 0..3 {
+        let r = spend(&mut t, &key, 1).await;
+        assert!(r.allowed, "request {i} after the outage: {r:?}");
+    }
+    assert_eq!(reason(&spend(&mut t, &key, 1).await), "RATE_LIMITED");
+}

@@ -111,6 +111,33 @@ pub struct LimitOutcome {
     pub retry_after_seconds: u32,
 }
 
+/// What one request took so far. Given back when dropped unless kept: a
+/// later limit denying, a store error and a cancelled request all return
+/// every unit taken, so a retry never pays twice.
+struct Partial<'a> {
+    quotas: &'a Quotas,
+    taken: Vec<Taken>,
+    cost: u64,
+}
+
+impl Partial<'_> {
+    /// The request was admitted: what it took stays taken.
+    fn keep(mut self) {
+        self.taken.clear();
+    }
+}
+
+impl Drop for Partial<'_> {
+    fn drop(&mut self) {
+        for t in self.taken.drain(..) {
+            match t {
+                Taken::Rate(cell, rate) => cell.refund(rate, self.cost),
+                Taken::Quota(counter) => self.quotas.refund(&counter, self.cost),
+            }
+        }
+    }
+}
+
 /// What was taken, to give back if a later limit denies.
 enum Taken {
     Rate(Arc<Cell>, Rate),
@@ -189,7 +216,11 @@ impl Limiter {
         let consume = !dry_run && cost > 0;
         let cost = cost.max(1);
         let share = self.replicas();
-        let mut taken = Vec::new();
+        let mut taken = Partial {
+            quotas: &self.quotas,
+            taken: Vec::new(),
+            cost,
+        };
         let mut statuses = Vec::with_capacity(limits.len());
         let mut denied = None;
         let mut retry_after_seconds = 0;
@@ -220,7 +251,7 @@ impl Limiter {
                         cell.peek(now_ns, rate, cost)
                     };
                     if o.allowed && evaluate {
-                        taken.push(Taken::Rate(cell, rate));
+                        taken.taken.push(Taken::Rate(cell, rate));
                     }
                     if !o.allowed && denied.is_none() {
                         denied = Some(Reason::RateLimited);
@@ -239,12 +270,14 @@ impl Limiter {
                         continue;
                     };
                     let o = if evaluate {
-                        self.quotas.take(&counter, spec.limit, cost, now_ns).await?
+                        self.quotas.take(&counter, spec.limit, cost, now_ns).await
                     } else {
-                        self.quotas.peek(&counter, spec.limit, cost).await?
+                        self.quotas.peek(&counter, spec.limit, cost).await
                     };
+                    // On error, `taken` gives back what the other limits took.
+                    let o = o?;
                     if o.allowed && evaluate {
-                        taken.push(Taken::Quota(counter));
+                        taken.taken.push(Taken::Quota(counter));
                     }
                     if !o.allowed && denied.is_none() {
                         denied = Some(Reason::QuotaExhausted);
@@ -260,13 +293,8 @@ impl Limiter {
                 }
             }
         }
-        if denied.is_some() {
-            for t in taken {
-                match t {
-                    Taken::Rate(cell, rate) => cell.refund(rate, cost),
-                    Taken::Quota(counter) => self.quotas.refund(&counter, cost),
-                }
-            }
+        if denied.is_none() {
+            taken.keep();
         }
         statuses.sort_by_key(|s| s.remaining);
         Ok(LimitOutcome {
