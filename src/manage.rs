@@ -13,7 +13,7 @@ use crate::domain::limit::check_tightens;
 use crate::domain::validate::{check_name, check_scopes};
 use crate::domain::{
     ApiKeySecret, KeyId, KeyRecord, KeyUpdate, LimitScope, LimitSpec, NewKey, SubscriptionStatus,
-    Tenant, TenantId, TenantOverrides, TenantUpdate, Violations,
+    Tenant, TenantId, TenantOverrides, TenantUpdate, UsageCarry, Violations,
 };
 use crate::error::{Error, Result};
 use crate::profile::Profile;
@@ -769,16 +769,25 @@ impl Manager {
             self.check_overrides(o, &mut v);
         }
         v.into_result()?;
+        let id = id.expect("validated");
+        let now = self.clock.now();
+        let carry_month_usage = match &overrides {
+            Some(o) => {
+                let before = self.tenant(&id).await?.overrides.billing_day;
+                month_carry(before, o.billing_day, now)
+            }
+            None => None,
+        };
         let update = TenantUpdate {
             name: has("name").then(|| input.name.clone()),
             plan: has("plan").then(|| input.plan.clone()),
             status,
             overrides,
+            carry_month_usage,
         };
-        let id = id.expect("validated");
         let tenant = self
             .store
-            .update_tenant(&id, &update, self.clock.now(), ctx)
+            .update_tenant(&id, &update, now, ctx)
             .await
             .map_err(not_found("tenant"))?;
         tracing::info!(tenant_id = %tenant.id, plan = %tenant.plan,
@@ -809,6 +818,16 @@ impl Manager {
             next_page_token,
         })
     }
+}
+
+/// When the billing day moves from `before` to `after`, the current month
+/// under each starts at a different moment: its usage is carried over, so
+/// moving the billing day never resets a quota mid-period.
+fn month_carry(before: Option<u32>, after: Option<u32>, now: DateTime<Utc>) -> Option<UsageCarry> {
+    use crate::limits::period::{bounds, QuotaPeriod};
+    let start = |anchor_day| bounds(QuotaPeriod::Month { anchor_day }, now).0;
+    let (from, to) = (start(before), start(after));
+    (from != to).then_some(UsageCarry { from, to })
 }
 
 fn dedup(mut scopes: Vec<String>) -> Vec<String> {

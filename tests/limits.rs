@@ -941,3 +941,63 @@ async fn retries_through_a_database_outage_do_not_burn_the_callers_rate_limit(
     }
     assert_eq!(reason(&spend(&mut t, &key, 1).await), "RATE_LIMITED");
 }
+
+#[sqlx::test]
+async fn moving_the_billing_day_carries_this_months_usage_instead_of_resetting_it(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut a = spawn(&conn, "default").await;
+    let mut b = spawn(&conn, "default").await;
+    for t in [&a, &b] {
+        t.running.clock().freeze_at(at("2026-11-23T10:00:00Z"));
+    }
+    let month = vec![quota("tenant", "month", 10), quota("key", "month", 10)];
+    create_tenant_with_limits(&mut a, "acme", "enterprise", month.clone()).await;
+    let (key, record) = a.create_key("acme").await;
+    for _ in 0..6 {
+        assert!(spend(&mut a, &key, 1).await.allowed);
+    }
+    a.running.shutdown().await.unwrap();
+
+    let tenant = tollgate::domain::TenantId::parse("acme").unwrap();
+    let mut events = b.invalidations();
+    b.tenants
+        .update_tenant(op(pb::UpdateTenantRequest {
+            tenant_id: "acme".into(),
+            update_mask: vec!["overrides".into()],
+            overrides: Some(pb::TenantOverrides {
+                limits: month,
+                billing_day: Some(20),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    wait_for(&mut events, |e| *e == Invalidation::Tenant(tenant.clone())).await;
+    let mut admitted = 0;
+    for _ in 0..10 {
+        admitted += usize::from(spend(&mut b, &key, 1).await.allowed);
+    }
+    assert_eq!(admitted, 4, "6 of 10 were already used this month");
+    let usage = b
+        .auth
+        .get_usage(op(pb::GetUsageRequest {
+            key_id: record.key_id,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let month = usage
+        .quotas
+        .iter()
+        .find(|q| q.name == "key_per_month")
+        .unwrap();
+    assert_eq!(month.used, 10);
+    assert_eq!(
+        month.period_start.as_ref().unwrap().seconds,
+        at("2026-11-20T00:00:00Z").timestamp()
+    );
+}

@@ -119,6 +119,42 @@ impl Store for MemoryStore {
             }
             t.updated_at = now;
             let t = t.clone();
+            if let Some(carry) = u.carry_month_usage {
+                let lineages: Vec<String> = s
+                    .keys
+                    .values()
+                    .filter(|k| k.tenant_id == *id)
+                    .map(|k| k.lineage_id.to_string())
+                    .collect();
+                let ours = |subject: &str| {
+                    let mut parts = subject.split(':');
+                    match (parts.next(), parts.next()) {
+                        (Some("t"), Some(t)) => t == id.as_str(),
+                        (Some("k"), Some(k)) => lineages.iter().any(|l| l == k),
+                        _ => false,
+                    }
+                };
+                let carried: Vec<(QuotaCounter, u64)> = s
+                    .quotas
+                    .iter()
+                    .filter(|(c, _)| {
+                        c.period_start == carry.from
+                            && c.name.ends_with("_per_month")
+                            && ours(&c.subject)
+                    })
+                    .map(|(c, used)| {
+                        let to = QuotaCounter {
+                            period_start: carry.to,
+                            ..c.clone()
+                        };
+                        (to, *used)
+                    })
+                    .collect();
+                for (c, used) in carried {
+                    let e = s.quotas.entry(c).or_insert(0);
+                    *e = (*e).max(used);
+                }
+            }
             s.console.record(audit::tenant_updated(ctx, &t, u, now));
             t
         };

@@ -360,6 +360,27 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         let tenant: Tenant = row.ok_or(StoreError::NotFound)?.try_into()?;
+        if let Some(carry) = u.carry_month_usage {
+            // The tenant's and its keys' monthly counters ('t:<tenant>[:env]',
+            // 'k:<lineage>[:env]'); GREATEST, so carrying back and forth
+            // within a period never counts a unit twice.
+            sqlx::query(
+                "INSERT INTO quota_usage AS q (subject, limit_name, period_start, used) \
+                 SELECT c.subject, c.limit_name, $3, c.used FROM quota_usage c \
+                 WHERE c.period_start = $2 AND c.limit_name LIKE '%\\_per\\_month' \
+                   AND ((split_part(c.subject, ':', 1) = 't' AND split_part(c.subject, ':', 2) = $1) \
+                     OR (split_part(c.subject, ':', 1) = 'k' AND split_part(c.subject, ':', 2) IN \
+                         (SELECT lineage_id::text FROM api_keys WHERE tenant_id = $1))) \
+                 ON CONFLICT (subject, limit_name, period_start) \
+                 DO UPDATE SET used = GREATEST(q.used, EXCLUDED.used), updated_at = now()",
+            )
+            .bind(id.as_str())
+            .bind(carry.from)
+            .bind(carry.to)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
         insert_audit(&mut tx, &audit::tenant_updated(ctx, &tenant, u, now)).await?;
         notify(&mut tx, &Invalidation::Tenant(id.clone())).await?;
         tx.commit().await.map_err(map_err)?;
