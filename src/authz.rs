@@ -486,7 +486,7 @@ impl Authenticator {
             }
             if !self
                 .caches
-                .worth_looking_up(&digest, crate::limits::nanos(self.clock.now()))
+                .worth_looking_up(&digest, self.clock.monotonic_ns())
             {
                 // Not a stored digest, and the budget for those is spent.
                 count_lookup("known", "absent");

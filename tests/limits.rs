@@ -1001,3 +1001,28 @@ async fn moving_the_billing_day_carries_this_months_usage_instead_of_resetting_i
         at("2026-11-20T00:00:00Z").timestamp()
     );
 }
+
+#[sqlx::test]
+async fn stepping_the_wall_clock_neither_refills_nor_freezes_a_rate_limit(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "msgflash").await;
+    let clock = t.running.clock().clone();
+    clock.freeze_at(at("2026-11-23T10:00:00Z"));
+    t.create_tenant("acme", "pro").await;
+    let (key, _) = t.create_key("acme").await;
+    for _ in 0..10 {
+        assert!(spend(&mut t, &key, 1).await.allowed);
+    }
+    assert_eq!(reason(&spend(&mut t, &key, 1).await), "RATE_LIMITED");
+
+    // An hour forward on the wall: no time passed, nothing refilled.
+    clock.freeze_at(at("2026-11-23T11:00:00Z"));
+    assert_eq!(reason(&spend(&mut t, &key, 1).await), "RATE_LIMITED");
+    // A day back on the wall: 100 ms later one unit is back, as always.
+    clock.freeze_at(at("2026-11-22T11:00:00Z"));
+    clock.advance(std::time::Duration::from_millis(100));
+    assert!(spend(&mut t, &key, 1).await.allowed);
+    assert_eq!(reason(&spend(&mut t, &key, 1).await), "RATE_LIMITED");
+}

@@ -211,8 +211,11 @@ impl Limiter {
         cost: u64,
         dry_run: bool,
     ) -> Result<LimitOutcome> {
+        // Calendar periods follow the wall clock; rates and lease timing
+        // follow the monotonic one, so a wall-clock step admits no more
+        // and no less.
         let now = self.clock.now();
-        let now_ns = nanos(now);
+        let now_ns = self.clock.monotonic_ns();
         let consume = !dry_run && cost > 0;
         let cost = cost.max(1);
         let share = self.replicas();
@@ -281,7 +284,8 @@ impl Limiter {
                     }
                     if !o.allowed && denied.is_none() {
                         denied = Some(Reason::QuotaExhausted);
-                        retry_after_seconds = ceil_secs(nanos(end).saturating_sub(now_ns)).max(1);
+                        retry_after_seconds =
+                            ceil_secs(nanos(end).saturating_sub(nanos(now))).max(1);
                     }
                     statuses.push(LimitStatus {
                         name: spec.name().to_string(),
