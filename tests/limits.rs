@@ -1026,3 +1026,48 @@ async fn stepping_the_wall_clock_neither_refills_nor_freezes_a_rate_limit(
     assert!(spend(&mut t, &key, 1).await.allowed);
     assert_eq!(reason(&spend(&mut t, &key, 1).await), "RATE_LIMITED");
 }
+
+async fn key_usage(t: &mut Tollgate, key_id: &str, name: &str) -> u64 {
+    t.auth
+        .get_usage(op(pb::GetUsageRequest {
+            key_id: key_id.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .quotas
+        .into_iter()
+        .find(|q| q.name == name)
+        .unwrap()
+        .used
+}
+
+#[sqlx::test]
+async fn a_request_costing_more_than_is_left_takes_nothing_and_strands_nothing(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut a = spawn(&conn, "default").await;
+    let mut b = spawn(&conn, "default").await;
+    for t in [&a, &b] {
+        t.running.clock().freeze_at(at("2026-11-23T10:00:00Z"));
+    }
+    create_tenant_with_limits(&mut a, "acme", "enterprise", vec![quota("key", "day", 100)]).await;
+    let (key, record) = a.create_key("acme").await;
+
+    assert_eq!(reason(&spend(&mut a, &key, 1000).await), "QUOTA_EXHAUSTED");
+    assert_eq!(key_usage(&mut b, &record.key_id, "key_per_day").await, 0);
+    assert!(
+        spend(&mut b, &key, 50).await.allowed,
+        "the refused request left the quota to others"
+    );
+    // The other 50 go to small requests on either replica, its own included.
+    let mut admitted = 50;
+    for i in 0..200 {
+        let t = if i % 2 == 0 { &mut a } else { &mut b };
+        admitted += u64::from(spend(t, &key, 1).await.allowed);
+    }
+    assert_eq!(admitted, 100);
+    assert_eq!(key_usage(&mut b, &record.key_id, "key_per_day").await, 100);
+}

@@ -122,8 +122,14 @@ impl Store for CountingStore {
     async fn touch_keys(&self, used: &[(KeyId, Time)]) -> R<()> {
         self.inner.touch_keys(used).await
     }
-    async fn lease_quota(&self, c: &QuotaCounter, chunk: u64, limit: u64) -> R<QuotaGrant> {
-        self.inner.lease_quota(c, chunk, limit).await
+    async fn lease_quota(
+        &self,
+        c: &QuotaCounter,
+        chunk: u64,
+        min: u64,
+        limit: u64,
+    ) -> R<QuotaGrant> {
+        self.inner.lease_quota(c, chunk, min, limit).await
     }
     async fn return_quota(&self, c: &QuotaCounter, units: u64) -> R<()> {
         self.inner.return_quota(c, units).await

@@ -396,11 +396,17 @@ impl Store for MemoryStore {
         &self,
         c: &QuotaCounter,
         chunk: u64,
+        at_least: u64,
         limit: u64,
     ) -> Result<QuotaGrant, StoreError> {
         let mut s = self.state();
         let used = s.quotas.entry(c.clone()).or_insert(0);
-        let granted = chunk.min(limit.saturating_sub(*used));
+        let left = limit.saturating_sub(*used);
+        let granted = if left >= at_least.max(1) {
+            chunk.max(at_least).min(left)
+        } else {
+            0
+        };
         *used += granted;
         Ok(QuotaGrant {
             granted,

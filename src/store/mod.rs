@@ -186,10 +186,15 @@ pub trait Store: Send + Sync + 'static {
     /// Leases up to `chunk` units of `counter`, never letting its total pass
     /// `limit` (one conditional write: concurrent leases from every replica
     /// cannot exceed it).
+    ///
+    /// All or nothing for `at_least`: unless `at_least` units still fit
+    /// under `limit`, nothing is granted (a request that does not fit takes
+    /// nothing and strands nothing). Otherwise up to `chunk` (≥ `at_least`).
     async fn lease_quota(
         &self,
         counter: &QuotaCounter,
         chunk: u64,
+        at_least: u64,
         limit: u64,
     ) -> Result<QuotaGrant, StoreError>;
     /// Gives back leased units that were not used.

@@ -651,25 +651,29 @@ impl Store for PostgresStore {
         &self,
         c: &QuotaCounter,
         chunk: u64,
+        at_least: u64,
         limit: u64,
     ) -> Result<QuotaGrant, StoreError> {
-        let chunk = i64::try_from(chunk).unwrap_or(i64::MAX);
+        let at_least = i64::try_from(at_least.max(1)).unwrap_or(i64::MAX);
+        let chunk = i64::try_from(chunk).unwrap_or(i64::MAX).max(at_least);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // `last_grant` is computed from the old row in the same statement
-        // that locks and updates it, so the grant is exact.
+        // that locks and updates it, so the grant is exact. Nothing is
+        // granted unless `at_least` units fit.
         let row: Option<(i64, i64)> = sqlx::query_as(
             "INSERT INTO quota_usage AS q (subject, limit_name, period_start, used, last_grant) \
-             VALUES ($1, $2, $3, LEAST($4, $5), LEAST($4, $5)) \
+             SELECT $1, $2, $3, LEAST($4, $5), LEAST($4, $5) WHERE $6 <= $5 \
              ON CONFLICT (subject, limit_name, period_start) DO UPDATE \
              SET last_grant = LEAST($4, $5 - q.used), used = q.used + LEAST($4, $5 - q.used), \
                  updated_at = now() \
-             WHERE q.used < $5 RETURNING last_grant, used",
+             WHERE q.used + $6 <= $5 RETURNING last_grant, used",
         )
         .bind(&c.subject)
         .bind(c.name)
         .bind(c.period_start)
         .bind(chunk)
         .bind(limit)
+        .bind(at_least)
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;
@@ -680,7 +684,7 @@ impl Store for PostgresStore {
             },
             None => QuotaGrant {
                 granted: 0,
-                used: limit.max(0) as u64,
+                used: self.quota_used(c).await?,
             },
         })
     }
