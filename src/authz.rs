@@ -737,7 +737,14 @@ impl Authenticator {
                 limit: spec.limit,
                 period_start: current.period_start,
                 period_end: end,
-                used: self.store.quota_used(&current).await?,
+                // Consumed, as far as this replica knows: its own unspent
+                // lease is not usage (other replicas' leases still count
+                // until they are used or returned).
+                used: self
+                    .store
+                    .quota_used(&current)
+                    .await?
+                    .saturating_sub(self.limiter.quotas().unspent(&current)),
                 previous_start: prev_start,
                 previous_used: self.store.quota_used(&previous).await?,
             });

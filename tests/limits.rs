@@ -1071,3 +1071,32 @@ async fn a_request_costing_more_than_is_left_takes_nothing_and_strands_nothing(
     assert_eq!(admitted, 100);
     assert_eq!(key_usage(&mut b, &record.key_id, "key_per_day").await, 100);
 }
+
+#[sqlx::test]
+async fn a_key_that_made_one_request_reads_one_unit_used_not_its_replicas_lease(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "messagesmart").await;
+    t.create_tenant("shop", "default").await;
+    let (key, record) = t.create_key("shop").await;
+    assert!(spend(&mut t, &key, 1).await.allowed);
+    assert_eq!(key_usage(&mut t, &record.key_id, "key_per_month").await, 1);
+    let r = t
+        .auth
+        .check_quota(pb::CheckQuotaRequest {
+            api_key: key.clone(),
+            cost: 1,
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let month = r.limits.iter().find(|l| l.name == "key_per_month").unwrap();
+    assert_eq!(
+        month.remaining,
+        10_000 - 1 - 1,
+        "what would remain after it"
+    );
+}

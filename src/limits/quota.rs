@@ -294,6 +294,13 @@ impl Quotas {
         }
     }
 
+    /// Units of `counter` this replica holds leased and has not used.
+    pub fn unspent(&self, counter: &QuotaCounter) -> u64 {
+        self.leases
+            .get(counter)
+            .map_or(0, |l| l.local.load(Ordering::Acquire))
+    }
+
     /// What `take` would answer, consuming nothing.
     pub async fn peek(
         &self,
