@@ -136,10 +136,11 @@ fn extract_headers<'a>(
     })
 }
 
-/// Whose usage the limits count: the tenant and, if given, its key.
+/// Whose usage the limits count: the tenant and, if given, its key's
+/// lineage (every key of a rotation chain shares one quota and rate).
 fn subject_of<'a>(tenant: &'a Tenant, key: Option<&'a KeyRecord>) -> Subject<'a> {
     Subject {
-        key: key.map(|k| k.id),
+        key: key.map(|k| k.lineage_id),
         tenant: &tenant.id,
         billing_day: tenant.overrides.billing_day,
         environment: key.map(|k| k.environment.as_str()),
@@ -319,7 +320,7 @@ impl Authenticator {
         &'a self,
         tenant: &'a Tenant,
         key: Option<&'a KeyRecord>,
-    ) -> Vec<&'a crate::domain::LimitSpec> {
+    ) -> Vec<std::borrow::Cow<'a, crate::domain::LimitSpec>> {
         let plan_limits = self
             .profile
             .plan(&tenant.plan)
@@ -343,6 +344,7 @@ impl Authenticator {
         dry_run: bool,
     ) -> Result<LimitOutcome> {
         let specs = self.limits_for(tenant, key);
+        let specs: Vec<&crate::domain::LimitSpec> = specs.iter().map(|s| &**s).collect();
         self.limiter
             .check(subject_of(tenant, key), &specs, cost, dry_run)
             .await
@@ -484,7 +486,7 @@ impl Authenticator {
             }
             if !self
                 .caches
-                .worth_looking_up(&digest, crate::limits::nanos(self.clock.now()))
+                .worth_looking_up(&digest, self.clock.monotonic_ns())
             {
                 // Not a stored digest, and the budget for those is spent.
                 count_lookup("known", "absent");
@@ -732,7 +734,7 @@ impl Authenticator {
         let now = self.clock.now();
         let mut out = Vec::new();
         let subject = subject_of(&tenant, key.as_ref());
-        for spec in specs {
+        for spec in &specs {
             let Some((current, end)) = quota_counter(&subject, spec, now) else {
                 continue;
             };
@@ -748,7 +750,14 @@ impl Authenticator {
                 limit: spec.limit,
                 period_start: current.period_start,
                 period_end: end,
-                used: self.store.quota_used(&current).await?,
+                // Consumed, as far as this replica knows: its own unspent
+                // lease is not usage (other replicas' leases still count
+                // until they are used or returned).
+                used: self
+                    .store
+                    .quota_used(&current)
+                    .await?
+                    .saturating_sub(self.limiter.quotas().unspent(&current)),
                 previous_start: prev_start,
                 previous_used: self.store.quota_used(&previous).await?,
             });

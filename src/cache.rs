@@ -378,6 +378,7 @@ mod tests {
             last_used_at: None,
             replaced_by: None,
             limits: None,
+            lineage_id: id,
         })
     }
 

@@ -9,10 +9,11 @@ use crate::cache::Caches;
 use crate::clock::Clock;
 use crate::crypto::Peppers;
 use crate::domain::console::AuditContext;
+use crate::domain::limit::check_tightens;
 use crate::domain::validate::{check_name, check_scopes};
 use crate::domain::{
     ApiKeySecret, KeyId, KeyRecord, KeyUpdate, LimitScope, LimitSpec, NewKey, SubscriptionStatus,
-    Tenant, TenantId, TenantOverrides, TenantUpdate, Violations,
+    Tenant, TenantId, TenantOverrides, TenantUpdate, UsageCarry, Violations,
 };
 use crate::error::{Error, Result};
 use crate::profile::Profile;
@@ -34,7 +35,7 @@ pub struct CreateKeyInput {
     pub environment: String,
     pub scopes: Vec<String>,
     pub ttl_seconds: Option<i64>,
-    /// The key's own key-scoped limits; empty = the plan's.
+    /// The key's own key-scoped limits, tightening the plan's; empty = none.
     pub limits: Vec<LimitSpec>,
 }
 
@@ -228,13 +229,24 @@ impl Manager {
             .ok_or(Error::NotFound("tenant"))
     }
 
+    /// The tenant's key cap: its override, else its plan's.
+    fn cap(&self) -> impl Fn(&Tenant) -> Option<u32> + Sync + use<> {
+        let profile = self.profile.clone();
+        move |t: &Tenant| {
+            t.overrides
+                .max_keys
+                .or_else(|| profile.plan(&t.plan).and_then(|p| p.max_keys))
+        }
+    }
+
     /// Generates a key of `shape`; the secret is returned once, only its
     /// digest is kept.
     fn new_key(&self, shape: KeyShape, now: DateTime<Utc>) -> (ApiKeySecret, NewKey) {
         let secret = self.profile.key_format.generate(&shape.environment);
         let pepper = self.peppers.current();
+        let id = uuid::Uuid::now_v7();
         let key = NewKey {
-            id: uuid::Uuid::now_v7(),
+            id,
             tenant_id: shape.tenant_id,
             name: shape.name,
             environment: shape.environment,
@@ -245,6 +257,7 @@ impl Manager {
             created_at: now,
             expires_at: shape.expires_at,
             limits: shape.limits,
+            lineage_id: id,
         };
         (secret, key)
     }
@@ -304,6 +317,7 @@ impl Manager {
                 ),
             );
         }
+        self.check_limits_tighten(&tenant, &environment, &input.limits, &mut v);
         let scopes = if input.scopes.is_empty() {
             plan.map(|p| p.default_scopes.clone().unwrap_or_else(|| p.scopes.clone()))
                 .unwrap_or_default()
@@ -327,12 +341,7 @@ impl Manager {
             },
             now,
         );
-        let profile = self.profile.clone();
-        let cap = move |t: &Tenant| {
-            t.overrides
-                .max_keys
-                .or_else(|| profile.plan(&t.plan).and_then(|p| p.max_keys))
-        };
+        let cap = self.cap();
         let record = self
             .store
             .insert_key(key, &cap, ctx)
@@ -474,7 +483,9 @@ impl Manager {
             .await?
             .ok_or(Error::NotFound("key"))?;
         let now = self.clock.now();
-        // The new key keeps the old key's lifetime length, from now.
+        // Name, scopes, limits, lineage and lifetime are taken again from
+        // the locked row by the store (`KeyRecord::succeed`), so an update
+        // racing this rotation is not lost; the environment never changes.
         let expires_at = old.expires_at.map(|e| now + (e - old.created_at));
         let (secret, new) = self.new_key(
             KeyShape {
@@ -538,12 +549,8 @@ impl Manager {
             .get_key(key)
             .await?
             .ok_or(Error::NotFound("key"))?;
-        let only_renames = input.update_mask.iter().all(|m| m == "name");
-        if !only_renames && (current.revoked_at.is_some() || current.replaced_by.is_some()) {
-            return Err(Error::FailedPrecondition(
-                "a revoked or rotated key can only be renamed".into(),
-            ));
-        }
+        // Whether a revoked or rotated key may change, and whether a revival
+        // passes the cap, is decided by the store on the locked row.
         let latest = current.created_at + Duration::seconds(MAX_TTL_SECONDS);
         if has("expires_at") && input.expires_at.is_some_and(|t| t > latest) {
             return Err(Error::invalid(
@@ -551,10 +558,15 @@ impl Manager {
                 &format!("must be at most {MAX_TTL_SECONDS} seconds after the key's creation"),
             ));
         }
-        if has("scopes") {
+        if has("scopes") || has("limits") {
             let owner = self.tenant(&current.tenant_id).await?;
             let mut v = Violations::default();
-            self.check_scopes_allowed(&owner, &input.scopes, &mut v);
+            if has("scopes") {
+                self.check_scopes_allowed(&owner, &input.scopes, &mut v);
+            }
+            if has("limits") {
+                self.check_limits_tighten(&owner, &current.environment, &input.limits, &mut v);
+            }
             v.into_result()?;
         }
         let update = KeyUpdate {
@@ -563,9 +575,10 @@ impl Manager {
             expires_at: has("expires_at").then_some(input.expires_at),
             limits: has("limits").then(|| (!input.limits.is_empty()).then(|| input.limits.clone())),
         };
+        let cap = self.cap();
         let record = self
             .store
-            .update_key(key, &update, ctx)
+            .update_key(key, &update, &cap, self.clock.now(), ctx)
             .await
             .map_err(not_found("key"))?;
         tracing::info!(tenant_id = %record.tenant_id, key_id = %record.id, "key updated");
@@ -613,6 +626,31 @@ impl Manager {
                 );
             }
         }
+    }
+
+    /// A key's own limits may only tighten what its plan and tenant set
+    /// (limits and bursts alike), whoever asks: loosening is the
+    /// operator's, explicitly, through the tenant's overrides.
+    fn check_limits_tighten(
+        &self,
+        tenant: &Tenant,
+        environment: &str,
+        limits: &[LimitSpec],
+        v: &mut Violations,
+    ) {
+        let plan = self
+            .profile
+            .plan(&tenant.plan)
+            .map(|p| p.limits.as_slice())
+            .unwrap_or(&[]);
+        check_tightens(
+            plan,
+            tenant.overrides.limits.as_deref(),
+            environment,
+            "limits",
+            limits,
+            v,
+        );
     }
 
     fn check_plan(&self, plan: &str, v: &mut Violations) {
@@ -731,16 +769,25 @@ impl Manager {
             self.check_overrides(o, &mut v);
         }
         v.into_result()?;
+        let id = id.expect("validated");
+        let now = self.clock.now();
+        let carry_month_usage = match &overrides {
+            Some(o) => {
+                let before = self.tenant(&id).await?.overrides.billing_day;
+                month_carry(before, o.billing_day, now)
+            }
+            None => None,
+        };
         let update = TenantUpdate {
             name: has("name").then(|| input.name.clone()),
             plan: has("plan").then(|| input.plan.clone()),
             status,
             overrides,
+            carry_month_usage,
         };
-        let id = id.expect("validated");
         let tenant = self
             .store
-            .update_tenant(&id, &update, self.clock.now(), ctx)
+            .update_tenant(&id, &update, now, ctx)
             .await
             .map_err(not_found("tenant"))?;
         tracing::info!(tenant_id = %tenant.id, plan = %tenant.plan,
@@ -771,6 +818,16 @@ impl Manager {
             next_page_token,
         })
     }
+}
+
+/// When the billing day moves from `before` to `after`, the current month
+/// under each starts at a different moment: its usage is carried over, so
+/// moving the billing day never resets a quota mid-period.
+fn month_carry(before: Option<u32>, after: Option<u32>, now: DateTime<Utc>) -> Option<UsageCarry> {
+    use crate::limits::period::{bounds, QuotaPeriod};
+    let start = |anchor_day| bounds(QuotaPeriod::Month { anchor_day }, now).0;
+    let (from, to) = (start(before), start(after));
+    (from != to).then_some(UsageCarry { from, to })
 }
 
 fn dedup(mut scopes: Vec<String>) -> Vec<String> {

@@ -106,8 +106,15 @@ impl Store for CountingStore {
     ) -> R<(KeyRecord, KeyRecord)> {
         self.inner.rotate_key(old, new, until, a).await
     }
-    async fn update_key(&self, key: KeyRef<'_>, u: &KeyUpdate, a: &Audit) -> R<KeyRecord> {
-        self.inner.update_key(key, u, a).await
+    async fn update_key(
+        &self,
+        key: KeyRef<'_>,
+        u: &KeyUpdate,
+        cap: KeyCap<'_>,
+        now: Time,
+        a: &Audit,
+    ) -> R<KeyRecord> {
+        self.inner.update_key(key, u, cap, now, a).await
     }
     async fn rehash_key(&self, id: KeyId, old: &KeyDigest, new: &KeyDigest, v: i32) -> R<()> {
         self.inner.rehash_key(id, old, new, v).await
@@ -115,8 +122,14 @@ impl Store for CountingStore {
     async fn touch_keys(&self, used: &[(KeyId, Time)]) -> R<()> {
         self.inner.touch_keys(used).await
     }
-    async fn lease_quota(&self, c: &QuotaCounter, chunk: u64, limit: u64) -> R<QuotaGrant> {
-        self.inner.lease_quota(c, chunk, limit).await
+    async fn lease_quota(
+        &self,
+        c: &QuotaCounter,
+        chunk: u64,
+        min: u64,
+        limit: u64,
+    ) -> R<QuotaGrant> {
+        self.inner.lease_quota(c, chunk, min, limit).await
     }
     async fn return_quota(&self, c: &QuotaCounter, units: u64) -> R<()> {
         self.inner.return_quota(c, units).await

@@ -45,9 +45,11 @@ pub fn key_rotated(ctx: &AuditContext, previous: &KeyRecord, new: &KeyRecord) ->
     )
 }
 
-/// A key's fields changed.
+/// A key's fields changed, from `before` to `k`; a change of limits
+/// records the old and new values.
 pub fn key_updated(
     ctx: &AuditContext,
+    before: &KeyRecord,
     k: &KeyRecord,
     u: &KeyUpdate,
     at: DateTime<Utc>,
@@ -65,7 +67,14 @@ pub fn key_updated(
         AuditAction::KeyUpdated,
         &k.tenant_id,
         k.id.to_string(),
-        json!({"fields": fields, "name": k.name, "scopes": k.scopes, "expires_at": k.expires_at}),
+        {
+            let mut details = json!({"fields": fields, "name": k.name, "scopes": k.scopes,
+                "expires_at": k.expires_at});
+            if u.limits.is_some() {
+                details["limits"] = json!({"old": before.limits, "new": k.limits});
+            }
+            details
+        },
         at,
     )
 }

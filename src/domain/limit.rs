@@ -1,6 +1,8 @@
 //! Limit specifications: rate limits (second, minute, hour) and quotas
 //! (day, month), per key or per tenant, from plans and overrides.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 /// Whose usage a limit counts.
@@ -116,37 +118,131 @@ impl LimitSpec {
     }
 }
 
-/// Picks the limits in force: the key's own limits replace key-scoped ones,
-/// the tenant's override list replaces the plan's, and only those for the
-/// key's environment apply. `env` is `None` for tenant-only checks.
+/// Whether `a` and `b` count the same thing: same scope, period and
+/// environments. Limits in one slot compose to the tightest of them.
+fn same_slot(a: &LimitSpec, b: &LimitSpec) -> bool {
+    fn envs(l: &LimitSpec) -> Vec<&str> {
+        let mut e: Vec<&str> = l.environments.iter().map(String::as_str).collect();
+        e.sort_unstable();
+        e.dedup();
+        e
+    }
+    a.scope == b.scope && a.period == b.period && envs(a) == envs(b)
+}
+
+/// Units that may arrive at once under `l`.
+fn burst_of(l: &LimitSpec) -> u64 {
+    l.burst.unwrap_or(l.limit)
+}
+
+/// `base` tightened by `own` (same slot): the lower limit and the lower burst.
+fn tightest(base: &LimitSpec, own: &LimitSpec) -> LimitSpec {
+    let limit = base.limit.min(own.limit);
+    let burst = burst_of(base).min(burst_of(own));
+    LimitSpec {
+        limit,
+        burst: (burst != limit).then_some(burst),
+        ..base.clone()
+    }
+}
+
+/// Picks the limits in force for a key of environment `env` (`None`: the
+/// tenant alone, when only limits for every environment apply).
+///
+/// Limits compose by slot (scope, period, environments): the plan sets
+/// every slot; the tenant's override (the operator's deal) replaces the
+/// plan's limit in the slots it names and keeps the others; a key's own
+/// limits only tighten: in a slot the plan or tenant sets, the tighter of
+/// the two is in force, and a slot only the key sets is added. Whatever the
+/// key does not set, the plan and tenant still set. Key-scoped limits come
+/// first.
 pub fn effective<'a>(
     plan: &'a [LimitSpec],
     tenant_override: Option<&'a [LimitSpec]>,
-    key_override: Option<&'a [LimitSpec]>,
+    key_limits: Option<&'a [LimitSpec]>,
     env: Option<&str>,
-) -> Vec<&'a LimitSpec> {
-    let base = tenant_override.unwrap_or(plan);
-    let key_limits = key_override
-        .filter(|k| !k.is_empty())
-        .unwrap_or(base)
-        .iter()
-        .filter(|l| l.scope == LimitScope::Key);
-    let tenant_limits = base.iter().filter(|l| l.scope == LimitScope::Tenant);
-    let keyed: Vec<&LimitSpec> = if env.is_some() {
-        key_limits.collect()
-    } else {
-        Vec::new()
+) -> Vec<Cow<'a, LimitSpec>> {
+    let overrides = tenant_override.unwrap_or(&[]);
+    let applies = |l: &LimitSpec| match env {
+        Some(e) => l.applies_to(e),
+        // Without a key there is no environment and no key limit.
+        None => l.scope == LimitScope::Tenant && l.environments.is_empty(),
     };
-    keyed
-        .into_iter()
-        .chain(tenant_limits)
-        .filter(|l| match env {
-            Some(e) => l.applies_to(e),
-            // Without a key there is no environment: only limits for all
-            // environments apply.
-            None => l.environments.is_empty(),
-        })
-        .collect()
+    let mut out: Vec<Cow<'a, LimitSpec>> = plan
+        .iter()
+        .filter(|p| !overrides.iter().any(|o| same_slot(o, p)))
+        .chain(overrides)
+        .filter(|l| applies(l))
+        .map(Cow::Borrowed)
+        .collect();
+    let own = key_limits
+        .unwrap_or(&[])
+        .iter()
+        .filter(|k| k.scope == LimitScope::Key && env.is_some() && applies(k));
+    for k in own {
+        match out.iter_mut().find(|l| same_slot(l, k)) {
+            Some(l) => {
+                let t = tightest(l, k);
+                if t != **l {
+                    *l = Cow::Owned(t);
+                }
+            }
+            None => out.push(Cow::Borrowed(k)),
+        }
+    }
+    out.sort_by_key(|l| l.scope != LimitScope::Key);
+    out
+}
+
+/// Checks that a key's own `limits` only tighten what is in force for keys
+/// of `env` under `plan` and `tenant_override`: a limit or burst above one in
+/// force in the same scope and period is refused, naming the field
+/// (`field[i].limit`, `field[i].burst`). Loosening is the operator's, through
+/// the tenant's overrides.
+pub fn check_tightens(
+    plan: &[LimitSpec],
+    tenant_override: Option<&[LimitSpec]>,
+    env: &str,
+    field: &str,
+    limits: &[LimitSpec],
+    v: &mut super::Violations,
+) {
+    let base = effective(plan, tenant_override, None, Some(env));
+    for (i, own) in limits.iter().enumerate() {
+        if !own.applies_to(env) {
+            continue;
+        }
+        let same = base
+            .iter()
+            .filter(|b| b.scope == own.scope && b.period == own.period);
+        for b in same {
+            if own.limit > b.limit {
+                v.add(
+                    format!("{field}[{i}].limit"),
+                    format!(
+                        "must be at most {} ({} in force): a key's own limits only \
+                         tighten; raising one is the operator's, through the tenant's \
+                         overrides",
+                        b.limit,
+                        b.name()
+                    ),
+                );
+                break;
+            }
+            if burst_of(own) > burst_of(b) {
+                v.add(
+                    format!("{field}[{i}].burst"),
+                    format!(
+                        "must be at most {} (the burst of {} in force): a key's own \
+                         limits only tighten",
+                        burst_of(b),
+                        b.name()
+                    ),
+                );
+                break;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -163,8 +259,12 @@ mod tests {
         }
     }
 
+    fn limits(v: Vec<Cow<'_, LimitSpec>>) -> Vec<(LimitScope, LimitPeriod, u64)> {
+        v.iter().map(|l| (l.scope, l.period, l.limit)).collect()
+    }
+
     #[test]
-    fn key_overrides_replace_key_limits_and_keep_tenant_limits() {
+    fn key_limits_tighten_the_plan_and_keep_what_they_do_not_set() {
         use LimitPeriod::*;
         use LimitScope::*;
         let plan = vec![
@@ -172,32 +272,66 @@ mod tests {
             spec(Key, Minute, 1000, &["test"]),
             spec(Tenant, Month, 10_000, &[]),
         ];
-        let live: Vec<u64> = effective(&plan, None, None, Some("live"))
-            .iter()
-            .map(|l| l.limit)
-            .collect();
-        assert_eq!(live, vec![100, 10_000]);
-        let test: Vec<u64> = effective(&plan, None, None, Some("test"))
-            .iter()
-            .map(|l| l.limit)
-            .collect();
-        assert_eq!(test, vec![1000, 10_000]);
+        assert_eq!(
+            limits(effective(&plan, None, None, Some("live"))),
+            vec![(Key, Minute, 100), (Tenant, Month, 10_000)]
+        );
+        assert_eq!(
+            limits(effective(&plan, None, None, Some("test"))),
+            vec![(Key, Minute, 1000), (Tenant, Month, 10_000)]
+        );
+        // A key's own quota adds to the plan's rate, it does not replace it.
         let own = vec![spec(Key, Day, 5, &[])];
-        let with_own: Vec<u64> = effective(&plan, None, Some(&own), Some("live"))
-            .iter()
-            .map(|l| l.limit)
-            .collect();
-        assert_eq!(with_own, vec![5, 10_000]);
-        let tenant_only: Vec<u64> = effective(&plan, None, None, None)
-            .iter()
-            .map(|l| l.limit)
-            .collect();
-        assert_eq!(tenant_only, vec![10_000]);
+        assert_eq!(
+            limits(effective(&plan, None, Some(&own), Some("live"))),
+            vec![(Key, Minute, 100), (Key, Day, 5), (Tenant, Month, 10_000)]
+        );
+        // In the same slot the tighter wins, either way round.
+        let own = vec![spec(Key, Minute, 10, &["live"])];
+        assert_eq!(
+            limits(effective(&plan, None, Some(&own), Some("live"))),
+            vec![(Key, Minute, 10), (Tenant, Month, 10_000)]
+        );
+        let own = vec![spec(Key, Minute, 1_000_000_000, &["live"])];
+        assert_eq!(
+            limits(effective(&plan, None, Some(&own), Some("live"))),
+            vec![(Key, Minute, 100), (Tenant, Month, 10_000)]
+        );
+        // A limit for test keys on a live key changes nothing.
+        let own = vec![spec(Key, Minute, 5, &["test"])];
+        assert_eq!(
+            limits(effective(&plan, None, Some(&own), Some("live"))),
+            vec![(Key, Minute, 100), (Tenant, Month, 10_000)]
+        );
+        assert_eq!(
+            limits(effective(&plan, None, None, None)),
+            vec![(Tenant, Month, 10_000)]
+        );
+        // The tenant's override replaces the plan in the slots it names only.
         let custom = vec![spec(Tenant, Month, 1_000_000, &[])];
-        let enterprise: Vec<u64> = effective(&plan, Some(&custom), None, Some("live"))
-            .iter()
-            .map(|l| l.limit)
-            .collect();
-        assert_eq!(enterprise, vec![1_000_000]);
+        assert_eq!(
+            limits(effective(&plan, Some(&custom), None, Some("live"))),
+            vec![(Key, Minute, 100), (Tenant, Month, 1_000_000)]
+        );
+    }
+
+    #[test]
+    fn a_key_limit_above_the_one_in_force_is_refused_naming_the_field() {
+        use LimitPeriod::*;
+        use LimitScope::*;
+        let plan = vec![spec(Key, Second, 10, &[])];
+        let mut v = crate::domain::Violations::default();
+        let mut loose_burst = spec(Key, Second, 5, &[]);
+        loose_burst.burst = Some(50);
+        let own = vec![
+            spec(Key, Second, 1_000_000_000, &[]),
+            loose_burst,
+            spec(Key, Second, 5, &[]),
+            spec(Key, Day, 1000, &[]),
+            spec(Key, Second, 1000, &["test"]),
+        ];
+        check_tightens(&plan, None, "live", "limits", &own, &mut v);
+        let fields: Vec<&str> = v.0.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(fields, vec!["limits[0].limit", "limits[1].burst"]);
     }
 }

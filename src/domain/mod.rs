@@ -14,5 +14,5 @@ pub use decision::{CredentialType, Decision, LimitStatus, Principal, Reason, Ver
 pub use key::{Alphabet, ApiKeySecret, KeyFormat, KeyParseError, ParsedKey};
 pub use limit::{LimitPeriod, LimitScope, LimitSpec};
 pub use record::{KeyId, KeyRecord, KeyUpdate, NewKey};
-pub use tenant::{SubscriptionStatus, Tenant, TenantId, TenantOverrides, TenantUpdate};
+pub use tenant::{SubscriptionStatus, Tenant, TenantId, TenantOverrides, TenantUpdate, UsageCarry};
 pub use validate::{FieldViolation, Violations};

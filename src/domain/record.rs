@@ -26,8 +26,12 @@ pub struct KeyRecord {
     pub revoke_reason: Option<String>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub replaced_by: Option<KeyId>,
-    /// The key's own limits, replacing the plan's key-scoped limits.
+    /// The key's own limits, tightening the plan's.
     pub limits: Option<Vec<LimitSpec>>,
+    /// The first key of its rotation chain: key-scoped quota and rate
+    /// state belong to the lineage, so rotation never hands out a fresh
+    /// quota.
+    pub lineage_id: KeyId,
 }
 
 impl KeyRecord {
@@ -59,6 +63,44 @@ impl KeyRecord {
     pub fn is_live(&self, now: DateTime<Utc>) -> bool {
         !self.is_revoked() && !self.is_expired(now) && self.replaced_by.is_none()
     }
+
+    /// Whether `u` may apply to this key as it is now: a revoked or rotated
+    /// key can only be renamed. Checked by the store on the locked row, so
+    /// a concurrent rotation or revocation cannot slip between check and
+    /// write.
+    pub fn check_update(&self, u: &KeyUpdate) -> Result<(), &'static str> {
+        let only_renames = u.scopes.is_none() && u.expires_at.is_none() && u.limits.is_none();
+        if !only_renames && (self.revoked_at.is_some() || self.replaced_by.is_some()) {
+            return Err("a revoked or rotated key can only be renamed");
+        }
+        Ok(())
+    }
+
+    /// Whether `u` brings this key back to life at `now` (an expired key
+    /// given a later expiry, or none): the cap must be checked again.
+    pub fn revived_by(&self, u: &KeyUpdate, now: DateTime<Utc>) -> bool {
+        let Some(expires_at) = u.expires_at else {
+            return false;
+        };
+        !self.is_live(now)
+            && !self.is_revoked(now)
+            && self.replaced_by.is_none()
+            && expires_at.is_none_or(|t| t > now)
+    }
+
+    /// Makes `new` this key's successor by rotation, from this key as it is
+    /// now (read under the row lock, so a concurrent update is not lost):
+    /// same name, scopes, limits and lineage, and the same lifetime length
+    /// from the new key's creation.
+    pub fn succeed(&self, new: &mut NewKey) {
+        new.name.clone_from(&self.name);
+        new.scopes.clone_from(&self.scopes);
+        new.limits.clone_from(&self.limits);
+        new.lineage_id = self.lineage_id;
+        new.expires_at = self
+            .expires_at
+            .map(|e| new.created_at + (e - self.created_at));
+    }
 }
 
 /// A key about to be inserted.
@@ -75,6 +117,8 @@ pub struct NewKey {
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub limits: Option<Vec<LimitSpec>>,
+    /// `id` for a new key; the predecessor's lineage for a rotated one.
+    pub lineage_id: KeyId,
 }
 
 impl NewKey {
@@ -96,6 +140,7 @@ impl NewKey {
             last_used_at: None,
             replaced_by: None,
             limits: self.limits,
+            lineage_id: self.lineage_id,
         }
     }
 }

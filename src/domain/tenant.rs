@@ -116,6 +116,18 @@ pub struct TenantUpdate {
     pub plan: Option<String>,
     pub status: Option<SubscriptionStatus>,
     pub overrides: Option<TenantOverrides>,
+    /// Set when the billing day moves the current month's start: its
+    /// monthly usage is carried into the new period, never reset.
+    pub carry_month_usage: Option<UsageCarry>,
+}
+
+/// Monthly quota usage of a tenant and its keys, carried from the period
+/// starting `from` to the one starting `to` (the same moment under the new
+/// billing day), in the transaction that moves the billing day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageCarry {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
 }
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ use quota::Quotas;
 /// Whose usage is counted: a key (and its tenant) or a tenant alone.
 #[derive(Debug, Clone, Copy)]
 pub struct Subject<'a> {
+    /// The key's lineage (its first key's id): key-scoped limits count
+    /// every key of a rotation chain together.
     pub key: Option<KeyId>,
     pub tenant: &'a TenantId,
     /// The tenant's billing day, for monthly quotas.
@@ -109,6 +111,33 @@ pub struct LimitOutcome {
     pub retry_after_seconds: u32,
 }
 
+/// What one request took so far. Given back when dropped unless kept: a
+/// later limit denying, a store error and a cancelled request all return
+/// every unit taken, so a retry never pays twice.
+struct Partial<'a> {
+    quotas: &'a Quotas,
+    taken: Vec<Taken>,
+    cost: u64,
+}
+
+impl Partial<'_> {
+    /// The request was admitted: what it took stays taken.
+    fn keep(mut self) {
+        self.taken.clear();
+    }
+}
+
+impl Drop for Partial<'_> {
+    fn drop(&mut self) {
+        for t in self.taken.drain(..) {
+            match t {
+                Taken::Rate(cell, rate) => cell.refund(rate, self.cost),
+                Taken::Quota(counter) => self.quotas.refund(&counter, self.cost),
+            }
+        }
+    }
+}
+
 /// What was taken, to give back if a later limit denies.
 enum Taken {
     Rate(Arc<Cell>, Rate),
@@ -182,12 +211,19 @@ impl Limiter {
         cost: u64,
         dry_run: bool,
     ) -> Result<LimitOutcome> {
+        // Calendar periods follow the wall clock; rates and lease timing
+        // follow the monotonic one, so a wall-clock step admits no more
+        // and no less.
         let now = self.clock.now();
-        let now_ns = nanos(now);
+        let now_ns = self.clock.monotonic_ns();
         let consume = !dry_run && cost > 0;
         let cost = cost.max(1);
         let share = self.replicas();
-        let mut taken = Vec::new();
+        let mut taken = Partial {
+            quotas: &self.quotas,
+            taken: Vec::new(),
+            cost,
+        };
         let mut statuses = Vec::with_capacity(limits.len());
         let mut denied = None;
         let mut retry_after_seconds = 0;
@@ -218,7 +254,7 @@ impl Limiter {
                         cell.peek(now_ns, rate, cost)
                     };
                     if o.allowed && evaluate {
-                        taken.push(Taken::Rate(cell, rate));
+                        taken.taken.push(Taken::Rate(cell, rate));
                     }
                     if !o.allowed && denied.is_none() {
                         denied = Some(Reason::RateLimited);
@@ -237,16 +273,19 @@ impl Limiter {
                         continue;
                     };
                     let o = if evaluate {
-                        self.quotas.take(&counter, spec.limit, cost, now_ns).await?
+                        self.quotas.take(&counter, spec.limit, cost, now_ns).await
                     } else {
-                        self.quotas.peek(&counter, spec.limit, cost).await?
+                        self.quotas.peek(&counter, spec.limit, cost).await
                     };
+                    // On error, `taken` gives back what the other limits took.
+                    let o = o?;
                     if o.allowed && evaluate {
-                        taken.push(Taken::Quota(counter));
+                        taken.taken.push(Taken::Quota(counter));
                     }
                     if !o.allowed && denied.is_none() {
                         denied = Some(Reason::QuotaExhausted);
-                        retry_after_seconds = ceil_secs(nanos(end).saturating_sub(now_ns)).max(1);
+                        retry_after_seconds =
+                            ceil_secs(nanos(end).saturating_sub(nanos(now))).max(1);
                     }
                     statuses.push(LimitStatus {
                         name: spec.name().to_string(),
@@ -258,13 +297,8 @@ impl Limiter {
                 }
             }
         }
-        if denied.is_some() {
-            for t in taken {
-                match t {
-                    Taken::Rate(cell, rate) => cell.refund(rate, cost),
-                    Taken::Quota(counter) => self.quotas.refund(&counter, cost),
-                }
-            }
+        if denied.is_none() {
+            taken.keep();
         }
         statuses.sort_by_key(|s| s.remaining);
         Ok(LimitOutcome {

@@ -156,8 +156,13 @@ impl Quotas {
         if units == 0 {
             return;
         }
+        // Off any runtime (a request dropped at shutdown) the units stay
+        // leased: under-admission, never over-admission.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let store = self.store.clone();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             if let Err(e) = store.return_quota(&counter, units).await {
                 tracing::warn!(error = %e, "could not return unused quota units");
             }
@@ -203,20 +208,32 @@ impl Quotas {
                 });
             }
             let _refill = lease.refill.lock().await;
-            if lease.local.load(Ordering::Acquire) >= cost {
+            let local = lease.local.load(Ordering::Acquire);
+            if local >= cost {
                 continue;
             }
-            let chunk = self.chunk(&lease, limit, cost);
-            let grant = self.store.lease_quota(counter, chunk, limit).await?;
+            // Only the part above the local lease is leased, all or
+            // nothing: a request that does not fit takes nothing.
+            let need = cost - local;
+            let chunk = self.chunk(&lease, limit, need);
+            let grant = self.store.lease_quota(counter, chunk, need, limit).await?;
             count_grant(grant.granted);
             lease.known_used.store(grant.used, Ordering::Release);
-            if grant.granted == 0 {
+            if grant.granted > 0 {
+                lease.local.fetch_add(grant.granted, Ordering::AcqRel);
+                continue;
+            }
+            if grant.used >= limit {
                 lease
                     .exhausted_until
                     .store(now_ns + EXHAUSTED_RECHECK_NS, Ordering::Release);
-            } else {
-                lease.local.fetch_add(grant.granted, Ordering::AcqRel);
             }
+            // What is left does not cover this request: refused, and the
+            // rest stays for requests that fit.
+            return Ok(QuotaOutcome {
+                allowed: false,
+                remaining: lease.remaining(),
+            });
         }
     }
 
@@ -240,7 +257,7 @@ impl Quotas {
         tokio::spawn(async move {
             let _refill = lease.refill.lock().await;
             let chunk = this.chunk(&lease, limit, 1);
-            match this.store.lease_quota(&counter, chunk, limit).await {
+            match this.store.lease_quota(&counter, chunk, 1, limit).await {
                 Ok(grant) => {
                     count_grant(grant.granted);
                     lease.known_used.store(grant.used, Ordering::Release);
@@ -255,10 +272,33 @@ impl Quotas {
     }
 
     /// Gives back units taken for a request another limit then denied.
+    /// What a large request leased beyond a normal chunk goes back to the
+    /// store at once, so local leases stay bounded and nothing is stranded
+    /// on this replica.
     pub fn refund(&self, counter: &QuotaCounter, cost: u64) {
         if let Some(lease) = self.leases.get(counter) {
-            lease.local.fetch_add(cost, Ordering::AcqRel);
+            let local = lease.local.fetch_add(cost, Ordering::AcqRel) + cost;
+            let limit = lease.limit.load(Ordering::Acquire);
+            let bound = self.chunk(&lease, limit, 1);
+            if local > bound {
+                let excess = local - bound;
+                let taken = lease
+                    .local
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                        Some(l.saturating_sub(excess))
+                    })
+                    .map(|before| before.min(excess))
+                    .unwrap_or(0);
+                self.give_back(counter.clone(), taken);
+            }
         }
+    }
+
+    /// Units of `counter` this replica holds leased and has not used.
+    pub fn unspent(&self, counter: &QuotaCounter) -> u64 {
+        self.leases
+            .get(counter)
+            .map_or(0, |l| l.local.load(Ordering::Acquire))
     }
 
     /// What `take` would answer, consuming nothing.

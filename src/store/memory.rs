@@ -119,6 +119,42 @@ impl Store for MemoryStore {
             }
             t.updated_at = now;
             let t = t.clone();
+            if let Some(carry) = u.carry_month_usage {
+                let lineages: Vec<String> = s
+                    .keys
+                    .values()
+                    .filter(|k| k.tenant_id == *id)
+                    .map(|k| k.lineage_id.to_string())
+                    .collect();
+                let ours = |subject: &str| {
+                    let mut parts = subject.split(':');
+                    match (parts.next(), parts.next()) {
+                        (Some("t"), Some(t)) => t == id.as_str(),
+                        (Some("k"), Some(k)) => lineages.iter().any(|l| l == k),
+                        _ => false,
+                    }
+                };
+                let carried: Vec<(QuotaCounter, u64)> = s
+                    .quotas
+                    .iter()
+                    .filter(|(c, _)| {
+                        c.period_start == carry.from
+                            && c.name.ends_with("_per_month")
+                            && ours(&c.subject)
+                    })
+                    .map(|(c, used)| {
+                        let to = QuotaCounter {
+                            period_start: carry.to,
+                            ..c.clone()
+                        };
+                        (to, *used)
+                    })
+                    .collect();
+                for (c, used) in carried {
+                    let e = s.quotas.entry(c).or_insert(0);
+                    *e = (*e).max(used);
+                }
+            }
             s.console.record(audit::tenant_updated(ctx, &t, u, now));
             t
         };
@@ -230,16 +266,30 @@ impl Store for MemoryStore {
     async fn rotate_key(
         &self,
         old: KeyRef<'_>,
-        new: NewKey,
+        mut new: NewKey,
         old_expires_at: DateTime<Utc>,
         ctx: &AuditContext,
     ) -> Result<(KeyRecord, KeyRecord), StoreError> {
+        let mut ended = Vec::new();
         let (previous, inserted) = {
             let mut s = self.state();
-            if !s.key_mut(old)?.is_live(new.created_at) {
+            let current = s.key_mut(old)?.clone();
+            if !current.is_live(new.created_at) {
                 return Err(StoreError::Precondition(
                     "only a live key (not revoked, expired or already rotated) can be rotated",
                 ));
+            }
+            current.succeed(&mut new);
+            // One key per lineage in grace: an earlier one's grace ends now.
+            let at = new.created_at;
+            for k in s.keys.values_mut().filter(|k| {
+                k.lineage_id == current.lineage_id
+                    && k.id != current.id
+                    && k.replaced_by.is_some()
+                    && k.expires_at.is_none_or(|e| e > at)
+            }) {
+                k.expires_at = Some(at);
+                ended.push(k.id);
             }
             let inserted = s.insert(new)?;
             let k = s.key_mut(old)?;
@@ -253,6 +303,9 @@ impl Store for MemoryStore {
                 .record(audit::key_rotated(ctx, &previous, &inserted));
             (previous, inserted)
         };
+        for id in ended {
+            self.publish(Invalidation::Key(id));
+        }
         self.publish(Invalidation::Key(previous.id));
         self.publish(Invalidation::KeyAdded(inserted.digest));
         Ok((previous, inserted))
@@ -262,10 +315,30 @@ impl Store for MemoryStore {
         &self,
         key: KeyRef<'_>,
         u: &KeyUpdate,
+        cap: KeyCap<'_>,
+        now: DateTime<Utc>,
         ctx: &AuditContext,
     ) -> Result<KeyRecord, StoreError> {
         let record = {
             let mut s = self.state();
+            let before = s.key_mut(key)?.clone();
+            before.check_update(u).map_err(StoreError::Precondition)?;
+            if before.revived_by(u, now) {
+                let tenant = s
+                    .tenants
+                    .get(&before.tenant_id)
+                    .ok_or(StoreError::NotFound)?;
+                if let Some(cap) = cap(tenant) {
+                    let live = s
+                        .keys
+                        .values()
+                        .filter(|k| k.tenant_id == before.tenant_id && k.is_live(now))
+                        .count();
+                    if live >= cap as usize {
+                        return Err(StoreError::KeyCapReached { cap });
+                    }
+                }
+            }
             let k = s.key_mut(key)?;
             if let Some(name) = &u.name {
                 k.name.clone_from(name);
@@ -281,7 +354,7 @@ impl Store for MemoryStore {
             }
             let k = k.clone();
             s.console
-                .record(audit::key_updated(ctx, &k, u, chrono::Utc::now()));
+                .record(audit::key_updated(ctx, &before, &k, u, now));
             k
         };
         self.publish(Invalidation::Key(record.id));
@@ -323,11 +396,17 @@ impl Store for MemoryStore {
         &self,
         c: &QuotaCounter,
         chunk: u64,
+        at_least: u64,
         limit: u64,
     ) -> Result<QuotaGrant, StoreError> {
         let mut s = self.state();
         let used = s.quotas.entry(c.clone()).or_insert(0);
-        let granted = chunk.min(limit.saturating_sub(*used));
+        let left = limit.saturating_sub(*used);
+        let granted = if left >= at_least.max(1) {
+            chunk.max(at_least).min(left)
+        } else {
+            0
+        };
         *used += granted;
         Ok(QuotaGrant {
             granted,

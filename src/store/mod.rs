@@ -147,8 +147,12 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditContext,
     ) -> Result<KeyRecord, StoreError>;
     /// Inserts `new` and marks the old key replaced, expiring at
-    /// `old_expires_at`, in one transaction. Rotation does not count against
-    /// the cap: the old key stops counting as it is replaced.
+    /// `old_expires_at`, in one transaction, with the old row locked: the
+    /// old key must be live, and `new` takes its name, scopes, limits,
+    /// lineage and lifetime from the locked row ([`KeyRecord::succeed`]).
+    /// Rotation does not count against the cap: the old key stops counting
+    /// as it is replaced. One key per lineage is in grace: rotating ends
+    /// the grace of any earlier key of the lineage at once.
     async fn rotate_key(
         &self,
         old: KeyRef<'_>,
@@ -156,10 +160,16 @@ pub trait Store: Send + Sync + 'static {
         old_expires_at: DateTime<Utc>,
         audit: &AuditContext,
     ) -> Result<(KeyRecord, KeyRecord), StoreError>;
+    /// Applies `update` with the key row locked: its precondition
+    /// ([`KeyRecord::check_update`]) is checked on the locked row, and a
+    /// key revived at `now` ([`KeyRecord::revived_by`]) is counted against
+    /// `cap(tenant)` with the tenant row locked, as inserts are.
     async fn update_key(
         &self,
         key: KeyRef<'_>,
         update: &KeyUpdate,
+        cap: KeyCap<'_>,
+        now: DateTime<Utc>,
         audit: &AuditContext,
     ) -> Result<KeyRecord, StoreError>;
     /// Replaces a digest made with an old pepper by one made with the current.
@@ -176,10 +186,15 @@ pub trait Store: Send + Sync + 'static {
     /// Leases up to `chunk` units of `counter`, never letting its total pass
     /// `limit` (one conditional write: concurrent leases from every replica
     /// cannot exceed it).
+    ///
+    /// All or nothing for `at_least`: unless `at_least` units still fit
+    /// under `limit`, nothing is granted (a request that does not fit takes
+    /// nothing and strands nothing). Otherwise up to `chunk` (≥ `at_least`).
     async fn lease_quota(
         &self,
         counter: &QuotaCounter,
         chunk: u64,
+        at_least: u64,
         limit: u64,
     ) -> Result<QuotaGrant, StoreError>;
     /// Gives back leased units that were not used.

@@ -131,6 +131,7 @@ struct KeyRow {
     last_used_at: Option<DateTime<Utc>>,
     replaced_by: Option<Uuid>,
     limits: Option<Json<Vec<LimitSpec>>>,
+    lineage_id: Uuid,
 }
 
 impl TryFrom<KeyRow> for KeyRecord {
@@ -154,13 +155,14 @@ impl TryFrom<KeyRow> for KeyRecord {
             last_used_at: r.last_used_at,
             replaced_by: r.replaced_by,
             limits: r.limits.map(|j| j.0),
+            lineage_id: r.lineage_id,
         })
     }
 }
 
 const KEY_COLUMNS: &str = "key_id, tenant_id, name, environment, scopes, hint, digest, \
     pepper_version, created_at, expires_at, revoked_at, revoke_reason, last_used_at, replaced_by, \
-    limits";
+    limits, lineage_id";
 
 /// The NOTIFY payload of `what`; `None` for feed events never sent.
 fn payload(what: &Invalidation) -> Option<String> {
@@ -213,8 +215,8 @@ async fn insert_key_row(
 ) -> Result<KeyRecord, StoreError> {
     let sql = format!(
         "INSERT INTO api_keys (key_id, tenant_id, name, environment, scopes, hint, digest, \
-         pepper_version, created_at, expires_at, limits) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) \
+         pepper_version, created_at, expires_at, limits, lineage_id) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) \
          RETURNING {KEY_COLUMNS}"
     );
     let row: KeyRow = sqlx::query_as(&sql)
@@ -229,6 +231,7 @@ async fn insert_key_row(
         .bind(key.created_at)
         .bind(key.expires_at)
         .bind(key.limits.as_ref().map(Json))
+        .bind(key.lineage_id)
         .fetch_one(&mut **tx)
         .await
         .map_err(map_err)?;
@@ -250,6 +253,39 @@ async fn lock_key(
         .await
         .map_err(map_err)?;
     row.ok_or(StoreError::NotFound)?.try_into()
+}
+
+/// Locks the tenant row and fails with `KeyCapReached` if it already holds
+/// `cap(tenant)` live keys at `now`: concurrent inserts and revivals for
+/// one tenant queue on the lock, so the count cannot go stale.
+async fn check_cap(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant_id: &TenantId,
+    cap: KeyCap<'_>,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let tenant: Option<TenantRow> =
+        sqlx::query_as("SELECT * FROM tenants WHERE tenant_id = $1 FOR UPDATE")
+            .bind(tenant_id.as_str())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    let tenant: Tenant = tenant.ok_or(StoreError::NotFound)?.try_into()?;
+    if let Some(cap) = cap(&tenant) {
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM api_keys WHERE tenant_id = $1 AND revoked_at IS NULL \
+             AND replaced_by IS NULL AND (expires_at IS NULL OR expires_at > $2)",
+        )
+        .bind(tenant_id.as_str())
+        .bind(now)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        if live >= i64::from(cap) {
+            return Err(StoreError::KeyCapReached { cap });
+        }
+    }
+    Ok(())
 }
 
 /// Inserts a tenant row; the one INSERT for tenants (CreateTenant, SignUp).
@@ -323,6 +359,27 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         let tenant: Tenant = row.ok_or(StoreError::NotFound)?.try_into()?;
+        if let Some(carry) = u.carry_month_usage {
+            // The tenant's and its keys' monthly counters ('t:<tenant>[:env]',
+            // 'k:<lineage>[:env]'); GREATEST, so carrying back and forth
+            // within a period never counts a unit twice.
+            sqlx::query(
+                "INSERT INTO quota_usage AS q (subject, limit_name, period_start, used) \
+                 SELECT c.subject, c.limit_name, $3, c.used FROM quota_usage c \
+                 WHERE c.period_start = $2 AND c.limit_name LIKE '%\\_per\\_month' \
+                   AND ((split_part(c.subject, ':', 1) = 't' AND split_part(c.subject, ':', 2) = $1) \
+                     OR (split_part(c.subject, ':', 1) = 'k' AND split_part(c.subject, ':', 2) IN \
+                         (SELECT lineage_id::text FROM api_keys WHERE tenant_id = $1))) \
+                 ON CONFLICT (subject, limit_name, period_start) \
+                 DO UPDATE SET used = GREATEST(q.used, EXCLUDED.used), updated_at = now()",
+            )
+            .bind(id.as_str())
+            .bind(carry.from)
+            .bind(carry.to)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
         insert_audit(&mut tx, &audit::tenant_updated(ctx, &tenant, u, now)).await?;
         notify(&mut tx, &Invalidation::Tenant(id.clone())).await?;
         tx.commit().await.map_err(map_err)?;
@@ -353,29 +410,7 @@ impl Store for PostgresStore {
         ctx: &AuditContext,
     ) -> Result<KeyRecord, StoreError> {
         let mut tx = begin(&self.pool).await?;
-        // Lock the tenant row: concurrent inserts for this tenant queue here,
-        // so the count below cannot go stale before we insert.
-        let tenant: Option<TenantRow> =
-            sqlx::query_as("SELECT * FROM tenants WHERE tenant_id = $1 FOR UPDATE")
-                .bind(key.tenant_id.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        let tenant: Tenant = tenant.ok_or(StoreError::NotFound)?.try_into()?;
-        if let Some(cap) = cap(&tenant) {
-            let live: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM api_keys WHERE tenant_id = $1 AND revoked_at IS NULL \
-                 AND replaced_by IS NULL AND (expires_at IS NULL OR expires_at > $2)",
-            )
-            .bind(key.tenant_id.as_str())
-            .bind(key.created_at)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            if live >= i64::from(cap) {
-                return Err(StoreError::KeyCapReached { cap });
-            }
-        }
+        check_cap(&mut tx, &key.tenant_id, cap, key.created_at).await?;
         let record = insert_key_row(&mut tx, &key).await?;
         insert_audit(&mut tx, &audit::key_created(ctx, &record)).await?;
         notify(&mut tx, &Invalidation::KeyAdded(record.digest)).await?;
@@ -484,7 +519,7 @@ impl Store for PostgresStore {
     async fn rotate_key(
         &self,
         old: KeyRef<'_>,
-        new: NewKey,
+        mut new: NewKey,
         old_expires_at: DateTime<Utc>,
         ctx: &AuditContext,
     ) -> Result<(KeyRecord, KeyRecord), StoreError> {
@@ -494,6 +529,22 @@ impl Store for PostgresStore {
             return Err(StoreError::Precondition(
                 "only a live key (not revoked, expired or already rotated) can be rotated",
             ));
+        }
+        current.succeed(&mut new);
+        // One key per lineage in grace: an earlier one's grace ends now.
+        let ended: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE api_keys SET expires_at = $3 WHERE lineage_id = $1 AND key_id <> $2 \
+             AND replaced_by IS NOT NULL AND (expires_at IS NULL OR expires_at > $3) \
+             RETURNING key_id",
+        )
+        .bind(current.lineage_id)
+        .bind(current.id)
+        .bind(new.created_at)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        for id in ended {
+            notify(&mut tx, &Invalidation::Key(id)).await?;
         }
         let inserted = insert_key_row(&mut tx, &new).await?;
         let sql = format!(
@@ -520,29 +571,35 @@ impl Store for PostgresStore {
         &self,
         key: KeyRef<'_>,
         u: &KeyUpdate,
+        cap: KeyCap<'_>,
+        now: DateTime<Utc>,
         ctx: &AuditContext,
     ) -> Result<KeyRecord, StoreError> {
         let mut tx = begin(&self.pool).await?;
+        let current = lock_key(&mut tx, key).await?;
+        current.check_update(u).map_err(StoreError::Precondition)?;
+        if current.revived_by(u, now) {
+            check_cap(&mut tx, &current.tenant_id, cap, now).await?;
+        }
         let sql = format!(
-            "UPDATE api_keys SET name = COALESCE($3, name), scopes = COALESCE($4, scopes), \
-             expires_at = CASE WHEN $5 THEN $6 ELSE expires_at END, \
-             limits = CASE WHEN $7 THEN $8 ELSE limits END \
-             WHERE key_id = $1 AND ($2::text IS NULL OR tenant_id = $2) RETURNING {KEY_COLUMNS}"
+            "UPDATE api_keys SET name = COALESCE($2, name), scopes = COALESCE($3, scopes), \
+             expires_at = CASE WHEN $4 THEN $5 ELSE expires_at END, \
+             limits = CASE WHEN $6 THEN $7 ELSE limits END \
+             WHERE key_id = $1 RETURNING {KEY_COLUMNS}"
         );
-        let row: Option<KeyRow> = sqlx::query_as(&sql)
-            .bind(key.id)
-            .bind(key.tenant.map(TenantId::as_str))
+        let row: KeyRow = sqlx::query_as(&sql)
+            .bind(current.id)
             .bind(u.name.as_deref())
             .bind(u.scopes.as_ref())
             .bind(u.expires_at.is_some())
             .bind(u.expires_at.flatten())
             .bind(u.limits.is_some())
             .bind(u.limits.clone().flatten().map(Json))
-            .fetch_optional(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(map_err)?;
-        let record: KeyRecord = row.ok_or(StoreError::NotFound)?.try_into()?;
-        insert_audit(&mut tx, &audit::key_updated(ctx, &record, u, Utc::now())).await?;
+        let record: KeyRecord = row.try_into()?;
+        insert_audit(&mut tx, &audit::key_updated(ctx, &current, &record, u, now)).await?;
         notify(&mut tx, &Invalidation::Key(record.id)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(record)
@@ -595,25 +652,29 @@ impl Store for PostgresStore {
         &self,
         c: &QuotaCounter,
         chunk: u64,
+        at_least: u64,
         limit: u64,
     ) -> Result<QuotaGrant, StoreError> {
-        let chunk = i64::try_from(chunk).unwrap_or(i64::MAX);
+        let at_least = i64::try_from(at_least.max(1)).unwrap_or(i64::MAX);
+        let chunk = i64::try_from(chunk).unwrap_or(i64::MAX).max(at_least);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // `last_grant` is computed from the old row in the same statement
-        // that locks and updates it, so the grant is exact.
+        // that locks and updates it, so the grant is exact. Nothing is
+        // granted unless `at_least` units fit.
         let row: Option<(i64, i64)> = sqlx::query_as(
             "INSERT INTO quota_usage AS q (subject, limit_name, period_start, used, last_grant) \
-             VALUES ($1, $2, $3, LEAST($4, $5), LEAST($4, $5)) \
+             SELECT $1, $2, $3, LEAST($4, $5), LEAST($4, $5) WHERE $6 <= $5 \
              ON CONFLICT (subject, limit_name, period_start) DO UPDATE \
              SET last_grant = LEAST($4, $5 - q.used), used = q.used + LEAST($4, $5 - q.used), \
                  updated_at = now() \
-             WHERE q.used < $5 RETURNING last_grant, used",
+             WHERE q.used + $6 <= $5 RETURNING last_grant, used",
         )
         .bind(&c.subject)
         .bind(c.name)
         .bind(c.period_start)
         .bind(chunk)
         .bind(limit)
+        .bind(at_least)
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;
@@ -624,7 +685,7 @@ impl Store for PostgresStore {
             },
             None => QuotaGrant {
                 granted: 0,
-                used: limit.max(0) as u64,
+                used: self.quota_used(c).await?,
             },
         })
     }

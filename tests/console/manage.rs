@@ -498,3 +498,95 @@ async fn only_console_tokens_manage_and_only_while_valid(
     let r = c.t.authenticate("tg_live_nope").await;
     assert_eq!(reason(&r), "CREDENTIAL_MALFORMED");
 }
+
+fn per_second(limit: u64) -> pb::LimitSpec {
+    pb::LimitSpec {
+        scope: "key".into(),
+        period: "second".into(),
+        limit,
+        ..Default::default()
+    }
+}
+
+#[sqlx::test]
+async fn an_owner_cannot_raise_a_keys_limits_only_tighten_them_and_the_audit_shows_old_and_new(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut c = spawn_console(&conn).await;
+    c.t.running
+        .clock()
+        .freeze_at("2026-11-23T10:00:00Z".parse().unwrap());
+    let a = owner(&mut c, "a@example.com", "tenant-a").await;
+    let mut auth = c.t.auth.clone();
+    let create = |limits| {
+        bearer(
+            &a,
+            pb::CreateKeyRequest {
+                name: "ci".into(),
+                limits,
+                ..Default::default()
+            },
+        )
+    };
+    let err = auth
+        .create_key(create(vec![per_second(1_000_000_000)]))
+        .await
+        .unwrap_err();
+    assert_eq!(crate::common::violations(&err), vec!["limits[0].limit"]);
+    assert_eq!(c.count("api_keys").await, 0, "nothing created");
+
+    let created = auth
+        .create_key(create(vec![per_second(2)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let (secret, id) = (created.api_key, created.key.unwrap().key_id);
+    let update = |limits| {
+        bearer(
+            &a,
+            pb::UpdateKeyRequest {
+                key_id: id.clone(),
+                update_mask: vec!["limits".into()],
+                limits,
+                ..Default::default()
+            },
+        )
+    };
+    let err = auth
+        .update_key(update(vec![per_second(1_000_000_000)]))
+        .await
+        .unwrap_err();
+    assert_eq!(crate::common::violations(&err), vec!["limits[0].limit"]);
+    let mut burst = per_second(2);
+    burst.burst = 1000;
+    let err = auth.update_key(update(vec![burst])).await.unwrap_err();
+    assert_eq!(crate::common::violations(&err), vec!["limits[0].burst"]);
+
+    // Tightening is the owner's to do, and it is in force.
+    auth.update_key(update(vec![per_second(1)])).await.unwrap();
+    let spend = || pb::AuthenticateRequest {
+        api_key: secret.clone(),
+        cost: Some(1),
+        ..Default::default()
+    };
+    assert!(
+        auth.authenticate(spend())
+            .await
+            .unwrap()
+            .into_inner()
+            .allowed
+    );
+    let r = auth.authenticate(spend()).await.unwrap().into_inner();
+    assert_eq!(reason(&r), "RATE_LIMITED");
+
+    let details: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT details FROM audit_events WHERE action = 'key.updated' ORDER BY event_id",
+    )
+    .fetch_all(&c.pool)
+    .await
+    .unwrap();
+    assert_eq!(details.len(), 1, "refused updates are not audited");
+    assert_eq!(details[0]["limits"]["old"][0]["limit"], 2);
+    assert_eq!(details[0]["limits"]["new"][0]["limit"], 1);
+}

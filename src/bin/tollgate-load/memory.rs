@@ -27,8 +27,9 @@ pub fn rss_bytes() -> anyhow::Result<u64> {
 
 fn record(i: usize, profile: &Profile, pepper: &Pepper, tenants: &[TenantId]) -> KeyRecord {
     let secret = profile.key_format.generate("live");
+    let id = KeyId::now_v7();
     KeyRecord {
-        id: KeyId::now_v7(),
+        id,
         tenant_id: tenants[i % tenants.len()].clone(),
         name: format!("key {i}"),
         environment: "live".into(),
@@ -43,6 +44,7 @@ fn record(i: usize, profile: &Profile, pepper: &Pepper, tenants: &[TenantId]) ->
         last_used_at: None,
         replaced_by: None,
         limits: None,
+        lineage_id: id,
     }
 }
 
