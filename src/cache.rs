@@ -46,6 +46,10 @@ pub struct CacheSettings {
     /// created elsewhere moments ago, before their notification arrived).
     /// Beyond it such keys are refused as unknown without a lookup.
     pub unknown_lookups_per_second: u64,
+    /// How long, in seconds, a replica whose invalidation feed is down keeps
+    /// answering from its cache (and stays ready). Past it, cached decisions
+    /// are refused as UNAVAILABLE and readiness turns NOT_SERVING.
+    pub max_staleness_seconds: u64,
 }
 
 impl Default for CacheSettings {
@@ -57,6 +61,7 @@ impl Default for CacheSettings {
             negative_ttl_seconds: 30,
             max_negative: 100_000,
             unknown_lookups_per_second: 100,
+            max_staleness_seconds: 60,
         }
     }
 }
@@ -79,6 +84,9 @@ pub struct Caches {
     tenants: Cache<TenantId, Arc<Tenant>>,
     generation: AtomicU64,
     known: KnownDigests,
+    /// False once the feed has been down longer than the staleness window:
+    /// cached entries can no longer be trusted (one load per cache hit).
+    confirmable: AtomicBool,
 }
 
 /// Prefixes of every stored key digest. Until a load completes (and again
@@ -148,6 +156,7 @@ impl Caches {
                 .time_to_live(ttl)
                 .build(),
             generation: AtomicU64::new(0),
+            confirmable: AtomicBool::new(true),
             known: KnownDigests {
                 set: RwLock::default(),
                 loaded: AtomicBool::new(false),
@@ -218,6 +227,18 @@ impl Caches {
     /// Whether the known set is loaded and in use.
     pub fn knows_digests(&self) -> bool {
         self.known.loaded.load(Ordering::Acquire)
+    }
+
+    /// Whether cached entries may still decide: false while the feed has
+    /// been down for longer than `max_staleness_seconds`.
+    #[inline]
+    pub fn confirmable(&self) -> bool {
+        self.confirmable.load(Ordering::Acquire)
+    }
+
+    /// Set by the feed follower as the staleness window opens and closes.
+    pub fn set_confirmable(&self, confirmable: bool) {
+        self.confirmable.store(confirmable, Ordering::Release);
     }
 
     /// Take before reading the store; pass to the `insert_*` call.
@@ -298,6 +319,7 @@ impl Caches {
             }
             Invalidation::Lost => self.unload_known(),
             Invalidation::Flush => {
+                metrics::counter!(crate::telemetry::CACHE_FLUSHES).increment(1);
                 self.unload_known();
                 self.flush();
             }

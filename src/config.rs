@@ -46,7 +46,12 @@ fn ser_opt_secret<S: serde::Serializer>(
 pub struct DatabaseSettings {
     pub max_connections: u32,
     pub min_connections: u32,
+    /// Longest wait for a pooled connection (then UNAVAILABLE).
     pub acquire_timeout_ms: u64,
+    /// `statement_timeout` set on every connection, and the longest any
+    /// decision-path query may take as seen from here (a hung server
+    /// included); then UNAVAILABLE. 0 = none.
+    pub statement_timeout_ms: u64,
     /// Apply migrations when `serve` starts.
     pub migrate_on_start: bool,
 }
@@ -57,6 +62,7 @@ impl Default for DatabaseSettings {
             max_connections: 16,
             min_connections: 1,
             acquire_timeout_ms: 2_000,
+            statement_timeout_ms: 5_000,
             migrate_on_start: true,
         }
     }

@@ -116,6 +116,10 @@ fn pool_config(
     let opts: sqlx::postgres::PgConnectOptions = url.expose_secret().parse().map_err(|_| {
         anyhow::anyhow!("configuration field `database_url`: is not a valid Postgres URL")
     })?;
+    let opts = match settings.database.statement_timeout_ms {
+        0 => opts,
+        ms => opts.options([("statement_timeout", ms.to_string())]),
+    };
     let pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .min_connections(settings.database.min_connections)
@@ -123,11 +127,22 @@ fn pool_config(
     Ok((pool, opts))
 }
 
+/// The client-side bound on decision-path queries (`None`: unbounded).
+fn query_timeout(settings: &Settings) -> Option<Duration> {
+    match settings.database.statement_timeout_ms {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    }
+}
+
 /// A pool that connects on first use, so `serve` starts (NOT_SERVING) while
 /// the database is unreachable and becomes ready when it answers.
 fn connect_lazy(settings: &Settings) -> anyhow::Result<PostgresStore> {
     let (pool, opts) = pool_config(settings)?;
-    Ok(PostgresStore::new(pool.connect_lazy_with(opts)))
+    Ok(
+        PostgresStore::new(pool.connect_lazy_with(opts))
+            .with_query_timeout(query_timeout(settings)),
+    )
 }
 
 /// Applies migrations, retrying with backoff while the database is unreachable.
@@ -159,7 +174,7 @@ fn is_unreachable(e: &sqlx::Error) -> bool {
 async fn connect(settings: &Settings) -> anyhow::Result<PostgresStore> {
     let (pool, opts) = pool_config(settings)?;
     match pool.connect_with(opts.clone()).await {
-        Ok(pool) => Ok(PostgresStore::new(pool)),
+        Ok(pool) => Ok(PostgresStore::new(pool).with_query_timeout(query_timeout(settings))),
         Err(e) => Err(anyhow::anyhow!(unreachable_because(&opts, e).await)),
     }
 }

@@ -32,12 +32,44 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Longest a decision-path read may take, as seen from here (covers a
+    /// hung server, which no `statement_timeout` can); `None`: unbounded.
+    query_timeout: Option<Duration>,
 }
 
 impl PostgresStore {
     /// Wraps a pool.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            query_timeout: None,
+        }
+    }
+
+    /// Bounds decision-path reads (key and tenant lookups): past `timeout`
+    /// they fail as unavailable instead of waiting on a hung database.
+    pub fn with_query_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.query_timeout = timeout;
+        self
+    }
+
+    /// Runs a decision-path query within the query timeout.
+    async fn bounded<T>(
+        &self,
+        query: &'static str,
+        f: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
+        let run = timed(query, f);
+        match self.query_timeout {
+            None => run.await.map_err(map_err),
+            Some(limit) => match tokio::time::timeout(limit, run).await {
+                Ok(r) => r.map_err(map_err),
+                Err(_) => Err(StoreError::Unavailable(format!(
+                    "{query} took longer than {} ms",
+                    limit.as_millis()
+                ))),
+            },
+        }
     }
 
     /// Applies pending migrations.
@@ -289,14 +321,14 @@ impl Store for PostgresStore {
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>, StoreError> {
-        let row: Option<TenantRow> = timed(
-            "get_tenant",
-            sqlx::query_as("SELECT * FROM tenants WHERE tenant_id = $1")
-                .bind(id.as_str())
-                .fetch_optional(&self.pool),
-        )
-        .await
-        .map_err(map_err)?;
+        let row: Option<TenantRow> = self
+            .bounded(
+                "get_tenant",
+                sqlx::query_as("SELECT * FROM tenants WHERE tenant_id = $1")
+                    .bind(id.as_str())
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
         row.map(Tenant::try_from).transpose()
     }
 
@@ -389,14 +421,14 @@ impl Store for PostgresStore {
         digest: &KeyDigest,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE digest = $1");
-        let row: Option<KeyRow> = timed(
-            "find_key",
-            sqlx::query_as(&sql)
-                .bind(&digest.as_bytes()[..])
-                .fetch_optional(&self.pool),
-        )
-        .await
-        .map_err(map_err)?;
+        let row: Option<KeyRow> = self
+            .bounded(
+                "find_key",
+                sqlx::query_as(&sql)
+                    .bind(&digest.as_bytes()[..])
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
         row.map(KeyRecord::try_from).transpose()
     }
 

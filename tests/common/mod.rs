@@ -67,6 +67,8 @@ pub struct Options {
     pub max_message_bytes: usize,
     /// JWT issuers and console (dashboard surface).
     pub dashboard: tollgate::dashboard::Dashboard,
+    /// Cache sizes and the staleness bound.
+    pub cache: CacheSettings,
 }
 
 impl Options {
@@ -76,6 +78,7 @@ impl Options {
             peppers: peppers(),
             max_message_bytes: 64 * 1024,
             dashboard: Default::default(),
+            cache: CacheSettings::default(),
         }
     }
 }
@@ -100,7 +103,7 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             store,
             operator_token: Some(OPERATOR_TOKEN.to_string().into()),
             dashboard: opts.dashboard,
-            cache: CacheSettings::default(),
+            cache: opts.cache,
             max_message_bytes: opts.max_message_bytes,
             last_used_flush: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(5),
@@ -133,10 +136,15 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
 impl Tollgate {
     /// Waits on the health Watch stream (a signal, not a sleep) for `status`.
     pub async fn wait_for_health(&mut self, status: ServingStatus) {
+        self.wait_for_service("", status).await
+    }
+
+    /// Waits on the health Watch stream of `service` for `status`.
+    pub async fn wait_for_service(&mut self, service: &str, status: ServingStatus) {
         let mut stream = self
             .health
             .watch(HealthCheckRequest {
-                service: String::new(),
+                service: service.into(),
             })
             .await
             .unwrap()
@@ -149,12 +157,17 @@ impl Tollgate {
         panic!("health stream ended before reaching {status:?}");
     }
 
-    /// The overall health status right now.
+    /// The overall health status (readiness) right now.
     pub async fn health_status(&mut self) -> ServingStatus {
+        self.service_status("").await
+    }
+
+    /// The health status of `service` right now (`database`: the feed).
+    pub async fn service_status(&mut self, service: &str) -> ServingStatus {
         let r = self
             .health
             .check(HealthCheckRequest {
-                service: String::new(),
+                service: service.into(),
             })
             .await
             .unwrap()
