@@ -52,6 +52,9 @@ pub struct DatabaseSettings {
     /// decision-path query may take as seen from here (a hung server
     /// included); then UNAVAILABLE. 0 = none.
     pub statement_timeout_ms: u64,
+    /// How long the change history is kept, in seconds. A replica cut off
+    /// for longer flushes its cache when it returns instead of catching up.
+    pub change_retention_seconds: u64,
     /// Apply migrations when `serve` starts.
     pub migrate_on_start: bool,
 }
@@ -63,6 +66,7 @@ impl Default for DatabaseSettings {
             min_connections: 1,
             acquire_timeout_ms: 2_000,
             statement_timeout_ms: 5_000,
+            change_retention_seconds: 86_400,
             migrate_on_start: true,
         }
     }

@@ -176,15 +176,32 @@ impl Follower {
     }
 }
 
-/// Loads the known-digest set. On failure the set stays unloaded, so every
-/// digest is looked up: slower under a flood, never wrong.
+/// Digests read per page when loading the known-digest set.
+const DIGEST_PAGE: u32 = 10_000;
+
+/// Loads the known-digest set, page by page (keyset pagination by digest).
+/// On failure the set stays unloaded, so every digest is looked up: slower
+/// under a flood, never wrong.
 async fn load_known_digests(store: Arc<dyn Store>, caches: Arc<Caches>, epoch: KnownEpoch) {
-    match store.key_digests().await {
-        Ok(digests) => {
-            let n = digests.len();
-            caches.know(epoch, digests);
-            tracing::debug!(digests = n, "known key digests loaded");
+    let mut digests = Vec::new();
+    let mut after = None;
+    loop {
+        match store.key_digests_page(after, DIGEST_PAGE).await {
+            Ok(page) => {
+                after = page.last().copied();
+                let done = page.len() < DIGEST_PAGE as usize;
+                digests.extend(page);
+                if done {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not load key digests; looking every key up");
+                return;
+            }
         }
-        Err(e) => tracing::warn!(error = %e, "could not load key digests; looking every key up"),
     }
+    let n = digests.len();
+    caches.know(epoch, digests);
+    tracing::debug!(digests = n, "known key digests loaded");
 }

@@ -968,7 +968,7 @@ async fn check_quota_answers_from_the_plan(_p: PgPoolOptions, conn: PgConnectOpt
 
 #[sqlx::test]
 async fn when_postgres_is_unreachable_cached_decisions_are_served_and_the_rest_is_unavailable(
-    pool_opts: PgPoolOptions,
+    _p: PgPoolOptions,
     conn: PgConnectOptions,
 ) {
     use tonic_health::pb::health_check_response::ServingStatus;
@@ -1011,15 +1011,10 @@ async fn when_postgres_is_unreachable_cached_decisions_are_served_and_the_rest_i
     });
     assert_eq!(err.await.unwrap_err().code(), tonic::Code::Unavailable);
 
-    // A revocation this replica cannot hear about (written straight to the
-    // database while its link is down)...
-    let db = pool_opts.connect_with(conn).await.unwrap();
-    let id: uuid::Uuid = revoked_key.key_id.parse().unwrap();
-    sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE key_id = $1")
-        .bind(id)
-        .execute(&db)
-        .await
-        .unwrap();
+    // A revocation this replica cannot hear about (made on another replica
+    // while its link is down)...
+    let mut other = spawn(&conn, "default").await;
+    other.revoke(&revoked_key.key_id).await;
 
     // ...is honoured once the link is back.
     proxy.restore();

@@ -12,7 +12,8 @@ use std::time::Duration;
 use common::*;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tollgate::grpc::pb;
-use tollgate::store::Invalidation;
+use tollgate::store::postgres::FeedSettings;
+use tollgate::store::{Invalidation, PostgresStore};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// No test here may take longer than this, whatever goes wrong.
@@ -137,10 +138,88 @@ async fn a_key_revoked_on_another_replica_while_the_link_was_cut_is_refused_once
         assert_eq!(reason(&b.authenticate(&revoked).await), "KEY_REVOKED");
 
         proxy.restore();
-        a.wait_for_service("database", ServingStatus::Serving).await;
+        let caught_up = until_ready(&mut events).await;
+        assert!(
+            caught_up.contains(&Invalidation::Key(revoked_key.key_id.parse().unwrap())),
+            "the revocation was caught up: {caught_up:?}"
+        );
+        assert!(
+            !caught_up.contains(&Invalidation::Flush),
+            "caught up, not flushed: {caught_up:?}"
+        );
         assert_eq!(a.health_status().await, ServingStatus::Serving);
+        assert_eq!(a.service_status("database").await, ServingStatus::Serving);
+        // The other cached key is still cached: no flush, no reload.
+        assert!(a.running.caches().key(&digest_of(&kept)).is_some());
+        assert!(a.running.caches().key(&digest_of(&revoked)).is_none());
         assert_eq!(reason(&a.authenticate(&revoked).await), "KEY_REVOKED");
         assert!(a.authenticate(&kept).await.allowed);
     })
     .await
+}
+
+#[sqlx::test]
+async fn a_replica_whose_change_history_was_pruned_meanwhile_flushes_exactly_once(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    bounded(async {
+        let proxy = Proxy::start(pg_addr(&conn)).await;
+        let mut a = spawn_with(&proxy.options(&conn), with_staleness("default", 3600)).await;
+        let mut b = spawn(&conn, "default").await;
+        b.create_tenant("acme", "pro").await;
+        let (revoked, revoked_key) = b.create_key("acme").await;
+        let (kept, _) = b.create_key("acme").await;
+        assert!(a.authenticate(&revoked).await.allowed);
+        assert!(a.authenticate(&kept).await.allowed);
+
+        let mut events = a.invalidations();
+        proxy.cut();
+        wait_for(&mut events, |e| *e == Invalidation::Lost).await;
+        b.revoke(&revoked_key.key_id).await;
+        // Retention passes: everything but the newest change is pruned,
+        // the changes this replica last saw among them.
+        let db = pool_opts.connect_with(conn.clone()).await.unwrap();
+        let pruned = PostgresStore::new(db)
+            .with_feed(FeedSettings {
+                retention: Duration::ZERO,
+                ..FeedSettings::default()
+            })
+            .prune_changes()
+            .await
+            .unwrap();
+        assert!(pruned > 0);
+
+        proxy.restore();
+        let seen = until_ready(&mut events).await;
+        let flushes = seen.iter().filter(|e| **e == Invalidation::Flush).count();
+        assert_eq!(flushes, 1, "{seen:?}");
+        assert!(
+            a.running.caches().key(&digest_of(&kept)).is_none(),
+            "flushed"
+        );
+        assert_eq!(reason(&a.authenticate(&revoked).await), "KEY_REVOKED");
+        assert!(a.authenticate(&kept).await.allowed);
+    })
+    .await
+}
+
+/// The events a replica applies up to (not including) its next `Ready`.
+async fn until_ready(rx: &mut tokio::sync::broadcast::Receiver<Invalidation>) -> Vec<Invalidation> {
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv().await {
+            Ok(Invalidation::Ready) => return seen,
+            Ok(e) => seen.push(e),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                panic!("missed {n} events")
+            }
+            Err(e) => panic!("invalidation feed closed: {e}"),
+        }
+    }
+}
+
+/// The digest a replica caches `key` under.
+fn digest_of(key: &str) -> tollgate::crypto::KeyDigest {
+    peppers().current().digest(key)
 }
