@@ -139,6 +139,7 @@ fn store_on(pool: sqlx::PgPool, settings: &Settings) -> PostgresStore {
         .with_feed(tollgate::store::postgres::FeedSettings {
             retention: Duration::from_secs(settings.database.change_retention_seconds),
             probe_timeout: query_timeout.unwrap_or(Duration::from_secs(5)),
+            ..Default::default()
         })
 }
 

@@ -27,11 +27,7 @@ const CATCH_UP_PAGE: i64 = 1_000;
 /// last change a replica saw: catch-up re-applies changes recorded this
 /// long before it (re-applying an eviction is harmless).
 const CATCH_UP_OVERLAP_SECS: f64 = 60.0;
-/// How often the LISTEN connection is probed (a hung or silently
-/// partitioned server sends no error, only silence).
-const PROBE_EVERY: Duration = Duration::from_secs(5);
-/// Old changes are pruned as the feed connects and every this many probes
-/// (an hour).
+/// Old changes are pruned as the feed connects and every this many probes.
 const PRUNE_EVERY_PROBES: u64 = 720;
 /// Reconnect backoff: doubles from the first to the most, each wait drawn
 /// at random from its upper half so replicas do not reconnect in step.
@@ -43,6 +39,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 pub struct FeedSettings {
     /// Changes older than this are pruned (the newest is always kept).
     pub retention: Duration,
+    /// How often the LISTEN connection is probed (a hung or silently
+    /// partitioned server sends no error, only silence).
+    pub probe_every: Duration,
     /// Longest a probe of the LISTEN connection may take before the feed
     /// counts as lost.
     pub probe_timeout: Duration,
@@ -52,6 +51,7 @@ impl Default for FeedSettings {
     fn default() -> Self {
         Self {
             retention: Duration::from_secs(86_400),
+            probe_every: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(5),
         }
     }
@@ -370,7 +370,7 @@ pub(super) async fn listen(pool: PgPool, tx: mpsc::Sender<Invalidation>, setting
             Ok(n) => tracing::debug!(pruned = n, "old changes pruned"),
             Err(e) => tracing::warn!(error = %e, "could not prune old changes"),
         }
-        let mut probe = tokio::time::interval(PROBE_EVERY);
+        let mut probe = tokio::time::interval(settings.probe_every.max(Duration::from_millis(10)));
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         probe.reset();
         let mut probes = 0u64;
