@@ -14,7 +14,7 @@ use tonic_health::ServingStatus;
 
 use crate::access::Access;
 use crate::authz::{Authenticator, UsageRecorder};
-use crate::cache::{CacheSettings, Caches, KnownEpoch};
+use crate::cache::{CacheSettings, Caches};
 use crate::clock::Clock;
 use crate::console::Console;
 use crate::crypto::jwks::RefreshStats;
@@ -33,6 +33,7 @@ use crate::grpc::pb::FILE_DESCRIPTOR_SET;
 use crate::grpc::tenant_api::TenantApi;
 use crate::manage::Manager;
 use crate::profile::Profile;
+use crate::readiness::{set_health, Follower};
 use crate::store::{Invalidation, Store};
 
 /// Everything a Tollgate instance is built from.
@@ -111,23 +112,14 @@ pub struct Running {
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const STALE_AFTER_SECS: u32 = 15;
 
-/// Health names that follow readiness: NOT_SERVING until the invalidation
-/// feed is live and whenever it is lost (so a replica that may serve stale
-/// decisions leaves the load balancer).
-const SERVICES: [&str; 3] = ["", "tollgate.v1.AuthService", "tollgate.v1.TenantService"];
 /// Health name for liveness probes: SERVING from start to shutdown, even
 /// while the database is unreachable (a restart would not help, and cached
 /// decisions are still served).
 pub const LIVENESS: &str = "liveness";
 
-async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
-    for name in SERVICES {
-        reporter.set_service_status(name, status).await;
-    }
-}
-
-/// Starts serving on `listener`. Health is NOT_SERVING until the
-/// invalidation feed is live, and again whenever it is lost.
+/// Starts serving on `listener`. Readiness is NOT_SERVING until the
+/// invalidation feed is live, and again once it has been down longer than
+/// the staleness bound (`crate::readiness`).
 pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
     let (jwks_tasks, jwks) = parts.dashboard.start_refreshers();
@@ -193,62 +185,21 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         .await;
     let shutdown_reporter = reporter.clone();
 
-    let (tx, mut rx) = mpsc::channel(1024);
+    let (tx, events) = mpsc::channel(1024);
     parts.store.watch(tx);
-    let cache_for_events = caches.clone();
-    let digests_from = parts.store.clone();
-    let mut ready_gate = parts.ready_gate.take();
     let (applied, _) = broadcast::channel(1024);
-    let announce = applied.clone();
-    let invalidations = tokio::spawn(async move {
-        // The digest load of the latest Ready; a newer Ready (or the end of
-        // the feed) aborts it, so loads never pile up or outlive the feed.
-        let mut loading: Option<JoinHandle<()>> = None;
-        while let Some(event) = rx.recv().await {
-            cache_for_events.apply(&event);
-            let kind = match &event {
-                Invalidation::Key(_) => Some("key"),
-                Invalidation::Tenant(_) => Some("tenant"),
-                Invalidation::Flush => Some("flush"),
-                Invalidation::KeyAdded(_) => Some("key_added"),
-                _ => None,
-            };
-            if let Some(kind) = kind {
-                metrics::counter!(crate::telemetry::INVALIDATIONS, "kind" => kind).increment(1);
-            }
-            match event {
-                Invalidation::Ready => {
-                    if let Some(gate) = ready_gate.as_mut() {
-                        // Not ready before the schema is: wait for the
-                        // start-up migrations (once; later Readys pass).
-                        if gate.wait_for(|done| *done).await.is_err() {
-                            continue;
-                        }
-                        ready_gate = None;
-                    }
-                    // Listening again: load every stored digest, off this
-                    // loop. Keys added from now on arrive as notifications.
-                    if let Some(previous) = loading.take() {
-                        previous.abort();
-                    }
-                    let epoch = cache_for_events.known_epoch();
-                    loading = Some(tokio::spawn(load_known_digests(
-                        digests_from.clone(),
-                        cache_for_events.clone(),
-                        epoch,
-                    )));
-                    set_health(&reporter, ServingStatus::Serving).await
-                }
-                Invalidation::Lost => set_health(&reporter, ServingStatus::NotServing).await,
-                _ => {}
-            }
-            // Nobody listening is the normal case outside tests.
-            let _ = announce.send(event);
+    let invalidations = tokio::spawn(
+        Follower {
+            events,
+            caches: caches.clone(),
+            store: parts.store.clone(),
+            reporter: reporter.clone(),
+            ready_gate: parts.ready_gate.take(),
+            announce: applied.clone(),
+            max_staleness: Duration::from_secs(parts.cache.max_staleness_seconds),
         }
-        if let Some(load) = loading {
-            load.abort();
-        }
-    });
+        .run(),
+    );
 
     let store = parts.store.clone();
     let flush_usage = usage.clone();
@@ -495,18 +446,5 @@ impl Drop for Running {
         for task in &self.background {
             task.abort();
         }
-    }
-}
-
-/// Loads the known-digest set. On failure the set stays unloaded, so every
-/// digest is looked up: slower under a flood, never wrong.
-async fn load_known_digests(store: Arc<dyn Store>, caches: Arc<Caches>, epoch: KnownEpoch) {
-    match store.key_digests().await {
-        Ok(digests) => {
-            let n = digests.len();
-            caches.know(epoch, digests);
-            tracing::debug!(digests = n, "known key digests loaded");
-        }
-        Err(e) => tracing::warn!(error = %e, "could not load key digests; looking every key up"),
     }
 }

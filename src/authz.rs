@@ -476,6 +476,7 @@ impl Authenticator {
             if let Some(hit) = self.caches.key(&digest) {
                 if hit.digest.ct_eq(&digest) {
                     count_lookup("key", "hit");
+                    confirmable(&self.caches)?;
                     return Ok(Some(hit));
                 }
             }
@@ -547,6 +548,7 @@ impl Authenticator {
     async fn find_tenant(&self, id: &TenantId) -> Result<Option<Arc<Tenant>>> {
         if let Some(t) = self.caches.tenant(id) {
             count_lookup("tenant", "hit");
+            confirmable(&self.caches)?;
             return Ok(Some(t));
         }
         count_lookup("tenant", "miss");
@@ -787,6 +789,20 @@ impl Authenticator {
             .await?
             .ok_or(Error::NotFound("tenant"))?;
         Ok((tenant, key))
+    }
+}
+
+/// A cache hit decides only while the invalidation feed is live or was lost
+/// less than `max_staleness_seconds` ago; past that the entry may miss a
+/// revocation, so the caller gets UNAVAILABLE (its gateway's failure mode).
+#[inline]
+fn confirmable(caches: &Caches) -> Result<()> {
+    if caches.confirmable() {
+        Ok(())
+    } else {
+        Err(Error::Unavailable(
+            "the invalidation feed is down past the staleness bound".into(),
+        ))
     }
 }
 

@@ -3,15 +3,17 @@
 //!
 //! Correctness rules (DESIGN.md §2):
 //! - every decision-changing write is NOTIFYed; each replica evicts on receipt;
-//! - after the listener reconnects the whole cache is dropped (`Flush`);
+//! - after the listener reconnects, the changes missed meanwhile are applied
+//!   (caught up by sequence); the whole cache is dropped (`Flush`) only when
+//!   their history is gone;
 //! - a lookup that began before an invalidation must not re-insert what it
 //!   read: it notes the generation before reading the store, inserts, then
 //!   re-checks and removes its insert if the generation moved;
 //! - TTLs bound staleness even if a notification is lost.
 //!
 //! It also holds the replica's set of known key digests (8-byte prefixes of
-//! every stored digest, loaded when the invalidation feed connects and kept
-//! current by `KeyAdded` notifications). A digest outside the set is looked
+//! every stored digest, loaded when the invalidation feed first connects
+//! and after a flush, and kept current by `KeyAdded` changes). A digest outside the set is looked
 //! up in the store only within a small per-second budget, so a flood of
 //! random well-formed keys costs no database queries beyond that budget.
 
@@ -46,6 +48,10 @@ pub struct CacheSettings {
     /// created elsewhere moments ago, before their notification arrived).
     /// Beyond it such keys are refused as unknown without a lookup.
     pub unknown_lookups_per_second: u64,
+    /// How long, in seconds, a replica whose invalidation feed is down keeps
+    /// answering from its cache (and stays ready). Past it, cached decisions
+    /// are refused as UNAVAILABLE and readiness turns NOT_SERVING.
+    pub max_staleness_seconds: u64,
 }
 
 impl Default for CacheSettings {
@@ -57,6 +63,7 @@ impl Default for CacheSettings {
             negative_ttl_seconds: 30,
             max_negative: 100_000,
             unknown_lookups_per_second: 100,
+            max_staleness_seconds: 60,
         }
     }
 }
@@ -79,15 +86,18 @@ pub struct Caches {
     tenants: Cache<TenantId, Arc<Tenant>>,
     generation: AtomicU64,
     known: KnownDigests,
+    /// False once the feed has been down longer than the staleness window:
+    /// cached entries can no longer be trusted (one load per cache hit).
+    confirmable: AtomicBool,
 }
 
 /// Prefixes of every stored key digest. Until a load completes (and again
-/// after the feed is lost) every digest is looked up. Additions are kept
+/// after a flush) every digest is looked up. Additions are kept
 /// even then, so none is lost while a load runs.
 struct KnownDigests {
     set: RwLock<HashSet<u64>>,
     loaded: AtomicBool,
-    /// Bumped when the feed is lost: a load begun before does not count.
+    /// Bumped on a flush: a load begun before does not count.
     epoch: AtomicU64,
     /// `loaded`, for those who wait on it.
     watch: tokio::sync::watch::Sender<bool>,
@@ -148,6 +158,7 @@ impl Caches {
                 .time_to_live(ttl)
                 .build(),
             generation: AtomicU64::new(0),
+            confirmable: AtomicBool::new(true),
             known: KnownDigests {
                 set: RwLock::default(),
                 loaded: AtomicBool::new(false),
@@ -190,8 +201,8 @@ impl Caches {
         }
     }
 
-    /// The feed was lost: notifications (additions among them) may be
-    /// missed, so every digest is looked up until a reload completes.
+    /// The change history was lost: additions may be missed, so every
+    /// digest is looked up until a reload completes.
     fn unload_known(&self) {
         let _set = write(&self.known.set);
         self.known.epoch.fetch_add(1, Ordering::SeqCst);
@@ -218,6 +229,18 @@ impl Caches {
     /// Whether the known set is loaded and in use.
     pub fn knows_digests(&self) -> bool {
         self.known.loaded.load(Ordering::Acquire)
+    }
+
+    /// Whether cached entries may still decide: false while the feed has
+    /// been down for longer than `max_staleness_seconds`.
+    #[inline]
+    pub fn confirmable(&self) -> bool {
+        self.confirmable.load(Ordering::Acquire)
+    }
+
+    /// Set by the feed follower as the staleness window opens and closes.
+    pub fn set_confirmable(&self, confirmable: bool) {
+        self.confirmable.store(confirmable, Ordering::Release);
     }
 
     /// Take before reading the store; pass to the `insert_*` call.
@@ -296,8 +319,11 @@ impl Caches {
                 self.unknown.invalidate(digest);
                 write(&self.known.set).insert(prefix(digest));
             }
-            Invalidation::Lost => self.unload_known(),
+            // Changes missed while the feed is down (additions among them)
+            // are delivered when it returns; only a lost history unloads.
+            Invalidation::Lost => {}
             Invalidation::Flush => {
+                metrics::counter!(crate::telemetry::CACHE_FLUSHES).increment(1);
                 self.unload_known();
                 self.flush();
             }
@@ -497,7 +523,7 @@ mod tests {
     }
 
     #[test]
-    fn a_key_added_while_digests_load_is_kept_and_a_lost_feed_unloads_them() {
+    fn a_key_added_while_digests_load_is_kept_and_only_a_flush_unloads_them() {
         let c = Caches::new(&CacheSettings {
             unknown_lookups_per_second: 1,
             ..CacheSettings::default()
@@ -511,14 +537,16 @@ mod tests {
         assert!(!c.worth_looking_up(&digest(31), 0));
         assert!(c.worth_looking_up(&digest(7), 0));
 
-        let before_loss = c.known_epoch();
+        // A lost feed is caught up on reconnect: the set stays in use.
         c.apply(&Invalidation::Lost);
-        assert!(!*loaded.borrow_and_update());
+        assert!(c.knows_digests());
+        let before_flush = c.known_epoch();
         c.apply(&Invalidation::Flush);
+        assert!(!*loaded.borrow_and_update());
         assert!(!c.knows_digests());
         assert!(c.worth_looking_up(&digest(32), 0));
-        // A load begun before the loss does not switch the set back on.
-        c.know(before_loss, []);
+        // A load begun before the flush does not switch the set back on.
+        c.know(before_flush, []);
         assert!(!c.knows_digests());
         c.know(c.known_epoch(), []);
         assert!(c.knows_digests());

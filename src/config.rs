@@ -46,7 +46,15 @@ fn ser_opt_secret<S: serde::Serializer>(
 pub struct DatabaseSettings {
     pub max_connections: u32,
     pub min_connections: u32,
+    /// Longest wait for a pooled connection (then UNAVAILABLE).
     pub acquire_timeout_ms: u64,
+    /// `statement_timeout` set on every connection, and the longest any
+    /// decision-path query may take as seen from here (a hung server
+    /// included); then UNAVAILABLE. 0 = none.
+    pub statement_timeout_ms: u64,
+    /// How long the change history is kept, in seconds. A replica cut off
+    /// for longer flushes its cache when it returns instead of catching up.
+    pub change_retention_seconds: u64,
     /// Apply migrations when `serve` starts.
     pub migrate_on_start: bool,
 }
@@ -57,6 +65,8 @@ impl Default for DatabaseSettings {
             max_connections: 16,
             min_connections: 1,
             acquire_timeout_ms: 2_000,
+            statement_timeout_ms: 5_000,
+            change_retention_seconds: 86_400,
             migrate_on_start: true,
         }
     }

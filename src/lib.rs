@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod limits;
 pub mod manage;
 pub mod profile;
+pub mod readiness;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

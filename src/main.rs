@@ -116,6 +116,10 @@ fn pool_config(
     let opts: sqlx::postgres::PgConnectOptions = url.expose_secret().parse().map_err(|_| {
         anyhow::anyhow!("configuration field `database_url`: is not a valid Postgres URL")
     })?;
+    let opts = match settings.database.statement_timeout_ms {
+        0 => opts,
+        ms => opts.options([("statement_timeout", ms.to_string())]),
+    };
     let pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .min_connections(settings.database.min_connections)
@@ -123,11 +127,27 @@ fn pool_config(
     Ok((pool, opts))
 }
 
+/// The store on `pool`: decision-path queries bounded by the statement
+/// timeout, the change history kept as configured.
+fn store_on(pool: sqlx::PgPool, settings: &Settings) -> PostgresStore {
+    let query_timeout = match settings.database.statement_timeout_ms {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    };
+    PostgresStore::new(pool)
+        .with_query_timeout(query_timeout)
+        .with_feed(tollgate::store::postgres::FeedSettings {
+            retention: Duration::from_secs(settings.database.change_retention_seconds),
+            probe_timeout: query_timeout.unwrap_or(Duration::from_secs(5)),
+            ..Default::default()
+        })
+}
+
 /// A pool that connects on first use, so `serve` starts (NOT_SERVING) while
 /// the database is unreachable and becomes ready when it answers.
 fn connect_lazy(settings: &Settings) -> anyhow::Result<PostgresStore> {
     let (pool, opts) = pool_config(settings)?;
-    Ok(PostgresStore::new(pool.connect_lazy_with(opts)))
+    Ok(store_on(pool.connect_lazy_with(opts), settings))
 }
 
 /// Applies migrations, retrying with backoff while the database is unreachable.
@@ -159,7 +179,7 @@ fn is_unreachable(e: &sqlx::Error) -> bool {
 async fn connect(settings: &Settings) -> anyhow::Result<PostgresStore> {
     let (pool, opts) = pool_config(settings)?;
     match pool.connect_with(opts.clone()).await {
-        Ok(pool) => Ok(PostgresStore::new(pool)),
+        Ok(pool) => Ok(store_on(pool, settings)),
         Err(e) => Err(anyhow::anyhow!(unreachable_because(&opts, e).await)),
     }
 }

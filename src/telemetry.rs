@@ -32,6 +32,12 @@ pub const QUOTA_LEASES: &str = "tollgate_quota_leases_total";
 pub const QUOTA_LEASE_UNITS: &str = "tollgate_quota_lease_units_total";
 /// Limits in shadow mode that would have denied, by `reason`.
 pub const SHADOW_DENIALS: &str = "tollgate_shadow_denials_total";
+/// 1 while the invalidation feed (LISTEN connection) is live, else 0.
+pub const FEED_CONNECTED: &str = "tollgate_feed_connected";
+/// Seconds since the invalidation feed was lost (0 while it is live).
+pub const FEED_STALENESS_SECONDS: &str = "tollgate_feed_staleness_seconds";
+/// Whole-cache flushes (the change history a replica needed was gone).
+pub const CACHE_FLUSHES: &str = "tollgate_cache_flushes_total";
 /// Live replicas sharing rate limits.
 pub const REPLICAS: &str = "tollgate_replicas";
 

@@ -97,6 +97,8 @@ async fn metrics_report_decisions_caches_invalidations_database_and_quota_leases
         "tollgate_quota_leases_total{result=\"granted\"}",
         "tollgate_quota_lease_units_total{direction=\"leased\"}",
         "tollgate_replicas",
+        "tollgate_feed_connected 1",
+        "tollgate_feed_staleness_seconds 0",
     ] {
         assert!(text.contains(series), "{series} missing from:\n{text}");
     }

@@ -83,7 +83,7 @@ impl KeyRecord {
             return false;
         };
         !self.is_live(now)
-            && !self.is_revoked(now)
+            && !self.is_revoked()
             && self.replaced_by.is_none()
             && expires_at.is_none_or(|t| t > now)
     }

@@ -52,8 +52,8 @@ pub enum Invalidation {
     /// add it to their set of known digests.
     KeyAdded(KeyDigest),
     Tenant(TenantId),
-    /// Notifications may have been missed (the listener reconnected): drop
-    /// everything.
+    /// Changes may have been missed and their history is gone (pruned
+    /// while the listener was away): drop everything.
     Flush,
     /// The invalidation feed is live (first connect and every reconnect).
     Ready,
@@ -129,6 +129,21 @@ pub trait Store: Send + Sync + 'static {
     /// Every stored key digest (revoked and expired keys included), for
     /// the replica's set of known digests.
     async fn key_digests(&self) -> Result<Vec<KeyDigest>, StoreError>;
+    /// Up to `limit` stored key digests after `after`, in byte order: one
+    /// page of the known-digest load (never the whole table in one query).
+    async fn key_digests_page(
+        &self,
+        after: Option<KeyDigest>,
+        limit: u32,
+    ) -> Result<Vec<KeyDigest>, StoreError> {
+        let mut all = self.key_digests().await?;
+        all.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        Ok(all
+            .into_iter()
+            .filter(|d| after.is_none_or(|a| d.as_bytes() > a.as_bytes()))
+            .take(limit as usize)
+            .collect())
+    }
     async fn get_key(&self, key: KeyRef<'_>) -> Result<Option<KeyRecord>, StoreError>;
     /// A tenant's keys ordered by id, after `after`.
     async fn list_keys(
@@ -211,7 +226,9 @@ pub trait Store: Send + Sync + 'static {
     async fn leave(&self, replica: uuid::Uuid) -> Result<(), StoreError>;
 
     /// Starts delivering invalidations (from every replica) to `tx`. The
-    /// first message is `Ready` once the feed is live.
+    /// first message is `Ready` once the feed is live. After a `Lost`, the
+    /// changes missed meanwhile are delivered before the next `Ready` (or a
+    /// `Flush`, when their history is gone).
     fn watch(&self, tx: mpsc::Sender<Invalidation>);
     /// (open connections, idle connections) of a connection pool, if any.
     fn pool_stats(&self) -> Option<(u32, usize)> {

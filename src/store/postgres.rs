@@ -1,12 +1,12 @@
 //! The Postgres store: the only place SQL lives. Every decision-changing
-//! write sends `NOTIFY tollgate_invalidation` in its own transaction, so
-//! replicas evict on commit, never before.
+//! write records a change and sends `NOTIFY tollgate_invalidation` in its
+//! own transaction, so replicas evict on commit, never before (`feed`).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgListener, PgPool};
+use sqlx::postgres::PgPool;
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 use tokio::sync::mpsc;
@@ -22,8 +22,12 @@ use crate::domain::{
     TenantOverrides, TenantUpdate,
 };
 
-/// The NOTIFY channel every replica listens on.
-pub const CHANNEL: &str = "tollgate_invalidation";
+mod feed;
+
+pub use feed::{FeedSettings, CHANNEL};
+
+/// Digests read per query when loading the known-digest set.
+const DIGEST_PAGE: u32 = 10_000;
 
 /// Migrations embedded from `migrations/`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -32,12 +36,58 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Longest a decision-path read may take, as seen from here (covers a
+    /// hung server, which no `statement_timeout` can); `None`: unbounded.
+    query_timeout: Option<Duration>,
+    feed: FeedSettings,
 }
 
 impl PostgresStore {
     /// Wraps a pool.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            query_timeout: None,
+            feed: FeedSettings::default(),
+        }
+    }
+
+    /// How the change feed keeps its history and watches its connection.
+    pub fn with_feed(mut self, feed: FeedSettings) -> Self {
+        self.feed = feed;
+        self
+    }
+
+    /// Deletes changes older than the retention now (the feed also does
+    /// it as it connects and now and then); returns how many.
+    pub async fn prune_changes(&self) -> Result<u64, StoreError> {
+        feed::prune(&self.pool, self.feed.retention).await
+    }
+
+    /// Bounds decision-path reads (key and tenant lookups): past `timeout`
+    /// they fail as unavailable instead of waiting on a hung database.
+    pub fn with_query_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.query_timeout = timeout;
+        self
+    }
+
+    /// Runs a decision-path query within the query timeout.
+    async fn bounded<T>(
+        &self,
+        query: &'static str,
+        f: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
+        let run = timed(query, f);
+        match self.query_timeout {
+            None => run.await.map_err(map_err),
+            Some(limit) => match tokio::time::timeout(limit, run).await {
+                Ok(r) => r.map_err(map_err),
+                Err(_) => Err(StoreError::Unavailable(format!(
+                    "{query} took longer than {} ms",
+                    limit.as_millis()
+                ))),
+            },
+        }
     }
 
     /// Applies pending migrations.
@@ -164,49 +214,10 @@ const KEY_COLUMNS: &str = "key_id, tenant_id, name, environment, scopes, hint, d
     pepper_version, created_at, expires_at, revoked_at, revoke_reason, last_used_at, replaced_by, \
     limits, lineage_id";
 
-/// The NOTIFY payload of `what`; `None` for feed events never sent.
-fn payload(what: &Invalidation) -> Option<String> {
-    // The send time rides along so receivers can measure revocation lag.
-    let sent_ms = Utc::now().timestamp_millis();
-    Some(match what {
-        Invalidation::Key(id) => format!("k:{id}@{sent_ms}"),
-        Invalidation::Tenant(id) => format!("t:{id}@{sent_ms}"),
-        Invalidation::KeyAdded(digest) => format!("n:{}", hex::encode(digest.as_bytes())),
-        _ => return None,
-    })
-}
-
+/// Records a decision-changing write and wakes every replica, inside
+/// the write's transaction.
 async fn notify(tx: &mut Transaction<'_, Postgres>, what: &Invalidation) -> Result<(), StoreError> {
-    let Some(payload) = payload(what) else {
-        return Ok(());
-    };
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(CHANNEL)
-        .bind(payload)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-    Ok(())
-}
-
-fn parse_payload(payload: &str) -> Option<Invalidation> {
-    let (body, sent_ms) = match payload.rsplit_once('@') {
-        Some((body, ms)) => (body, ms.parse::<i64>().ok()),
-        None => (payload, None),
-    };
-    if let Some(ms) = sent_ms {
-        let lag = (Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0;
-        metrics::histogram!(crate::telemetry::REVOCATION_LAG_SECONDS).record(lag);
-    }
-    match body.split_once(':')? {
-        ("k", id) => Uuid::parse_str(id).ok().map(Invalidation::Key),
-        ("t", id) => TenantId::parse(id).map(Invalidation::Tenant),
-        ("n", digest) => hex::decode(digest)
-            .ok()
-            .and_then(|b| KeyDigest::from_slice(&b))
-            .map(Invalidation::KeyAdded),
-        _ => None,
-    }
+    feed::record(tx, what).await
 }
 
 async fn insert_key_row(
@@ -325,14 +336,14 @@ impl Store for PostgresStore {
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>, StoreError> {
-        let row: Option<TenantRow> = timed(
-            "get_tenant",
-            sqlx::query_as("SELECT * FROM tenants WHERE tenant_id = $1")
-                .bind(id.as_str())
-                .fetch_optional(&self.pool),
-        )
-        .await
-        .map_err(map_err)?;
+        let row: Option<TenantRow> = self
+            .bounded(
+                "get_tenant",
+                sqlx::query_as("SELECT * FROM tenants WHERE tenant_id = $1")
+                    .bind(id.as_str())
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
         row.map(Tenant::try_from).transpose()
     }
 
@@ -423,21 +434,45 @@ impl Store for PostgresStore {
         digest: &KeyDigest,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE digest = $1");
-        let row: Option<KeyRow> = timed(
-            "find_key",
-            sqlx::query_as(&sql)
-                .bind(&digest.as_bytes()[..])
-                .fetch_optional(&self.pool),
-        )
-        .await
-        .map_err(map_err)?;
+        let row: Option<KeyRow> = self
+            .bounded(
+                "find_key",
+                sqlx::query_as(&sql)
+                    .bind(&digest.as_bytes()[..])
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
         row.map(KeyRecord::try_from).transpose()
     }
 
     async fn key_digests(&self) -> Result<Vec<KeyDigest>, StoreError> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.key_digests_page(after, DIGEST_PAGE).await?;
+            after = page.last().copied();
+            let done = page.len() < DIGEST_PAGE as usize;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+
+    async fn key_digests_page(
+        &self,
+        after: Option<KeyDigest>,
+        limit: u32,
+    ) -> Result<Vec<KeyDigest>, StoreError> {
         let rows: Vec<Vec<u8>> = timed(
             "key_digests",
-            sqlx::query_scalar("SELECT digest FROM api_keys").fetch_all(&self.pool),
+            sqlx::query_scalar(
+                "SELECT digest FROM api_keys WHERE ($1::bytea IS NULL OR digest > $1) \
+                 ORDER BY digest LIMIT $2",
+            )
+            .bind(after.as_ref().map(|d| &d.as_bytes()[..]))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool),
         )
         .await
         .map_err(map_err)?;
@@ -613,22 +648,8 @@ impl Store for PostgresStore {
         pepper_version: i32,
     ) -> Result<(), StoreError> {
         // One statement on the request path: the update and, only if it
-        // matched, the notification of the new digest.
-        sqlx::query(
-            "WITH u AS (UPDATE api_keys SET digest = $3, pepper_version = $4 \
-             WHERE key_id = $1 AND digest = $2 RETURNING 1) \
-             SELECT pg_notify($5, $6) FROM u",
-        )
-        .bind(id)
-        .bind(&old.as_bytes()[..])
-        .bind(&new.as_bytes()[..])
-        .bind(pepper_version)
-        .bind(CHANNEL)
-        .bind(payload(&Invalidation::KeyAdded(*new)))
-        .execute(&self.pool)
-        .await
-        .map_err(map_err)?;
-        Ok(())
+        // matched, the change record and notification of the new digest.
+        feed::rehash(&self.pool, id, old, new, pepper_version).await
     }
 
     async fn touch_keys(&self, used: &[(KeyId, DateTime<Utc>)]) -> Result<(), StoreError> {
@@ -748,7 +769,7 @@ impl Store for PostgresStore {
     }
 
     fn watch(&self, tx: mpsc::Sender<Invalidation>) {
-        tokio::spawn(listen(self.pool.clone(), tx));
+        tokio::spawn(feed::listen(self.pool.clone(), tx, self.feed));
     }
 
     fn pool_stats(&self) -> Option<(u32, usize)> {
@@ -767,96 +788,5 @@ impl Store for PostgresStore {
         self: std::sync::Arc<Self>,
     ) -> Option<std::sync::Arc<dyn super::ConsoleStore>> {
         Some(self)
-    }
-}
-
-/// Keeps a LISTEN connection up. After every (re)connect it sends `Flush`
-/// then `Ready`: notifications sent while it was down are lost, so every
-/// cached entry must go. Ends when the receiver is dropped.
-async fn listen(pool: PgPool, tx: mpsc::Sender<Invalidation>) {
-    const MAX_BACKOFF: Duration = Duration::from_secs(5);
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let connected = async {
-            let mut l = PgListener::connect_with(&pool).await?;
-            l.listen(CHANNEL).await?;
-            Ok::<_, sqlx::Error>(l)
-        };
-        let mut listener = tokio::select! {
-            r = connected => r,
-            () = tx.closed() => return,
-        };
-        match listener.as_mut() {
-            Ok(l) => {
-                backoff = Duration::from_millis(50);
-                if tx.send(Invalidation::Flush).await.is_err()
-                    || tx.send(Invalidation::Ready).await.is_err()
-                {
-                    return;
-                }
-                loop {
-                    let next = tokio::select! {
-                        n = l.try_recv() => n,
-                        () = tx.closed() => return,
-                    };
-                    let event = match next {
-                        Ok(Some(n)) => match parse_payload(n.payload()) {
-                            Some(event) => event,
-                            None => {
-                                tracing::warn!("ignoring an unrecognised invalidation payload");
-                                continue;
-                            }
-                        },
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "invalidation listener failed");
-                            break;
-                        }
-                    };
-                    if tx.send(event).await.is_err() {
-                        return;
-                    }
-                }
-                tracing::warn!("invalidation listener lost its connection; reconnecting");
-                if tx.send(Invalidation::Lost).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
-                    "invalidation listener cannot connect");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = tx.closed() => return,
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn payloads() {
-        let id = Uuid::now_v7();
-        assert_eq!(
-            parse_payload(&format!("k:{id}")),
-            Some(Invalidation::Key(id))
-        );
-        assert_eq!(
-            parse_payload("t:acme"),
-            Some(Invalidation::Tenant(TenantId::parse("acme").unwrap()))
-        );
-        let digest = KeyDigest::from_slice(&[7; 32]).unwrap();
-        assert_eq!(
-            parse_payload(&format!("n:{}@1700000000000", hex::encode([7u8; 32]))),
-            Some(Invalidation::KeyAdded(digest))
-        );
-        assert_eq!(parse_payload("n:abcd"), None);
-        assert_eq!(parse_payload("x:1"), None);
-        assert_eq!(parse_payload("k:nope"), None);
     }
 }

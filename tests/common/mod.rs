@@ -69,6 +69,8 @@ pub struct Options {
     pub dashboard: tollgate::dashboard::Dashboard,
     /// Gateway and console backend tokens, management budget.
     pub guard: tollgate::app::GuardParts,
+    /// Cache sizes and the staleness bound.
+    pub cache: CacheSettings,
 }
 
 impl Options {
@@ -79,6 +81,7 @@ impl Options {
             max_message_bytes: 64 * 1024,
             dashboard: Default::default(),
             guard: Default::default(),
+            cache: CacheSettings::default(),
         }
     }
 }
@@ -104,7 +107,7 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             operator_token: Some(OPERATOR_TOKEN.to_string().into()),
             guard: opts.guard,
             dashboard: opts.dashboard,
-            cache: CacheSettings::default(),
+            cache: opts.cache,
             max_message_bytes: opts.max_message_bytes,
             last_used_flush: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(5),
@@ -137,10 +140,15 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
 impl Tollgate {
     /// Waits on the health Watch stream (a signal, not a sleep) for `status`.
     pub async fn wait_for_health(&mut self, status: ServingStatus) {
+        self.wait_for_service("", status).await
+    }
+
+    /// Waits on the health Watch stream of `service` for `status`.
+    pub async fn wait_for_service(&mut self, service: &str, status: ServingStatus) {
         let mut stream = self
             .health
             .watch(HealthCheckRequest {
-                service: String::new(),
+                service: service.into(),
             })
             .await
             .unwrap()
@@ -153,12 +161,17 @@ impl Tollgate {
         panic!("health stream ended before reaching {status:?}");
     }
 
-    /// The overall health status right now.
+    /// The overall health status (readiness) right now.
     pub async fn health_status(&mut self) -> ServingStatus {
+        self.service_status("").await
+    }
+
+    /// The health status of `service` right now (`database`: the feed).
+    pub async fn service_status(&mut self, service: &str) -> ServingStatus {
         let r = self
             .health
             .check(HealthCheckRequest {
-                service: String::new(),
+                service: service.into(),
             })
             .await
             .unwrap()
