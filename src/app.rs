@@ -167,6 +167,10 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
             .as_ref()
             .is_some_and(|c| c.settings.require_verified_email),
     );
+    let callers = match console_parts.as_ref() {
+        Some(c) => callers.with_console_users(c.store.clone()),
+        None => callers,
+    };
     let console = console_parts.as_ref().and_then(|c| {
         let signer = c.signer.clone()?;
         Some(Arc::new(Console::new(

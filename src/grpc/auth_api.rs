@@ -80,7 +80,8 @@ impl AuthService for AuthApi {
         };
         let caller = self
             .guard
-            .admit(Rpc::CheckQuota, request.metadata(), by_credential)?;
+            .admit_current(Rpc::CheckQuota, request.metadata(), by_credential)
+            .await?;
         let r = request.into_inner();
         // By id the caller must reach the subject: a console user only its
         // own tenant's (another's is NOT_FOUND, like a missing one).
@@ -135,7 +136,10 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
-        let caller = self.guard.admit(Rpc::GetUsage, request.metadata(), false)?;
+        let caller = self
+            .guard
+            .admit_current(Rpc::GetUsage, request.metadata(), false)
+            .await?;
         let r = request.into_inner();
         let tenant_id = if r.key_id.is_empty() {
             self.access
@@ -170,7 +174,8 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::CreateKey, request.metadata(), false)?;
+            .admit_current(Rpc::CreateKey, request.metadata(), false)
+            .await?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let tenant_id = self
@@ -206,7 +211,8 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::RevokeKey, request.metadata(), false)?;
+            .admit_current(Rpc::RevokeKey, request.metadata(), false)
+            .await?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let tenant_id = self
@@ -226,7 +232,10 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::GetKeyResponse>, Status> {
-        let caller = self.guard.admit(Rpc::GetKey, request.metadata(), false)?;
+        let caller = self
+            .guard
+            .admit_current(Rpc::GetKey, request.metadata(), false)
+            .await?;
         let r = request.into_inner();
         let tenant_id = self
             .access
@@ -242,7 +251,10 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let caller = self.guard.admit(Rpc::ListKeys, request.metadata(), false)?;
+        let caller = self
+            .guard
+            .admit_current(Rpc::ListKeys, request.metadata(), false)
+            .await?;
         let r = request.into_inner();
         let tenant_id = self
             .access
@@ -264,7 +276,8 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::RotateKey, request.metadata(), false)?;
+            .admit_current(Rpc::RotateKey, request.metadata(), false)
+            .await?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let tenant_id = self
@@ -288,7 +301,8 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::UpdateKeyResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::UpdateKey, request.metadata(), false)?;
+            .admit_current(Rpc::UpdateKey, request.metadata(), false)
+            .await?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let tenant_id = self

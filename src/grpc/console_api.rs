@@ -110,7 +110,10 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::SignUpRequest>,
     ) -> Result<Response<pb::SignUpResponse>, Status> {
-        let caller = self.guard.admit(Rpc::SignUp, request.metadata(), false)?;
+        let caller = self
+            .guard
+            .admit_current(Rpc::SignUp, request.metadata(), false)
+            .await?;
         let rid = request_id(request.metadata());
         let address = self.client_address(&caller, &request, &request.get_ref().client_address)?;
         let r = request.into_inner();
@@ -133,7 +136,10 @@ impl ConsoleService for ConsoleApi {
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
-        let caller = self.guard.admit(Rpc::Login, request.metadata(), false)?;
+        let caller = self
+            .guard
+            .admit_current(Rpc::Login, request.metadata(), false)
+            .await?;
         let address = self.client_address(&caller, &request, &request.get_ref().client_address)?;
         let r = request.into_inner();
         let s = self
@@ -173,7 +179,8 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::RequestEmailVerificationResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::RequestEmailVerification, request.metadata(), false)?;
+            .admit_current(Rpc::RequestEmailVerification, request.metadata(), false)
+            .await?;
         let address = self.client_address(&caller, &request, &request.get_ref().client_address)?;
         self.console()?
             .request_email_verification(&request.get_ref().email, &address)
@@ -202,7 +209,8 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::RequestPasswordResetResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::RequestPasswordReset, request.metadata(), false)?;
+            .admit_current(Rpc::RequestPasswordReset, request.metadata(), false)
+            .await?;
         let address = self.client_address(&caller, &request, &request.get_ref().client_address)?;
         self.console()?
             .request_password_reset(&request.get_ref().email, &address)
@@ -239,7 +247,8 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::CreateUser, request.metadata(), false)?;
+            .admit_current(Rpc::CreateUser, request.metadata(), false)
+            .await?;
         let rid = request_id(request.metadata());
         let r = request.into_inner();
         let scope = caller.tenant_scope(&r.tenant_id)?;
@@ -267,7 +276,8 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::ListUsers, request.metadata(), false)?;
+            .admit_current(Rpc::ListUsers, request.metadata(), false)
+            .await?;
         let scope = caller.tenant_scope(&request.get_ref().tenant_id)?;
         let users = self.console()?.list_users(&tenant(&scope)?).await?;
         Ok(Response::new(pb::ListUsersResponse {
@@ -282,7 +292,8 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::UpdateUserResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::UpdateUser, request.metadata(), false)?;
+            .admit_current(Rpc::UpdateUser, request.metadata(), false)
+            .await?;
         let rid = request_id(request.metadata());
         let r = request.into_inner();
         let scope = caller.tenant_scope(&r.tenant_id)?;
@@ -327,7 +338,8 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::DeleteUser, request.metadata(), false)?;
+            .admit_current(Rpc::DeleteUser, request.metadata(), false)
+            .await?;
         let rid = request_id(request.metadata());
         let r = request.into_inner();
         let scope = caller.tenant_scope(&r.tenant_id)?;
@@ -348,7 +360,8 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::ListAuditEvents, request.metadata(), false)?;
+            .admit_current(Rpc::ListAuditEvents, request.metadata(), false)
+            .await?;
         let r = request.into_inner();
         let scope = caller.tenant_scope(&r.tenant_id)?;
         let tenant = if scope.is_empty() {

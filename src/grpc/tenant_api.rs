@@ -28,7 +28,8 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::CreateTenant, request.metadata(), false)?;
+            .admit_current(Rpc::CreateTenant, request.metadata(), false)
+            .await?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let mut v = Violations::default();
@@ -60,7 +61,8 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::GetTenantResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::GetTenant, request.metadata(), false)?;
+            .admit_current(Rpc::GetTenant, request.metadata(), false)
+            .await?;
         let tenant_id = self
             .access
             .tenant(Rpc::GetTenant, &caller, &request.get_ref().tenant_id)
@@ -77,7 +79,8 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::UpdateTenantResponse>, Status> {
         let caller = self
             .guard
-            .admit(Rpc::UpdateTenant, request.metadata(), false)?;
+            .admit_current(Rpc::UpdateTenant, request.metadata(), false)
+            .await?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
         let tenant_id = self
@@ -121,7 +124,8 @@ impl TenantService for TenantApi {
         request: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
         self.guard
-            .admit(Rpc::ListTenants, request.metadata(), false)?;
+            .admit_current(Rpc::ListTenants, request.metadata(), false)
+            .await?;
         let r = request.into_inner();
         let page = self
             .manager

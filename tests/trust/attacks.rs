@@ -526,3 +526,93 @@ async fn a_flood_of_slow_management_calls_is_shed_while_decisions_answer(
         .await
         .unwrap();
 }
+
+/// The user id of `email` in tenant A (the operator lists the users).
+async fn user_id(fx: &mut Fixture, email: &str) -> String {
+    fx.console
+        .list_users(op(pb::ListUsersRequest {
+            tenant_id: A.into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .users
+        .into_iter()
+        .find(|u| u.email == email)
+        .expect("a user of A")
+        .user_id
+}
+
+#[sqlx::test]
+async fn a_demoted_disabled_or_deleted_users_access_token_stops_acting_at_once(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut fx = fixture(&conn).await;
+    let new_key = |bearer: &str| {
+        with(
+            Some(bearer),
+            pb::CreateKeyRequest {
+                name: "by a console user".into(),
+                ..Default::default()
+            },
+        )
+    };
+    let list = |bearer: &str| with(Some(bearer), pb::ListKeysRequest::default());
+    let mut auth = fx.t.auth.clone();
+    let admin = fx.admin.clone();
+    auth.create_key(new_key(&admin)).await.unwrap();
+
+    // The owner makes the admin a viewer: the admin's token, still saying
+    // "admin" for up to 15 minutes, manages nothing from now on.
+    let admin_id = user_id(&mut fx, "admin@a.example").await;
+    let owner = fx.owner.clone();
+    fx.console
+        .update_user(with(
+            Some(&owner),
+            pb::UpdateUserRequest {
+                user_id: admin_id.clone(),
+                update_mask: vec!["role".into()],
+                role: "viewer".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let e = auth.create_key(new_key(&admin)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    auth.list_keys(list(&admin)).await.unwrap();
+
+    // Disabled: the token no longer identifies anyone.
+    fx.console
+        .update_user(with(
+            Some(&owner),
+            pb::UpdateUserRequest {
+                user_id: admin_id,
+                update_mask: vec!["disabled".into()],
+                disabled: true,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let e = auth.list_keys(list(&admin)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+
+    // Deleted: the same.
+    let developer = fx.developer.clone();
+    auth.list_keys(list(&developer)).await.unwrap();
+    let developer_id = user_id(&mut fx, "developer@a.example").await;
+    fx.console
+        .delete_user(with(
+            Some(&owner),
+            pb::DeleteUserRequest {
+                tenant_id: String::new(),
+                user_id: developer_id,
+            },
+        ))
+        .await
+        .unwrap();
+    let e = auth.list_keys(list(&developer)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+}
