@@ -30,7 +30,8 @@ impl AuthService for AuthApi {
         request: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
         self.guard
-            .admit(Rpc::Authenticate, request.metadata(), true)?;
+            .admit(Rpc::Authenticate, request.metadata(), true)
+            .await?;
         let r = request.into_inner();
         tracing::Span::current().record("surface", r.surface.as_str());
         let input = AuthInput {
@@ -80,7 +81,7 @@ impl AuthService for AuthApi {
         };
         let caller = self
             .guard
-            .admit_current(Rpc::CheckQuota, request.metadata(), by_credential)
+            .admit(Rpc::CheckQuota, request.metadata(), by_credential)
             .await?;
         let r = request.into_inner();
         // By id the caller must reach the subject: a console user only its
@@ -138,7 +139,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::GetUsage, request.metadata(), false)
+            .admit(Rpc::GetUsage, request.metadata(), false)
             .await?;
         let r = request.into_inner();
         let tenant_id = if r.key_id.is_empty() {
@@ -174,7 +175,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::CreateKey, request.metadata(), false)
+            .admit(Rpc::CreateKey, request.metadata(), false)
             .await?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
@@ -211,7 +212,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::RevokeKey, request.metadata(), false)
+            .admit(Rpc::RevokeKey, request.metadata(), false)
             .await?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
@@ -234,7 +235,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::GetKeyResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::GetKey, request.metadata(), false)
+            .admit(Rpc::GetKey, request.metadata(), false)
             .await?;
         let r = request.into_inner();
         let tenant_id = self
@@ -253,7 +254,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::ListKeys, request.metadata(), false)
+            .admit(Rpc::ListKeys, request.metadata(), false)
             .await?;
         let r = request.into_inner();
         let tenant_id = self
@@ -276,7 +277,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::RotateKey, request.metadata(), false)
+            .admit(Rpc::RotateKey, request.metadata(), false)
             .await?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
@@ -301,7 +302,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::UpdateKeyResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::UpdateKey, request.metadata(), false)
+            .admit(Rpc::UpdateKey, request.metadata(), false)
             .await?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();

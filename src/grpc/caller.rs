@@ -70,18 +70,21 @@ impl CallerGuard {
     }
 
     /// Re-reads console users from `store` on every call that needs an
-    /// identified caller ([`CallerGuard::admit_current`]).
+    /// identified caller ([`CallerGuard::admit`]).
     pub fn with_console_users(mut self, store: Arc<dyn ConsoleStore>) -> Self {
         self.users = Some(store);
         self
     }
 
-    /// As [`CallerGuard::admit`], but a console user is taken as the
-    /// store has them now: gone or disabled is `Unauthenticated`, and the
-    /// role in force is the stored one, not the one in the token. Every
-    /// call needing an identified caller goes through here; open calls
-    /// cost no lookup.
-    pub async fn admit_current(
+    /// The caller `rpc` may be made by, or the refusal (`Unauthenticated`:
+    /// no or a bad credential where one is needed; `PermissionDenied`: a
+    /// known caller without the right). `own_credential`: the request
+    /// carries the credential it asks about. On open calls a bad
+    /// credential is just anonymous, and nothing is looked up. A console
+    /// user is taken as the store has them now: gone or disabled is
+    /// `Unauthenticated`, and the role in force is the stored one, not the
+    /// one in the token.
+    pub async fn admit(
         &self,
         rpc: Rpc,
         metadata: &MetadataMap,
@@ -123,25 +126,6 @@ impl CallerGuard {
     pub fn with_verified_email_required(mut self, required: bool) -> Self {
         self.require_verified_email = required;
         self
-    }
-
-    /// The caller `rpc` may be made by, or the refusal (`Unauthenticated`:
-    /// no or a bad credential where one is needed; `PermissionDenied`: a
-    /// known caller without the right). `own_credential`: the request
-    /// carries the credential it asks about. On open calls a bad
-    /// credential is just anonymous.
-    pub fn admit(
-        &self,
-        rpc: Rpc,
-        metadata: &MetadataMap,
-        own_credential: bool,
-    ) -> Result<Caller, Error> {
-        if is_open(rpc, own_credential) {
-            return Ok(self.identify(metadata).unwrap_or(Caller::Anonymous));
-        }
-        let caller = self.identify(metadata)?;
-        access::admit(rpc, &caller, own_credential)?;
-        Ok(caller)
     }
 
     /// Who is calling (no rule applied).

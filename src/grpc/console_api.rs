@@ -112,7 +112,7 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::SignUpResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::SignUp, request.metadata(), false)
+            .admit(Rpc::SignUp, request.metadata(), false)
             .await?;
         let rid = request_id(request.metadata());
         let address = self.client_address(&caller, &request, &request.get_ref().client_address)?;
@@ -138,7 +138,7 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::LoginResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::Login, request.metadata(), false)
+            .admit(Rpc::Login, request.metadata(), false)
             .await?;
         let address = self.client_address(&caller, &request, &request.get_ref().client_address)?;
         let r = request.into_inner();
@@ -179,7 +179,7 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::RequestEmailVerificationResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::RequestEmailVerification, request.metadata(), false)
+            .admit(Rpc::RequestEmailVerification, request.metadata(), false)
             .await?;
         let address = self.client_address(&caller, &request, &request.get_ref().client_address)?;
         self.console()?
@@ -209,7 +209,7 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::RequestPasswordResetResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::RequestPasswordReset, request.metadata(), false)
+            .admit(Rpc::RequestPasswordReset, request.metadata(), false)
             .await?;
         let address = self.client_address(&caller, &request, &request.get_ref().client_address)?;
         self.console()?
@@ -247,7 +247,7 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::CreateUser, request.metadata(), false)
+            .admit(Rpc::CreateUser, request.metadata(), false)
             .await?;
         let rid = request_id(request.metadata());
         let r = request.into_inner();
@@ -276,7 +276,7 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::ListUsers, request.metadata(), false)
+            .admit(Rpc::ListUsers, request.metadata(), false)
             .await?;
         let scope = caller.tenant_scope(&request.get_ref().tenant_id)?;
         let users = self.console()?.list_users(&tenant(&scope)?).await?;
@@ -292,7 +292,7 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::UpdateUserResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::UpdateUser, request.metadata(), false)
+            .admit(Rpc::UpdateUser, request.metadata(), false)
             .await?;
         let rid = request_id(request.metadata());
         let r = request.into_inner();
@@ -338,7 +338,7 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::DeleteUser, request.metadata(), false)
+            .admit(Rpc::DeleteUser, request.metadata(), false)
             .await?;
         let rid = request_id(request.metadata());
         let r = request.into_inner();
@@ -360,7 +360,7 @@ impl ConsoleService for ConsoleApi {
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::ListAuditEvents, request.metadata(), false)
+            .admit(Rpc::ListAuditEvents, request.metadata(), false)
             .await?;
         let r = request.into_inner();
         let scope = caller.tenant_scope(&r.tenant_id)?;

@@ -28,7 +28,7 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::CreateTenant, request.metadata(), false)
+            .admit(Rpc::CreateTenant, request.metadata(), false)
             .await?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
@@ -61,7 +61,7 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::GetTenantResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::GetTenant, request.metadata(), false)
+            .admit(Rpc::GetTenant, request.metadata(), false)
             .await?;
         let tenant_id = self
             .access
@@ -79,7 +79,7 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::UpdateTenantResponse>, Status> {
         let caller = self
             .guard
-            .admit_current(Rpc::UpdateTenant, request.metadata(), false)
+            .admit(Rpc::UpdateTenant, request.metadata(), false)
             .await?;
         let ctx = caller.audit(&request_id(request.metadata()));
         let r = request.into_inner();
@@ -124,7 +124,7 @@ impl TenantService for TenantApi {
         request: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
         self.guard
-            .admit_current(Rpc::ListTenants, request.metadata(), false)
+            .admit(Rpc::ListTenants, request.metadata(), false)
             .await?;
         let r = request.into_inner();
         let page = self
