@@ -1,4 +1,4 @@
-//! The trust model (DESIGN.md §7), written down once: who may be calling
+//! The trust model (README.md, Security model), written down once: who may be calling
 //! ([`Caller`]), every RPC Tollgate serves ([`Rpc`]), and the one rule for
 //! each ([`Rpc::rule`]). The gRPC layer identifies the caller and asks
 //! [`admit`] once at the top of every handler; the tenant checks that need

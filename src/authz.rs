@@ -88,7 +88,7 @@ fn bearer(value: &str) -> Option<&str> {
         .filter(|v| !v.is_empty())
 }
 
-/// Reads the credential per the surface's rules (DESIGN.md §1, Surfaces).
+/// Reads the credential per the surface's rules (README.md, Profiles).
 fn extract<'a>(input: &AuthInput<'a>, surface: &Surface, profile: &Profile) -> Credential<'a> {
     match extract_headers(input, surface, profile) {
         Ok(c) => c,

@@ -1,7 +1,7 @@
 //! moka caches of verified keys and tenants, a negative cache of unknown
 //! digests, and the consumer of pushed invalidations.
 //!
-//! Correctness rules (DESIGN.md §2):
+//! Correctness rules (ARCHITECTURE.md, Invariants):
 //! - every decision-changing write is NOTIFYed; each replica evicts on receipt;
 //! - after the listener reconnects, the changes missed meanwhile are applied
 //!   (caught up by sequence); the whole cache is dropped (`Flush`) only when

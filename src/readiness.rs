@@ -2,7 +2,7 @@
 //! keeps health, the staleness bound and the feed metrics.
 //!
 //! Readiness means "can decide correctly", not "database connected"
-//! (DESIGN.md §2). While the feed is down a replica keeps answering from its
+//! (ARCHITECTURE.md, Invariants). While the feed is down a replica keeps answering from its
 //! cache and stays ready for `cache.max_staleness_seconds`; past it, cache
 //! hits are refused (UNAVAILABLE) and only then readiness turns NOT_SERVING.
 //! The `database` health name follows the feed itself.

@@ -1,4 +1,4 @@
-//! Trust boundaries (DESIGN.md §7) over real gRPC against real Postgres:
+//! Trust boundaries (README.md, Security model) over real gRPC against real Postgres:
 //! every RPC of every service, called as every kind of caller, answers
 //! exactly as the table in `src/access.rs` says; and the attacks that
 //! table stops (quota drain by id, existence oracles, console writes while

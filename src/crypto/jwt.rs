@@ -1,4 +1,4 @@
-//! JWT verification (DESIGN.md §1, JWTs): trusted issuers, their keys, and
+//! JWT verification (ARCHITECTURE.md, Invariants): trusted issuers, their keys, and
 //! the checks. No tonic, no I/O: keys arrive from config, a JWKS file or a
 //! JWKS URL (see [`super::jwks`]) and are swapped in whole.
 //!
