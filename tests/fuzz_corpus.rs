@@ -18,6 +18,18 @@ fn run_corpus(target: &str, feed: fn(&[u8])) -> usize {
     inputs.sort();
     for path in &inputs {
         let data = std::fs::read(path).unwrap();
+        // No key literal is kept: the corpus writes `$KEY` instead.
+        let text = String::from_utf8_lossy(&data);
+        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            for profile in fuzz_harness::shipped_profiles() {
+                assert!(
+                    profile.key_format.parse(word).is_err(),
+                    "{}: holds a well-formed {} key; write $KEY",
+                    path.display(),
+                    profile.name
+                );
+            }
+        }
         let outcome = std::panic::catch_unwind(|| feed(&data));
         assert!(outcome.is_ok(), "{target}: {} panicked", path.display());
     }
