@@ -327,7 +327,7 @@ impl Caches {
                 self.unload_known();
                 self.flush();
             }
-            Invalidation::Ready => {}
+            Invalidation::Ready | Invalidation::Current(_) => {}
         }
     }
 

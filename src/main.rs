@@ -134,12 +134,21 @@ fn store_on(pool: sqlx::PgPool, settings: &Settings) -> PostgresStore {
         0 => None,
         ms => Some(Duration::from_millis(ms)),
     };
+    // A silent link is noticed within probe_every + probe_timeout; both
+    // stay within a third of the staleness bound, so the bound (counted
+    // from the last confirmed probe) is what holds, not the detection time.
+    let third = Duration::from_secs(settings.cache.max_staleness_seconds) / 3;
+    let defaults = tollgate::store::postgres::FeedSettings::default();
+    let floor = Duration::from_millis(100);
     PostgresStore::new(pool)
         .with_query_timeout(query_timeout)
         .with_feed(tollgate::store::postgres::FeedSettings {
             retention: Duration::from_secs(settings.database.change_retention_seconds),
-            probe_timeout: query_timeout.unwrap_or(Duration::from_secs(5)),
-            ..Default::default()
+            probe_every: defaults.probe_every.min(third).max(floor),
+            probe_timeout: query_timeout
+                .unwrap_or(defaults.probe_timeout)
+                .min(third)
+                .max(floor),
         })
 }
 

@@ -5,6 +5,10 @@
 //! (ARCHITECTURE.md, Invariants). While the feed is down a replica keeps answering from its
 //! cache and stays ready for `cache.max_staleness_seconds`; past it, cache
 //! hits are refused (UNAVAILABLE) and only then readiness turns NOT_SERVING.
+//! The bound counts from the last moment the feed confirmed this replica
+//! had applied every committed change (`Invalidation::Current`), not from
+//! when the loss was noticed: a change committed just before a link went
+//! silent, whose notification never arrived, is covered too.
 //! The `database` health name follows the feed itself.
 
 use std::sync::Arc;
@@ -58,6 +62,8 @@ impl Follower {
         let mut loading: Option<JoinHandle<()>> = None;
         // When the feed was lost, if it is down after having been live.
         let mut lost_at: Option<Instant> = None;
+        // The last instant before which every committed change was applied.
+        let mut current_at: Option<Instant> = None;
         let mut tick = tokio::time::interval(STALENESS_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.reporter
@@ -65,9 +71,7 @@ impl Follower {
             .await;
         metrics::gauge!(crate::telemetry::FEED_CONNECTED).set(0.0);
         loop {
-            let deadline = lost_at
-                .filter(|_| self.caches.confirmable())
-                .map(|at| at + self.max_staleness);
+            let deadline = self.deadline(lost_at, current_at);
             let past_bound = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -84,7 +88,7 @@ impl Follower {
                     continue;
                 }
                 _ = tick.tick(), if lost_at.is_some() => {
-                    if let Some(at) = lost_at {
+                    if let Some(at) = current_at.or(lost_at) {
                         metrics::gauge!(crate::telemetry::FEED_STALENESS_SECONDS)
                             .set(at.elapsed().as_secs_f64());
                     }
@@ -145,6 +149,7 @@ impl Follower {
                         tick.reset();
                         tracing::warn!(
                             max_staleness_s = self.max_staleness.as_secs(),
+                            current_ms_ago = current_at.map(|at| at.elapsed().as_millis() as u64),
                             "invalidation feed lost; serving cached decisions within the staleness bound"
                         );
                     }
@@ -152,6 +157,17 @@ impl Follower {
                     self.reporter
                         .set_service_status(DATABASE, ServingStatus::NotServing)
                         .await;
+                    // Noticed late (a silent link): the bound may already
+                    // be past. Refuse before anyone hears of the loss.
+                    if self
+                        .deadline(lost_at, current_at)
+                        .is_some_and(|d| d <= Instant::now())
+                    {
+                        self.refuse_cached().await;
+                    }
+                }
+                Invalidation::Current(at) => {
+                    current_at = Some(current_at.map_or(at, |c| c.max(at)));
                 }
                 _ => {}
             }
@@ -161,6 +177,14 @@ impl Follower {
         if let Some(load) = loading {
             load.abort();
         }
+    }
+
+    /// When cached decisions must stop: the staleness bound after the last
+    /// confirmed-current instant (or the loss, if none was confirmed), while
+    /// the feed is down and cached decisions are still given.
+    fn deadline(&self, lost_at: Option<Instant>, current_at: Option<Instant>) -> Option<Instant> {
+        let lost_at = lost_at.filter(|_| self.caches.confirmable())?;
+        Some(current_at.unwrap_or(lost_at).min(lost_at) + self.max_staleness)
     }
 
     /// The feed has been down past the bound: stop deciding from the cache,

@@ -256,6 +256,50 @@ async fn a_partitioned_replica_never_allows_a_key_revoked_elsewhere_past_the_sta
     .await
 }
 
+/// Found by the soak (BENCHMARKS.md §7): the bound used to start when the
+/// loss was noticed, so a change committed while the link was already
+/// silent (noticed only after the probe timed out) was allowed for the
+/// whole bound again.
+#[sqlx::test]
+async fn a_revocation_a_silent_link_never_delivered_is_refused_once_the_bound_since_the_last_confirmed_change_is_past(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    bounded(async {
+        let proxy = Proxy::start(pg_addr(&conn)).await;
+        // The link is probed every 100 ms and declared lost after 3 s of
+        // silence, well past the 1 s bound.
+        let store = PostgresStore::new(pool(&proxy.options(&conn)).await).with_feed(FeedSettings {
+            probe_every: Duration::from_millis(100),
+            probe_timeout: Duration::from_secs(3),
+            ..FeedSettings::default()
+        });
+        let mut a = spawn_on_store(std::sync::Arc::new(store), with_staleness("default", 1)).await;
+        let mut b = spawn(&conn, "default").await;
+        b.create_tenant("acme", "pro").await;
+        let (revoked, revoked_key) = b.create_key("acme").await;
+        assert!(a.authenticate(&revoked).await.allowed);
+        let mut events = a.invalidations();
+        wait_for(&mut events, |e| matches!(e, Invalidation::Current(_))).await;
+
+        // a's link goes quiet (no error), then the key is revoked elsewhere.
+        proxy.hold();
+        b.revoke(&revoked_key.key_id).await;
+        assert_eq!(reason(&b.authenticate(&revoked).await), "KEY_REVOKED");
+        wait_for(&mut events, |e| *e == Invalidation::Lost).await;
+        // Noticed 3 s into the silence, with a last confirmation from
+        // before it: the bound is already past, so nothing cached is given.
+        assert_eq!(code_of(&mut a, &revoked).await, tonic::Code::Unavailable);
+        assert_eq!(a.health_status().await, ServingStatus::NotServing);
+
+        proxy.cut();
+        proxy.restore();
+        a.wait_for_health(ServingStatus::Serving).await;
+        assert_eq!(reason(&a.authenticate(&revoked).await), "KEY_REVOKED");
+    })
+    .await
+}
+
 #[sqlx::test]
 async fn with_every_pooled_connection_held_by_slow_queries_uncached_keys_are_unavailable_not_hung(
     pool_opts: PgPoolOptions,

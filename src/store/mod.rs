@@ -59,6 +59,11 @@ pub enum Invalidation {
     Ready,
     /// The invalidation feed was lost; it is being re-established.
     Lost,
+    /// Every change committed before this instant has been applied (the
+    /// feed checked the newest sequence number against what it applied).
+    /// The staleness bound counts from the latest of these, not from when
+    /// a loss was noticed.
+    Current(tokio::time::Instant),
 }
 
 /// One quota counter: a subject's usage of one limit in one period.

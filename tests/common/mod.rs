@@ -294,10 +294,12 @@ pub fn violations(status: &tonic::Status) -> Vec<String> {
 }
 
 /// A TCP proxy in front of Postgres that a test can cut (existing
-/// connections dropped, new ones refused) and restore.
+/// connections dropped, new ones refused), hold (bytes silently kept back:
+/// a link gone quiet, no error) and restore.
 pub struct Proxy {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
+    held: tokio::sync::watch::Sender<bool>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -309,18 +311,25 @@ impl Proxy {
         let up = Arc::new(AtomicBool::new(true));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let (up2, conns2) = (up.clone(), conns.clone());
+        let (held, held_rx) = tokio::sync::watch::channel(false);
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = listener.accept().await else {
+                let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
                 if !up2.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
                 }
+                let held = held_rx.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    if let Ok(server) = TcpStream::connect(target).await {
+                        let (client_r, client_w) = client.into_split();
+                        let (server_r, server_w) = server.into_split();
+                        tokio::join!(
+                            pump(client_r, server_w, held.clone()),
+                            pump(server_r, client_w, held)
+                        );
                     }
                 });
                 conns2.lock().unwrap().push(task);
@@ -329,9 +338,16 @@ impl Proxy {
         Proxy {
             addr,
             up,
+            held,
             conns,
             accept,
         }
+    }
+
+    /// Every proxied connection goes quiet: nothing is delivered either
+    /// way and no error is raised, as with a silent partition.
+    pub fn hold(&self) {
+        self.held.send_replace(true);
     }
 
     /// Connect options for `conn`'s database, through this proxy.
@@ -350,6 +366,7 @@ impl Proxy {
     }
 
     pub fn restore(&self) {
+        self.held.send_replace(false);
         self.up.store(true, Ordering::SeqCst);
     }
 }
@@ -358,6 +375,25 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.accept.abort();
         self.cut();
+    }
+}
+
+/// Copies `from` to `to`, holding bytes back while `held` is true.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut held: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if held.wait_for(|h| !*h).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -90,8 +90,20 @@ impl Fixture {
 
     /// Starts `tollgate serve` with `env` added, and waits until it is ready.
     pub async fn spawn(&self, name: &str, env: &[(&str, &str)]) -> anyhow::Result<Proc> {
-        let grpc = free_port()?;
-        let metrics = free_port()?;
+        let proc = self.start_at(name, env, free_port()?, free_port()?)?;
+        proc.wait_ready().await?;
+        Ok(proc)
+    }
+
+    /// Starts `tollgate serve` on the given ports without waiting for it
+    /// (a replica started again where its clients already point).
+    pub fn start_at(
+        &self,
+        name: &str,
+        env: &[(&str, &str)],
+        grpc: SocketAddr,
+        metrics: SocketAddr,
+    ) -> anyhow::Result<Proc> {
         let mut cmd = self.command(&["serve"]);
         cmd.env("TOLLGATE_LISTEN", grpc.to_string())
             .env("TOLLGATE_METRICS_LISTEN", metrics.to_string())
@@ -100,9 +112,7 @@ impl Fixture {
             cmd.env(k, v);
         }
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-        let proc = Proc::new(name, child, grpc, Some(metrics));
-        proc.wait_ready().await?;
-        Ok(proc)
+        Ok(Proc::new(name, child, grpc, Some(metrics)))
     }
 }
 
@@ -148,6 +158,11 @@ impl Proc {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The process id (for reading its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL: no shutdown, no returned leases.

@@ -8,6 +8,9 @@
 //! - `envoy`: HTTP through Envoy without and with ext_authz (wrk).
 //! - `abuse`: a flood of random well-formed keys beside legitimate traffic.
 //! - `memory`: resident bytes per cached key.
+//! - `soak`: three replicas at half of peak for 60 s while Postgres restarts
+//!   twice and one replica is killed and started again: wrong decisions,
+//!   errors by kind, p99 before/during/after.
 //! - `run`, `noop`: the pieces, for ad-hoc runs.
 //!
 //! `scripts/bench` runs them all; see BENCHMARKS.md.
@@ -24,8 +27,10 @@ mod fixture;
 mod load;
 mod memory;
 mod noop;
+mod pg;
 mod replicas;
 mod scenario;
+mod soak;
 mod suite;
 
 #[derive(Parser)]
@@ -70,6 +75,8 @@ enum Cmd {
     Suite(suite::SuiteOpts),
     /// Three replicas: revocation lag and quota accuracy with a kill.
     Replicas(replicas::ReplicaOpts),
+    /// Half of peak for 60 s through Postgres restarts and a replica kill.
+    Soak(soak::SoakOpts),
     /// HTTP through Envoy without and with Tollgate's ext_authz (wrk).
     Envoy(envoy::EnvoyOpts),
     /// Random well-formed keys flooding beside legitimate ones.
@@ -124,5 +131,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Replicas(o) => runtime()?.block_on(replicas::run(o)),
         Cmd::Abuse(o) => runtime()?.block_on(abuse::run(o)),
         Cmd::Envoy(o) => runtime()?.block_on(envoy::run(o)),
+        Cmd::Soak(o) => runtime()?.block_on(soak::run(o)),
     }
 }

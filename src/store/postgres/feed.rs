@@ -299,6 +299,9 @@ pub(super) async fn listen(pool: PgPool, tx: mpsc::Sender<Invalidation>, setting
     let mut last: Option<i64> = None;
     let mut backoff = FIRST_BACKOFF;
     loop {
+        // Whatever committed before this instant is read by the catch-up
+        // below (or was already applied).
+        let began = tokio::time::Instant::now();
         let connected = async {
             let mut l = PgListener::connect_with(&pool).await?;
             l.listen(CHANNEL).await?;
@@ -362,7 +365,9 @@ pub(super) async fn listen(pool: PgPool, tx: mpsc::Sender<Invalidation>, setting
             }
         };
         backoff = FIRST_BACKOFF;
-        if tx.send(Invalidation::Ready).await.is_err() {
+        if tx.send(Invalidation::Current(began)).await.is_err()
+            || tx.send(Invalidation::Ready).await.is_err()
+        {
             return;
         }
         match prune(&pool, settings.retention).await {
@@ -374,18 +379,35 @@ pub(super) async fn listen(pool: PgPool, tx: mpsc::Sender<Invalidation>, setting
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         probe.reset();
         let mut probes = 0u64;
+        // A probe that found changes not yet applied: when it was sent and
+        // the newest sequence it saw. Confirmed once that one arrives.
+        let mut pending: Option<(tokio::time::Instant, i64)> = None;
         loop {
             let next = tokio::select! {
                 n = listener.try_recv() => n,
                 () = tx.closed() => return,
                 _ = probe.tick() => {
+                    // The probe reads the newest committed change: once this
+                    // replica has applied it, it was current when the probe
+                    // was sent.
+                    let sent = tokio::time::Instant::now();
                     let answered = tokio::time::timeout(
                         settings.probe_timeout,
-                        sqlx::query("SELECT 1").execute(&mut listener),
+                        sqlx::query_scalar::<_, i64>("SELECT COALESCE(max(seq), 0) FROM changes")
+                            .fetch_one(&mut listener),
                     )
                     .await;
                     match answered {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(newest)) => {
+                            if last.unwrap_or(0) >= newest {
+                                pending = None;
+                                if tx.send(Invalidation::Current(sent)).await.is_err() {
+                                    return;
+                                }
+                            } else if pending.is_none() {
+                                pending = Some((sent, newest));
+                            }
+                        }
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "invalidation listener probe failed");
                             break;
@@ -426,6 +448,14 @@ pub(super) async fn listen(pool: PgPool, tx: mpsc::Sender<Invalidation>, setting
             }
             if tx.send(event).await.is_err() {
                 return;
+            }
+            if let Some((sent, newest)) = pending {
+                if last.unwrap_or(0) >= newest {
+                    pending = None;
+                    if tx.send(Invalidation::Current(sent)).await.is_err() {
+                        return;
+                    }
+                }
             }
         }
         tracing::warn!("invalidation listener lost its connection; reconnecting");
