@@ -11,6 +11,7 @@ use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use crate::app::ReplicaSettings;
 use crate::cache::CacheSettings;
 use crate::crypto::{Pepper, Peppers};
 use crate::dashboard::JwtSettings;
@@ -131,6 +132,8 @@ pub struct Settings {
     pub otlp_endpoint: Option<String>,
     /// Envoy ext_authz adapter (`[envoy]`).
     pub envoy: EnvoySettings,
+    /// Heartbeat interval and expiry (`[replicas]`).
+    pub replicas: ReplicaSettings,
 }
 
 impl Default for Settings {
@@ -162,6 +165,7 @@ impl Default for Settings {
             tls: None,
             otlp_endpoint: None,
             envoy: EnvoySettings::default(),
+            replicas: ReplicaSettings::default(),
         }
     }
 }
@@ -194,6 +198,7 @@ const ENV_KEYS: &[&str] = &[
     "tls",
     "otlp_endpoint",
     "envoy",
+    "replicas",
 ];
 
 /// Settings given as command-line flags (highest precedence).
@@ -359,6 +364,21 @@ impl Settings {
             return Err(invalid(
                 "management",
                 "max_in_flight and timeout_ms must be ≥ 1",
+            ));
+        }
+        let beat = &self.replicas;
+        if !(10..=60_000).contains(&beat.heartbeat_interval_ms) {
+            return Err(invalid(
+                "replicas.heartbeat_interval_ms",
+                "must be 10..=60000",
+            ));
+        }
+        if beat.heartbeat_expiry_seconds == 0
+            || u64::from(beat.heartbeat_expiry_seconds) * 1000 < 2 * beat.heartbeat_interval_ms
+        {
+            return Err(invalid(
+                "replicas.heartbeat_expiry_seconds",
+                "must be ≥ 1 and at least two heartbeat intervals",
             ));
         }
         if self.last_used_flush_seconds == 0 {
