@@ -140,11 +140,16 @@ pub struct Running {
     jwks: Vec<(String, Arc<RefreshStats>)>,
 }
 
-/// One beat's quota upkeep: report this replica's use and give back idle
-/// leases, then reclaim the holdings of replicas whose heartbeat expired
+/// One beat's quota upkeep: report this replica's use and (if the store
+/// just answered the heartbeat) give back idle leases, then reclaim the holdings of replicas whose heartbeat expired
 /// (as consumed: see `limits::quota`).
-async fn settle_leases(quotas: &crate::limits::quota::Quotas, store: &dyn Store, expiry: u32) {
-    if let Err(e) = quotas.report().await {
+async fn settle_leases(
+    quotas: &crate::limits::quota::Quotas,
+    store: &dyn Store,
+    expiry: u32,
+    store_answered: bool,
+) {
+    if let Err(e) = quotas.report(store_answered).await {
         tracing::warn!(error = %e, "could not report quota use; will retry");
     }
     match store.reclaim_quota_leases(expiry).await {
@@ -288,14 +293,16 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
                 metrics::gauge!(crate::telemetry::DB_POOL_CONNECTIONS, "state" => "in_use")
                     .set(f64::from(size) - idle as f64);
             }
-            match beat_store.heartbeat(replica_id, stale_after_secs).await {
+            let beat = beat_store.heartbeat(replica_id, stale_after_secs).await;
+            match &beat {
                 Ok(n) => {
-                    limiter.set_replicas(n);
-                    metrics::gauge!(crate::telemetry::REPLICAS).set(f64::from(n));
+                    limiter.set_replicas(*n);
+                    metrics::gauge!(crate::telemetry::REPLICAS).set(f64::from(*n));
                 }
                 Err(e) => tracing::warn!(error = %e, "replica heartbeat failed"),
             }
-            settle_leases(limiter.quotas(), beat_store.as_ref(), stale_after_secs).await;
+            let quotas = limiter.quotas();
+            settle_leases(quotas, beat_store.as_ref(), stale_after_secs, beat.is_ok()).await;
         }
     });
 
@@ -431,11 +438,11 @@ impl Running {
         self.replica_id
     }
 
-    /// Reports quota use and gives back idle leases now, as the next
-    /// heartbeat would (tests use it instead of waiting); returns the
-    /// units given back.
-    pub async fn report_leases(&self) -> crate::error::Result<u64> {
-        self.authz.limiter().quotas().report().await
+    /// Reports quota use (and gives back idle leases if `give_back_idle`)
+    /// now, as the next heartbeat would (tests use it instead of waiting);
+    /// returns the units given back.
+    pub async fn report_leases(&self, give_back_idle: bool) -> crate::error::Result<u64> {
+        self.authz.limiter().quotas().report(give_back_idle).await
     }
 
     /// Stops at once, as a crash would: no lease is returned, nothing is

@@ -423,18 +423,29 @@ impl Quotas {
         })
     }
 
-    /// Tells the store what was consumed since the last report and gives
-    /// back the lease of every counter no request used since then (so an
-    /// idle counter's units are free for every replica, and a replica
-    /// killed later leaves nothing of it stranded). One write for all
-    /// counters; run on each heartbeat. Returns the units given back.
-    pub async fn report(&self) -> Result<u64> {
-        self.send_report(false).await
+    /// Tells the store what was consumed since the last report and, if
+    /// `give_back_idle`, gives back the lease of every counter no request
+    /// used since then (so an idle counter's units are free for every
+    /// replica, and a replica killed later leaves nothing of it stranded).
+    /// One write for all counters; run on each heartbeat. Returns the units
+    /// given back.
+    ///
+    /// Units to give back leave the local lease before the write, and stay
+    /// lost if it fails (the write may have been applied): so the heartbeat
+    /// passes `give_back_idle` only when the store just answered, and a
+    /// replica cut off from the store keeps serving its leases.
+    pub async fn report(&self, give_back_idle: bool) -> Result<u64> {
+        self.send_report(if give_back_idle {
+            Scope::Idle
+        } else {
+            Scope::None
+        })
+        .await
     }
 
     /// Returns every unused leased unit to the store (graceful shutdown).
     pub async fn return_all(&self) -> u64 {
-        match self.send_report(true).await {
+        match self.send_report(Scope::All).await {
             Ok(returned) => returned,
             Err(e) => {
                 tracing::warn!(error = %e, "could not return unused quota units");
@@ -443,17 +454,21 @@ impl Quotas {
         }
     }
 
-    async fn send_report(&self, everything: bool) -> Result<u64> {
+    async fn send_report(&self, scope: Scope) -> Result<u64> {
         let mut reports = Vec::new();
         let mut leases = Vec::new();
         for (counter, lease) in self.leases.iter() {
-            let active = lease.active.swap(false, Ordering::AcqRel);
+            let active = match scope {
+                // Idleness is judged only on beats that may give back.
+                Scope::None => lease.active.load(Ordering::Acquire),
+                Scope::Idle | Scope::All => lease.active.swap(false, Ordering::AcqRel),
+            };
             // Units leave `local` before the store frees them: from here on
             // this replica cannot spend what it is giving back.
-            let returned = if everything || !active {
-                lease.local.swap(0, Ordering::AcqRel)
-            } else {
-                0
+            let returned = match scope {
+                Scope::All => lease.local.swap(0, Ordering::AcqRel),
+                Scope::Idle if !active => lease.local.swap(0, Ordering::AcqRel),
+                _ => 0,
             };
             let consumed = lease.unreported.swap(0, Ordering::AcqRel);
             if !active && returned == 0 && consumed == 0 {
@@ -490,6 +505,16 @@ impl Quotas {
             }
         }
     }
+}
+
+/// Which leases a report gives back.
+#[derive(Debug, Clone, Copy)]
+enum Scope {
+    None,
+    /// Those of counters no request used since the last such report.
+    Idle,
+    /// Every lease (shutdown).
+    All,
 }
 
 fn count_returned(units: u64) {
@@ -548,5 +573,89 @@ mod tests {
         // Raised: admitted again at once, usage kept.
         assert!(q.take(&c, 200, 1, 10_000_000_001).await.unwrap().allowed);
         assert!(store.quota_used(&c).await.unwrap() > 50);
+    }
+
+    #[tokio::test]
+    async fn usage_is_what_was_consumed_once_every_replica_has_reported() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let a = Quotas::new(store.clone(), Arc::new(AtomicU32::new(2)));
+        let b = Quotas::new(store.clone(), Arc::new(AtomicU32::new(2)));
+        let c = counter();
+        for i in 0..3 {
+            assert!(a.take(&c, 1000, 1, i).await.unwrap().allowed);
+        }
+        for i in 0..5 {
+            assert!(b.take(&c, 1000, 1, i).await.unwrap().allowed);
+        }
+        assert_eq!(
+            store.quota_used(&c).await.unwrap(),
+            2 * MIN_CHUNK,
+            "both hold a lease"
+        );
+        assert_eq!(
+            store.quota_consumed(&c).await.unwrap(),
+            0,
+            "nothing reported yet"
+        );
+        assert_eq!((a.unreported(&c), b.unreported(&c)), (3, 5));
+
+        // A request another limit then denied is refunded after its unit
+        // was reported: the next report gives it back to the holding.
+        assert!(b.take(&c, 1000, 1, 9).await.unwrap().allowed);
+        a.report(true).await.unwrap();
+        b.report(true).await.unwrap();
+        assert_eq!(store.quota_consumed(&c).await.unwrap(), 9);
+        b.refund(&c, 1);
+        assert_eq!(b.unreported(&c), -1);
+        b.report(true).await.unwrap();
+        assert_eq!(
+            store.quota_consumed(&c).await.unwrap(),
+            8,
+            "consumed, not leased"
+        );
+        a.report(true).await.unwrap();
+        let o = a.peek(&c, 1000, 1).await.unwrap();
+        assert_eq!(o.remaining, 1000 - 8 - 1, "b's unspent lease is not used");
+    }
+
+    #[tokio::test]
+    async fn an_idle_counters_lease_is_given_back_and_a_busy_ones_is_kept() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let q = Quotas::new(store.clone(), Arc::new(AtomicU32::new(1)));
+        let (idle, busy) = (
+            counter(),
+            QuotaCounter {
+                subject: "k:busy".into(),
+                ..counter()
+            },
+        );
+        assert!(q.take(&idle, 100, 1, 0).await.unwrap().allowed);
+        assert!(q.take(&busy, 100, 1, 0).await.unwrap().allowed);
+        assert_eq!(
+            q.report(true).await.unwrap(),
+            0,
+            "both used since the last report"
+        );
+        assert!(q.take(&busy, 100, 1, 1).await.unwrap().allowed);
+        assert_eq!(
+            q.report(true).await.unwrap(),
+            MIN_CHUNK - 1,
+            "idle for a whole interval"
+        );
+        assert_eq!(
+            store.quota_used(&idle).await.unwrap(),
+            1,
+            "free for every replica"
+        );
+        assert_eq!(store.quota_consumed(&idle).await.unwrap(), 1);
+        assert_eq!(
+            store.quota_used(&busy).await.unwrap(),
+            MIN_CHUNK,
+            "still leased"
+        );
+        assert_eq!(store.quota_consumed(&busy).await.unwrap(), 2);
+        // The idle counter's next request leases again.
+        assert!(q.take(&idle, 100, 1, 2).await.unwrap().allowed);
+        assert_eq!(store.quota_used(&idle).await.unwrap(), 1 + MIN_CHUNK);
     }
 }
