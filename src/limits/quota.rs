@@ -15,8 +15,8 @@
 //! can make a unit spendable twice, and a partitioned replica may go on
 //! spending its local lease: nobody else can be given those units. What a
 //! killed replica leaves counted but unspent is bounded by the leases of
-//! the counters it used in its last report interval: an idle counter's
-//! lease has been given back already.
+//! the counters it used in its last two report intervals: a counter's lease
+//! is given back at the first beat after a whole interval without use.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
