@@ -141,8 +141,9 @@ pub struct Running {
 }
 
 /// One beat's quota upkeep: report this replica's use and (if the store
-/// just answered the heartbeat) give back idle leases, then reclaim the holdings of replicas whose heartbeat expired
-/// (as consumed: see `limits::quota`).
+/// just answered the heartbeat) give back idle leases, then reclaim the
+/// holdings of replicas whose heartbeat expired (as consumed: see
+/// `limits::quota`).
 async fn settle_leases(
     quotas: &crate::limits::quota::Quotas,
     store: &dyn Store,

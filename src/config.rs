@@ -468,4 +468,17 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn a_heartbeat_expiry_shorter_than_two_intervals_is_refused_by_name() {
+        let mut s = Settings::default();
+        assert!(s.validate().is_ok());
+        s.replicas.heartbeat_interval_ms = 1_000;
+        s.replicas.heartbeat_expiry_seconds = 1;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("replicas.heartbeat_expiry_seconds"), "{err}");
+        s.replicas.heartbeat_interval_ms = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("replicas.heartbeat_interval_ms"), "{err}");
+    }
 }
