@@ -153,7 +153,7 @@ async fn settle_leases(
     if let Err(e) = quotas.report(store_answered).await {
         tracing::warn!(error = %e, "could not report quota use; will retry");
     }
-    match store.reclaim_quota_leases(expiry).await {
+    match store.reclaim_quota_leases(quotas.replica(), expiry).await {
         Ok(0) => {}
         Ok(units) => {
             tracing::info!(

@@ -144,8 +144,10 @@ impl Store for CountingStore {
     ) -> R<Vec<QuotaTally>> {
         self.inner.report_quota(replica, reports).await
     }
-    async fn reclaim_quota_leases(&self, stale_after_secs: u32) -> R<u64> {
-        self.inner.reclaim_quota_leases(stale_after_secs).await
+    async fn reclaim_quota_leases(&self, replica: uuid::Uuid, stale_after_secs: u32) -> R<u64> {
+        self.inner
+            .reclaim_quota_leases(replica, stale_after_secs)
+            .await
     }
     async fn quota_used(&self, c: &QuotaCounter) -> R<u64> {
         self.inner.quota_used(c).await

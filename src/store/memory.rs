@@ -462,9 +462,15 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
-    async fn reclaim_quota_leases(&self, _stale_after_secs: u32) -> Result<u64, StoreError> {
+    async fn reclaim_quota_leases(
+        &self,
+        replica: uuid::Uuid,
+        _stale_after_secs: u32,
+    ) -> Result<u64, StoreError> {
         // One process: no other replica to outlive.
-        self.state().holdings.retain(|_, units| *units > 0);
+        self.state()
+            .holdings
+            .retain(|(_, r), units| *r != replica || *units > 0);
         Ok(0)
     }
 

@@ -251,11 +251,15 @@ pub trait Store: Send + Sync + 'static {
         reports: &[QuotaReport],
     ) -> Result<Vec<QuotaTally>, StoreError>;
     /// Deletes the holdings of replicas whose heartbeat is older than
-    /// `stale_after_secs` (and holdings already at zero). Their units stay
-    /// in the counters' totals: a dead replica may have admitted them
-    /// before it reported, so they count as consumed, never as free.
-    /// Returns how many units were reclaimed that way.
-    async fn reclaim_quota_leases(&self, stale_after_secs: u32) -> Result<u64, StoreError>;
+    /// `stale_after_secs` (or gone), and `replica`'s own holdings at zero.
+    /// The dead replicas' units stay in the counters' totals: one may have
+    /// admitted them before it reported, so they count as consumed, never
+    /// as free. Returns how many units were reclaimed that way.
+    async fn reclaim_quota_leases(
+        &self,
+        replica: uuid::Uuid,
+        stale_after_secs: u32,
+    ) -> Result<u64, StoreError>;
     /// The counter's total: consumed and leased units (0 when it does not exist).
     async fn quota_used(&self, counter: &QuotaCounter) -> Result<u64, StoreError>;
     /// Units of the counter consumed as reported: its total less what

@@ -800,22 +800,41 @@ impl Store for PostgresStore {
             .collect())
     }
 
-    async fn reclaim_quota_leases(&self, stale_after_secs: u32) -> Result<u64, StoreError> {
-        // A holding is reclaimed once nothing vouches for its replica: no
-        // heartbeat within the expiry and no lease or report of its own
-        // within it either (a replica may lease before its first beat).
+    async fn reclaim_quota_leases(
+        &self,
+        replica: Uuid,
+        stale_after_secs: u32,
+    ) -> Result<u64, StoreError> {
+        // The holders are few: a skip scan of the replica_id index lists
+        // them without reading every holding. A holder is dead once no
+        // heartbeat vouches for it (its row expired, or was pruned); a row
+        // it wrote within the expiry is left for a later beat (a replica
+        // may lease before its first heartbeat). The caller's own emptied
+        // rows go too.
         let units: Option<i64> = timed(
             "reclaim_quota_leases",
             sqlx::query_scalar(
-                "WITH gone AS ( \
-                   DELETE FROM quota_leases l WHERE l.units = 0 \
-                   OR (l.updated_at < now() - make_interval(secs => $1) \
-                     AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.replica_id = l.replica_id \
-                       AND r.heartbeat_at > now() - make_interval(secs => $1))) \
-                   RETURNING units) \
+                "WITH RECURSIVE holders AS ( \
+                   (SELECT replica_id FROM quota_leases ORDER BY replica_id LIMIT 1) \
+                   UNION ALL \
+                   SELECT (SELECT l.replica_id FROM quota_leases l \
+                     WHERE l.replica_id > h.replica_id ORDER BY l.replica_id LIMIT 1) \
+                   FROM holders h WHERE h.replica_id IS NOT NULL), \
+                 dead AS ( \
+                   SELECT h.replica_id FROM holders h \
+                   WHERE h.replica_id IS NOT NULL AND h.replica_id <> $2 \
+                     AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.replica_id = h.replica_id \
+                       AND r.heartbeat_at > now() - make_interval(secs => $1))), \
+                 gone AS ( \
+                   DELETE FROM quota_leases l USING dead d WHERE l.replica_id = d.replica_id \
+                     AND l.updated_at < now() - make_interval(secs => $1) \
+                   RETURNING l.units), \
+                 emptied AS ( \
+                   DELETE FROM quota_leases WHERE replica_id = $2 AND units = 0) \
                  SELECT sum(units)::bigint FROM gone",
             )
             .bind(f64::from(stale_after_secs))
+            .bind(replica)
             .fetch_one(&self.pool),
         )
         .await
