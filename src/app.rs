@@ -59,6 +59,37 @@ pub struct Parts {
     /// Readiness also waits for this to turn true (start-up migrations
     /// still running); `None`: no such wait.
     pub ready_gate: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Heartbeat interval and expiry.
+    pub replicas: ReplicaSettings,
+}
+
+/// How replicas find each other and share quotas (`[replicas]` in the
+/// config file, `TOLLGATE_REPLICAS__*` in the environment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaSettings {
+    /// How often a replica announces itself, reports the quota units it
+    /// consumed and gives back the leases of counters it did not use since
+    /// the last beat.
+    pub heartbeat_interval_ms: u64,
+    /// A replica silent this long is gone: the others stop sharing rate
+    /// limits with it and reclaim its quota holdings (as consumed).
+    pub heartbeat_expiry_seconds: u32,
+}
+
+impl Default for ReplicaSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 5_000,
+            heartbeat_expiry_seconds: 15,
+        }
+    }
+}
+
+impl ReplicaSettings {
+    fn interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms.max(1))
+    }
 }
 
 /// Who may call besides the operator, and how much management work runs
@@ -103,14 +134,38 @@ pub struct Running {
     applied: broadcast::Sender<Invalidation>,
     authz: Arc<Authenticator>,
     replica_id: uuid::Uuid,
+    replicas: ReplicaSettings,
     reporter: tonic_health::server::HealthReporter,
     shutdown_grace: Duration,
     jwks: Vec<(String, Arc<RefreshStats>)>,
 }
 
-/// How often a replica announces itself, and when it counts as gone.
-const HEARTBEAT: Duration = Duration::from_secs(5);
-const STALE_AFTER_SECS: u32 = 15;
+/// One beat's quota upkeep: report this replica's use and (if the store
+/// just answered the heartbeat) give back idle leases, then reclaim the
+/// holdings of replicas whose heartbeat expired (as consumed: see
+/// `limits::quota`).
+async fn settle_leases(
+    quotas: &crate::limits::quota::Quotas,
+    store: &dyn Store,
+    expiry: u32,
+    store_answered: bool,
+) {
+    if let Err(e) = quotas.report(store_answered).await {
+        tracing::warn!(error = %e, "could not report quota use; will retry");
+    }
+    match store.reclaim_quota_leases(quotas.replica(), expiry).await {
+        Ok(0) => {}
+        Ok(units) => {
+            tracing::info!(
+                units,
+                "reclaimed the quota leases of replicas whose heartbeat expired (counted as consumed)"
+            );
+            metrics::counter!(crate::telemetry::QUOTA_LEASE_UNITS, "direction" => "reclaimed")
+                .increment(units);
+        }
+        Err(e) => tracing::warn!(error = %e, "could not reclaim expired quota leases"),
+    }
+}
 
 /// Health name for liveness probes: SERVING from start to shutdown, even
 /// while the database is unreachable (a restart would not help, and cached
@@ -222,12 +277,14 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     });
 
     // Replicas find each other through a heartbeat table and divide rate
-    // limits among themselves.
-    let replica_id = uuid::Uuid::new_v4();
+    // limits among themselves; each beat also settles quota leases.
+    let replica_id = authz.limiter().quotas().replica();
     let limiter = authz.limiter().clone();
     let beat_store = parts.store.clone();
+    let replicas = parts.replicas;
+    let stale_after_secs = replicas.heartbeat_expiry_seconds;
     let heartbeat = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(HEARTBEAT);
+        let mut tick = tokio::time::interval(replicas.interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -237,13 +294,16 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
                 metrics::gauge!(crate::telemetry::DB_POOL_CONNECTIONS, "state" => "in_use")
                     .set(f64::from(size) - idle as f64);
             }
-            match beat_store.heartbeat(replica_id, STALE_AFTER_SECS).await {
+            let beat = beat_store.heartbeat(replica_id, stale_after_secs).await;
+            match &beat {
                 Ok(n) => {
-                    limiter.set_replicas(n);
-                    metrics::gauge!(crate::telemetry::REPLICAS).set(f64::from(n));
+                    limiter.set_replicas(*n);
+                    metrics::gauge!(crate::telemetry::REPLICAS).set(f64::from(*n));
                 }
                 Err(e) => tracing::warn!(error = %e, "replica heartbeat failed"),
             }
+            let quotas = limiter.quotas();
+            settle_leases(quotas, beat_store.as_ref(), stale_after_secs, beat.is_ok()).await;
         }
     });
 
@@ -321,6 +381,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
             .collect(),
         authz: authz_handle,
         replica_id,
+        replicas,
         reporter: shutdown_reporter,
         shutdown_grace: parts.shutdown_grace,
         jwks,
@@ -367,10 +428,22 @@ impl Running {
     pub async fn heartbeat(&self) -> crate::error::Result<u32> {
         let n = self
             .store
-            .heartbeat(self.replica_id, STALE_AFTER_SECS)
+            .heartbeat(self.replica_id, self.replicas.heartbeat_expiry_seconds)
             .await?;
         self.authz.limiter().set_replicas(n);
         Ok(n)
+    }
+
+    /// This replica's id (its heartbeat row and quota holdings).
+    pub fn replica_id(&self) -> uuid::Uuid {
+        self.replica_id
+    }
+
+    /// Reports quota use (and gives back idle leases if `give_back_idle`)
+    /// now, as the next heartbeat would (tests use it instead of waiting);
+    /// returns the units given back.
+    pub async fn report_leases(&self, give_back_idle: bool) -> crate::error::Result<u64> {
+        self.authz.limiter().quotas().report(give_back_idle).await
     }
 
     /// Stops at once, as a crash would: no lease is returned, nothing is

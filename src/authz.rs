@@ -752,19 +752,23 @@ impl Authenticator {
                 limit: spec.limit,
                 period_start: current.period_start,
                 period_end: end,
-                // Consumed, as far as this replica knows: its own unspent
-                // lease is not usage (other replicas' leases still count
-                // until they are used or returned).
-                used: self
-                    .store
-                    .quota_used(&current)
-                    .await?
-                    .saturating_sub(self.limiter.quotas().unspent(&current)),
+                // Consumed: what every replica reported (leased units not
+                // yet spent are not usage) plus this replica's use since
+                // its last report; other replicas' is at most one
+                // heartbeat old.
+                used: self.consumed(&current).await?,
                 previous_start: prev_start,
-                previous_used: self.store.quota_used(&previous).await?,
+                previous_used: self.consumed(&previous).await?,
             });
         }
         Ok(out)
+    }
+
+    /// Units of `counter` consumed, as far as this replica knows.
+    async fn consumed(&self, counter: &QuotaCounter) -> Result<u64> {
+        let reported = self.store.quota_consumed(counter).await?;
+        let unreported = self.limiter.quotas().unreported(counter);
+        Ok(reported.saturating_add_signed(unreported))
     }
 
     async fn subject_unchecked(

@@ -11,6 +11,7 @@ use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use crate::app::ReplicaSettings;
 use crate::cache::CacheSettings;
 use crate::crypto::{Pepper, Peppers};
 use crate::dashboard::JwtSettings;
@@ -131,6 +132,8 @@ pub struct Settings {
     pub otlp_endpoint: Option<String>,
     /// Envoy ext_authz adapter (`[envoy]`).
     pub envoy: EnvoySettings,
+    /// Heartbeat interval and expiry (`[replicas]`).
+    pub replicas: ReplicaSettings,
 }
 
 impl Default for Settings {
@@ -162,6 +165,7 @@ impl Default for Settings {
             tls: None,
             otlp_endpoint: None,
             envoy: EnvoySettings::default(),
+            replicas: ReplicaSettings::default(),
         }
     }
 }
@@ -194,6 +198,7 @@ const ENV_KEYS: &[&str] = &[
     "tls",
     "otlp_endpoint",
     "envoy",
+    "replicas",
 ];
 
 /// Settings given as command-line flags (highest precedence).
@@ -361,6 +366,21 @@ impl Settings {
                 "max_in_flight and timeout_ms must be ≥ 1",
             ));
         }
+        let beat = &self.replicas;
+        if !(10..=60_000).contains(&beat.heartbeat_interval_ms) {
+            return Err(invalid(
+                "replicas.heartbeat_interval_ms",
+                "must be 10..=60000",
+            ));
+        }
+        if beat.heartbeat_expiry_seconds == 0
+            || u64::from(beat.heartbeat_expiry_seconds) * 1000 < 2 * beat.heartbeat_interval_ms
+        {
+            return Err(invalid(
+                "replicas.heartbeat_expiry_seconds",
+                "must be ≥ 1 and at least two heartbeat intervals",
+            ));
+        }
         if self.last_used_flush_seconds == 0 {
             return Err(invalid("last_used_flush_seconds", "must be ≥ 1"));
         }
@@ -447,5 +467,18 @@ mod tests {
             err.contains("`pepper`") && !err.contains("short\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_heartbeat_expiry_shorter_than_two_intervals_is_refused_by_name() {
+        let mut s = Settings::default();
+        assert!(s.validate().is_ok());
+        s.replicas.heartbeat_interval_ms = 1_000;
+        s.replicas.heartbeat_expiry_seconds = 1;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("replicas.heartbeat_expiry_seconds"), "{err}");
+        s.replicas.heartbeat_interval_ms = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("replicas.heartbeat_interval_ms"), "{err}");
     }
 }

@@ -333,6 +333,7 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
             clock: Clock::system(),
             envoy: settings.envoy.clone(),
             ready_gate: migrations.is_some().then_some(ready_gate),
+            replicas: settings.replicas,
         },
         listener,
     )

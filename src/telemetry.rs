@@ -131,7 +131,10 @@ fn describe() {
     describe_histogram!(DB_QUERY_SECONDS, Unit::Seconds, "Database query time");
     describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections by state");
     describe_counter!(QUOTA_LEASES, "Quota lease requests by result");
-    describe_counter!(QUOTA_LEASE_UNITS, "Quota units leased and returned");
+    describe_counter!(
+        QUOTA_LEASE_UNITS,
+        "Quota units leased, returned, and reclaimed from dead replicas (as consumed)"
+    );
     describe_counter!(SHADOW_DENIALS, "Shadow-mode would-be denials");
     describe_gauge!(REPLICAS, "Live replicas sharing rate limits");
 }

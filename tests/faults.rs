@@ -619,3 +619,341 @@ async fn postgres_hung_longer_than_every_timeout_is_noticed_and_survived() {
     })
     .await
 }
+
+// ---------------------------------------------------------------------------
+// Quota leases when a replica dies or is cut off (issue 12 item 4, issue 13).
+
+/// Beats every `interval_ms`; gone after a second of silence.
+fn short_beats(mut opts: Options, interval_ms: u64) -> Options {
+    opts.replicas = tollgate::app::ReplicaSettings {
+        heartbeat_interval_ms: interval_ms,
+        heartbeat_expiry_seconds: 1,
+    };
+    opts
+}
+
+async fn create_tenant_with_quota(t: &mut Tollgate, id: &str, limit: u64) {
+    t.tenants
+        .create_tenant(op(pb::CreateTenantRequest {
+            tenant_id: id.into(),
+            name: id.into(),
+            plan: "enterprise".into(),
+            overrides: Some(pb::TenantOverrides {
+                limits: vec![pb::LimitSpec {
+                    scope: "tenant".into(),
+                    period: "month".into(),
+                    limit,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+}
+
+/// One unit of `key`'s quota through `client`: Ok(allowed) or the error.
+async fn spend_one(
+    client: &mut pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>,
+    key: &str,
+) -> Result<pb::AuthenticateResponse, tonic::Status> {
+    client
+        .authenticate(pb::AuthenticateRequest {
+            api_key: key.into(),
+            cost: Some(1),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Spends one unit at a time until refused; returns how many were admitted.
+async fn spend_until_refused(
+    client: &mut pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>,
+    key: &str,
+) -> u64 {
+    for admitted in 0..10_000 {
+        match spend_one(client, key).await {
+            Ok(r) if r.allowed => {}
+            r => {
+                eprintln!("refused after {admitted}: {r:?}");
+                return admitted;
+            }
+        }
+    }
+    panic!("never refused");
+}
+
+/// The tenant's `tenant_per_month` usage as GetUsage reports it.
+async fn tenant_usage(t: &mut Tollgate, tenant: &str) -> u64 {
+    t.auth
+        .get_usage(op(pb::GetUsageRequest {
+            tenant_id: tenant.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .quotas
+        .into_iter()
+        .find(|q| q.name == "tenant_per_month")
+        .unwrap()
+        .used
+}
+
+/// Polls Postgres until `sql` (one bigint) returns `want`: the store is the
+/// signal. Bounded by the test's bound.
+async fn until_db(db: &sqlx::PgPool, sql: &str, want: i64) {
+    loop {
+        let got: i64 = sqlx::query_scalar(sql).fetch_one(db).await.unwrap();
+        if got == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `tollgate serve` as a real process on `conn`'s database, beating every
+/// 250 ms (gone after 1 s of silence), and a client of it once it is ready.
+struct Serve {
+    child: std::process::Child,
+    auth: pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>,
+}
+
+impl Serve {
+    async fn start(conn: &PgConnectOptions) -> Serve {
+        use std::io::BufRead;
+        let url = format!(
+            "postgres://{}@{}:{}/{}",
+            conn.get_username(),
+            conn.get_host(),
+            conn.get_port(),
+            conn.get_database().unwrap()
+        );
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("TOLLGATE_PEPPER", std::str::from_utf8(PEPPER).unwrap())
+            .env("TOLLGATE_OPERATOR_TOKEN", OPERATOR_TOKEN)
+            .env("TOLLGATE_LOG_FORMAT", "json")
+            .env("TOLLGATE_REPLICAS__HEARTBEAT_INTERVAL_MS", "250")
+            .env("TOLLGATE_REPLICAS__HEARTBEAT_EXPIRY_SECONDS", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("tollgate starts");
+        // Both streams are drained for the child's whole life (a full pipe
+        // would stall it); the listening line carries the bound address.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let out: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().unwrap());
+        let err: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().unwrap());
+        for pipe in [out, err] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        drop(tx);
+        let mut seen = Vec::new();
+        let addr: std::net::SocketAddr = loop {
+            let Some(line) = rx.recv().await else {
+                panic!("tollgate exited; it printed:\n{}", seen.join("\n"));
+            };
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "tollgate listening" {
+                break v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+            }
+            seen.push(line);
+        };
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        // Ready (migrations checked, feed live): the health Watch, not a sleep.
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let mut watch = health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(update) = watch.message().await.unwrap() {
+            if update.status == ServingStatus::Serving as i32 {
+                break;
+            }
+        }
+        Serve {
+            child,
+            auth: pb::auth_service_client::AuthServiceClient::new(channel),
+        }
+    }
+
+    /// SIGKILL: no lease returned, no report, no goodbye.
+    fn sigkill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[sqlx::test]
+async fn a_replica_sigkilled_holding_leases_never_causes_over_admission_and_idle_quota_is_spendable_again(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    bounded(async {
+        let mut survivor =
+            spawn_with(&conn, short_beats(Options::new(profile("default")), 100)).await;
+        create_tenant_with_quota(&mut survivor, "idle", 100).await;
+        create_tenant_with_quota(&mut survivor, "busy", 100).await;
+        let (idle_key, _) = survivor.create_key("idle").await;
+        let (busy_key, _) = survivor.create_key("busy").await;
+        let db = pool_opts.connect_with(conn.clone()).await.unwrap();
+
+        let mut doomed = Serve::start(&conn).await;
+        for _ in 0..10 {
+            assert!(
+                spend_one(&mut doomed.auth, &idle_key)
+                    .await
+                    .unwrap()
+                    .allowed
+            );
+        }
+        // Its next beats report the ten and give the idle counter's lease
+        // back (the store shows it).
+        until_db(
+            &db,
+            "SELECT used + 1000 * COALESCE((SELECT sum(units) FROM quota_leases \
+               WHERE subject = 't:idle'), 0)::bigint FROM quota_usage \
+             WHERE subject = 't:idle'",
+            10,
+        )
+        .await;
+        for _ in 0..5 {
+            assert!(
+                spend_one(&mut doomed.auth, &busy_key)
+                    .await
+                    .unwrap()
+                    .allowed
+            );
+        }
+        let doomed_id: uuid::Uuid =
+            sqlx::query_scalar("SELECT replica_id FROM replicas WHERE replica_id <> $1")
+                .bind(survivor.running.replica_id())
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        doomed.sigkill();
+        // What the dead replica had leased of the busy counter: it may have
+        // admitted any of it, so none of it may be given to anyone else.
+        let busy_leased: i64 =
+            sqlx::query_scalar("SELECT used FROM quota_usage WHERE subject = 't:busy'")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        assert!(busy_leased > 5, "it held an unspent lease: {busy_leased}");
+
+        let mut client = survivor.auth.clone();
+        let idle_admitted = 10 + spend_until_refused(&mut client, &idle_key).await;
+        let busy_admitted = 5 + spend_until_refused(&mut client, &busy_key).await;
+        assert_eq!(
+            idle_admitted, 100,
+            "the idle lease was back before the kill"
+        );
+        assert!(busy_admitted <= 100, "never over-admitted: {busy_admitted}");
+        assert_eq!(
+            busy_admitted,
+            100 - (busy_leased as u64 - 5),
+            "under-admitted by exactly what the dead replica held unspent"
+        );
+
+        // Its heartbeat expires; the survivor's beat reclaims its holding.
+        until_db(
+            &db,
+            &format!("SELECT count(*) FROM quota_leases WHERE replica_id = '{doomed_id}'"),
+            0,
+        )
+        .await;
+        assert_eq!(tenant_usage(&mut survivor, "idle").await, idle_admitted);
+        assert_eq!(
+            tenant_usage(&mut survivor, "busy").await,
+            100,
+            "a dead replica's unreported units count as consumed"
+        );
+        assert_eq!(
+            reason(&spend_one(&mut client, &busy_key).await.unwrap()),
+            "QUOTA_EXHAUSTED"
+        );
+    })
+    .await
+}
+
+#[sqlx::test]
+async fn a_partitioned_replica_spends_only_its_own_lease_even_after_its_holding_is_reclaimed(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    bounded(async {
+        let proxy = Proxy::start(pg_addr(&conn)).await;
+        // a beats every 500 ms, so a counter it used a moment ago is not idle yet.
+        let mut a = spawn_with(
+            &proxy.options(&conn),
+            short_beats(with_staleness("default", 3600), 500),
+        )
+        .await;
+        let mut b = spawn_with(&conn, short_beats(Options::new(profile("default")), 100)).await;
+        create_tenant_with_quota(&mut b, "acme", 100).await;
+        let (key, _) = b.create_key("acme").await;
+        let mut a_client = a.auth.clone();
+        let mut b_client = b.auth.clone();
+        for _ in 0..5 {
+            assert!(spend_one(&mut a_client, &key).await.unwrap().allowed);
+        }
+        let db = pool_opts.connect_with(conn.clone()).await.unwrap();
+        let a_id = a.running.replica_id();
+
+        proxy.cut();
+        // a's heartbeat expires and b reclaims its holding.
+        until_db(
+            &db,
+            &format!("SELECT count(*) FROM quota_leases WHERE replica_id = '{a_id}'"),
+            0,
+        )
+        .await;
+        // a, alive behind the cut, still spends its local lease (it may:
+        // the reclaim counted those units as consumed, not free)…
+        let a_admitted = 5 + spend_until_refused(&mut a_client, &key).await;
+        // …and b gets only what nobody holds.
+        let b_admitted = spend_until_refused(&mut b_client, &key).await;
+        assert_eq!(
+            a_admitted + b_admitted,
+            100,
+            "never more than the quota (a: {a_admitted}, b: {b_admitted})"
+        );
+
+        proxy.restore();
+        // a reconnects: its report finds its holding gone and changes nothing.
+        while a.running.report_leases(true).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(tenant_usage(&mut b, "acme").await, 100);
+        assert_eq!(tenant_usage(&mut a, "acme").await, 100);
+        assert_eq!(
+            reason(&spend_one(&mut a_client, &key).await.unwrap()),
+            "QUOTA_EXHAUSTED"
+        );
+    })
+    .await
+}

@@ -1100,3 +1100,67 @@ async fn a_key_that_made_one_request_reads_one_unit_used_not_its_replicas_lease(
         "what would remain after it"
     );
 }
+
+async fn dry_run_remaining(t: &mut Tollgate, key: &str, name: &str) -> u64 {
+    let r = t
+        .auth
+        .check_quota(pb::CheckQuotaRequest {
+            api_key: key.into(),
+            cost: 1,
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.limits.iter().find(|l| l.name == name).unwrap().remaining
+}
+
+#[sqlx::test]
+async fn with_two_replicas_holding_leases_usage_and_remaining_count_what_was_admitted(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut a = spawn(&conn, "default").await;
+    let mut b = spawn(&conn, "default").await;
+    create_tenant_with_limits(
+        &mut a,
+        "acme",
+        "enterprise",
+        vec![quota("key", "day", 1000)],
+    )
+    .await;
+    let (key, record) = a.create_key("acme").await;
+    for _ in 0..3 {
+        assert!(spend(&mut a, &key, 1).await.allowed);
+    }
+    for _ in 0..5 {
+        assert!(spend(&mut b, &key, 1).await.allowed);
+    }
+    // Each beat reports what was consumed (leases kept); a second beat
+    // tells each replica what the other reported.
+    for _ in 0..2 {
+        a.running.report_leases(false).await.unwrap();
+        b.running.report_leases(false).await.unwrap();
+    }
+    for t in [&mut a, &mut b] {
+        assert_eq!(key_usage(t, &record.key_id, "key_per_day").await, 8);
+        assert_eq!(
+            dry_run_remaining(t, &key, "key_per_day").await,
+            1000 - 8 - 1,
+            "what would remain after one more"
+        );
+    }
+    let r = spend(&mut b, &key, 1).await;
+    let day = r.limits.iter().find(|l| l.name == "key_per_day").unwrap();
+    assert_eq!(day.remaining, 1000 - 9, "the RateLimit headers' remaining");
+    let db = pool_opts.connect_with(conn).await.unwrap();
+    let leased: i64 = sqlx::query_scalar("SELECT used FROM quota_usage")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert!(
+        leased > 9,
+        "both replicas still hold unspent leases: {leased}"
+    );
+}

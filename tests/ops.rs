@@ -258,6 +258,7 @@ async fn start_unwaited(
             envoy: Default::default(),
             ready_gate: None,
             dashboard: Default::default(),
+            replicas: Default::default(),
         },
         listener,
     )

@@ -23,7 +23,9 @@ use crate::manage::{
     CreateKeyInput, CreateTenantInput, IssuedKey, Manager, UpdateKeyInput, UpdateTenantInput,
     MAX_TTL_SECONDS,
 };
-use crate::store::{Invalidation, KeyCap, KeyRef, MemoryStore, QuotaGrant, StoreError};
+use crate::store::{
+    Invalidation, KeyCap, KeyRef, MemoryStore, QuotaGrant, QuotaReport, QuotaTally, StoreError,
+};
 
 const MSGFLASH: &str = include_str!("../../profiles/msgflash.toml");
 const MAILSAGE: &str = include_str!("../../profiles/mailsage.toml");
@@ -124,18 +126,34 @@ impl Store for CountingStore {
     }
     async fn lease_quota(
         &self,
+        replica: uuid::Uuid,
         c: &QuotaCounter,
         chunk: u64,
         min: u64,
         limit: u64,
+        consumed: i64,
     ) -> R<QuotaGrant> {
-        self.inner.lease_quota(c, chunk, min, limit).await
+        self.inner
+            .lease_quota(replica, c, chunk, min, limit, consumed)
+            .await
     }
-    async fn return_quota(&self, c: &QuotaCounter, units: u64) -> R<()> {
-        self.inner.return_quota(c, units).await
+    async fn report_quota(
+        &self,
+        replica: uuid::Uuid,
+        reports: &[QuotaReport],
+    ) -> R<Vec<QuotaTally>> {
+        self.inner.report_quota(replica, reports).await
+    }
+    async fn reclaim_quota_leases(&self, replica: uuid::Uuid, stale_after_secs: u32) -> R<u64> {
+        self.inner
+            .reclaim_quota_leases(replica, stale_after_secs)
+            .await
     }
     async fn quota_used(&self, c: &QuotaCounter) -> R<u64> {
         self.inner.quota_used(c).await
+    }
+    async fn quota_consumed(&self, c: &QuotaCounter) -> R<u64> {
+        self.inner.quota_consumed(c).await
     }
     async fn heartbeat(&self, replica: uuid::Uuid, stale_after_secs: u32) -> R<u32> {
         self.inner.heartbeat(replica, stale_after_secs).await

@@ -9,7 +9,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Invalidation, KeyCap, KeyRef, QuotaCounter, QuotaGrant, Store, StoreError};
+use super::{
+    Invalidation, KeyCap, KeyRef, QuotaCounter, QuotaGrant, QuotaReport, QuotaTally, Store,
+    StoreError,
+};
 use crate::crypto::KeyDigest;
 use crate::domain::audit;
 use crate::domain::console::AuditContext;
@@ -21,11 +24,22 @@ pub(super) struct State {
     keys: BTreeMap<KeyId, KeyRecord>,
     by_digest: HashMap<KeyDigest, KeyId>,
     quotas: HashMap<QuotaCounter, u64>,
+    /// Units of each counter each replica holds (`quota_leases`).
+    holdings: HashMap<(QuotaCounter, uuid::Uuid), u64>,
     /// Console users, tokens and audit events (`console_memory.rs`).
     pub(super) console: super::console_memory::ConsoleState,
 }
 
 impl State {
+    /// Units of `c` held by replicas other than `replica`.
+    fn others(&self, c: &QuotaCounter, replica: uuid::Uuid) -> u64 {
+        self.holdings
+            .iter()
+            .filter(|((counter, r), _)| counter == c && *r != replica)
+            .map(|(_, units)| *units)
+            .sum()
+    }
+
     fn key_mut(&mut self, key: KeyRef<'_>) -> Result<&mut KeyRecord, StoreError> {
         self.keys
             .get_mut(&key.id)
@@ -394,10 +408,12 @@ impl Store for MemoryStore {
 
     async fn lease_quota(
         &self,
+        replica: uuid::Uuid,
         c: &QuotaCounter,
         chunk: u64,
         at_least: u64,
         limit: u64,
+        consumed: i64,
     ) -> Result<QuotaGrant, StoreError> {
         let mut s = self.state();
         let used = s.quotas.entry(c.clone()).or_insert(0);
@@ -408,21 +424,69 @@ impl Store for MemoryStore {
             0
         };
         *used += granted;
+        let used = *used;
+        if granted > 0 || consumed != 0 {
+            let held = s.holdings.entry((c.clone(), replica)).or_insert(0);
+            let after = i128::from(*held) + i128::from(granted) - i128::from(consumed);
+            *held = u64::try_from(after.max(0)).unwrap_or(u64::MAX);
+        }
         Ok(QuotaGrant {
             granted,
-            used: *used,
+            used,
+            others: s.others(c, replica),
         })
     }
 
-    async fn return_quota(&self, c: &QuotaCounter, units: u64) -> Result<(), StoreError> {
-        if let Some(used) = self.state().quotas.get_mut(c) {
-            *used = used.saturating_sub(units);
+    async fn report_quota(
+        &self,
+        replica: uuid::Uuid,
+        reports: &[QuotaReport],
+    ) -> Result<Vec<QuotaTally>, StoreError> {
+        let mut s = self.state();
+        let mut out = Vec::with_capacity(reports.len());
+        for r in reports {
+            let key = (r.counter.clone(), replica);
+            if let Some(held) = s.holdings.get_mut(&key) {
+                let drop = i128::from(r.consumed) + i128::from(r.returned);
+                *held = u64::try_from((i128::from(*held) - drop).max(0)).unwrap_or(u64::MAX);
+            }
+            let used = s.quotas.get_mut(&r.counter).map_or(0, |used| {
+                *used = used.saturating_sub(r.returned);
+                *used
+            });
+            out.push(QuotaTally {
+                used,
+                others: s.others(&r.counter, replica),
+            });
         }
-        Ok(())
+        Ok(out)
+    }
+
+    async fn reclaim_quota_leases(
+        &self,
+        replica: uuid::Uuid,
+        _stale_after_secs: u32,
+    ) -> Result<u64, StoreError> {
+        // One process: no other replica to outlive.
+        self.state()
+            .holdings
+            .retain(|(_, r), units| *r != replica || *units > 0);
+        Ok(0)
     }
 
     async fn quota_used(&self, c: &QuotaCounter) -> Result<u64, StoreError> {
         Ok(self.state().quotas.get(c).copied().unwrap_or(0))
+    }
+
+    async fn quota_consumed(&self, c: &QuotaCounter) -> Result<u64, StoreError> {
+        let s = self.state();
+        let held: u64 = s
+            .holdings
+            .iter()
+            .filter(|((counter, _), _)| counter == c)
+            .map(|(_, units)| *units)
+            .sum();
+        Ok(s.quotas.get(c).copied().unwrap_or(0).saturating_sub(held))
     }
 
     async fn heartbeat(&self, _replica: uuid::Uuid, _stale: u32) -> Result<u32, StoreError> {

@@ -83,6 +83,29 @@ pub struct QuotaGrant {
     pub granted: u64,
     /// The counter's total after the grant (all replicas' leases).
     pub used: u64,
+    /// Units of `used` other replicas hold and have not reported consumed.
+    pub others: u64,
+}
+
+/// One replica's news about one counter it holds units of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaReport {
+    pub counter: QuotaCounter,
+    /// Units consumed since the last report (negative: units refunded
+    /// after they were reported consumed).
+    pub consumed: i64,
+    /// Units given back: the replica has already removed them from what it
+    /// may spend, so they are free for anyone at once.
+    pub returned: u64,
+}
+
+/// A counter as the store sees it after a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaTally {
+    /// All units leased (consumed or held), as in [`QuotaGrant::used`].
+    pub used: u64,
+    /// Units of `used` other replicas hold and have not reported consumed.
+    pub others: u64,
 }
 
 /// Decides a tenant's key cap inside the store's transaction.
@@ -203,24 +226,50 @@ pub trait Store: Send + Sync + 'static {
     /// Records last use for many keys in one write.
     async fn touch_keys(&self, used: &[(KeyId, DateTime<Utc>)]) -> Result<(), StoreError>;
 
-    /// Leases up to `chunk` units of `counter`, never letting its total pass
-    /// `limit` (one conditional write: concurrent leases from every replica
-    /// cannot exceed it).
+    /// Leases up to `chunk` units of `counter` to `replica`, never letting
+    /// its total pass `limit` (one conditional write: concurrent leases
+    /// from every replica cannot exceed it). The same statement adds the
+    /// grant to `replica`'s holding of the counter and takes `consumed`
+    /// (units it consumed since its last report) off it.
     ///
     /// All or nothing for `at_least`: unless `at_least` units still fit
     /// under `limit`, nothing is granted (a request that does not fit takes
     /// nothing and strands nothing). Otherwise up to `chunk` (≥ `at_least`).
     async fn lease_quota(
         &self,
+        replica: uuid::Uuid,
         counter: &QuotaCounter,
         chunk: u64,
         at_least: u64,
         limit: u64,
+        consumed: i64,
     ) -> Result<QuotaGrant, StoreError>;
-    /// Gives back leased units that were not used.
-    async fn return_quota(&self, counter: &QuotaCounter, units: u64) -> Result<(), StoreError>;
-    /// The counter's total (0 when it does not exist).
+    /// Applies `replica`'s reports in one write: its holding of each counter
+    /// drops by what it consumed and returned, and returned units leave the
+    /// counter's total (they are free again). Returns each counter's tally,
+    /// in the order of `reports`. A holding already reclaimed is not
+    /// recreated; returned units are still freed (the replica no longer
+    /// holds them, whatever the store thought).
+    async fn report_quota(
+        &self,
+        replica: uuid::Uuid,
+        reports: &[QuotaReport],
+    ) -> Result<Vec<QuotaTally>, StoreError>;
+    /// Deletes the holdings of replicas whose heartbeat is older than
+    /// `stale_after_secs` (or gone), and `replica`'s own holdings at zero.
+    /// The dead replicas' units stay in the counters' totals: one may have
+    /// admitted them before it reported, so they count as consumed, never
+    /// as free. Returns how many units were reclaimed that way.
+    async fn reclaim_quota_leases(
+        &self,
+        replica: uuid::Uuid,
+        stale_after_secs: u32,
+    ) -> Result<u64, StoreError>;
+    /// The counter's total: consumed and leased units (0 when it does not exist).
     async fn quota_used(&self, counter: &QuotaCounter) -> Result<u64, StoreError>;
+    /// Units of the counter consumed as reported: its total less what
+    /// replicas hold unspent or unreported.
+    async fn quota_consumed(&self, counter: &QuotaCounter) -> Result<u64, StoreError>;
     /// Records that `replica` is alive; returns how many replicas are.
     async fn heartbeat(
         &self,

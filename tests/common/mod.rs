@@ -71,6 +71,8 @@ pub struct Options {
     pub guard: tollgate::app::GuardParts,
     /// Cache sizes and the staleness bound.
     pub cache: CacheSettings,
+    /// Heartbeat interval and expiry (tests of replica failure shorten them).
+    pub replicas: tollgate::app::ReplicaSettings,
 }
 
 impl Options {
@@ -82,6 +84,7 @@ impl Options {
             dashboard: Default::default(),
             guard: Default::default(),
             cache: CacheSettings::default(),
+            replicas: Default::default(),
         }
     }
 }
@@ -115,6 +118,7 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             clock: Clock::system(),
             envoy: Default::default(),
             ready_gate: None,
+            replicas: opts.replicas,
         },
         listener,
     )
