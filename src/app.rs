@@ -31,6 +31,8 @@ use crate::grpc::pb::console_service_server::ConsoleServiceServer;
 use crate::grpc::pb::tenant_service_server::TenantServiceServer;
 use crate::grpc::pb::FILE_DESCRIPTOR_SET;
 use crate::grpc::tenant_api::TenantApi;
+use crate::limits::shares::ShareSettings;
+use crate::limits::{Limiter, ShareReport};
 use crate::manage::Manager;
 use crate::profile::Profile;
 use crate::readiness::{set_health, Follower};
@@ -56,6 +58,8 @@ pub struct Parts {
     pub clock: Clock,
     /// The Envoy ext_authz adapter's settings.
     pub envoy: EnvoySettings,
+    /// Rate-limit share exchange between replicas (`limits::shares`).
+    pub rate_shares: ShareSettings,
     /// Readiness also waits for this to turn true (start-up migrations
     /// still running); `None`: no such wait.
     pub ready_gate: Option<tokio::sync::watch::Receiver<bool>>,
@@ -111,6 +115,21 @@ pub struct Running {
 /// How often a replica announces itself, and when it counts as gone.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const STALE_AFTER_SECS: u32 = 15;
+
+/// One exchange of rate shares, its outcome in the metrics and the log.
+async fn exchange_shares(limiter: &Limiter, replica_id: uuid::Uuid) {
+    match limiter.exchange_shares(replica_id, STALE_AFTER_SECS).await {
+        Ok(r) => {
+            metrics::counter!(crate::telemetry::SHARE_EXCHANGES, "result" => "ok").increment(1);
+            metrics::gauge!(crate::telemetry::SHARED_CELLS).set(r.published as f64);
+            metrics::gauge!(crate::telemetry::REPLICAS).set(f64::from(r.replicas));
+        }
+        Err(e) => {
+            metrics::counter!(crate::telemetry::SHARE_EXCHANGES, "result" => "error").increment(1);
+            tracing::warn!(error = %e, "rate share exchange failed; keeping the current shares");
+        }
+    }
+}
 
 /// Health name for liveness probes: SERVING from start to shutdown, even
 /// while the database is unreachable (a restart would not help, and cached
@@ -189,6 +208,41 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         .await;
     let shutdown_reporter = reporter.clone();
 
+    // Rate shares: a replica exchanges once (after the migrations, as a
+    // counted replica) before it is ready, so it never serves a cell that
+    // is hot elsewhere at the even share it would start from; then every
+    // interval.
+    let replica_id = uuid::Uuid::new_v4();
+    let limiter = authz.limiter().clone();
+    limiter.configure_shares(&parts.rate_shares);
+    let exchange = (parts.rate_shares.exchange_interval_ms > 0).then(|| {
+        let (exchanged, gate) = tokio::sync::watch::channel(false);
+        let mut migrated = parts.ready_gate.take();
+        let store = parts.store.clone();
+        let limiter = limiter.clone();
+        let period = Duration::from_millis(parts.rate_shares.exchange_interval_ms);
+        let task = tokio::spawn(async move {
+            if let Some(m) = migrated.as_mut() {
+                let _ = m.wait_for(|done| *done).await;
+            }
+            if let Ok(n) = store.heartbeat(replica_id, STALE_AFTER_SECS).await {
+                limiter.set_replicas(n);
+            }
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                exchange_shares(&limiter, replica_id).await;
+                let _ = exchanged.send(true);
+            }
+        });
+        (task, gate)
+    });
+    let (exchange, ready_gate) = match exchange {
+        Some((task, gate)) => (Some(task), Some(gate)),
+        None => (None, parts.ready_gate.take()),
+    };
+
     let (tx, events) = mpsc::channel(1024);
     parts.store.watch(tx);
     let (applied, _) = broadcast::channel(1024);
@@ -198,7 +252,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
             caches: caches.clone(),
             store: parts.store.clone(),
             reporter: reporter.clone(),
-            ready_gate: parts.ready_gate.take(),
+            ready_gate,
             announce: applied.clone(),
             max_staleness: Duration::from_secs(parts.cache.max_staleness_seconds),
         }
@@ -223,8 +277,6 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
 
     // Replicas find each other through a heartbeat table and divide rate
     // limits among themselves.
-    let replica_id = uuid::Uuid::new_v4();
-    let limiter = authz.limiter().clone();
     let beat_store = parts.store.clone();
     let heartbeat = tokio::spawn(async move {
         let mut tick = tokio::time::interval(HEARTBEAT);
@@ -317,6 +369,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         server,
         background: [invalidations, last_used, heartbeat]
             .into_iter()
+            .chain(exchange)
             .chain(jwks_tasks)
             .collect(),
         authz: authz_handle,
@@ -371,6 +424,21 @@ impl Running {
             .await?;
         self.authz.limiter().set_replicas(n);
         Ok(n)
+    }
+
+    /// Exchanges rate shares with the other replicas now (tests use it
+    /// instead of waiting for the next interval).
+    pub async fn exchange_shares(&self) -> crate::error::Result<ShareReport> {
+        Ok(self
+            .authz
+            .limiter()
+            .exchange_shares(self.replica_id, STALE_AFTER_SECS)
+            .await?)
+    }
+
+    /// This instance's rate limiter (tests read the shares it enforces).
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        self.authz.limiter()
     }
 
     /// Stops at once, as a crash would: no lease is returned, nothing is

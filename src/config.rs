@@ -15,6 +15,7 @@ use crate::cache::CacheSettings;
 use crate::crypto::{Pepper, Peppers};
 use crate::dashboard::JwtSettings;
 use crate::grpc::envoy::EnvoySettings;
+use crate::limits::shares::ShareSettings;
 use crate::profile::Profile;
 
 /// A pepper kept from before a rotation.
@@ -131,6 +132,8 @@ pub struct Settings {
     pub otlp_endpoint: Option<String>,
     /// Envoy ext_authz adapter (`[envoy]`).
     pub envoy: EnvoySettings,
+    /// Rate-limit shares exchanged between replicas (`[rate_shares]`).
+    pub rate_shares: ShareSettings,
 }
 
 impl Default for Settings {
@@ -162,6 +165,7 @@ impl Default for Settings {
             tls: None,
             otlp_endpoint: None,
             envoy: EnvoySettings::default(),
+            rate_shares: ShareSettings::default(),
         }
     }
 }
@@ -194,6 +198,7 @@ const ENV_KEYS: &[&str] = &[
     "tls",
     "otlp_endpoint",
     "envoy",
+    "rate_shares",
 ];
 
 /// Settings given as command-line flags (highest precedence).
@@ -360,6 +365,16 @@ impl Settings {
                 "management",
                 "max_in_flight and timeout_ms must be ≥ 1",
             ));
+        }
+        let exchange = self.rate_shares.exchange_interval_ms;
+        if exchange != 0 && !(50..=60_000).contains(&exchange) {
+            return Err(invalid(
+                "rate_shares.exchange_interval_ms",
+                "must be 0 (off) or 50..=60000",
+            ));
+        }
+        if self.rate_shares.max_cells == 0 {
+            return Err(invalid("rate_shares.max_cells", "must be ≥ 1"));
         }
         if self.last_used_flush_seconds == 0 {
             return Err(invalid("last_used_flush_seconds", "must be ≥ 1"));

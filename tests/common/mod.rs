@@ -71,6 +71,9 @@ pub struct Options {
     pub guard: tollgate::app::GuardParts,
     /// Cache sizes and the staleness bound.
     pub cache: CacheSettings,
+    /// Rate-share exchange; off unless a test turns it on (then it drives
+    /// exchanges itself with `Running::exchange_shares`).
+    pub rate_shares: tollgate::limits::shares::ShareSettings,
 }
 
 impl Options {
@@ -82,6 +85,10 @@ impl Options {
             dashboard: Default::default(),
             guard: Default::default(),
             cache: CacheSettings::default(),
+            rate_shares: tollgate::limits::shares::ShareSettings {
+                exchange_interval_ms: 0,
+                ..Default::default()
+            },
         }
     }
 }
@@ -114,6 +121,7 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             tls: None,
             clock: Clock::system(),
             envoy: Default::default(),
+            rate_shares: opts.rate_shares,
             ready_gate: None,
         },
         listener,
