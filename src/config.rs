@@ -452,6 +452,21 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_share_exchange_too_fast_or_without_cells_is_refused_by_name() {
+        let mut s = Settings::default();
+        s.validate().unwrap();
+        s.rate_shares.exchange_interval_ms = 0;
+        s.validate().expect("0 turns the exchange off");
+        s.rate_shares.exchange_interval_ms = 10;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("rate_shares.exchange_interval_ms"), "{err}");
+        s.rate_shares.exchange_interval_ms = 1000;
+        s.rate_shares.max_cells = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("rate_shares.max_cells"), "{err}");
+    }
+
+    #[test]
     fn a_short_pepper_is_refused_by_name() {
         let s = Settings {
             pepper: Some("short".to_string().into()),
