@@ -31,6 +31,8 @@ use crate::grpc::pb::console_service_server::ConsoleServiceServer;
 use crate::grpc::pb::tenant_service_server::TenantServiceServer;
 use crate::grpc::pb::FILE_DESCRIPTOR_SET;
 use crate::grpc::tenant_api::TenantApi;
+use crate::limits::shares::ShareSettings;
+use crate::limits::{Limiter, ShareReport};
 use crate::manage::Manager;
 use crate::profile::Profile;
 use crate::readiness::{set_health, Follower};
@@ -56,6 +58,8 @@ pub struct Parts {
     pub clock: Clock,
     /// The Envoy ext_authz adapter's settings.
     pub envoy: EnvoySettings,
+    /// Rate-limit share exchange between replicas (`limits::shares`).
+    pub rate_shares: ShareSettings,
     /// Readiness also waits for this to turn true (start-up migrations
     /// still running); `None`: no such wait.
     pub ready_gate: Option<tokio::sync::watch::Receiver<bool>>,
@@ -167,6 +171,21 @@ async fn settle_leases(
     }
 }
 
+/// One exchange of rate shares, its outcome in the metrics and the log.
+async fn exchange_shares(limiter: &Limiter, replica_id: uuid::Uuid, stale_after_secs: u32) {
+    match limiter.exchange_shares(replica_id, stale_after_secs).await {
+        Ok(r) => {
+            metrics::counter!(crate::telemetry::SHARE_EXCHANGES, "result" => "ok").increment(1);
+            metrics::gauge!(crate::telemetry::SHARED_CELLS).set(r.published as f64);
+            metrics::gauge!(crate::telemetry::REPLICAS).set(f64::from(r.replicas));
+        }
+        Err(e) => {
+            metrics::counter!(crate::telemetry::SHARE_EXCHANGES, "result" => "error").increment(1);
+            tracing::warn!(error = %e, "rate share exchange failed; keeping the current shares");
+        }
+    }
+}
+
 /// Health name for liveness probes: SERVING from start to shutdown, even
 /// while the database is unreachable (a restart would not help, and cached
 /// decisions are still served).
@@ -244,6 +263,43 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         .await;
     let shutdown_reporter = reporter.clone();
 
+    // Rate shares: a replica exchanges once (after the migrations, as a
+    // counted replica) before it is ready, so it never serves a cell that
+    // is hot elsewhere at the even share it would start from; then every
+    // interval.
+    // One id per replica: its heartbeat row, quota holdings and share rows.
+    let replica_id = authz.limiter().quotas().replica();
+    let limiter = authz.limiter().clone();
+    limiter.configure_shares(&parts.rate_shares);
+    let stale_after_secs = parts.replicas.heartbeat_expiry_seconds;
+    let exchange = (parts.rate_shares.exchange_interval_ms > 0).then(|| {
+        let (exchanged, gate) = tokio::sync::watch::channel(false);
+        let mut migrated = parts.ready_gate.take();
+        let store = parts.store.clone();
+        let limiter = limiter.clone();
+        let period = Duration::from_millis(parts.rate_shares.exchange_interval_ms);
+        let task = tokio::spawn(async move {
+            if let Some(m) = migrated.as_mut() {
+                let _ = m.wait_for(|done| *done).await;
+            }
+            if let Ok(n) = store.heartbeat(replica_id, stale_after_secs).await {
+                limiter.set_replicas(n);
+            }
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                exchange_shares(&limiter, replica_id, stale_after_secs).await;
+                let _ = exchanged.send(true);
+            }
+        });
+        (task, gate)
+    });
+    let (exchange, ready_gate) = match exchange {
+        Some((task, gate)) => (Some(task), Some(gate)),
+        None => (None, parts.ready_gate.take()),
+    };
+
     let (tx, events) = mpsc::channel(1024);
     parts.store.watch(tx);
     let (applied, _) = broadcast::channel(1024);
@@ -253,7 +309,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
             caches: caches.clone(),
             store: parts.store.clone(),
             reporter: reporter.clone(),
-            ready_gate: parts.ready_gate.take(),
+            ready_gate,
             announce: applied.clone(),
             max_staleness: Duration::from_secs(parts.cache.max_staleness_seconds),
         }
@@ -278,11 +334,8 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
 
     // Replicas find each other through a heartbeat table and divide rate
     // limits among themselves; each beat also settles quota leases.
-    let replica_id = authz.limiter().quotas().replica();
-    let limiter = authz.limiter().clone();
     let beat_store = parts.store.clone();
     let replicas = parts.replicas;
-    let stale_after_secs = replicas.heartbeat_expiry_seconds;
     let heartbeat = tokio::spawn(async move {
         let mut tick = tokio::time::interval(replicas.interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -377,6 +430,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         server,
         background: [invalidations, last_used, heartbeat]
             .into_iter()
+            .chain(exchange)
             .chain(jwks_tasks)
             .collect(),
         authz: authz_handle,
@@ -444,6 +498,21 @@ impl Running {
     /// returns the units given back.
     pub async fn report_leases(&self, give_back_idle: bool) -> crate::error::Result<u64> {
         self.authz.limiter().quotas().report(give_back_idle).await
+    }
+
+    /// Exchanges rate shares with the other replicas now (tests use it
+    /// instead of waiting for the next interval).
+    pub async fn exchange_shares(&self) -> crate::error::Result<ShareReport> {
+        Ok(self
+            .authz
+            .limiter()
+            .exchange_shares(self.replica_id, self.replicas.heartbeat_expiry_seconds)
+            .await?)
+    }
+
+    /// This instance's rate limiter (tests read the shares it enforces).
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        self.authz.limiter()
     }
 
     /// Stops at once, as a crash would: no lease is returned, nothing is

@@ -16,6 +16,7 @@ use crate::cache::CacheSettings;
 use crate::crypto::{Pepper, Peppers};
 use crate::dashboard::JwtSettings;
 use crate::grpc::envoy::EnvoySettings;
+use crate::limits::shares::ShareSettings;
 use crate::profile::Profile;
 
 /// A pepper kept from before a rotation.
@@ -134,6 +135,8 @@ pub struct Settings {
     pub envoy: EnvoySettings,
     /// Heartbeat interval and expiry (`[replicas]`).
     pub replicas: ReplicaSettings,
+    /// Rate-limit shares exchanged between replicas (`[rate_shares]`).
+    pub rate_shares: ShareSettings,
 }
 
 impl Default for Settings {
@@ -166,6 +169,7 @@ impl Default for Settings {
             otlp_endpoint: None,
             envoy: EnvoySettings::default(),
             replicas: ReplicaSettings::default(),
+            rate_shares: ShareSettings::default(),
         }
     }
 }
@@ -199,6 +203,7 @@ const ENV_KEYS: &[&str] = &[
     "otlp_endpoint",
     "envoy",
     "replicas",
+    "rate_shares",
 ];
 
 /// Settings given as command-line flags (highest precedence).
@@ -381,6 +386,16 @@ impl Settings {
                 "must be ≥ 1 and at least two heartbeat intervals",
             ));
         }
+        let exchange = self.rate_shares.exchange_interval_ms;
+        if exchange != 0 && !(50..=60_000).contains(&exchange) {
+            return Err(invalid(
+                "rate_shares.exchange_interval_ms",
+                "must be 0 (off) or 50..=60000",
+            ));
+        }
+        if self.rate_shares.max_cells == 0 {
+            return Err(invalid("rate_shares.max_cells", "must be ≥ 1"));
+        }
         if self.last_used_flush_seconds == 0 {
             return Err(invalid("last_used_flush_seconds", "must be ≥ 1"));
         }
@@ -454,6 +469,21 @@ mod tests {
             "flag-token-0123456789"
         );
         assert!(!format!("{s:?}").contains("flag-token-0123456789"));
+    }
+
+    #[test]
+    fn a_rate_share_exchange_too_fast_or_without_cells_is_refused_by_name() {
+        let mut s = Settings::default();
+        s.validate().unwrap();
+        s.rate_shares.exchange_interval_ms = 0;
+        s.validate().expect("0 turns the exchange off");
+        s.rate_shares.exchange_interval_ms = 10;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("rate_shares.exchange_interval_ms"), "{err}");
+        s.rate_shares.exchange_interval_ms = 1000;
+        s.rate_shares.max_cells = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("rate_shares.max_cells"), "{err}");
     }
 
     #[test]

@@ -332,6 +332,7 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
             tls,
             clock: Clock::system(),
             envoy: settings.envoy.clone(),
+            rate_shares: settings.rate_shares.clone(),
             ready_gate: migrations.is_some().then_some(ready_gate),
             replicas: settings.replicas,
         },

@@ -40,6 +40,11 @@ pub const FEED_STALENESS_SECONDS: &str = "tollgate_feed_staleness_seconds";
 pub const CACHE_FLUSHES: &str = "tollgate_cache_flushes_total";
 /// Live replicas sharing rate limits.
 pub const REPLICAS: &str = "tollgate_replicas";
+/// Rate-share exchanges with the other replicas, by `result` (ok, error).
+pub const SHARE_EXCHANGES: &str = "tollgate_rate_share_exchanges_total";
+/// Rate cells this replica published a share for in its last exchange
+/// (cells hot somewhere in the fleet).
+pub const SHARED_CELLS: &str = "tollgate_rate_shared_cells";
 
 /// Installs the global subscriber (once, at start). With `otlp_endpoint`
 /// (an OTLP/HTTP traces URL such as `http://collector:4318/v1/traces`)

@@ -256,6 +256,7 @@ async fn start_unwaited(
             tls,
             clock: tollgate::clock::Clock::system(),
             envoy: Default::default(),
+            rate_shares: Default::default(),
             ready_gate: None,
             dashboard: Default::default(),
             replicas: Default::default(),

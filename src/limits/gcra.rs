@@ -4,6 +4,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The smallest fraction of a rate a replica enforces: a finite emission
+/// interval even for a replica whose share is (momentarily) zero.
+const MIN_FRACTION: f64 = 1e-6;
+
 /// A rate: `limit` units per `period_ns`, with bursts of up to `burst` units.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
@@ -18,11 +22,22 @@ impl Rate {
     /// replicas (each enforces 1/share of the rate and of the burst, at
     /// least one unit).
     pub fn new(limit: u64, period_ns: u64, burst: u64, share: u32) -> Self {
-        let share = f64::from(share.max(1));
-        let limit = (limit.max(1) as f64) / share;
+        Self::shared(limit, period_ns, burst, 1.0 / f64::from(share.max(1)))
+    }
+
+    /// `limit` per `period_ns`, bursting to `burst`, of which this replica
+    /// enforces `fraction` (of the rate and of the burst, at least one unit
+    /// of burst). A fraction at or below zero admits (almost) nothing.
+    pub fn shared(limit: u64, period_ns: u64, burst: u64, fraction: f64) -> Self {
+        let fraction = if fraction.is_finite() {
+            fraction.clamp(MIN_FRACTION, 1.0)
+        } else {
+            1.0
+        };
+        let limit = (limit.max(1) as f64) * fraction;
         Self {
             emission_ns: period_ns as f64 / limit,
-            burst: ((burst.max(1) as f64) / share).max(1.0),
+            burst: ((burst.max(1) as f64) * fraction).max(1.0),
         }
     }
 
@@ -97,6 +112,24 @@ impl Cell {
     /// What `take` would answer, without taking.
     pub fn peek(&self, now: u64, rate: Rate, cost: u64) -> Outcome {
         step(self.0.load(Ordering::Acquire), now, rate, cost).1
+    }
+
+    /// Re-expresses the cell, enforced at `from` until now, at the larger
+    /// rate `to` without creating units: what could be admitted at once
+    /// stays what it was (at most `to`'s burst). Only the refill speeds up,
+    /// so a replica whose share grows gets no fresh burst out of it.
+    pub fn rescale(&self, now: u64, from: Rate, to: Rate) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                let used = tat.saturating_sub(now) as f64;
+                let available =
+                    ((from.tolerance_ns() - used) / from.emission_ns).clamp(0.0, to.burst);
+                // Rounded down: less than a nanosecond of refill, so the
+                // units there were are all still there.
+                let used = (to.tolerance_ns() - available * to.emission_ns).max(0.0);
+                Some(now.saturating_add(used.floor() as u64))
+            });
     }
 
     /// Gives back `cost` units taken earlier (when another limit denied the
@@ -176,6 +209,34 @@ mod tests {
         assert!(!cell.peek(SEC, rate, 1).allowed);
         cell.refund(rate, 1);
         assert!(cell.take(SEC, rate, 1).allowed);
+    }
+
+    #[test]
+    fn a_grown_share_speeds_the_refill_but_grants_no_fresh_burst() {
+        // 100 per 100 s: a quarter is 25 (one per 4 s), half is 50 (one per 2 s).
+        let quarter = Rate::shared(100, 100 * SEC, 100, 0.25);
+        let half = Rate::shared(100, 100 * SEC, 100, 0.5);
+        let cell = Cell::default();
+        let now = 1_000 * SEC;
+        // Idle: the whole quarter of the burst (25) is there, no more.
+        cell.rescale(now, quarter, half);
+        let admitted = (0..100).filter(|_| cell.take(now, half, 1).allowed).count();
+        assert_eq!(admitted, 25, "the 25 units it had, not 50");
+        // Drained: the next unit comes one emission interval of the larger
+        // share later (2 s), not the smaller's (4 s).
+        let cell = Cell::default();
+        while cell.take(now, quarter, 1).allowed {}
+        cell.rescale(now, quarter, half);
+        assert!(!cell.take(now + 2 * SEC - 1, half, 1).allowed);
+        assert!(cell.take(now + 2 * SEC, half, 1).allowed);
+    }
+
+    #[test]
+    fn a_share_of_zero_admits_at_most_one_unit() {
+        let rate = Rate::shared(100, SEC, 100, 0.0);
+        let cell = Cell::default();
+        let admitted = (0..100).filter(|_| cell.take(SEC, rate, 1).allowed).count();
+        assert_eq!(admitted, 1);
     }
 
     #[test]

@@ -4,8 +4,10 @@
 pub mod gcra;
 pub mod period;
 pub mod quota;
+pub mod shares;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,10 +17,11 @@ use moka::sync::Cache;
 use crate::clock::Clock;
 use crate::domain::{KeyId, LimitPeriod, LimitScope, LimitSpec, LimitStatus, Reason, TenantId};
 use crate::error::Result;
-use crate::store::{QuotaCounter, Store};
-use gcra::{Cell, Rate};
+use crate::store::{QuotaCounter, ShareRow, ShareView, Store, StoreError};
+use gcra::Rate;
 use period::QuotaPeriod;
 use quota::Quotas;
+use shares::{CellKey, Plan, Published, RateCell, ShareSettings, Tracked};
 
 /// Whose usage is counted: a key (and its tenant) or a tenant alone.
 #[derive(Debug, Clone, Copy)]
@@ -131,7 +134,7 @@ impl Drop for Partial<'_> {
     fn drop(&mut self) {
         for t in self.taken.drain(..) {
             match t {
-                Taken::Rate(cell, rate) => cell.refund(rate, self.cost),
+                Taken::Rate(cell, rate) => cell.gcra.refund(rate, self.cost),
                 Taken::Quota(counter) => self.quotas.refund(&counter, self.cost),
             }
         }
@@ -140,16 +143,34 @@ impl Drop for Partial<'_> {
 
 /// What was taken, to give back if a later limit denies.
 enum Taken {
-    Rate(Arc<Cell>, Rate),
+    Rate(Arc<RateCell>, Rate),
     Quota(QuotaCounter),
 }
 
 /// This replica's limiter: GCRA cells in memory, quota leases from the store.
 pub struct Limiter {
-    cells: Cache<(Owner, LimitPeriod, Option<String>), Arc<Cell>>,
+    cells: Cache<CellKey, Arc<RateCell>>,
     quotas: Arc<Quotas>,
     replicas: Arc<AtomicU32>,
     clock: Clock,
+    store: Arc<dyn Store>,
+    /// Cells whose share is exchanged with the other replicas.
+    tracked: Tracked,
+    /// Whether shares are exchanged (else every cell enforces 1/N).
+    sharing: AtomicBool,
+    max_cells: AtomicUsize,
+}
+
+/// What one exchange of rate shares did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShareReport {
+    /// Live replicas, this one included.
+    pub replicas: u32,
+    /// Rows this replica published (cells hot somewhere, up to `max_cells`).
+    pub published: usize,
+    /// Whether they were written (false: nothing to exchange, or this
+    /// replica is not live yet).
+    pub written: bool,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -159,6 +180,12 @@ impl std::fmt::Debug for Limiter {
             .field("replicas", &self.replicas.load(Ordering::Relaxed))
             .finish()
     }
+}
+
+/// Live replicas in `view`, `me` included.
+fn live_count(view: &ShareView, me: uuid::Uuid) -> u32 {
+    let others = view.live.iter().filter(|r| **r != me).count();
+    u32::try_from(others + 1).unwrap_or(u32::MAX)
 }
 
 /// `t` as nanoseconds since the epoch (0 before it), for GCRA cells.
@@ -180,10 +207,164 @@ impl Limiter {
                 .time_to_idle(Duration::from_secs(3600))
                 .max_capacity(2_000_000)
                 .build(),
-            quotas: Quotas::new(store, replicas.clone()),
+            quotas: Quotas::new(store.clone(), replicas.clone()),
             replicas,
             clock,
+            store,
+            tracked: Tracked::default(),
+            sharing: AtomicBool::new(false),
+            max_cells: AtomicUsize::new(ShareSettings::default().max_cells),
         }
+    }
+
+    /// Turns the exchange of rate shares on (`exchange_interval_ms` > 0)
+    /// or off, and bounds it. Off, every cell enforces 1/N.
+    pub fn configure_shares(&self, settings: &ShareSettings) {
+        self.max_cells.store(settings.max_cells, Ordering::Relaxed);
+        self.sharing
+            .store(settings.exchange_interval_ms > 0, Ordering::Relaxed);
+    }
+
+    /// Cells this replica currently exchanges shares for.
+    pub fn shared_cells(&self) -> usize {
+        self.tracked.len()
+    }
+
+    /// The fraction of `spec`'s rate this replica enforces for `subject`
+    /// now (1/N unless a share was exchanged); `None` for quotas and for
+    /// key limits without a key.
+    pub fn rate_share(&self, subject: &Subject<'_>, spec: &LimitSpec) -> Option<f64> {
+        spec.period.rate_ns()?;
+        let key = CellKey {
+            owner: Owner::of(subject, spec.scope)?,
+            period: spec.period,
+            env: (!spec.environments.is_empty())
+                .then(|| subject.environment.map(str::to_string))
+                .flatten(),
+        };
+        let cell = self
+            .cells
+            .get(&key)
+            .unwrap_or_else(|| self.tracked.cell_for(&key));
+        Some(cell.fraction(self.replicas()))
+    }
+
+    /// Exchanges rate shares with the other replicas through the store:
+    /// publishes this replica's demand and claim for every cell hot
+    /// somewhere, and moves its claims towards the fair shares (`shares`).
+    /// One read when nothing is hot anywhere; otherwise one transaction
+    /// (lock, read, write).
+    pub async fn exchange_shares(
+        &self,
+        me: uuid::Uuid,
+        stale_after_secs: u32,
+    ) -> std::result::Result<ShareReport, StoreError> {
+        let now = self.clock.monotonic_ns();
+        let tracked = self.tracked.snapshot();
+        if tracked.is_empty() {
+            let view = self.store.rate_shares(stale_after_secs).await?;
+            let n = live_count(&view, me);
+            self.set_replicas(n);
+            if view.rows.is_empty() {
+                return Ok(ShareReport {
+                    replicas: n,
+                    published: 0,
+                    written: false,
+                });
+            }
+        }
+        let max_cells = self.max_cells.load(Ordering::Relaxed);
+        let mut outcome = None;
+        let mut replicas = self.replicas();
+        let written = self
+            .store
+            .exchange_rate_shares(me, stale_after_secs, &mut |view| {
+                replicas = live_count(view, me);
+                let plan = self.plan(view, me, &tracked, now);
+                let o = shares::settle(
+                    plan.0,
+                    me,
+                    self.replicas(),
+                    replicas as usize,
+                    max_cells,
+                    &plan.1,
+                );
+                let rows = o.rows.clone();
+                outcome = Some(o);
+                rows
+            })
+            .await;
+        let published = outcome.as_ref().map_or(0, |o| o.rows.len());
+        if let Some(o) = outcome {
+            o.apply(matches!(written, Ok(true)), &self.tracked);
+        }
+        let written = written?;
+        self.set_replicas(replicas);
+        Ok(ShareReport {
+            replicas,
+            published,
+            written,
+        })
+    }
+
+    /// Each cell's decision from `view`, and the names other replicas
+    /// published (cells named only by others are tracked from now on).
+    fn plan(
+        &self,
+        view: &ShareView,
+        me: uuid::Uuid,
+        tracked: &[(CellKey, Arc<RateCell>)],
+        now: u64,
+    ) -> (Vec<Plan>, std::collections::HashSet<String>) {
+        let others: Vec<uuid::Uuid> = view.live.iter().copied().filter(|r| *r != me).collect();
+        let mut rows: HashMap<&str, HashMap<uuid::Uuid, &ShareRow>> = HashMap::new();
+        for r in view.rows.iter().filter(|r| r.replica != me) {
+            rows.entry(r.cell.as_str())
+                .or_default()
+                .insert(r.replica, r);
+        }
+        let named: std::collections::HashSet<String> = rows.keys().map(|k| k.to_string()).collect();
+        let mut cells: HashMap<String, (CellKey, Arc<RateCell>)> = tracked
+            .iter()
+            .map(|(k, c)| (k.name(), (k.clone(), c.clone())))
+            .collect();
+        for name in &named {
+            if cells.contains_key(name) {
+                continue;
+            }
+            let Some(key) = CellKey::parse(name) else {
+                tracing::warn!(cell = %name, "ignoring a rate share with a malformed cell name");
+                continue;
+            };
+            let cell = self
+                .cells
+                .get_with_by_ref(&key, || self.tracked.cell_for(&key));
+            self.tracked.track(&key, &cell);
+            cells.insert(name.clone(), (key, cell));
+        }
+        let plans = cells
+            .into_iter()
+            .map(|(name, (key, cell))| {
+                let published = rows.get(name.as_str());
+                let theirs: Vec<Option<Published>> = others
+                    .iter()
+                    .map(|r| {
+                        published.and_then(|m| m.get(r)).map(|row| Published {
+                            demand: row.demand,
+                            claim: row.claim,
+                        })
+                    })
+                    .collect();
+                let demand = cell.demand(now);
+                Plan {
+                    decision: shares::decide(demand, &theirs),
+                    key,
+                    cell,
+                    demand,
+                }
+            })
+            .collect();
+        (plans, named)
     }
 
     /// Sets how many replicas share each rate limit.
@@ -218,7 +399,8 @@ impl Limiter {
         let now_ns = self.clock.monotonic_ns();
         let consume = !dry_run && cost > 0;
         let cost = cost.max(1);
-        let share = self.replicas();
+        let replicas = self.replicas();
+        let sharing = self.sharing.load(Ordering::Relaxed);
         let mut taken = Partial {
             quotas: &self.quotas,
             taken: Vec::new(),
@@ -240,18 +422,32 @@ impl Limiter {
             };
             match spec.period.rate_ns() {
                 Some(period_ns) => {
-                    let rate = Rate::new(
+                    let key = CellKey {
+                        owner,
+                        period: spec.period,
+                        env: env.map(str::to_string),
+                    };
+                    let cell = self
+                        .cells
+                        .get_with_by_ref(&key, || self.tracked.cell_for(&key));
+                    let rate = cell.rate(
+                        now_ns,
                         spec.limit,
                         period_ns,
                         spec.burst.unwrap_or(spec.limit),
-                        share,
+                        cell.fraction(replicas),
                     );
-                    let cell_key = (owner, spec.period, env.map(str::to_string));
-                    let cell = self.cells.get_with(cell_key, || Arc::new(Cell::default()));
+                    if evaluate && sharing && replicas > 1 {
+                        let work = shares::work_ns(cost, period_ns, spec.limit);
+                        let demand = cell.note(now_ns, work);
+                        if demand >= shares::HOT / f64::from(replicas) {
+                            self.tracked.track(&key, &cell);
+                        }
+                    }
                     let o = if evaluate {
-                        cell.take(now_ns, rate, cost)
+                        cell.gcra.take(now_ns, rate, cost)
                     } else {
-                        cell.peek(now_ns, rate, cost)
+                        cell.gcra.peek(now_ns, rate, cost)
                     };
                     if o.allowed && evaluate {
                         taken.taken.push(Taken::Rate(cell, rate));

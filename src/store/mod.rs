@@ -44,6 +44,27 @@ impl StoreError {
     }
 }
 
+/// One replica's published state for one rate cell (`rate_shares`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShareRow {
+    /// The cell's name (`crate::limits::shares`): limit period,
+    /// environment and subject; no secret.
+    pub cell: String,
+    pub replica: uuid::Uuid,
+    /// Recent attempts on that replica, as a fraction of the cell's rate.
+    pub demand: f64,
+    /// The fraction of the cell's rate that replica may enforce.
+    pub claim: f64,
+}
+
+/// The live replicas and what they published.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShareView {
+    pub live: Vec<uuid::Uuid>,
+    /// Rows of live replicas only.
+    pub rows: Vec<ShareRow>,
+}
+
 /// A change that may alter a cached decision, pushed to every replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invalidation {
@@ -278,6 +299,28 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u32, StoreError>;
     /// Removes `replica` from the live set (graceful shutdown).
     async fn leave(&self, replica: uuid::Uuid) -> Result<(), StoreError>;
+
+    /// The live replicas and every live replica's published rate shares
+    /// (`crate::limits::shares`). The default is one process alone: no
+    /// other replica, nothing published.
+    async fn rate_shares(&self, _stale_after_secs: u32) -> Result<ShareView, StoreError> {
+        Ok(ShareView::default())
+    }
+    /// Reads the view inside a section exclusive across replicas, asks
+    /// `decide` for `replica`'s rows, and replaces `replica`'s published
+    /// rows with them, before the section ends: claims decided from one
+    /// view never race another replica's. Writes only while `replica` is
+    /// live (its heartbeat is recent); returns whether the rows were
+    /// written. `decide` is called once.
+    async fn exchange_rate_shares(
+        &self,
+        _replica: uuid::Uuid,
+        _stale_after_secs: u32,
+        decide: &mut (dyn for<'v> FnMut(&'v ShareView) -> Vec<ShareRow> + Send),
+    ) -> Result<bool, StoreError> {
+        decide(&ShareView::default());
+        Ok(false)
+    }
 
     /// Starts delivering invalidations (from every replica) to `tx`. The
     /// first message is `Ready` once the feed is live. After a `Lost`, the

@@ -73,6 +73,9 @@ pub struct Options {
     pub cache: CacheSettings,
     /// Heartbeat interval and expiry (tests of replica failure shorten them).
     pub replicas: tollgate::app::ReplicaSettings,
+    /// Rate-share exchange; off unless a test turns it on (then it drives
+    /// exchanges itself with `Running::exchange_shares`).
+    pub rate_shares: tollgate::limits::shares::ShareSettings,
 }
 
 impl Options {
@@ -85,6 +88,10 @@ impl Options {
             guard: Default::default(),
             cache: CacheSettings::default(),
             replicas: Default::default(),
+            rate_shares: tollgate::limits::shares::ShareSettings {
+                exchange_interval_ms: 0,
+                ..Default::default()
+            },
         }
     }
 }
@@ -117,6 +124,7 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             tls: None,
             clock: Clock::system(),
             envoy: Default::default(),
+            rate_shares: opts.rate_shares,
             ready_gate: None,
             replicas: opts.replicas,
         },

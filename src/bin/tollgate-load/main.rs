@@ -7,6 +7,9 @@
 //!   accuracy with one instance killed mid-run.
 //! - `envoy`: HTTP through Envoy without and with ext_authz (wrk).
 //! - `abuse`: a flood of random well-formed keys beside legitimate traffic.
+//! - `skew`: one key's traffic through one connection to one of three
+//!   replicas: admitted rate against the documented one, and the fleet's
+//!   total against rate plus burst.
 //! - `memory`: resident bytes per cached key.
 //! - `soak`: three replicas at half of peak for 60 s while Postgres restarts
 //!   twice and one replica is killed and started again: wrong decisions,
@@ -31,6 +34,7 @@ mod pg;
 mod replicas;
 mod scenario;
 mod soak;
+mod skew;
 mod suite;
 
 #[derive(Parser)]
@@ -81,6 +85,8 @@ enum Cmd {
     Envoy(envoy::EnvoyOpts),
     /// Random well-formed keys flooding beside legitimate ones.
     Abuse(abuse::AbuseOpts),
+    /// One key skewed onto one of three replicas: fair rate shares.
+    Skew(skew::SkewOpts),
     /// Resident memory per cached key.
     Memory {
         #[arg(long, default_value_t = 1_000_000)]
@@ -130,6 +136,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Suite(o) => runtime()?.block_on(suite::run(o)),
         Cmd::Replicas(o) => runtime()?.block_on(replicas::run(o)),
         Cmd::Abuse(o) => runtime()?.block_on(abuse::run(o)),
+        Cmd::Skew(o) => runtime()?.block_on(skew::run(o)),
         Cmd::Envoy(o) => runtime()?.block_on(envoy::run(o)),
         Cmd::Soak(o) => runtime()?.block_on(soak::run(o)),
     }

@@ -62,7 +62,8 @@ const DURING: (u64, u64) = (10, 45);
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 const LIVE: u64 = u64::MAX;
-/// RevokeKey failed: it may or may not have committed.
+/// RevokeKey sent and not answered yet, or failed: it may or may not have
+/// committed, so neither an allow nor a refusal is wrong.
 const UNCERTAIN: u64 = u64::MAX - 1;
 
 /// What happened in one window of time.
@@ -178,11 +179,18 @@ async fn drive(
                     .record((took.as_nanos() as u64).clamp(1_000, 60_000_000_000));
                 let state = keys.state[idx].load(Ordering::Acquire);
                 let revoked_before_send = state < UNCERTAIN && sent_ms > state;
+                // A revoked key is no longer cached: its errors are the
+                // uncached path's.
+                let path = if state == LIVE { "" } else { ", uncached" };
                 match outcome {
-                    Err(_) => *win.errors.entry("timeout (2 s)".into()).or_default() += 1,
+                    Err(_) => {
+                        *win.errors
+                            .entry(format!("timeout (2 s){path}"))
+                            .or_default() += 1
+                    }
                     Ok(Err(status)) => {
                         *win.errors
-                            .entry(format!("{:?}", status.code()))
+                            .entry(format!("{:?}{path}", status.code()))
                             .or_default() += 1
                     }
                     Ok(Ok(r)) => {
@@ -246,6 +254,7 @@ async fn revoker(
             break;
         }
         let client = &mut clients[j % 3];
+        keys.state[j].store(UNCERTAIN, Ordering::Release);
         let r = tokio::time::timeout(
             CALL_TIMEOUT,
             client.revoke_key(op(tollgate::grpc::pb::RevokeKeyRequest {
@@ -262,11 +271,9 @@ async fn revoker(
                 ok += 1;
             }
             Ok(Err(s)) => {
-                keys.state[j].store(UNCERTAIN, Ordering::Release);
                 *failed.entry(format!("{:?}", s.code())).or_default() += 1;
             }
             Err(_) => {
-                keys.state[j].store(UNCERTAIN, Ordering::Release);
                 *failed.entry("timeout (2 s)".into()).or_default() += 1;
             }
         }
