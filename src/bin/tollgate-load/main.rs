@@ -33,8 +33,8 @@ mod noop;
 mod pg;
 mod replicas;
 mod scenario;
-mod soak;
 mod skew;
+mod soak;
 mod suite;
 
 #[derive(Parser)]
