@@ -25,6 +25,12 @@
 //!   locally (the fast path, no store round trip), polled once without a
 //!   runtime `block_on`.
 //!
+//! The `decide` and `check_quota` benches run over a [`SpyStore`] (the
+//! in-memory store, its reads counted) and assert that no key or tenant
+//! read happened while they were timed: a change that bypassed the caches
+//! would fail them, not just time slower. `cargo test --benches` (part of
+//! `scripts/test`) runs every bench once, with these checks.
+//!
 //! Run: `cargo bench --bench hotpath`; a quick pass:
 //! `cargo bench --bench hotpath -- --warm-up-time 1 --measurement-time 2`;
 //! one group: `cargo bench --bench hotpath -- decide`.
@@ -48,6 +54,10 @@ use tollgate::limits::{quota_counter, Subject};
 use tollgate::manage::{CreateKeyInput, CreateTenantInput, Manager};
 use tollgate::profile::Profile;
 use tollgate::store::{MemoryStore, Store};
+
+#[path = "../tests/support/spy_store.rs"]
+mod spy_store;
+use spy_store::SpyStore;
 
 const MAILSAGE: &str = include_str!("../profiles/mailsage.toml");
 const SEC: u64 = 1_000_000_000;
@@ -99,13 +109,16 @@ struct Replica {
     auth: Authenticator,
     manager: Manager,
     caches: Arc<Caches>,
+    /// The store, its key and tenant reads counted.
+    store: Arc<SpyStore>,
 }
 
 impl Replica {
     fn new() -> Self {
         let profile = Arc::new(Profile::embedded_default());
         let peppers = || Peppers::new(pepper(), vec![]).expect("one pepper");
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let spy = Arc::new(SpyStore::new(Arc::new(MemoryStore::new())));
+        let store: Arc<dyn Store> = spy.clone();
         let clock = Clock::system();
         let caches = Arc::new(Caches::new(&CacheSettings::default()));
         let auth = Authenticator::new(
@@ -121,7 +134,14 @@ impl Replica {
             auth,
             manager,
             caches,
+            store: spy,
         }
+    }
+
+    /// Fails if the store was read since `before` (the caches answered).
+    fn assert_no_reads_since(&self, before: usize, bench: &str) {
+        let reads = self.store.reads() - before;
+        assert_eq!(reads, 0, "{bench}: {reads} store reads while timed");
     }
 
     /// Creates a key of `tenant` with its own `limits` (empty: the plan's).
@@ -211,15 +231,17 @@ fn decide_benches(c: &mut Criterion) {
     assert!(replica.caches.tenant(&tenant).is_some(), "tenant cached");
 
     let mut g = c.benchmark_group("decide");
-    g.bench_function("cached", |b| {
-        b.iter(|| rt.block_on(replica.decide(black_box(&plain), &scopes)))
-    });
-    g.bench_function("cached_with_rate_limit", |b| {
-        b.iter(|| rt.block_on(replica.decide(black_box(&limited), &scopes)))
-    });
-    g.bench_function("cached_with_quota", |b| {
-        b.iter(|| rt.block_on(replica.decide(black_box(&quota), &scopes)))
-    });
+    for (name, key) in [
+        ("cached", &plain),
+        ("cached_with_rate_limit", &limited),
+        ("cached_with_quota", &quota),
+    ] {
+        let before = replica.store.reads();
+        g.bench_function(name, |b| {
+            b.iter(|| rt.block_on(replica.decide(black_box(key), &scopes)))
+        });
+        replica.assert_no_reads_since(before, name);
+    }
     g.finish();
     // CheckQuota by credential, as the RPC makes it: identify, then consume 1.
     let answer = rt.block_on(
@@ -231,6 +253,7 @@ fn decide_benches(c: &mut Criterion) {
         answer.expect("no store error").verdict.decision,
         Decision::Allow(_)
     ));
+    let before = replica.store.reads();
     c.bench_function("check_quota/cached_credential", |b| {
         b.iter(|| {
             rt.block_on(replica.auth.check_quota(
@@ -240,6 +263,7 @@ fn decide_benches(c: &mut Criterion) {
             ))
         })
     });
+    replica.assert_no_reads_since(before, "check_quota/cached_credential");
     // The limit was never reached while timing.
     let v = rt.block_on(replica.decide(&limited, &scopes));
     assert_allowed(&v, &["key_per_second"]);

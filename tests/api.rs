@@ -2,11 +2,26 @@
 //! plans, replicas and invalidation, bad input, outages.
 
 mod common;
+#[path = "support/spy_store.rs"]
+mod spy_store;
+
+use std::sync::Arc;
 
 use common::*;
+use spy_store::SpyStore;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tollgate::grpc::pb;
-use tollgate::store::Invalidation;
+use tollgate::store::{Invalidation, PostgresStore};
+
+/// A replica whose store is watched by a [`SpyStore`] (its reads counted,
+/// its invalidation feed held back on demand).
+async fn spawn_spied(conn: &PgConnectOptions, profile_name: &str) -> (Tollgate, Arc<SpyStore>) {
+    let spy = Arc::new(SpyStore::new(Arc::new(PostgresStore::new(
+        pool(conn).await,
+    ))));
+    let t = spawn_on_store(spy.clone(), Options::new(profile(profile_name))).await;
+    (t, spy)
+}
 
 #[sqlx::test]
 async fn a_created_key_authenticates_and_a_revoked_key_is_refused_on_every_replica(
@@ -153,12 +168,14 @@ async fn with_the_lookup_budget_spent_a_key_created_on_another_replica_still_wor
     conn: PgConnectOptions,
 ) {
     let mut a = spawn(&conn, "msgflash").await;
-    let mut b = spawn(&conn, "msgflash").await;
+    let (mut b, spy) = spawn_spied(&conn, "msgflash").await;
     a.create_tenant("acme", "pro").await;
     let mut loaded = b.running.caches().known_loaded();
     loaded.wait_for(|loaded| *loaded).await.unwrap();
-    // A flood of random well-formed keys spends B's lookup budget for
-    // digests it does not know.
+    // B's clock stands still, so its per-second budget of lookups for
+    // unknown digests (100) cannot refill while the test runs.
+    b.running.clock().freeze_at(chrono::Utc::now());
+    // A flood of random well-formed keys spends it.
     for _ in 0..150 {
         let random = b.profile.key_format.generate("live");
         assert_eq!(
@@ -166,11 +183,33 @@ async fn with_the_lookup_budget_spent_a_key_created_on_another_replica_still_wor
             "KEY_UNKNOWN"
         );
     }
+    assert_eq!(spy.key_reads(), 100, "the budget, then no more lookups");
+    let stranger = b.profile.key_format.generate("live");
+    assert_eq!(
+        reason(&b.authenticate(stranger.expose()).await),
+        "KEY_UNKNOWN"
+    );
+    assert_eq!(spy.key_reads(), 100, "spent: refused without a lookup");
+
+    // A key created on A is announced to B (KeyAdded): B knows its digest
+    // and looks it up although the budget is spent.
     let mut seen_by_b = b.invalidations();
     let (secret, _) = a.create_key("acme").await;
     wait_for(&mut seen_by_b, |e| matches!(e, Invalidation::KeyAdded(_))).await;
     let r = b.authenticate(&secret).await;
     assert!(r.allowed, "{r:?}");
+    assert_eq!(spy.key_reads(), 101);
+}
+
+/// Asserts `secret` is refused with `reason` by `t` and `rotated` allowed.
+async fn old_refused_new_allowed(t: &mut Tollgate, secret: &str, rotated: &str, who: &str) {
+    assert_eq!(
+        reason(&t.authenticate(secret).await),
+        "KEY_EXPIRED",
+        "{who}"
+    );
+    let r = t.authenticate(rotated).await;
+    assert!(r.allowed, "{who}: {r:?}");
 }
 
 #[sqlx::test]
@@ -178,11 +217,17 @@ async fn rotation_with_no_grace_refuses_the_old_key_at_once_on_every_replica(
     _p: PgPoolOptions,
     conn: PgConnectOptions,
 ) {
-    let mut a = spawn(&conn, "default").await;
+    let (mut a, spy_a) = spawn_spied(&conn, "default").await;
     let mut b = spawn(&conn, "default").await;
     a.create_tenant("acme", "pro").await;
     let (old_secret, old) = a.create_key("acme").await;
+    // Both replicas hold the old key in their caches.
+    assert!(a.authenticate(&old_secret).await.allowed);
     assert!(b.authenticate(&old_secret).await.allowed);
+    // A's own feed is held back: what A knows at once, it knows from its
+    // own write, not from the NOTIFY.
+    spy_a.hold_feed();
+    let mut seen_by_a = a.invalidations();
     let mut seen_by_b = b.invalidations();
     let rotated = a
         .auth
@@ -194,10 +239,19 @@ async fn rotation_with_no_grace_refuses_the_old_key_at_once_on_every_replica(
         .await
         .unwrap()
         .into_inner();
+    old_refused_new_allowed(&mut a, &old_secret, &rotated.api_key, "A, at once").await;
+    assert!(
+        seen_by_a.try_recv().is_err(),
+        "A's feed brought nothing yet"
+    );
+    // B learns it from the feed.
     let id: uuid::Uuid = old.key_id.parse().unwrap();
     wait_for(&mut seen_by_b, |e| *e == Invalidation::Key(id)).await;
-    assert_eq!(reason(&b.authenticate(&old_secret).await), "KEY_EXPIRED");
-    assert!(b.authenticate(&rotated.api_key).await.allowed);
+    old_refused_new_allowed(&mut b, &old_secret, &rotated.api_key, "B").await;
+    // When A's feed catches up, nothing changes.
+    spy_a.release_feed();
+    wait_for(&mut seen_by_a, |e| *e == Invalidation::Key(id)).await;
+    old_refused_new_allowed(&mut a, &old_secret, &rotated.api_key, "A, later").await;
 }
 
 #[sqlx::test]
@@ -280,7 +334,7 @@ async fn subscription_and_plan_changes_take_effect_on_every_replica_without_wait
     _p: PgPoolOptions,
     conn: PgConnectOptions,
 ) {
-    let mut a = spawn(&conn, "msgflash").await;
+    let (mut a, spy_a) = spawn_spied(&conn, "msgflash").await;
     let mut b = spawn(&conn, "msgflash").await;
     a.create_tenant("acme", "pro").await;
     let (secret, _) = a
@@ -297,12 +351,18 @@ async fn subscription_and_plan_changes_take_effect_on_every_replica_without_wait
         required_scopes: vec!["instances:write".into()],
         ..Default::default()
     };
-    assert!(
-        b.authenticate_with(needs_write(&secret))
-            .await
-            .unwrap()
-            .allowed
-    );
+    // Both replicas hold the key and the tenant in their caches.
+    for t in [&mut a, &mut b] {
+        assert!(
+            t.authenticate_with(needs_write(&secret))
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+    // A's own feed is held back: A must act on its own writes at once.
+    spy_a.hold_feed();
+    let mut seen_by_a = a.invalidations();
 
     // Downgrade to free: instances:write is no longer allowed by the plan.
     let tenant = tollgate::domain::TenantId::parse("acme").unwrap();
@@ -320,11 +380,13 @@ async fn subscription_and_plan_changes_take_effect_on_every_replica_without_wait
         *e == Invalidation::Tenant(tenant.clone())
     })
     .await;
-    let r = b.authenticate_with(needs_write(&secret)).await.unwrap();
-    assert_eq!(reason(&r), "SCOPE_MISSING");
-    assert_eq!(r.denial.unwrap().code, "FORBIDDEN");
-    let r = b.authenticate(&secret).await;
-    assert_eq!(r.principal.unwrap().scopes, vec!["messages:send"]);
+    for (who, t) in [("A", &mut a), ("B", &mut b)] {
+        let r = t.authenticate_with(needs_write(&secret)).await.unwrap();
+        assert_eq!(reason(&r), "SCOPE_MISSING", "{who}");
+        assert_eq!(r.denial.unwrap().code, "FORBIDDEN");
+        let r = t.authenticate(&secret).await;
+        assert_eq!(r.principal.unwrap().scopes, vec!["messages:send"], "{who}");
+    }
 
     a.tenants
         .update_tenant(op(pb::UpdateTenantRequest {
@@ -339,10 +401,14 @@ async fn subscription_and_plan_changes_take_effect_on_every_replica_without_wait
         *e == Invalidation::Tenant(tenant.clone())
     })
     .await;
-    let d = b.authenticate(&secret).await.denial.unwrap();
-    assert_eq!(d.reason, "SUBSCRIPTION_INACTIVE");
-    assert_eq!(d.code, "SUBSCRIPTION_INACTIVE");
-    assert_eq!(d.http_status, 403);
+    for (who, t) in [("A", &mut a), ("B", &mut b)] {
+        let d = t.authenticate(&secret).await.denial.unwrap();
+        assert_eq!(d.reason, "SUBSCRIPTION_INACTIVE", "{who}");
+        assert_eq!(d.code, "SUBSCRIPTION_INACTIVE");
+        assert_eq!(d.http_status, 403);
+    }
+    assert!(seen_by_a.try_recv().is_err(), "A's feed brought nothing");
+    spy_a.release_feed();
 }
 
 /// What each reference product documents for a credential it refuses.
@@ -857,24 +923,53 @@ async fn keys_and_tenants_are_listed_in_pages(_p: PgPoolOptions, conn: PgConnect
 
 #[sqlx::test]
 async fn last_use_is_recorded_in_batches(_p: PgPoolOptions, conn: PgConnectOptions) {
-    let mut t = spawn(&conn, "default").await;
+    let (mut t, spy) = spawn_spied(&conn, "default").await;
+    let t0: chrono::DateTime<chrono::Utc> = "2027-03-01T12:00:00Z".parse().unwrap();
+    let clock = t.running.clock().clone();
+    clock.freeze_at(t0);
     t.create_tenant("acme", "free").await;
-    let (secret, key) = t.create_key("acme").await;
-    assert_eq!(key.last_used_at, None);
-    assert!(t.authenticate(&secret).await.allowed);
-    assert_eq!(t.running.flush_usage().await.unwrap(), 1);
-    let key = t
-        .auth
-        .get_key(op(pb::GetKeyRequest {
-            key_id: key.key_id,
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
-    assert!(key.last_used_at.is_some());
+    let (first, first_key) = t.create_key("acme").await;
+    let (second, second_key) = t.create_key("acme").await;
+    let writes_before = spy.touches();
+    // Five uses of two keys over four seconds.
+    for (secret, at) in [
+        (&first, 0),
+        (&second, 1),
+        (&first, 1),
+        (&first, 2),
+        (&second, 3),
+    ] {
+        clock.freeze_at(t0 + chrono::Duration::seconds(at));
+        assert!(t.authenticate(secret).await.allowed);
+    }
+    clock.freeze_at(t0 + chrono::Duration::seconds(5));
+    assert_eq!(spy.touches(), writes_before, "no write per call");
+    let last_used = async |t: &mut Tollgate, key: &pb::ApiKey| {
+        t.auth
+            .get_key(op(pb::GetKeyRequest {
+                key_id: key.key_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .key
+            .unwrap()
+            .last_used_at
+            .map(|ts| ts.seconds)
+    };
+    assert_eq!(last_used(&mut t, &first_key).await, None);
+
+    // One flush writes both keys in one statement, each with its latest use.
+    assert_eq!(t.running.flush_usage().await.unwrap(), 2);
+    let (calls, rows) = spy.touches();
+    assert_eq!((calls - writes_before.0, rows - writes_before.1), (1, 2));
+    let at = |s: i64| Some((t0 + chrono::Duration::seconds(s)).timestamp());
+    assert_eq!(last_used(&mut t, &first_key).await, at(2));
+    assert_eq!(last_used(&mut t, &second_key).await, at(3));
+    // Nothing pending: the next flush writes nothing.
+    assert_eq!(t.running.flush_usage().await.unwrap(), 0);
+    assert_eq!(spy.touches(), (calls, rows));
 }
 
 #[sqlx::test]

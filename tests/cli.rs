@@ -55,6 +55,9 @@ fn url_of_database(name: &str) -> String {
     }
 }
 
+/// The longest any test here waits for the child.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A running child whose stdout and stderr arrive line by line.
 struct Process {
     child: Child,
@@ -90,16 +93,27 @@ impl Process {
     }
 
     /// The next line (of either stream) for which `pick` returns a value.
-    /// Panics with everything read if the process closes its output first.
+    /// Panics with everything read if the process closes its output first,
+    /// or prints no such line within 60 s.
     async fn read_until<T>(&mut self, mut pick: impl FnMut(&str) -> Option<T>) -> T {
-        while let Some(line) = self.lines.recv().await {
-            let found = pick(&line);
-            self.seen.push(line);
-            if let Some(found) = found {
-                return found;
+        let read = async {
+            while let Some(line) = self.lines.recv().await {
+                let found = pick(&line);
+                self.seen.push(line);
+                if found.is_some() {
+                    return found;
+                }
             }
+            None
+        };
+        match tokio::time::timeout(WAIT, read).await {
+            Ok(Some(found)) => found,
+            Ok(None) => panic!("tollgate closed its output; it printed:\n{}", self.output()),
+            Err(_) => panic!(
+                "no such line in {WAIT:?}; tollgate printed:\n{}",
+                self.output()
+            ),
         }
-        panic!("tollgate closed its output; it printed:\n{}", self.output());
     }
 
     fn sigterm(&self) {
@@ -108,10 +122,18 @@ impl Process {
         assert!(kill.success(), "kill -TERM {pid} failed");
     }
 
-    /// Reads the remaining output, then the exit status.
+    /// Reads the remaining output, then the exit status (within 60 s).
     async fn exit_status(&mut self) -> ExitStatus {
-        while let Some(line) = self.lines.recv().await {
-            self.seen.push(line);
+        let rest = async {
+            while let Some(line) = self.lines.recv().await {
+                self.seen.push(line);
+            }
+        };
+        if tokio::time::timeout(WAIT, rest).await.is_err() {
+            panic!(
+                "tollgate did not exit in {WAIT:?}; it printed:\n{}",
+                self.output()
+            );
         }
         self.child.wait().unwrap()
     }
@@ -356,32 +378,116 @@ async fn migrate_with_a_missing_role_says_the_role_does_not_exist(
     assert!(output.contains("must exist"), "{output}");
 }
 
-#[tokio::test]
-async fn serve_with_postgres_down_listens_alive_but_not_ready_while_migrations_retry() {
-    // A port nothing listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+/// `future`, or a failure naming `what` after [`WAIT`].
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Postgres "comes up" on `port`: connections to it are forwarded to the
+/// server `conn` is on, until the task is dropped.
+async fn postgres_comes_up_on(
+    port: SocketAddr,
+    conn: &PgConnectOptions,
+) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(port).await.unwrap();
+    let target = common::pg_addr(conn);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    })
+}
+
+#[sqlx::test(migrations = false)]
+async fn serve_with_postgres_down_listens_alive_but_not_ready_while_migrations_retry(
+    _pool: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    // The empty database's server at a port nothing listens on (yet).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let (serve, mut health) =
-        serve_listening(&format!("postgres://tollgate@{closed}/tollgate")).await;
+    let mut url = reqwest::Url::parse(&url_of_database(conn.get_database().unwrap())).unwrap();
+    url.set_ip_host(port.ip()).unwrap();
+    url.set_port(Some(port.port())).unwrap();
+    let (mut serve, mut health) = serve_listening(url.as_str()).await;
+    let retries = |serve: &Process| {
+        serve
+            .seen
+            .iter()
+            .filter(|l| l.contains("database unreachable; retrying migrations"))
+            .count()
+    };
+    // The migrations fail and are retried (the log says so, with a delay).
+    while retries(&serve) < 2 {
+        serve
+            .read_until(|l| l.contains("retrying").then_some(()))
+            .await;
+    }
     let status = |service: &str| HealthCheckRequest {
         service: service.into(),
     };
-    let ready = health.check(status("")).await.unwrap().into_inner().status;
+    // Meanwhile it is alive but not ready.
+    let mut readiness = health.watch(status("")).await.unwrap().into_inner();
+    let first = within("readiness", readiness.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
-        ready,
+        first.status,
         ServingStatus::NotServing as i32,
         "{}",
         serve.output()
     );
-    let live = health
-        .check(status("liveness"))
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    assert_eq!(live, ServingStatus::Serving as i32, "{}", serve.output());
+    let live = health.check(status("liveness")).await.unwrap().into_inner();
+    assert_eq!(
+        live.status,
+        ServingStatus::Serving as i32,
+        "{}",
+        serve.output()
+    );
+    assert_eq!(
+        public_tables(&common::pool(&conn).await).await,
+        Vec::<String>::new()
+    );
+
+    // Postgres comes up: the next retry migrates, and readiness turns
+    // SERVING without a restart.
+    let _up = postgres_comes_up_on(port, &conn).await;
+    let update = within("SERVING", async {
+        loop {
+            let update = readiness
+                .message()
+                .await
+                .unwrap()
+                .expect("the stream stays open");
+            if update.status != ServingStatus::NotServing as i32 {
+                return update;
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        update.status,
+        ServingStatus::Serving as i32,
+        "{}",
+        serve.output()
+    );
+    assert!(
+        public_tables(&common::pool(&conn).await)
+            .await
+            .contains(&"api_keys".to_string()),
+        "migrated"
+    );
+    let live = health.check(status("liveness")).await.unwrap().into_inner();
+    assert_eq!(live.status, ServingStatus::Serving as i32);
 }
 
 #[sqlx::test(migrations = false)]
@@ -400,7 +506,7 @@ async fn serve_becomes_healthy_on_postgres_then_on_sigterm_reports_not_serving_a
         .unwrap()
         .into_inner();
     let mut next_status = async || {
-        let update = updates.message().await.unwrap();
+        let update = within("a health update", updates.message()).await.unwrap();
         update.expect("health stream stays open").status
     };
     while next_status().await != ServingStatus::Serving as i32 {}
@@ -489,22 +595,41 @@ async fn with_an_otlp_endpoint_request_spans_are_exported_and_flushed_on_sigterm
         .into_inner();
     assert!(r.allowed);
     dev.sigterm();
-    assert!(dev.exit_status().await.success(), "{}", dev.output());
+    let status = dev.exit_status().await;
+    assert!(status.success(), "{}", dev.output());
     // The batch is flushed at shutdown at the latest.
     let mut exported = Vec::new();
     while let Ok(request) = received.try_recv() {
         exported.extend(request);
     }
-    let exported = String::from_utf8_lossy(&exported);
-    assert!(exported.starts_with("POST /v1/traces"), "{exported}");
-    assert!(exported.contains("application/x-protobuf"));
+    let text = String::from_utf8_lossy(&exported);
+    assert!(text.starts_with("POST /v1/traces"), "{text}");
+    assert!(text.contains("application/x-protobuf"));
+    // The resource attribute itself, as OTLP encodes it ("tollgate" alone
+    // is also the instrumentation scope's name).
     assert!(
-        exported.contains("tollgate"),
-        "the service name is exported"
+        holds_attribute(&exported, "service.name", "tollgate"),
+        "the service name is exported: {text}"
     );
     assert!(
-        exported.contains("authenticate"),
+        !holds_attribute(&exported, "service.name", "unknown_service"),
+        "{text}"
+    );
+    assert!(
+        text.contains("authenticate"),
         "the request's span is exported"
     );
-    assert!(!exported.contains(&key), "no secret in exported spans");
+    assert!(!text.contains(&key), "no secret in exported spans");
+}
+
+/// Whether `body` holds the OTLP `KeyValue { key, value: AnyValue {
+/// string_value } }` in its protobuf encoding (field 1: key, field 2: the
+/// value, whose field 1 is the string; short strings, one-byte lengths).
+fn holds_attribute(body: &[u8], key: &str, value: &str) -> bool {
+    assert!(key.len() < 128 && value.len() + 2 < 128);
+    let mut encoded = vec![0x0a, key.len() as u8];
+    encoded.extend_from_slice(key.as_bytes());
+    encoded.extend_from_slice(&[0x12, value.len() as u8 + 2, 0x0a, value.len() as u8]);
+    encoded.extend_from_slice(value.as_bytes());
+    body.windows(encoded.len()).any(|w| w == encoded.as_slice())
 }

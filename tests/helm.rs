@@ -141,6 +141,7 @@ fn render(values: &[&Path], sets: &[&str]) -> Rendered {
 // ------------------------------------------------------ rendered objects
 
 /// The manifests as text (for kubernetes-validate) and as JSON documents.
+#[derive(Clone)]
 struct Rendered {
     yaml: String,
     docs: Vec<Value>,
@@ -182,6 +183,26 @@ impl Rendered {
             .collect();
         all.sort();
         all
+    }
+
+    /// Adds an object the chart refers to but does not render (an
+    /// `existingSecret`, an extra ConfigMap), as the cluster would hold it.
+    fn with_existing(mut self, kind: &str, name: &str, data: &[(&str, &str)]) -> Self {
+        use base64::Engine;
+        let data: serde_json::Map<String, Value> = data
+            .iter()
+            .map(|(key, text)| {
+                let value = match kind {
+                    "Secret" => base64::engine::general_purpose::STANDARD.encode(text),
+                    _ => (*text).to_owned(),
+                };
+                ((*key).to_owned(), Value::String(value))
+            })
+            .collect();
+        assert!(self.find(kind, name).is_none(), "{kind}/{name} is rendered");
+        self.docs
+            .push(json!({"kind": kind, "metadata": {"name": name}, "data": data}));
+        self
     }
 
     /// A key of a ConfigMap's data or a Secret's (decoded) data.
@@ -1032,6 +1053,106 @@ fn every_option_yields_a_configuration_tollgate_accepts() {
     let versions: Vec<i32> = peppers.all().map(|p| p.version()).collect();
     assert_eq!(versions, [2, 1]);
     let _ = std::fs::remove_dir_all(&dir);
+
+    // Then the real binary, run as the pod runs it: every mounted file,
+    // the environment, the args; the Secrets and ConfigMap the values name
+    // as existing are supplied as the cluster would hold them.
+    let tls = tls_secret();
+    let signing = ed25519_pem();
+    let cluster = r
+        .with_existing(
+            "Secret",
+            "tollgate-credentials",
+            &[
+                ("uri", "postgres://tollgate@127.0.0.1:1/tollgate"),
+                ("pepper-v2", "current-pepper-0123456789abcdef-test"),
+                ("operator", "an-operator-token-of-32-characters-x"),
+            ],
+        )
+        .with_existing(
+            "Secret",
+            "tollgate-jwt-keys",
+            &[("console-1.pem", &signing)],
+        )
+        .with_existing("ConfigMap", "corporate-ca", &[("ca.crt", &tls.ca)]);
+    let with_tls = |key: &str| {
+        cluster.clone().with_existing(
+            "Secret",
+            "tollgate-grpc-tls",
+            &[
+                ("tls.crt", &tls.cert),
+                ("tls.key", key),
+                ("ca.crt", &tls.ca),
+            ],
+        )
+    };
+    let r = with_tls(&tls.key);
+    let stderr = run_as_the_pod(&r, "Deployment", "tollgate-all", "tollgate", &[]);
+    let listening = stderr
+        .lines()
+        .find(|l| l.contains("tollgate listening"))
+        .unwrap_or_else(|| panic!("the binary refused the all-options configuration:\n{stderr}"));
+    // Text logs (config.logFormat), the custom profile (profile.custom),
+    // metrics on (metrics.enabled).
+    assert!(!listening.starts_with('{'), "{listening}");
+    assert!(listening.contains("profile=custom"), "{listening}");
+    assert!(stderr.contains("metrics on /metrics"), "{stderr}");
+    assert!(
+        !stderr.contains("configuration") && !stderr.contains("no operator token configured"),
+        "{stderr}"
+    );
+    // TLS is on (tls.enabled, from the existing Secret): a key that is not
+    // one stops the start, naming the file.
+    let stderr = run_as_the_pod(
+        &with_tls("not a key"),
+        "Deployment",
+        "tollgate-all",
+        "tollgate",
+        &[],
+    );
+    assert!(
+        !stderr.contains("tollgate listening") && stderr.contains("tls.key"),
+        "{stderr}"
+    );
+    let stderr = run_as_the_pod(&r, "Job", "tollgate-all-migrate", "migrate", &[]);
+    assert!(
+        stderr.contains("cannot connect to Postgres") && !stderr.contains("configuration"),
+        "{stderr}"
+    );
+}
+
+/// A server certificate for `localhost` and the CA that signed it, in PEM.
+struct TlsSecret {
+    cert: String,
+    key: String,
+    ca: String,
+}
+
+fn tls_secret() -> TlsSecret {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    TlsSecret {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+        ca: ca.pem(),
+    }
+}
+
+/// A fresh Ed25519 private key in PKCS#8 PEM (a console signing key).
+fn ed25519_pem() -> String {
+    use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    let key = ed25519_dalek::SigningKey::from_bytes(&rand::random());
+    key.to_pkcs8_pem(LineEnding::LF).unwrap().to_string()
 }
 
 #[test]

@@ -132,6 +132,10 @@ async fn shutdown_lets_in_flight_calls_finish_and_returns_quota_leases(
     // Hold the tenant row so the next CreateKey blocks inside its transaction.
     let db = pool_opts.connect_with(conn.clone()).await.unwrap();
     let mut lock = db.begin().await.unwrap();
+    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *lock)
+        .await
+        .unwrap();
     sqlx::query("SELECT 1 FROM tenants WHERE tenant_id = 'acme' FOR UPDATE")
         .execute(&mut *lock)
         .await
@@ -146,38 +150,67 @@ async fn shutdown_lets_in_flight_calls_finish_and_returns_quota_leases(
             }))
             .await
     });
-    // Signal: Postgres shows the CreateKey waiting on our lock.
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
-        )
+    // Signal: Postgres shows a backend blocked by our very lock (not any
+    // lock wait on the server: other tests' databases share it).
+    let blocked_by_us = "SELECT count(*) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND $1 = ANY(pg_blocking_pids(pid))";
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while sqlx::query_scalar::<_, i64>(blocked_by_us)
+            .bind(holder)
+            .fetch_one(&db)
+            .await
+            .unwrap()
+            == 0
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("CreateKey waits on our lock");
+    let mut health = t
+        .health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let shutdown = tokio::spawn(t.running.shutdown());
+    // Shutdown starts by going NOT_SERVING, while the call is still held.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(update) = health.message().await.unwrap() {
+            if update.status == ServingStatus::NotServing as i32 {
+                return;
+            }
+        }
+        panic!("the health stream ended before NOT_SERVING");
+    })
+    .await
+    .expect("NOT_SERVING");
+    assert!(!in_flight.is_finished());
+    // (The Watch stream is a call too: end it, or shutdown waits for it.)
+    drop(health);
+    assert!(!shutdown.is_finished(), "shutdown waits for the call");
+    lock.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("shutdown ends")
+        .unwrap()
+        .unwrap();
+    // Shutdown returned after the call had written its key.
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys")
         .fetch_one(&db)
         .await
         .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    let mut health = t.health.clone();
-    let shutdown = tokio::spawn(t.running.shutdown());
-    // Shutdown starts by going NOT_SERVING, while the call is still held.
-    loop {
-        let s = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            })
-            .await;
-        if s.is_ok_and(|r| r.into_inner().status == ServingStatus::NotServing as i32) {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    assert!(!in_flight.is_finished());
-    lock.commit().await.unwrap();
-    let created = in_flight.await.unwrap();
+    assert_eq!(
+        keys, 2,
+        "the in-flight CreateKey committed before shutdown returned"
+    );
+    let created = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("the in-flight call ends")
+        .unwrap();
     assert!(created.is_ok(), "the in-flight call finished: {created:?}");
-    shutdown.await.unwrap().unwrap();
 
     let used: i64 =
         sqlx::query_scalar("SELECT used FROM quota_usage WHERE limit_name = 'tenant_per_month'")
@@ -343,20 +376,71 @@ async fn tls_health(
         .map_err(|e| format!("{e:?}"))
 }
 
+/// A Secret volume as the kubelet mounts it: each file is a symlink into
+/// `..data`, itself a symlink to a directory holding one version of every
+/// file; a new version is written aside and swapped in with one rename, so
+/// a reader never sees half of it.
+struct SecretMount {
+    dir: std::path::PathBuf,
+    version: usize,
+}
+
+impl SecretMount {
+    fn new(files: &[(&str, &str)]) -> Self {
+        let dir = std::env::temp_dir().join(format!("tollgate-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut mount = Self { dir, version: 0 };
+        mount.publish(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), mount.path(name)).unwrap();
+        }
+        mount
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Writes every file of a new version, then swaps `..data` to it.
+    fn publish(&mut self, files: &[(&str, &str)]) {
+        self.version += 1;
+        let version = format!("..v{}", self.version);
+        std::fs::create_dir(self.dir.join(&version)).unwrap();
+        for (name, text) in files {
+            std::fs::write(self.dir.join(&version).join(name), text).unwrap();
+        }
+        let next = self.dir.join("..data_next");
+        std::os::unix::fs::symlink(&version, &next).unwrap();
+        std::fs::rename(&next, self.dir.join("..data")).unwrap();
+    }
+}
+
+impl Drop for SecretMount {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn refs<'a>(files: &'a [(&'static str, String); 3]) -> [(&'static str, &'a str); 3] {
+    files.each_ref().map(|(name, text)| (*name, text.as_str()))
+}
+
 #[tokio::test]
 async fn mutual_tls_admits_clients_with_a_trusted_certificate_only_and_reloads_certificates() {
     let pki = pki();
-    let dir = std::env::temp_dir().join(format!("tollgate-tls-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let write = |name: &str, text: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
+    let files = |p: &Pki| {
+        [
+            ("tls.crt", p.server_cert.clone()),
+            ("tls.key", p.server_key.clone()),
+            ("ca.crt", p.ca_pem.clone()),
+        ]
     };
+    let first = files(&pki);
+    let mut mount = SecretMount::new(&refs(&first));
     let settings = tollgate::tls::TlsSettings {
-        cert_file: write("tls.crt", &pki.server_cert),
-        key_file: write("tls.key", &pki.server_key),
-        client_ca_file: Some(write("ca.crt", &pki.ca_pem)),
+        cert_file: mount.path("tls.crt"),
+        key_file: mount.path("tls.key"),
+        client_ca_file: Some(mount.path("ca.crt")),
         reload_seconds: 1,
     };
     let tls = tollgate::tls::Reloading::start(settings).unwrap();
@@ -377,13 +461,15 @@ async fn mutual_tls_admits_clients_with_a_trusted_certificate_only_and_reloads_c
         "a certificate the CA did not sign"
     );
 
-    // Rotate to a certificate from a new CA: the running server picks it up.
+    // Rotate to a certificate from a new CA, all three files at once (as a
+    // Secret update lands): the running server picks it up.
     let next = self::pki();
     let mut reloaded = tls.subscribe();
-    write("ca.crt", &next.ca_pem);
-    write("tls.key", &next.server_key);
-    write("tls.crt", &next.server_cert);
-    reloaded.recv().await.unwrap();
+    mount.publish(&refs(&files(&next)));
+    tokio::time::timeout(Duration::from_secs(10), reloaded.recv())
+        .await
+        .expect("a reload within 10 s (the poller looks every second)")
+        .unwrap();
     let next_client = Some((next.client_cert.as_str(), next.client_key.as_str()));
     assert_eq!(
         tls_health(addr, &next.ca_pem, next_client).await,
@@ -393,6 +479,9 @@ async fn mutual_tls_admits_clients_with_a_trusted_certificate_only_and_reloads_c
         tls_health(addr, &pki.ca_pem, client).await.is_err(),
         "old chain retired"
     );
+    assert!(
+        tls_health(addr, &next.ca_pem, client).await.is_err(),
+        "the old client certificate is not signed by the new CA"
+    );
     running.shutdown().await.unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -85,13 +85,38 @@ pub struct RefreshPolicy {
 }
 
 /// Counters of one refresher, for tests and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RefreshStats {
     ok: AtomicU64,
     failed: AtomicU64,
+    /// Bumped after every refresh, so a caller can wait for one.
+    done: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for RefreshStats {
+    fn default() -> Self {
+        Self {
+            ok: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            done: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl RefreshStats {
+    /// Resolves once `reached` holds, checked now and after each refresh
+    /// (a signal for tests and tools, instead of polling).
+    pub async fn wait_until(&self, mut reached: impl FnMut(&Self) -> bool) {
+        let mut done = self.done.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = done.wait_for(|_| reached(self)).await;
+    }
+
+    fn count(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::AcqRel);
+        self.done.send_modify(|n| *n += 1);
+    }
+
     /// Successful refreshes so far.
     pub fn ok(&self) -> u64 {
         self.ok.load(Ordering::Acquire)
@@ -158,13 +183,13 @@ impl Refresher {
                 tracing::debug!(issuer = %self.issuer.rules().issuer, keys = keys.len(),
                     "JWKS refreshed");
                 self.issuer.set_keys(keys);
-                self.stats.ok.fetch_add(1, Ordering::AcqRel);
+                self.stats.count(&self.stats.ok);
                 true
             }
             Err(e) => {
                 tracing::warn!(issuer = %self.issuer.rules().issuer, error = %e,
                     "JWKS refresh failed; keeping the last good keys");
-                self.stats.failed.fetch_add(1, Ordering::AcqRel);
+                self.stats.count(&self.stats.failed);
                 false
             }
         }

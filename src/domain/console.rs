@@ -328,10 +328,26 @@ mod tests {
 
     #[test]
     fn roles_round_trip_and_only_owners_and_admins_manage() {
-        for r in Role::ALL {
-            assert_eq!(Role::parse(r.as_str()), Some(r));
+        // The table as the README states it, one row per role.
+        let table = [
+            (Role::Owner, "owner", true),
+            (Role::Admin, "admin", true),
+            (Role::Developer, "developer", false),
+            (Role::Viewer, "viewer", false),
+        ];
+        assert_eq!(table.map(|(r, ..)| r), Role::ALL, "every role, once");
+        for (role, name, manages) in table {
+            assert_eq!(role.as_str(), name);
+            assert_eq!(Role::parse(name), Some(role));
+            assert_eq!(role.manages(), manages, "{name}");
         }
-        assert!(Role::Admin.manages() && !Role::Developer.manages() && !Role::Viewer.manages());
-        assert!(format!("{:?}", PasswordHash("$argon2id$secret".into())).contains("redacted"));
+        for unknown in ["", "Owner", "OWNER", "root", "owner "] {
+            assert_eq!(Role::parse(unknown), None, "{unknown:?}");
+        }
+        let shown = format!("{:?}", PasswordHash("$argon2id$secret".into()));
+        assert!(
+            shown.contains("redacted") && !shown.contains("secret"),
+            "{shown}"
+        );
     }
 }

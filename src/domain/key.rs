@@ -411,8 +411,170 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_input_never_panics(input in ".{0,300}") {
-            let _ = msgflash().parse(&input);
+        fn arbitrary_input_never_panics(input in parser_input()) {
+            check_parse(&msgflash(), &input)?;
         }
+    }
+
+    /// One edit of a real key: which edit, where, and with what.
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Replace(prop::sample::Index, char),
+        Insert(prop::sample::Index, char),
+        Remove(prop::sample::Index),
+        Truncate(prop::sample::Index),
+        Append(String),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        let index = any::<prop::sample::Index>;
+        prop_oneof![
+            (index(), key_char()).prop_map(|(i, c)| Edit::Replace(i, c)),
+            (index(), key_char()).prop_map(|(i, c)| Edit::Insert(i, c)),
+            index().prop_map(Edit::Remove),
+            index().prop_map(Edit::Truncate),
+            "\\PC{1,200}".prop_map(Edit::Append),
+        ]
+    }
+
+    /// Characters a damaged key may hold: its alphabet, the separator,
+    /// look-alikes from other alphabets, and multi-byte characters (two,
+    /// three and four bytes of UTF-8).
+    fn key_char() -> impl Strategy<Value = char> {
+        prop_oneof![
+            prop::sample::select(b"0123456789abcdef".map(char::from).to_vec()),
+            prop::sample::select(vec!['_', 'A', 'F', 'g', 'z', 'Z', ' ', '\0', '-']),
+            prop::sample::select(vec!['é', 'ß', 'Ω', '€', '０', 'ａ', '🔑', '\u{10FFFF}']),
+            any::<char>(),
+        ]
+    }
+
+    /// Applies `edits` to `key`, on character boundaries.
+    fn damaged(key: &str, edits: &[Edit]) -> String {
+        let mut chars: Vec<char> = key.chars().collect();
+        for e in edits {
+            match e {
+                Edit::Replace(i, c) if !chars.is_empty() => {
+                    let at = i.index(chars.len());
+                    chars[at] = *c;
+                }
+                Edit::Insert(i, c) => chars.insert(i.index(chars.len() + 1), *c),
+                Edit::Remove(i) if !chars.is_empty() => {
+                    chars.remove(i.index(chars.len()));
+                }
+                Edit::Truncate(i) => chars.truncate(i.index(chars.len() + 1)),
+                Edit::Append(tail) => chars.extend(tail.chars()),
+                _ => {}
+            }
+        }
+        chars.into_iter().collect()
+    }
+
+    /// Inputs that reach every branch of the parser, not only its first
+    /// check: real keys with a few edits (substitutions, insertions,
+    /// removals, truncation, anything appended, multi-byte characters
+    /// included); the valid prefix followed by environments and bodies of
+    /// every kind; and arbitrary text, multi-byte included.
+    fn parser_input() -> impl Strategy<Value = String> {
+        let env = prop_oneof![
+            Just("live".to_string()),
+            Just("test".to_string()),
+            "[a-z]{0,6}",
+            "\\PC{0,4}",
+        ];
+        let body = prop_oneof![
+            "[0-9a-f]{64}",
+            "[0-9a-f]{0,80}",
+            "[0-9a-fA-F_]{64}",
+            "[0-9a-f]{60}\\PC{1,4}",
+            "\\PC{0,70}",
+        ];
+        prop_oneof![
+            3 => (any::<bool>(), prop::collection::vec(edit(), 0..4)).prop_map(|(live, edits)| {
+                let key = msgflash().generate(if live { "live" } else { "test" });
+                damaged(key.expose(), &edits)
+            }),
+            3 => (env, body).prop_map(|(env, body)| format!("msgf_{env}_{body}")),
+            1 => "\\PC{0,300}",
+            1 => ".{0,300}",
+        ]
+    }
+
+    /// Parses `input` with `format` and checks the answer is the right one
+    /// for what the input is (a panic fails the property too).
+    fn check_parse(
+        format: &KeyFormat,
+        input: &str,
+    ) -> Result<Option<KeyParseError>, TestCaseError> {
+        match format.parse(input) {
+            Ok(parsed) => {
+                prop_assert_eq!(parsed.expose(), input);
+                prop_assert!(format.has_environment(parsed.environment()));
+                prop_assert!(input.is_ascii());
+                let split = input.len() - format.alphabet.checksum_len();
+                let mut expected = String::new();
+                let crc = crc32fast::hash(&input.as_bytes()[..split]);
+                format.alphabet.encode_checksum(crc, &mut expected);
+                prop_assert_eq!(&input[split..], expected.as_str());
+                Ok(None)
+            }
+            Err(e) => {
+                let shown = format!("{e} {e:?}");
+                prop_assert!(input.len() < 8 || !shown.contains(input), "{}", shown);
+                Ok(Some(e))
+            }
+        }
+    }
+
+    /// The generator is worth running: over a few thousand of its inputs
+    /// every outcome of the parser occurs, so every check is exercised.
+    #[test]
+    fn the_property_inputs_reach_every_branch_of_the_parser() {
+        use proptest::test_runner::{Config, TestRunner};
+        let format = msgflash();
+        let seen = std::cell::RefCell::new(std::collections::BTreeMap::new());
+        let mut runner = TestRunner::new(Config {
+            cases: 4096,
+            ..Config::default()
+        });
+        let outcome = |e: &Option<KeyParseError>| match e {
+            None => "ok",
+            Some(KeyParseError::TooLong) => "too long",
+            Some(KeyParseError::WrongPrefix) => "wrong prefix",
+            Some(KeyParseError::UnknownEnvironment) => "unknown environment",
+            Some(KeyParseError::WrongLength { .. }) => "wrong length",
+            Some(KeyParseError::InvalidCharacter) => "invalid character",
+            Some(KeyParseError::ChecksumMismatch) => "checksum mismatch",
+        };
+        let multi_byte = std::cell::Cell::new(0);
+        runner
+            .run(&parser_input(), |input| {
+                let e = check_parse(&format, &input)?;
+                *seen.borrow_mut().entry(outcome(&e)).or_insert(0) += 1;
+                if !input.is_ascii() && e != Some(KeyParseError::WrongPrefix) {
+                    multi_byte.set(multi_byte.get() + 1);
+                }
+                Ok(())
+            })
+            .unwrap();
+        for branch in [
+            "ok",
+            "too long",
+            "wrong prefix",
+            "unknown environment",
+            "wrong length",
+            "invalid character",
+            "checksum mismatch",
+        ] {
+            let seen = seen.borrow();
+            assert!(
+                seen.get(branch).copied().unwrap_or(0) >= 20,
+                "{branch}: {seen:?}"
+            );
+        }
+        assert!(
+            multi_byte.get() >= 20,
+            "multi-byte input past the prefix: {seen:?}"
+        );
     }
 }

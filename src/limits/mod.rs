@@ -510,6 +510,18 @@ mod tests {
     use super::*;
     use crate::store::MemoryStore;
 
+    /// A clock stopped at `at`: a quota period (day, month) cannot end and
+    /// no rate-limit credit can accrue between two checks of one test.
+    fn stopped_at(at: &str) -> Clock {
+        let clock = Clock::system();
+        clock.freeze_at(at.parse().expect("an RFC 3339 instant"));
+        clock
+    }
+
+    /// The last millisecond of a UTC month (and day): where a test on the
+    /// live clock could see its quota counters start afresh mid-test.
+    const MONTH_END: &str = "2027-01-31T23:59:59.999Z";
+
     fn spec(scope: LimitScope, period: LimitPeriod, limit: u64) -> LimitSpec {
         LimitSpec {
             scope,
@@ -522,8 +534,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_tightest_limit_decides_and_a_denial_consumes_nothing() {
-        let clock = Clock::system();
-        let limiter = Limiter::new(Arc::new(MemoryStore::new()), clock);
+        let limiter = Limiter::new(Arc::new(MemoryStore::new()), stopped_at(MONTH_END));
         let tenant = TenantId::parse("t").unwrap();
         let subject = Subject {
             key: Some(uuid::Uuid::now_v7()),
@@ -554,7 +565,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dry_run_consumes_nothing() {
-        let limiter = Limiter::new(Arc::new(MemoryStore::new()), Clock::system());
+        let limiter = Limiter::new(Arc::new(MemoryStore::new()), stopped_at(MONTH_END));
         let tenant = TenantId::parse("t").unwrap();
         let subject = Subject {
             key: None,

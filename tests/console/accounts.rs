@@ -12,7 +12,7 @@ use crate::common::{op, reason, violations};
 use crate::harness::{spawn_console, spawn_console_with, PASSWORD};
 use crate::mailbox::WEBHOOK_SECRET;
 use tollgate::console::delivery::verify_signature;
-use tollgate::console::settings::SignupPolicy;
+use tollgate::console::settings::{SigningKeySettings, SignupPolicy};
 use tollgate::grpc::pb;
 
 #[sqlx::test]
@@ -455,30 +455,57 @@ async fn email_verification_tokens_work_once(_p: PgPoolOptions, conn: PgConnectO
     assert!(c.mail.is_empty().await);
 }
 
+/// The retry delay a throttled call names, in whole seconds.
+fn retry_after(e: &tonic::Status) -> i64 {
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    e.get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo")
+        .as_secs() as i64
+}
+
 #[sqlx::test]
 async fn failed_logins_back_off_per_account(_p: PgPoolOptions, conn: PgConnectOptions) {
     let mut c = spawn_console(&conn).await;
     c.sign_up("ada@example.com").await;
-    for _ in 0..5 {
-        let e = c
-            .login_as("ada@example.com", "wrong password!!")
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::Unauthenticated);
+    c.sign_up("bob@example.com").await;
+    // Time moves only when the test moves it: no back-off runs out by itself.
+    let clock = c.t.running.clock().clone();
+    clock.freeze_at(chrono::Utc::now());
+    let wrong = |c: &mut crate::harness::Console| {
+        let mut console = c.console.clone();
+        async move {
+            console
+                .login(pb::LoginRequest {
+                    email: "ada@example.com".into(),
+                    password: "wrong password!!".into(),
+                    client_address: String::new(),
+                })
+                .await
+                .unwrap_err()
+        }
+    };
+    // Five free failures, then the sixth starts the back-off: 1 s.
+    for _ in 0..6 {
+        assert_eq!(wrong(&mut c).await.code(), Code::Unauthenticated);
     }
-    c.login_as("ada@example.com", "wrong password!!")
-        .await
-        .unwrap_err();
-    // Backing off: even the right password is refused, with a retry hint.
     let e = c.login_as("ada@example.com", PASSWORD).await.unwrap_err();
-    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    assert!(e
-        .get_details_retry_info()
-        .and_then(|r| r.retry_delay)
-        .is_some());
-    c.t.running
-        .clock()
-        .advance(std::time::Duration::from_millis(1100));
+    assert_eq!(retry_after(&e), 1, "even the right password waits: {e:?}");
+    // Per account: another account from the same address is not held up.
+    c.login("bob@example.com").await;
+    // Nothing changes while time stands still.
+    let e = c.login_as("ada@example.com", PASSWORD).await.unwrap_err();
+    assert_eq!(retry_after(&e), 1);
+
+    // Each further failure doubles the wait.
+    clock.advance(std::time::Duration::from_secs(1));
+    assert_eq!(wrong(&mut c).await.code(), Code::Unauthenticated);
+    let e = c.login_as("ada@example.com", PASSWORD).await.unwrap_err();
+    assert_eq!(retry_after(&e), 2, "{e:?}");
+    clock.advance(std::time::Duration::from_millis(1999));
+    let e = c.login_as("ada@example.com", PASSWORD).await.unwrap_err();
+    assert_eq!(retry_after(&e), 1, "1 ms left, rounded up");
+    clock.advance(std::time::Duration::from_millis(1));
     c.login("ada@example.com").await;
 }
 
@@ -540,26 +567,91 @@ async fn an_unauthenticated_caller_cannot_dodge_the_address_throttle_with_client
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
 }
 
+/// A console signing key whose private half the test holds too.
+fn console_signing_key(kid: &str) -> (SigningKeySettings, jsonwebtoken::EncodingKey) {
+    use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    let key = ed25519_dalek::SigningKey::from_bytes(&rand::random());
+    let pem = key.to_pkcs8_pem(LineEnding::LF).unwrap();
+    let settings = SigningKeySettings {
+        kid: kid.into(),
+        private_key: Some(pem.to_string().into()),
+        private_key_file: None,
+    };
+    (
+        settings,
+        jsonwebtoken::EncodingKey::from_ed_pem(pem.as_bytes()).unwrap(),
+    )
+}
+
+/// The claims of a JWT (not verified: the test made or received it).
+fn claims_of(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
 #[sqlx::test]
 async fn console_tokens_are_not_valid_for_another_audience_or_after_expiry(
     _p: PgPoolOptions,
     conn: PgConnectOptions,
 ) {
-    let mut c = spawn_console(&conn).await;
+    let (key, signing) = console_signing_key("console-1");
+    let mut c = spawn_console_with(&conn, |s| s.signing_keys = vec![key]).await;
     c.sign_up("ada@example.com").await;
     let session = c.login("ada@example.com").await;
-    c.t.running
-        .clock()
-        .advance(std::time::Duration::from_secs(900 + 31));
-    let r =
+    // The same claims and the same key, for another audience: a token a
+    // deployment sharing this signing key (staging, another product) gave out.
+    let mut claims = claims_of(&session.access_token);
+    assert_eq!(claims["aud"], "tollgate-console");
+    claims["aud"] = "another-console".into();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    header.kid = Some("console-1".into());
+    let elsewhere = jsonwebtoken::encode(&header, &claims, &signing).unwrap();
+
+    let on_dashboard = async |c: &mut crate::harness::Console, token: &str| {
         c.t.authenticate_with(pb::AuthenticateRequest {
-            token: session.access_token,
+            token: token.into(),
             surface: "dashboard".into(),
             ..Default::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+    };
+    let manages = async |c: &mut crate::harness::Console, token: &str| {
+        c.t.auth
+            .list_keys(crate::harness::bearer(
+                token,
+                pb::ListKeysRequest::default(),
+            ))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.code())
+    };
+    // The token as issued works on both paths...
+    assert!(on_dashboard(&mut c, &session.access_token).await.allowed);
+    assert_eq!(manages(&mut c, &session.access_token).await, Ok(()));
+    // ...the one for another audience on neither.
+    let r = on_dashboard(&mut c, &elsewhere).await;
+    assert_eq!(reason(&r), "TOKEN_INVALID", "{r:?}");
+    assert_eq!(
+        manages(&mut c, &elsewhere).await,
+        Err(Code::Unauthenticated)
+    );
+
+    // Past its 15 minutes (and the 30 s leeway) the issued token is expired.
+    c.t.running
+        .clock()
+        .advance(std::time::Duration::from_secs(900 + 31));
+    let r = on_dashboard(&mut c, &session.access_token).await;
     assert_eq!(reason(&r), "TOKEN_EXPIRED");
+    assert_eq!(
+        manages(&mut c, &session.access_token).await,
+        Err(Code::Unauthenticated)
+    );
 }
 
 #[sqlx::test]

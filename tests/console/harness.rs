@@ -44,6 +44,15 @@ pub async fn spawn_console_with(
     conn: &PgConnectOptions,
     adjust: impl FnOnce(&mut ConsoleSettings),
 ) -> Console {
+    spawn_console_with_jwt(conn, |jwt| adjust(&mut jwt.console)).await
+}
+
+/// As [`spawn_console`], with the whole `[jwt]` section (external issuers
+/// beside the console) adjusted by `adjust`.
+pub async fn spawn_console_with_jwt(
+    conn: &PgConnectOptions,
+    adjust: impl FnOnce(&mut JwtSettings),
+) -> Console {
     let mail = Mailbox::start().await;
     let mut settings = ConsoleSettings {
         signup: Some(SignupPolicy::Open),
@@ -51,11 +60,11 @@ pub async fn spawn_console_with(
     };
     settings.delivery.webhook_url = Some(mail.url());
     settings.delivery.webhook_secret = Some(WEBHOOK_SECRET.to_string().into());
-    adjust(&mut settings);
-    let jwt = JwtSettings {
+    let mut jwt = JwtSettings {
         console: settings,
         ..JwtSettings::default()
     };
+    adjust(&mut jwt);
     let pg = pool(conn).await;
     let store: Arc<dyn Store> = Arc::new(PostgresStore::new(pg.clone()));
     let mut opts = Options::new(profile("msgflash"));

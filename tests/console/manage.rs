@@ -5,7 +5,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
 use crate::common::{op, reason};
-use crate::harness::{bearer, spawn_console, Console, PASSWORD};
+use crate::harness::{bearer, spawn_console, spawn_console_with_jwt, Console, PASSWORD};
+use crate::jwt_keys::{claims, TestKey};
+use tollgate::crypto::issuers::{IssuerSettings, IssuerTenants, PublicKeySettings};
 use tollgate::grpc::pb;
 
 /// Makes `email` the owner of a new tenant `tenant` (the operator's way)
@@ -464,10 +466,65 @@ async fn only_console_tokens_manage_and_only_while_valid(
     _p: PgPoolOptions,
     conn: PgConnectOptions,
 ) {
-    let mut c = spawn_console(&conn).await;
+    // An external issuer the deployment trusts for the dashboard surface.
+    let idp = TestKey::es256("idp-1");
+    let iss = "https://idp.example";
+    let mut c = spawn_console_with_jwt(&conn, |jwt| {
+        jwt.issuers = vec![IssuerSettings {
+            issuer: iss.into(),
+            tenants: Some(IssuerTenants::Word("all".into())),
+            audiences: vec!["tollgate-console".into()],
+            public_keys: vec![PublicKeySettings {
+                kid: Some("idp-1".into()),
+                algorithm: "ES256".into(),
+                pem: Some(idp.public_pem.clone()),
+                file: None,
+            }],
+            ..IssuerSettings::default()
+        }]
+    })
+    .await;
     let own = owner(&mut c, "o@example.com", "acme").await;
     let list = |token: &str| bearer(token, pb::ListKeysRequest::default());
     c.t.auth.list_keys(list(&own)).await.unwrap();
+
+    // The external issuer's token says everything a console token says
+    // (the owner's user id, tenant, role, audience, a verified email), and
+    // it is good: the dashboard surface accepts it.
+    let users = c
+        .console
+        .list_users(bearer(&own, pb::ListUsersRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .users;
+    let mut claims = claims(iss, "tollgate-console", "acme", 600);
+    claims["sub"] = users[0].user_id.clone().into();
+    claims["role"] = "owner".into();
+    claims["email_verified"] = true.into();
+    let external = idp.sign(&claims);
+    let r =
+        c.t.authenticate_with(pb::AuthenticateRequest {
+            token: external.clone(),
+            surface: "dashboard".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(r.allowed, "{r:?}");
+    // But only the console's own tokens manage.
+    for rpc in ["ListKeys", "ListUsers"] {
+        let refused = match rpc {
+            "ListKeys" => code(c.t.auth.list_keys(list(&external)).await),
+            _ => code(
+                c.console
+                    .list_users(bearer(&external, pb::ListUsersRequest::default()))
+                    .await,
+            ),
+        };
+        assert_eq!(refused, Code::Unauthenticated, "{rpc}");
+    }
+
     // A tampered or unknown token is UNAUTHENTICATED, not a denial.
     let mut tampered = own.clone();
     tampered.pop();

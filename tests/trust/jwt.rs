@@ -52,13 +52,10 @@ async fn a_jwks_redirect_to_another_origin_is_not_followed_and_urls_stay_out_of_
         .jwks_refreshes("https://redirecting.example")
         .unwrap()
         .clone();
-    tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        while stats.failed() == 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the fetch ends (refused), without following the redirect");
+    let failed = stats.wait_until(|s| s.failed() > 0);
+    tokio::time::timeout(std::time::Duration::from_secs(10), failed)
+        .await
+        .expect("the fetch ends (refused), without following the redirect");
     assert_eq!(stats.ok(), 0);
     assert_eq!(
         elsewhere.hits.load(std::sync::atomic::Ordering::SeqCst),

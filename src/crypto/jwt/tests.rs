@@ -266,16 +266,127 @@ fn short_hmac_secrets_and_duplicate_issuers_are_refused() {
     assert!(Verifier::new(vec![one, two]).is_err());
 }
 
+/// Every way a `Debug` or `Display` of some wrapper could spell out the
+/// first bytes of `secret`: as a list of numbers (what a derived `Debug`
+/// of `Vec<u8>` or `[u8]` prints, with or without brackets), hex, base64.
+fn renderings_of(secret: &[u8]) -> Vec<String> {
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    use base64::Engine;
+    let head = &secret[..6];
+    let numbers: Vec<String> = head.iter().map(u8::to_string).collect();
+    vec![
+        numbers.join(", "),
+        numbers.join(","),
+        hex::encode(head),
+        hex::encode_upper(head),
+        STANDARD.encode(head),
+        URL_SAFE_NO_PAD.encode(head),
+    ]
+}
+
 #[test]
 fn debug_output_holds_no_key_material() {
     let key = TestKey::hs(Algorithm::HS256, "k");
     let vk = VerifyingKey::hmac(Some("k".into()), &key.secret, &[]).unwrap();
-    let shown = format!("{vk:?}");
+    // The check itself works: a derived Debug of a struct holding the
+    // secret is caught.
+    #[derive(Debug)]
+    #[allow(dead_code)]
+    struct Derived<'a>(&'a [u8], Vec<u8>);
+    let derived = format!("{:?}", Derived(&key.secret, key.secret.clone()));
     assert!(
-        !shown.contains(&format!("{:?}", &key.secret[..8])),
-        "{shown}"
+        renderings_of(&key.secret)
+            .iter()
+            .any(|r| derived.contains(r.as_str())),
+        "{derived}"
     );
     let v = verifier_for(&key);
+    for shown in [
+        format!("{vk:?}"),
+        format!("{vk:#?}"),
+        format!("{v:?}"),
+        format!("{:?}", v.issuers()[0].keys()),
+    ] {
+        for rendering in renderings_of(&key.secret) {
+            assert!(!shown.contains(&rendering), "{rendering} in {shown}");
+        }
+        assert!(shown.contains("VerifyingKey"), "{shown}");
+    }
     let t = verify(&v, &key.sign(&claims(ISS, AUD, "acme", 60))).unwrap();
     assert!(!format!("{t:?}").contains("exp"));
+}
+
+/// The JWKS refresher under a paused clock: a flood of unknown `kid`s costs
+/// one fetch per `min_gap`, never one per token.
+#[tokio::test(start_paused = true)]
+async fn unknown_kids_make_at_most_one_jwks_fetch_per_min_gap() {
+    use crate::crypto::jwks::{http_client, JwksSource, RefreshPolicy, Refresher};
+    use tokio::time::{Duration as Span, Instant};
+
+    let known = TestKey::es256("known");
+    let dir = std::env::temp_dir().join(format!("tg-jwks-gap-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("jwks.json");
+    std::fs::write(&file, keys::jwks(&[&known])).unwrap();
+    let issuer = Arc::new(Issuer::new(
+        IssuerRules::new(ISS, vec![AUD.into()]),
+        KeySet::default(),
+    ));
+    let verifier = Verifier::new(vec![issuer.clone()]).unwrap();
+    let gap = Span::from_secs(10);
+    let refresher = Refresher::new(
+        issuer,
+        JwksSource::File(file),
+        vec![],
+        RefreshPolicy {
+            every: Span::from_secs(3600),
+            min_gap: gap,
+            timeout: Span::from_secs(5),
+        },
+    );
+    let stats = refresher.stats();
+    let task = refresher.spawn(http_client(Span::from_secs(5)));
+    // Virtual time: each wait is bounded, and an hour passes in no time.
+    let fetches = |n: u64| {
+        let stats = stats.clone();
+        async move {
+            let wait = stats.wait_until(|s| s.ok() + s.failed() >= n);
+            tokio::time::timeout(Span::from_secs(600), wait)
+                .await
+                .is_ok()
+        }
+    };
+    assert!(fetches(1).await, "the first fetch");
+    let first = Instant::now();
+
+    // Twenty tokens naming kids nobody published, all at once.
+    for i in 0..20 {
+        let stranger = TestKey::es256(&format!("stranger-{i}"));
+        let token = stranger.sign(&claims(ISS, AUD, "acme", 60));
+        assert_eq!(
+            verify(&verifier, &token),
+            Err(TokenError::Invalid("unknown key id"))
+        );
+    }
+    assert!(fetches(2).await, "an unknown kid asks for a fetch");
+    let second = Instant::now();
+    assert_eq!(stats.ok(), 2, "one fetch for the first stranger");
+    assert!(
+        second - first >= gap,
+        "fetched {:?} after the last",
+        second - first
+    );
+    // The tokens that arrived meanwhile ask for one more look, a gap later.
+    assert!(fetches(3).await);
+    assert_eq!(stats.ok(), 3);
+    assert!(
+        Instant::now() - second >= gap,
+        "{:?}",
+        Instant::now() - second
+    );
+    // And nothing else until the regular refresh, an hour on.
+    assert!(!fetches(4).await, "{} fetches", stats.ok());
+    assert_eq!((stats.ok(), stats.failed()), (3, 0));
+    task.abort();
+    std::fs::remove_dir_all(dir).unwrap();
 }
