@@ -18,7 +18,8 @@ use tollgate::crypto::KeyDigest;
 use tollgate::domain::console::AuditContext;
 use tollgate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 use tollgate::store::{
-    ConsoleStore, Invalidation, KeyCap, KeyRef, QuotaCounter, QuotaGrant, Store, StoreError,
+    ConsoleStore, Invalidation, KeyCap, KeyRef, QuotaCounter, QuotaGrant, QuotaReport, QuotaTally,
+    ShareRow, ShareView, Store, StoreError,
 };
 
 type R<T> = Result<T, StoreError>;
@@ -165,15 +166,44 @@ impl Store for SpyStore {
     }
     async fn lease_quota(
         &self,
+        replica: uuid::Uuid,
         c: &QuotaCounter,
         chunk: u64,
-        min: u64,
+        at_least: u64,
         limit: u64,
+        consumed: i64,
     ) -> R<QuotaGrant> {
-        self.inner.lease_quota(c, chunk, min, limit).await
+        self.inner
+            .lease_quota(replica, c, chunk, at_least, limit, consumed)
+            .await
     }
-    async fn return_quota(&self, c: &QuotaCounter, units: u64) -> R<()> {
-        self.inner.return_quota(c, units).await
+    async fn report_quota(
+        &self,
+        replica: uuid::Uuid,
+        reports: &[QuotaReport],
+    ) -> R<Vec<QuotaTally>> {
+        self.inner.report_quota(replica, reports).await
+    }
+    async fn reclaim_quota_leases(&self, replica: uuid::Uuid, stale_after_secs: u32) -> R<u64> {
+        self.inner
+            .reclaim_quota_leases(replica, stale_after_secs)
+            .await
+    }
+    async fn quota_consumed(&self, c: &QuotaCounter) -> R<u64> {
+        self.inner.quota_consumed(c).await
+    }
+    async fn rate_shares(&self, stale_after_secs: u32) -> R<ShareView> {
+        self.inner.rate_shares(stale_after_secs).await
+    }
+    async fn exchange_rate_shares(
+        &self,
+        replica: uuid::Uuid,
+        stale_after_secs: u32,
+        decide: &mut (dyn for<'v> FnMut(&'v ShareView) -> Vec<ShareRow> + Send),
+    ) -> R<bool> {
+        self.inner
+            .exchange_rate_shares(replica, stale_after_secs, decide)
+            .await
     }
     async fn quota_used(&self, c: &QuotaCounter) -> R<u64> {
         self.inner.quota_used(c).await
