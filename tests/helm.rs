@@ -459,9 +459,22 @@ fn ports_of(rule: &Value) -> Vec<String> {
 
 // ------------------------------------------------------------- tests
 
+/// chart-testing's values files: `ct lint` lints once with each.
+fn ci_values() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(chart_file("ci"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("-values.yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
 #[test]
 fn the_chart_lints_with_its_ci_values() {
-    for values in [minimal(), all_options()] {
+    let files = ci_values();
+    assert!(files.contains(&minimal()) && files.contains(&all_options()));
+    for values in files {
         let out = run(
             tool("helm")
                 .args(["lint", "--strict", "--kube-version", KUBE_VERSION])
@@ -480,6 +493,33 @@ fn the_chart_lints_with_its_ci_values() {
     }
 }
 
+/// `helm lint helm/tollgate` failed on the chart's own defaults (the schema
+/// required the secrets). It passes now, and says what an install needs;
+/// rendering without secrets still stops with that message.
+#[test]
+fn the_chart_lints_with_its_own_defaults_and_says_what_an_install_needs() {
+    let out = run(
+        tool("helm")
+            .args(["lint", "--strict", "--kube-version", KUBE_VERSION])
+            .arg(chart()),
+        None,
+    );
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "helm lint helm/tollgate:\n{said}");
+    let needs = "secrets: set secrets.databaseUrl, secrets.pepper and secrets.operatorToken, \
+                 or secrets.existingSecret";
+    assert!(said.contains(needs), "{said}");
+    let err = template(&[], &[]).expect_err("no secrets at all");
+    assert!(
+        err.contains(needs) && err.contains("ci/minimal-values.yaml"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("values don't meet the specifications"),
+        "{err}"
+    );
+}
+
 #[test]
 fn default_values_render_objects_kubernetes_accepts() {
     let r = render(&[&minimal()], &[]);
@@ -491,6 +531,7 @@ fn default_values_render_objects_kubernetes_accepts() {
             "Deployment/auth-tollgate",
             "Job/auth-tollgate-migrate",
             "NetworkPolicy/auth-tollgate",
+            "Pod/auth-tollgate-test",
             "PodDisruptionBudget/auth-tollgate",
             "Secret/auth-tollgate",
             "Secret/auth-tollgate-migrate",
@@ -664,7 +705,7 @@ fn the_service_and_network_policy_expose_only_grpc_and_metrics() {
     assert!(selects(&np["spec"]["podSelector"], pod_labels(job)));
     assert_eq!(np["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
     let ingress = np["spec"]["ingress"].as_array().unwrap();
-    assert_eq!(ingress.len(), 2);
+    assert_eq!(ingress.len(), 3);
     for rule in ingress {
         // A rule without `from` would admit every pod.
         assert!(
@@ -678,6 +719,21 @@ fn the_service_and_network_policy_expose_only_grpc_and_metrics() {
         json!({"tollgate.io/client": "true"})
     );
     assert_eq!(ports_of(&ingress[1]), ["metrics/TCP"]);
+    // The helm test Pod reaches the gRPC port, and only it.
+    let test_pod = r.named("Pod", &format!("{FULLNAME}-test"));
+    assert_eq!(ports_of(&ingress[2]), ["grpc/TCP"]);
+    assert!(selects(
+        &ingress[2]["from"][0]["podSelector"],
+        &test_pod["metadata"]["labels"]
+    ));
+    assert!(!selects(
+        &ingress[2]["from"][0]["podSelector"],
+        pod_labels(deploy)
+    ));
+    assert!(!selects(
+        &np["spec"]["podSelector"],
+        &test_pod["metadata"]["labels"]
+    ));
     let egress: Vec<String> = np["spec"]["egress"]
         .as_array()
         .unwrap()
@@ -697,6 +753,7 @@ fn the_service_and_network_policy_expose_only_grpc_and_metrics() {
         &[
             "networkPolicy.gateways=null",
             "networkPolicy.prometheus=null",
+            "test.enabled=false",
         ],
     );
     let np = closed.named("NetworkPolicy", FULLNAME);
@@ -718,6 +775,7 @@ fn every_option_renders_objects_kubernetes_accepts() {
             "HorizontalPodAutoscaler/tollgate-all",
             "Job/tollgate-all-migrate",
             "NetworkPolicy/tollgate-all",
+            "Pod/tollgate-all-test",
             "PodDisruptionBudget/tollgate-all",
             "Secret/tollgate-all-config",
             "Service/tollgate-all",
@@ -1007,6 +1065,23 @@ fn every_option_yields_a_configuration_tollgate_accepts() {
     assert_eq!(settings.cache.unknown_lookups_per_second, 250);
     assert_eq!(settings.database.max_connections, 32);
     assert!(!settings.database.migrate_on_start);
+    // Settings added after the chart was written reach the binary too.
+    assert_eq!(settings.database.statement_timeout_ms, 2500);
+    assert_eq!(settings.database.change_retention_seconds, 172_800);
+    assert_eq!(settings.cache.max_staleness_seconds, 30);
+    assert_eq!(settings.shutdown_grace_seconds, 25);
+    assert_eq!(settings.management.max_in_flight, 16);
+    assert_eq!(settings.management.timeout_ms, 5000);
+    assert_eq!(settings.envoy.header_prefix, "x-auth-");
+    assert_eq!(
+        settings.otlp_endpoint.as_deref(),
+        Some("http://otel-collector.monitoring:4318/v1/traces")
+    );
+    assert_eq!(
+        settings.jwt.console.signup,
+        Some(tollgate::console::SignupPolicy::Open)
+    );
+    assert!(settings.jwt.console.require_verified_email);
     assert_eq!(
         settings.profile.as_deref(),
         Some(Path::new("/etc/tollgate/config/profile.toml"))
@@ -1118,13 +1193,10 @@ fn bad_values_are_refused_by_the_schema() {
     }
 
     // Without an existing Secret, the three secret values are required.
-    let err = template(&[], &[]).expect_err("no secrets at all");
-    for path in [
-        "/secrets/databaseUrl",
-        "/secrets/pepper",
-        "/secrets/operatorToken",
-    ] {
-        assert!(err.contains(path), "{path}:\n{err}");
+    for missing in ["databaseUrl", "pepper", "operatorToken"] {
+        let err = template(&[&minimal()], &[&format!("secrets.{missing}=")])
+            .expect_err(&format!("secrets.{missing} left out"));
+        assert!(err.contains("secrets: set secrets.databaseUrl"), "{err}");
     }
     assert!(template(&[], &["secrets.existingSecret=mine"]).is_ok());
 }
@@ -1164,6 +1236,10 @@ fn contradictory_values_are_refused_with_a_message() {
         (
             vec!["serviceAccount.create=false"],
             "serviceAccount.name is required",
+        ),
+        (
+            vec!["preStopSleepSeconds=15", "config.shutdownGraceSeconds=15"],
+            "terminationGracePeriodSeconds must be greater",
         ),
     ] {
         let err = template(&[&minimal()], &sets).expect_err(&format!("{sets:?} accepted"));
@@ -1360,4 +1436,122 @@ fn the_image_is_what_the_chart_expects() {
         .map(|p| p["containerPort"].to_string())
         .collect();
     assert_eq!(ports, ["50051", "9090"]);
+}
+
+/// `helm test` had nothing to run. The hook Pod runs the chart's own image
+/// (`tollgate health`) against the Service from inside the cluster, locked
+/// down like the server; its arguments, run by the real binary, pass against
+/// a serving Tollgate and fail once nothing serves.
+#[test]
+fn helm_test_checks_grpc_health_through_the_service_with_the_chart_image() {
+    let r = render(&[&minimal()], &[]);
+    let pod = r.named("Pod", &format!("{FULLNAME}-test"));
+    assert_eq!(annotation(pod, "helm.sh/hook"), "test");
+    assert_eq!(pod["spec"]["restartPolicy"], "Never");
+    // Locked down like the server (assert_locked_down reads a pod template).
+    assert_locked_down(&json!({"metadata": pod["metadata"], "spec": {"template": pod}}));
+    let deploy = r.named("Deployment", FULLNAME);
+    let c = &pod["spec"]["containers"][0];
+    assert_eq!(c["image"], container(deploy, "tollgate")["image"]);
+    let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(s).collect();
+    let service = format!("{FULLNAME}.{NAMESPACE}.svc:50051");
+    assert_eq!(args, ["health", "--addr", service.as_str()]);
+
+    // The same arguments against a real server, its address in place of the Service's.
+    let mut dev = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    dev.args(["dev", "--listen", "127.0.0.1:0"])
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut dev = dev.spawn().unwrap();
+    let addr = {
+        use std::io::BufRead;
+        let out = std::io::BufReader::new(dev.stdout.take().unwrap());
+        out.lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("export A=").map(str::to_owned))
+            .expect("dev prints its address")
+    };
+    let check = |addr: &str| {
+        let mut args = args.clone();
+        args[2] = addr;
+        run(
+            Command::new(env!("CARGO_BIN_EXE_tollgate"))
+                .args(&args)
+                .env_clear(),
+            None,
+        )
+    };
+    let out = check(&addr);
+    assert!(
+        out.status.success() && text(&out.stdout).trim() == "SERVING",
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let _ = dev.kill();
+    let _ = dev.wait();
+    let out = check(&addr);
+    assert!(!out.status.success(), "nothing serves: the test must fail");
+    assert!(
+        text(&out.stderr).contains("cannot reach"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // With mutual TLS it verifies the server and presents a certificate.
+    let r = render(&[&all_options()], &[]);
+    let pod = r.named("Pod", "tollgate-all-test");
+    let args: Vec<&str> = pod["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(s)
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "health",
+            "--addr",
+            "tollgate-all.auth.svc:443",
+            "--ca-file",
+            "/etc/tollgate/tls/ca.crt",
+            "--cert-file",
+            "/etc/tollgate/tls/tls.crt",
+            "--key-file",
+            "/etc/tollgate/tls/tls.key"
+        ]
+    );
+    assert_eq!(
+        pod["spec"]["volumes"][0]["secret"]["secretName"],
+        "tollgate-grpc-tls"
+    );
+
+    let off = render(&[&minimal()], &["test.enabled=false"]);
+    assert!(off.find("Pod", &format!("{FULLNAME}-test")).is_none());
+}
+
+/// The chart's README had no values table; now it is generated from
+/// values.yaml's comments, and must be regenerated when they change.
+#[test]
+fn the_chart_readme_values_table_is_generated_from_values_yaml() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/helm-values-table");
+    let out = run(Command::new(script).arg("--stdout"), None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let committed = std::fs::read_to_string(chart_file("README.md")).unwrap();
+    assert!(
+        text(&out.stdout) == committed,
+        "helm/tollgate/README.md's values table is stale: run scripts/helm-values-table"
+    );
+    // Every value is in it, with its default.
+    for row in [
+        "| `config.cache.maxStalenessSeconds` | int | `60` |",
+        "| `config.database.statementTimeoutMs` | int | `5000` |",
+        "| `config.database.changeRetentionSeconds` | int | `86400` |",
+        "| `config.console.signup` | string | `\"\"` |",
+        "| `test.enabled` | bool | `true` |",
+    ] {
+        assert!(committed.contains(row), "{row}");
+    }
 }

@@ -40,6 +40,16 @@ app.kubernetes.io/part-of: tollgate
 app.kubernetes.io/component: server
 {{- end }}
 
+{{/* The helm test Pod: outside the server's selector (and so outside its
+NetworkPolicy), admitted to the gRPC port by that policy. */}}
+{{- define "tollgate.testLabels" -}}
+helm.sh/chart: {{ include "tollgate.chart" . }}
+app.kubernetes.io/name: {{ include "tollgate.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: test
+{{- end }}
+
 {{- define "tollgate.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "tollgate.fullname" .) .Values.serviceAccount.name }}
@@ -109,6 +119,8 @@ last_used_flush_seconds = {{ $c.lastUsedFlushSeconds | int64 }}
 database.max_connections = {{ $c.database.maxConnections | int64 }}
 database.min_connections = {{ $c.database.minConnections | int64 }}
 database.acquire_timeout_ms = {{ $c.database.acquireTimeoutMs | int64 }}
+database.statement_timeout_ms = {{ $c.database.statementTimeoutMs | int64 }}
+database.change_retention_seconds = {{ $c.database.changeRetentionSeconds | int64 }}
 database.migrate_on_start = {{ not .Values.migrations.enabled }}
 cache.max_keys = {{ $c.cache.maxKeys | int64 }}
 cache.max_tenants = {{ $c.cache.maxTenants | int64 }}
@@ -116,6 +128,20 @@ cache.ttl_seconds = {{ $c.cache.ttlSeconds | int64 }}
 cache.negative_ttl_seconds = {{ $c.cache.negativeTtlSeconds | int64 }}
 cache.max_negative = {{ $c.cache.maxNegative | int64 }}
 cache.unknown_lookups_per_second = {{ $c.cache.unknownLookupsPerSecond | int64 }}
+cache.max_staleness_seconds = {{ $c.cache.maxStalenessSeconds | int64 }}
+shutdown_grace_seconds = {{ $c.shutdownGraceSeconds | int64 }}
+management.max_in_flight = {{ $c.management.maxInFlight | int64 }}
+management.timeout_ms = {{ $c.management.timeoutMs | int64 }}
+envoy.header_prefix = {{ $c.envoy.headerPrefix | quote }}
+{{- with $c.otlpEndpoint }}
+otlp_endpoint = {{ . | toJson }}
+{{- end }}
+{{- with $c.console.signup }}
+jwt.console.signup = {{ . | quote }}
+{{- end }}
+{{- if $c.console.requireVerifiedEmail }}
+jwt.console.require_verified_email = true
+{{- end }}
 {{- with $c.extraToml }}
 
 # config.extraToml
@@ -184,6 +210,12 @@ seccompProfile:
 {{/* Checks across values that the schema cannot express. */}}
 {{- define "tollgate.validate" -}}
 {{- $s := .Values.secrets }}
+{{- if and (not $s.existingSecret) (not (and $s.databaseUrl $s.pepper $s.operatorToken)) }}
+{{- fail "secrets: set secrets.databaseUrl, secrets.pepper and secrets.operatorToken, or secrets.existingSecret naming a Secret you manage (helm/tollgate/README.md, Secrets). To lint or render the chart without them, use its test values: --values helm/tollgate/ci/minimal-values.yaml (ct lint does)" }}
+{{- end }}
+{{- if ge (add (int .Values.preStopSleepSeconds) (int .Values.config.shutdownGraceSeconds)) (int .Values.terminationGracePeriodSeconds) }}
+{{- fail "terminationGracePeriodSeconds must be greater than preStopSleepSeconds + config.shutdownGraceSeconds, or Kubernetes kills calls still finishing" }}
+{{- end }}
 {{- if and $s.existingSecret (or $s.databaseUrl $s.pepper $s.operatorToken) }}
 {{- fail "secrets: set secrets.existingSecret or secrets.databaseUrl/pepper/operatorToken, not both" }}
 {{- end }}
