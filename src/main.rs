@@ -277,12 +277,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let settings = Settings::load(cli.config.as_deref(), &flags)?;
     settings.validate()?;
-    let tracer = tollgate::telemetry::init(
-        &settings.log_level,
-        settings.log_format,
-        settings.otlp_endpoint.as_deref(),
-    )
-    .map_err(|e| anyhow::anyhow!("configuration field {e}"))?;
+    let tracer =
+        tollgate::telemetry::init(&settings.log_level, settings.log_format, settings.otlp()?)
+            .map_err(|e| anyhow::anyhow!("configuration field {e}"))?;
     let result = serve_or_migrate(cli, settings, dev).await;
     if let Some(t) = tracer {
         // Flush spans still batched; the exporter runs on its own thread.

@@ -717,3 +717,103 @@ async fn the_operator_cli_manages_tenants_keys_and_users_on_a_running_server(
     let _ = std::fs::remove_file(config);
     let _ = std::fs::remove_file(key_file);
 }
+
+/// A real OTLP/gRPC collector (opentelemetry-proto's `TraceService` on
+/// tonic) that hands over every export request it receives.
+async fn otlp_grpc_collector() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<
+        opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+    >,
+) {
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        trace_service_server::{TraceService, TraceServiceServer},
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    struct Collector(tokio::sync::mpsc::UnboundedSender<ExportTraceServiceRequest>);
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let _ = self.0.send(request.into_inner());
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Collector(tx)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (addr, rx)
+}
+
+/// OTLP export was HTTP only, while collectors listen for gRPC on 4317 by
+/// default: with `otlp_protocol = "grpc"` spans go to a real gRPC collector
+/// (TraceService/Export), carry the service name, and are flushed on SIGTERM.
+#[tokio::test]
+async fn with_an_otlp_grpc_endpoint_request_spans_are_exported_over_grpc() {
+    let (collector, mut received) = otlp_grpc_collector().await;
+    let mut cmd = tollgate("dev --listen 127.0.0.1:0");
+    cmd.env("TOLLGATE_OTLP_ENDPOINT", format!("http://{collector}"))
+        .env("TOLLGATE_OTLP_PROTOCOL", "grpc");
+    let mut dev = Process::spawn(&mut cmd);
+    let addr: SocketAddr = dev
+        .read_until(|l| after(l, "listening on ").map(|a| a.parse().unwrap()))
+        .await;
+    let key = dev
+        .read_until(|l| l.strip_prefix("export K=").map(str::to_owned))
+        .await;
+    let mut auth = AuthServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let r = auth
+        .authenticate(pb::AuthenticateRequest {
+            api_key: key.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.allowed);
+    dev.sigterm();
+    assert!(dev.exit_status().await.success(), "{}", dev.output());
+
+    // The batch is flushed at shutdown at the latest.
+    let mut requests = Vec::new();
+    while let Ok(request) = received.try_recv() {
+        requests.push(request);
+    }
+    assert!(!requests.is_empty(), "nothing exported over gRPC");
+    let services: Vec<String> = requests
+        .iter()
+        .flat_map(|r| &r.resource_spans)
+        .filter_map(|rs| rs.resource.as_ref())
+        .flat_map(|res| &res.attributes)
+        .filter(|kv| kv.key == "service.name")
+        .map(|kv| format!("{:?}", kv.value))
+        .collect();
+    assert!(
+        services.iter().all(|s| s.contains("tollgate")) && !services.is_empty(),
+        "{services:?}"
+    );
+    let spans: Vec<&str> = requests
+        .iter()
+        .flat_map(|r| &r.resource_spans)
+        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|ss| &ss.spans)
+        .map(|s| s.name.as_str())
+        .collect();
+    assert!(
+        spans.iter().any(|s| s.contains("authenticate")),
+        "the request's span is exported: {spans:?}"
+    );
+    assert!(
+        !format!("{requests:?}").contains(&key),
+        "no secret in exported spans"
+    );
+}

@@ -1074,8 +1074,11 @@ fn every_option_yields_a_configuration_tollgate_accepts() {
     assert_eq!(settings.management.timeout_ms, 5000);
     assert_eq!(settings.envoy.header_prefix, "x-auth-");
     assert_eq!(
-        settings.otlp_endpoint.as_deref(),
-        Some("http://otel-collector.monitoring:4318/v1/traces")
+        settings.otlp().unwrap(),
+        Some((
+            "http://otel-collector.monitoring:4317",
+            tollgate::telemetry::OtlpProtocol::Grpc
+        ))
     );
     assert_eq!(
         settings.jwt.console.signup,

@@ -136,6 +136,9 @@ envoy.header_prefix = {{ $c.envoy.headerPrefix | quote }}
 {{- with $c.otlpEndpoint }}
 otlp_endpoint = {{ . | toJson }}
 {{- end }}
+{{- with $c.otlpProtocol }}
+otlp_protocol = {{ . | quote }}
+{{- end }}
 {{- with $c.console.signup }}
 jwt.console.signup = {{ . | quote }}
 {{- end }}
