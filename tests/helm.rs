@@ -646,6 +646,44 @@ fn secrets_reach_the_server_as_files_and_the_database_url_by_reference() {
     assert_eq!((kind.as_str(), key.as_str()), ("ConfigMap", "config.toml"));
     let config = r.data(&kind, &name, &key).unwrap();
     assert!(!config.contains("test-only"), "no secret in the ConfigMap");
+    // The optional callers are not configured unless asked for.
+    assert!(!has_env(c, "TOLLGATE_GATEWAY_TOKEN_FILE"));
+    assert!(!config.contains("gateway_token"));
+
+    // The gateway and console backend tokens: files from the Secret too.
+    let gateway = "test-gateway-token-0123456789";
+    let console = "test-console-backend-token-0123";
+    let r = render(
+        &[&minimal()],
+        &[
+            &format!("secrets.gatewayToken={gateway}"),
+            &format!("secrets.consoleBackendToken={console}"),
+        ],
+    );
+    let deploy = r.named("Deployment", FULLNAME);
+    let c = container(deploy, "tollgate");
+    for (var, expected) in [
+        ("TOLLGATE_GATEWAY_TOKEN_FILE", gateway),
+        ("TOLLGATE_CONSOLE_BACKEND_TOKEN_FILE", console),
+    ] {
+        let (kind, name, key) = file_source(&r, deploy, c, s(&env(c, var)["value"]));
+        assert_eq!(kind, "Secret", "{var}");
+        assert_eq!(
+            r.data(&kind, &name, &key).as_deref(),
+            Some(expected),
+            "{var}"
+        );
+    }
+    let stderr = run_as_the_pod(&r, "Deployment", FULLNAME, "tollgate", &[]);
+    assert!(
+        stderr.contains("tollgate listening") && !stderr.contains(gateway),
+        "the binary refused the tokens:\n{stderr}"
+    );
+    // From an existing Secret: only the tokens it is said to hold.
+    let r = render(&[&all_options()], &[]);
+    let c = container(r.named("Deployment", "tollgate-all"), "tollgate");
+    assert!(has_env(c, "TOLLGATE_GATEWAY_TOKEN_FILE"));
+    assert!(!has_env(c, "TOLLGATE_CONSOLE_BACKEND_TOKEN_FILE"));
     for m in c["volumeMounts"].as_array().unwrap() {
         assert!(
             m["mountPath"] == "/tmp" || m["readOnly"] == true,
@@ -1239,6 +1277,14 @@ fn contradictory_values_are_refused_with_a_message() {
         (
             vec!["serviceAccount.create=false"],
             "serviceAccount.name is required",
+        ),
+        (
+            vec!["secrets.gatewayToken=test-operator-token-0123456789"],
+            "must differ",
+        ),
+        (
+            vec!["secrets.existingSecretHolds.gatewayToken=true"],
+            "existingSecretHolds needs secrets.existingSecret",
         ),
         (
             vec!["preStopSleepSeconds=15", "config.shutdownGraceSeconds=15"],

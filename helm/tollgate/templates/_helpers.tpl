@@ -75,6 +75,14 @@ app.kubernetes.io/component: test
 {{- default (printf "%s-tls" (include "tollgate.fullname" .)) .Values.tls.existingSecret }}
 {{- end }}
 
+{{/* Whether the optional caller tokens are configured ("true" or ""). */}}
+{{- define "tollgate.hasGatewayToken" -}}
+{{- if or .Values.secrets.gatewayToken (and .Values.secrets.existingSecret .Values.secrets.existingSecretHolds.gatewayToken) }}true{{ end }}
+{{- end }}
+{{- define "tollgate.hasConsoleBackendToken" -}}
+{{- if or .Values.secrets.consoleBackendToken (and .Values.secrets.existingSecret .Values.secrets.existingSecretHolds.consoleBackendToken) }}true{{ end }}
+{{- end }}
+
 {{/* config.toml lives in a Secret when it carries previous peppers. */}}
 {{- define "tollgate.configInSecret" -}}
 {{- if .Values.secrets.previousPeppers }}true{{ end }}
@@ -110,6 +118,12 @@ and tables after them; [[previous_peppers]] tables come last.
 listen = "0.0.0.0:{{ .Values.ports.grpc | int64 }}"
 pepper_file = "{{ include "tollgate.secretDir" . }}/pepper"
 operator_token_file = "{{ include "tollgate.secretDir" . }}/operator-token"
+{{- if include "tollgate.hasGatewayToken" . }}
+gateway_token_file = "{{ include "tollgate.secretDir" . }}/gateway-token"
+{{- end }}
+{{- if include "tollgate.hasConsoleBackendToken" . }}
+console_backend_token_file = "{{ include "tollgate.secretDir" . }}/console-backend-token"
+{{- end }}
 profile = "{{ include "tollgate.configDir" . }}/profile.toml"
 log_format = {{ $c.logFormat | quote }}
 log_level = {{ $c.logLevel | toJson }}
@@ -219,8 +233,15 @@ seccompProfile:
 {{- if ge (add (int .Values.preStopSleepSeconds) (int .Values.config.shutdownGraceSeconds)) (int .Values.terminationGracePeriodSeconds) }}
 {{- fail "terminationGracePeriodSeconds must be greater than preStopSleepSeconds + config.shutdownGraceSeconds, or Kubernetes kills calls still finishing" }}
 {{- end }}
-{{- if and $s.existingSecret (or $s.databaseUrl $s.pepper $s.operatorToken) }}
-{{- fail "secrets: set secrets.existingSecret or secrets.databaseUrl/pepper/operatorToken, not both" }}
+{{- if and $s.existingSecret (or $s.databaseUrl $s.pepper $s.operatorToken $s.gatewayToken $s.consoleBackendToken) }}
+{{- fail "secrets: set secrets.existingSecret or secrets.databaseUrl/pepper/operatorToken/gatewayToken/consoleBackendToken, not both" }}
+{{- end }}
+{{- if and (not $s.existingSecret) (or $s.existingSecretHolds.gatewayToken $s.existingSecretHolds.consoleBackendToken) }}
+{{- fail "secrets.existingSecretHolds needs secrets.existingSecret (or give the tokens inline)" }}
+{{- end }}
+{{- $tokens := compact (list $s.operatorToken $s.gatewayToken $s.consoleBackendToken) }}
+{{- if ne (len $tokens) (len (uniq $tokens)) }}
+{{- fail "secrets: operatorToken, gatewayToken and consoleBackendToken must differ" }}
 {{- end }}
 {{- if and .Values.tls.enabled .Values.tls.existingSecret (or .Values.tls.cert .Values.tls.key .Values.tls.clientCa) }}
 {{- fail "tls: set tls.existingSecret or tls.cert/key/clientCa, not both" }}
