@@ -78,6 +78,17 @@ pub enum Tenants {
     },
     /// Show one tenant.
     Get { tenant_id: String },
+    /// Change a tenant's name, plan or subscription status (only those given).
+    Update {
+        tenant_id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        plan: Option<String>,
+        /// active, trialing, past_due, canceled or suspended.
+        #[arg(long)]
+        status: Option<String>,
+    },
     /// List tenants (every page).
     List,
 }
@@ -131,6 +142,24 @@ pub enum Users {
     List {
         #[arg(long)]
         tenant: String,
+    },
+    /// Change a user's role, or disable / re-enable it (only those given).
+    Update {
+        #[arg(long)]
+        tenant: String,
+        user_id: String,
+        /// owner, admin, developer or viewer.
+        #[arg(long)]
+        role: Option<String>,
+        /// A disabled user cannot log in or refresh.
+        #[arg(long)]
+        disabled: Option<bool>,
+    },
+    /// Delete a user.
+    Delete {
+        #[arg(long)]
+        tenant: String,
+        user_id: String,
     },
 }
 
@@ -305,6 +334,41 @@ impl Operator {
                     .unwrap_or_default();
                 Ok(self.out(tenant_json(&t), tenants_table(&[t])))
             }
+            Tenants::Update {
+                tenant_id,
+                name,
+                plan,
+                status,
+            } => {
+                let mask: Vec<String> = [
+                    ("name", name.is_some()),
+                    ("plan", plan.is_some()),
+                    ("subscription_status", status.is_some()),
+                ]
+                .into_iter()
+                .filter(|(_, given)| *given)
+                .map(|(field, _)| field.to_string())
+                .collect();
+                if mask.is_empty() {
+                    return Err(CliError::Usage(
+                        "nothing to change: give --name, --plan or --status".into(),
+                    ));
+                }
+                let t = client
+                    .update_tenant(self.request(pb::UpdateTenantRequest {
+                        tenant_id: tenant_id.clone(),
+                        update_mask: mask,
+                        name: name.clone().unwrap_or_default(),
+                        plan: plan.clone().unwrap_or_default(),
+                        subscription_status: status.clone().unwrap_or_default(),
+                        overrides: None,
+                    })?)
+                    .await?
+                    .into_inner()
+                    .tenant
+                    .unwrap_or_default();
+                Ok(self.out(tenant_json(&t), tenants_table(&[t])))
+            }
             Tenants::List => {
                 let mut all = Vec::new();
                 let mut page_token = String::new();
@@ -441,6 +505,50 @@ impl Operator {
     pub async fn users(&self, cmd: &Users) -> Result<String, CliError> {
         let mut client = ConsoleServiceClient::new(self.connect.channel().await?);
         match cmd {
+            Users::Update {
+                tenant,
+                user_id,
+                role,
+                disabled,
+            } => {
+                let mut mask = Vec::new();
+                if role.is_some() {
+                    mask.push("role".to_string());
+                }
+                if disabled.is_some() {
+                    mask.push("disabled".to_string());
+                }
+                if mask.is_empty() {
+                    return Err(CliError::Usage(
+                        "nothing to change: give --role or --disabled".into(),
+                    ));
+                }
+                let u = client
+                    .update_user(self.request(pb::UpdateUserRequest {
+                        tenant_id: tenant.clone(),
+                        user_id: user_id.clone(),
+                        update_mask: mask,
+                        role: role.clone().unwrap_or_default(),
+                        disabled: disabled.unwrap_or_default(),
+                    })?)
+                    .await?
+                    .into_inner()
+                    .user
+                    .unwrap_or_default();
+                Ok(self.out(user_json(&u), users_table(&[u])))
+            }
+            Users::Delete { tenant, user_id } => {
+                client
+                    .delete_user(self.request(pb::DeleteUserRequest {
+                        tenant_id: tenant.clone(),
+                        user_id: user_id.clone(),
+                    })?)
+                    .await?;
+                Ok(self.out(
+                    json!({"deleted": user_id}),
+                    format!("deleted user {user_id}"),
+                ))
+            }
             Users::List { tenant } => {
                 let users = client
                     .list_users(self.request(pb::ListUsersRequest {
@@ -450,28 +558,7 @@ impl Operator {
                     .into_inner()
                     .users;
                 let value = json!({"users": users.iter().map(user_json).collect::<Vec<_>>()});
-                let rows = users
-                    .iter()
-                    .map(|u| {
-                        vec![
-                            u.user_id.clone(),
-                            u.email.clone(),
-                            u.role.clone(),
-                            yes_no(u.email_verified),
-                            yes_no(u.disabled),
-                            time(u.created_at.as_ref()),
-                        ]
-                    })
-                    .collect();
-                Ok(self.out(
-                    value,
-                    table(
-                        &[
-                            "USER ID", "EMAIL", "ROLE", "VERIFIED", "DISABLED", "CREATED",
-                        ],
-                        rows,
-                    ),
-                ))
+                Ok(self.out(value, users_table(&users)))
             }
         }
     }
@@ -533,6 +620,28 @@ fn user_json(u: &pb::ConsoleUser) -> Value {
         "disabled": u.disabled,
         "created_at": opt_time(u.created_at.as_ref()),
     })
+}
+
+fn users_table(users: &[pb::ConsoleUser]) -> String {
+    let rows = users
+        .iter()
+        .map(|u| {
+            vec![
+                u.user_id.clone(),
+                u.email.clone(),
+                u.role.clone(),
+                yes_no(u.email_verified),
+                yes_no(u.disabled),
+                time(u.created_at.as_ref()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "USER ID", "EMAIL", "ROLE", "VERIFIED", "DISABLED", "CREATED",
+        ],
+        rows,
+    )
 }
 
 fn tenants_table(tenants: &[pb::Tenant]) -> String {

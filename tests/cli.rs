@@ -671,11 +671,93 @@ async fn the_operator_cli_manages_tenants_keys_and_users_on_a_running_server(
     let (_, out, _) = run(&["keys", "list", "--tenant", "acme", "--all", "--json"]);
     assert_eq!(json_of(&out)["keys"].as_array().unwrap().len(), 3, "{out}");
 
+    // A tenant's plan and subscription.
+    let (ok, out, err) = run(&[
+        "tenants",
+        "update",
+        "acme",
+        "--plan",
+        "enterprise",
+        "--status",
+        "past_due",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let t = json_of(&out);
+    assert_eq!(
+        (
+            t["plan"].as_str(),
+            t["subscription_status"].as_str(),
+            t["name"].as_str()
+        ),
+        (Some("enterprise"), Some("past_due"), Some("Acme Inc"))
+    );
+    let (ok, out, err) = run(&["tenants", "update", "acme"]);
+    assert!(
+        !ok && out.is_empty() && err.contains("nothing to change"),
+        "{err}"
+    );
+
+    // Console users: one added by the operator, then changed and deleted.
     let (ok, out, err) = run(&["users", "list", "--tenant", "acme", "--json"]);
     assert!(ok, "{err}");
     assert_eq!(json_of(&out), serde_json::json!({"users": []}));
+    let mut console =
+        pb::console_service_client::ConsoleServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+    for (email, role) in [
+        ("alice@example.com", "owner"),
+        ("bob@example.com", "developer"),
+    ] {
+        let mut create = tonic::Request::new(pb::CreateUserRequest {
+            tenant_id: "acme".into(),
+            email: email.into(),
+            password: "correct-horse-battery-staple-42".into(),
+            role: role.into(),
+        });
+        create.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {OPERATOR_TOKEN}").parse().unwrap(),
+        );
+        console.create_user(create).await.unwrap();
+    }
     let (ok, out, _) = run(&["users", "list", "--tenant", "acme"]);
-    assert!(ok && out.starts_with("USER ID"), "{out}");
+    assert!(
+        ok && out.starts_with("USER ID") && out.contains("bob@example.com"),
+        "{out}"
+    );
+    let (_, out, _) = run(&["users", "list", "--tenant", "acme", "--json"]);
+    let users = json_of(&out);
+    let bob = users["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["email"] == "bob@example.com");
+    let user_id = bob.unwrap()["user_id"].as_str().unwrap().to_owned();
+    let (ok, out, err) = run(&[
+        "users",
+        "update",
+        "--tenant",
+        "acme",
+        &user_id,
+        "--role",
+        "admin",
+        "--disabled",
+        "true",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let u = json_of(&out);
+    assert_eq!(
+        (u["role"].as_str(), u["disabled"].as_bool()),
+        (Some("admin"), Some(true))
+    );
+    let (ok, _, err) = run(&["users", "delete", "--tenant", "acme", &user_id]);
+    assert!(ok, "{err}");
+    let (_, out, _) = run(&["users", "list", "--tenant", "acme", "--json"]);
+    assert_eq!(json_of(&out)["users"].as_array().unwrap().len(), 1, "{out}");
+    assert!(!out.contains("bob@example.com"), "{out}");
 
     // Refusals: named fields, a nonzero exit, nothing on stdout, no change.
     let (ok, out, err) = run(&["keys", "create", "--tenant", "acme", "--name", ""]);
