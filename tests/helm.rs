@@ -1744,3 +1744,131 @@ fn the_dockerfile_build_steps_reach_the_compiler() {
     assert_eq!(builds, 2, "the dependency layer and the real build");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// chart-testing's Chart.yaml schema (helm/chart-testing, etc/chart_schema.yaml).
+const CT_CHART_SCHEMA: &str = "\
+name: str()
+home: str(required=False)
+version: str()
+apiVersion: str()
+appVersion: any(str(), num(), required=False)
+description: str(required=False)
+keywords: list(str(), required=False)
+sources: list(str(), required=False)
+maintainers: list(include('maintainer'), required=False)
+dependencies: list(include('dependency'), required=False)
+icon: str(required=False)
+engine: str(required=False)
+condition: str(required=False)
+tags: str(required=False)
+deprecated: bool(required=False)
+kubeVersion: str(required=False)
+annotations: map(str(), str(), required=False)
+type: str(required=False)
+---
+maintainer:
+  name: str()
+  email: str(required=False)
+  url: str(required=False)
+---
+dependency:
+  name: str()
+  version: str()
+  repository: str(required=False)
+  condition: str(required=False)
+  tags: list(str(), required=False)
+  enabled: bool(required=False)
+  import-values: list(any(str(), include('import-value')), required=False)
+  alias: str(required=False)
+---
+import-value:
+  child: str()
+  parent: str()
+";
+
+/// chart-testing's yamllint rules (etc/lintconf.yaml).
+const CT_LINTCONF: &str = "\
+rules:
+  braces:
+    min-spaces-inside: 0
+    max-spaces-inside: 0
+    min-spaces-inside-empty: -1
+    max-spaces-inside-empty: -1
+  brackets:
+    min-spaces-inside: 0
+    max-spaces-inside: 0
+    min-spaces-inside-empty: -1
+    max-spaces-inside-empty: -1
+  colons:
+    max-spaces-before: 0
+    max-spaces-after: 1
+  commas:
+    max-spaces-before: 0
+    min-spaces-after: 1
+    max-spaces-after: 1
+  comments:
+    require-starting-space: true
+    min-spaces-from-content: 2
+  document-end: disable
+  document-start: disable
+  empty-lines:
+    max: 2
+    max-start: 0
+    max-end: 0
+  hyphens:
+    max-spaces-after: 1
+  indentation:
+    spaces: consistent
+    indent-sequences: whatever
+    check-multi-line-strings: false
+  key-duplicates: enable
+  line-length: disable
+  new-line-at-end-of-file: disable
+  new-lines:
+    type: unix
+  trailing-spaces: enable
+  truthy:
+    level: warning
+";
+
+/// `ct lint` also checks Chart.yaml against its schema (yamale) and the
+/// chart's YAML with its yamllint rules; with `helm lint` per ci values file
+/// (above), that is all of it but the version-bump check against a git
+/// remote. yamllint and yamale come from scripts/install-helm-tools.
+#[test]
+fn the_chart_passes_chart_testings_yaml_checks() {
+    let dir = temp_dir("ct");
+    let schema = dir.join("chart_schema.yaml");
+    let lintconf = dir.join("lintconf.yaml");
+    std::fs::write(&schema, CT_CHART_SCHEMA).unwrap();
+    std::fs::write(&lintconf, CT_LINTCONF).unwrap();
+    let out = run(
+        tool("yamale")
+            .arg("--schema")
+            .arg(&schema)
+            .arg(chart_file("Chart.yaml")),
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "yamale Chart.yaml:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let mut files = vec![chart_file("Chart.yaml"), chart_file("values.yaml")];
+    files.extend(ci_values());
+    let out = run(
+        tool("yamllint")
+            .args(["--strict", "--config-file"])
+            .arg(&lintconf)
+            .args(&files),
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "yamllint (chart-testing's rules):\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
