@@ -1,4 +1,4 @@
-//! Generates the gRPC code and the reflection descriptor set from `proto/`,
+//! Generates the gRPC code and the reflection descriptor sets from `proto/`,
 //! with `protox` so no system `protoc` is needed.
 use std::{error::Error, path::PathBuf};
 
@@ -13,6 +13,14 @@ fn main() -> Result<(), Box<dyn Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("tollgate_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(fds)?;
+    // Envoy's ext_authz service and its imports (copied from the envoy-types
+    // crate by scripts/vendor-protos): descriptors for reflection only, the
+    // code comes from envoy-types.
+    let envoy = protox::compile(
+        ["envoy/service/auth/v3/external_auth.proto"],
+        ["proto/third_party"],
+    )?;
+    std::fs::write(out.join("envoy_descriptor.bin"), envoy.encode_to_vec())?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

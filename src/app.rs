@@ -29,7 +29,7 @@ use crate::grpc::operator::StaticToken;
 use crate::grpc::pb::auth_service_server::AuthServiceServer;
 use crate::grpc::pb::console_service_server::ConsoleServiceServer;
 use crate::grpc::pb::tenant_service_server::TenantServiceServer;
-use crate::grpc::pb::FILE_DESCRIPTOR_SET;
+use crate::grpc::pb::{ENVOY_FILE_DESCRIPTOR_SET, FILE_DESCRIPTOR_SET};
 use crate::grpc::tenant_api::TenantApi;
 use crate::limits::shares::ShareSettings;
 use crate::limits::{Limiter, ShareReport};
@@ -360,14 +360,10 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         }
     });
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection = reflection_builder()
         .build_v1()
         .map_err(std::io::Error::other)?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_alpha = reflection_builder()
         .build_v1alpha()
         .map_err(std::io::Error::other)?;
     let max = parts.max_message_bytes;
@@ -443,6 +439,21 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         store: parts.store,
         applied,
     })
+}
+
+/// Reflection describes every service on the port (Tollgate's, Envoy's
+/// ext_authz, health) and the `google.rpc` error details that
+/// INVALID_ARGUMENT and other statuses carry, so grpcurl needs no proto
+/// files. A file in more than one set is served from the first.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(ENVOY_FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        // Both reflection versions run on the port: each lists both.
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
 }
 
 impl Running {

@@ -128,9 +128,12 @@ pub struct Settings {
     pub shutdown_grace_seconds: u64,
     /// TLS for the gRPC port; absent = plaintext.
     pub tls: Option<crate::tls::TlsSettings>,
-    /// OTLP/HTTP traces endpoint (e.g. `http://collector:4318/v1/traces`);
-    /// absent = no trace export.
+    /// OTLP traces endpoint: `http://collector:4318/v1/traces` (OTLP/HTTP)
+    /// or `http://collector:4317` (OTLP/gRPC); absent = no trace export.
     pub otlp_endpoint: Option<String>,
+    /// `http` or `grpc`; absent = `grpc` when the endpoint's port is 4317,
+    /// else `http`.
+    pub otlp_protocol: Option<crate::telemetry::OtlpProtocol>,
     /// Envoy ext_authz adapter (`[envoy]`).
     pub envoy: EnvoySettings,
     /// Heartbeat interval and expiry (`[replicas]`).
@@ -167,6 +170,7 @@ impl Default for Settings {
             shutdown_grace_seconds: 20,
             tls: None,
             otlp_endpoint: None,
+            otlp_protocol: None,
             envoy: EnvoySettings::default(),
             replicas: ReplicaSettings::default(),
             rate_shares: ShareSettings::default(),
@@ -201,6 +205,7 @@ const ENV_KEYS: &[&str] = &[
     "shutdown_grace_seconds",
     "tls",
     "otlp_endpoint",
+    "otlp_protocol",
     "envoy",
     "replicas",
     "rate_shares",
@@ -401,7 +406,38 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", e.to_string()))?;
+        self.otlp()?;
         Ok(())
+    }
+
+    /// The OTLP endpoint and protocol, when traces are exported.
+    pub fn otlp(&self) -> Result<Option<(&str, crate::telemetry::OtlpProtocol)>, ConfigError> {
+        use crate::telemetry::OtlpProtocol;
+        let Some(endpoint) = self.otlp_endpoint.as_deref() else {
+            if self.otlp_protocol.is_some() {
+                return Err(invalid("otlp_protocol", "needs otlp_endpoint"));
+            }
+            return Ok(None);
+        };
+        let url = reqwest::Url::parse(endpoint)
+            .map_err(|e| invalid("otlp_endpoint", format!("is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(invalid(
+                "otlp_endpoint",
+                "must be an http:// or https:// URL with a host",
+            ));
+        }
+        let protocol = self
+            .otlp_protocol
+            .unwrap_or_else(|| OtlpProtocol::infer(endpoint));
+        if protocol == OtlpProtocol::Grpc && url.scheme() == "https" {
+            return Err(invalid(
+                "otlp_endpoint",
+                "OTLP/gRPC export is plaintext (http://); for TLS use OTLP/HTTP \
+                 (otlp_protocol = \"http\", e.g. https://collector:4318/v1/traces)",
+            ));
+        }
+        Ok(Some((endpoint, protocol)))
     }
 }
 
@@ -510,5 +546,40 @@ mod tests {
         s.replicas.heartbeat_interval_ms = 0;
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("replicas.heartbeat_interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn the_otlp_protocol_is_inferred_from_the_port_unless_set() {
+        use crate::telemetry::OtlpProtocol::{Grpc, Http};
+        let with = |endpoint: &str, protocol| Settings {
+            otlp_endpoint: Some(endpoint.into()),
+            otlp_protocol: protocol,
+            ..Settings::default()
+        };
+        let s = with("http://collector:4317", None);
+        assert_eq!(s.otlp().unwrap(), Some(("http://collector:4317", Grpc)));
+        let s = with("http://collector:4318/v1/traces", None);
+        assert_eq!(s.otlp().unwrap().unwrap().1, Http);
+        let s = with("http://collector:9999", Some(Grpc));
+        assert_eq!(s.otlp().unwrap().unwrap().1, Grpc);
+        let s = with("http://collector:4317", Some(Http));
+        assert_eq!(s.otlp().unwrap().unwrap().1, Http);
+        for (bad, field) in [
+            (with("https://collector:4317", None), "otlp_endpoint"),
+            (with("collector:4317", None), "otlp_endpoint"),
+            (with("ftp://collector/x", None), "otlp_endpoint"),
+        ] {
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
+        let orphan = Settings {
+            otlp_protocol: Some(Grpc),
+            ..Settings::default()
+        };
+        assert!(orphan
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("otlp_protocol"));
     }
 }

@@ -18,6 +18,7 @@ pub mod limits;
 pub mod manage;
 pub mod profile;
 pub mod readiness;
+pub mod remote;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -17,6 +17,7 @@ use tollgate::config::{FlagOverrides, Settings};
 use tollgate::crypto::{Pepper, Peppers};
 use tollgate::dashboard::Dashboard;
 use tollgate::manage::{CreateKeyInput, CreateTenantInput};
+use tollgate::remote;
 use tollgate::store::{MemoryStore, PostgresStore, Store};
 
 #[derive(Parser)]
@@ -49,6 +50,49 @@ enum Command {
     },
     /// Apply database migrations and exit.
     Migrate(Db),
+    /// Ask a running server's health (grpc.health.v1); exit 0 only when SERVING.
+    Health {
+        #[command(flatten)]
+        connect: remote::Connect,
+        /// Health name: "" (readiness) or "liveness".
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+    /// Tenants on a running server (operator token).
+    Tenants {
+        #[command(flatten)]
+        operator: remote::Operator,
+        #[command(subcommand)]
+        command: remote::Tenants,
+    },
+    /// API keys on a running server (operator token).
+    Keys {
+        #[command(flatten)]
+        operator: remote::Operator,
+        #[command(subcommand)]
+        command: remote::Keys,
+    },
+    /// Console users on a running server (operator token).
+    Users {
+        #[command(flatten)]
+        operator: remote::Operator,
+        #[command(subcommand)]
+        command: remote::Users,
+    },
+}
+
+/// The operator commands: a gRPC client of a running server, no config.
+/// Returns what to print on stdout.
+async fn remote_command(command: &Command) -> Result<String, remote::CliError> {
+    match command {
+        Command::Health { connect, service } => remote::health(connect, service).await,
+        Command::Tenants { operator, command } => operator.tenants(command).await,
+        Command::Keys { operator, command } => operator.keys(command).await,
+        Command::Users { operator, command } => operator.users(command).await,
+        Command::Dev(_) | Command::Serve { .. } | Command::Migrate(_) => {
+            Err(remote::CliError::Usage("not an operator command".into()))
+        }
+    }
 }
 
 #[derive(Args)]
@@ -235,15 +279,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pepper_file,
         } => (flags(Some(common), Some(db), pepper_file.clone()), false),
         Command::Migrate(db) => (flags(None, Some(db), None), false),
+        remote => {
+            println!("{}", remote_command(remote).await?);
+            return Ok(());
+        }
     };
     let settings = Settings::load(cli.config.as_deref(), &flags)?;
     settings.validate()?;
-    let tracer = tollgate::telemetry::init(
-        &settings.log_level,
-        settings.log_format,
-        settings.otlp_endpoint.as_deref(),
-    )
-    .map_err(|e| anyhow::anyhow!("configuration field {e}"))?;
+    let tracer =
+        tollgate::telemetry::init(&settings.log_level, settings.log_format, settings.otlp()?)
+            .map_err(|e| anyhow::anyhow!("configuration field {e}"))?;
     let result = serve_or_migrate(cli, settings, dev).await;
     if let Some(t) = tracer {
         // Flush spans still batched; the exporter runs on its own thread.

@@ -46,13 +46,36 @@ pub const SHARE_EXCHANGES: &str = "tollgate_rate_share_exchanges_total";
 /// (cells hot somewhere in the fleet).
 pub const SHARED_CELLS: &str = "tollgate_rate_shared_cells";
 
-/// Installs the global subscriber (once, at start). With `otlp_endpoint`
-/// (an OTLP/HTTP traces URL such as `http://collector:4318/v1/traces`)
-/// spans are also exported; the returned provider flushes them on shutdown.
+/// How spans travel to the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtlpProtocol {
+    /// OTLP/HTTP with protobuf bodies, to a traces URL such as
+    /// `http://collector:4318/v1/traces` (TLS with `https://`).
+    Http,
+    /// OTLP/gRPC (`TraceService/Export`) to `http://collector:4317`;
+    /// plaintext only (a collector in the cluster or a sidecar).
+    Grpc,
+}
+
+impl OtlpProtocol {
+    /// The protocol for `endpoint` when none is configured: gRPC on the
+    /// collectors' gRPC port 4317, HTTP otherwise.
+    pub fn infer(endpoint: &str) -> OtlpProtocol {
+        match reqwest::Url::parse(endpoint).ok().and_then(|u| u.port()) {
+            Some(4317) => OtlpProtocol::Grpc,
+            _ => OtlpProtocol::Http,
+        }
+    }
+}
+
+/// Installs the global subscriber (once, at start). With `otlp` (an
+/// endpoint and how to reach it) spans are also exported; the returned
+/// provider flushes them on shutdown.
 pub fn init(
     level: &str,
     format: LogFormat,
-    otlp_endpoint: Option<&str>,
+    otlp: Option<(&str, OtlpProtocol)>,
 ) -> Result<Option<SdkTracerProvider>, String> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -71,7 +94,9 @@ pub fn init(
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
     };
-    let provider = otlp_endpoint.map(otlp_provider).transpose()?;
+    let provider = otlp
+        .map(|(endpoint, protocol)| otlp_provider(endpoint, protocol))
+        .transpose()?;
     let otel = provider.as_ref().map(|p| {
         use opentelemetry::trace::TracerProvider;
         tracing_opentelemetry::layer().with_tracer(p.tracer("tollgate"))
@@ -84,13 +109,16 @@ pub fn init(
     Ok(provider)
 }
 
-fn otlp_provider(endpoint: &str) -> Result<SdkTracerProvider, String> {
+/// Must run inside the tokio runtime: the gRPC channel's worker is a task
+/// there, which the batch exporter's own thread sends through.
+fn otlp_provider(endpoint: &str, protocol: OtlpProtocol) -> Result<SdkTracerProvider, String> {
     use opentelemetry_otlp::WithExportConfig;
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_endpoint(endpoint)
-        .build()
-        .map_err(|e| format!("otlp_endpoint: {e}"))?;
+    let builder = opentelemetry_otlp::SpanExporter::builder();
+    let exporter = match protocol {
+        OtlpProtocol::Http => builder.with_http().with_endpoint(endpoint).build(),
+        OtlpProtocol::Grpc => builder.with_tonic().with_endpoint(endpoint).build(),
+    }
+    .map_err(|e| format!("otlp_endpoint: {e}"))?;
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(

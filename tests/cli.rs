@@ -633,3 +633,394 @@ fn holds_attribute(body: &[u8], key: &str, value: &str) -> bool {
     encoded.extend_from_slice(value.as_bytes());
     body.windows(encoded.len()).any(|w| w == encoded.as_slice())
 }
+
+/// Runs an operator command against `addr` with `token` in the environment;
+/// returns (success, stdout, stderr).
+fn operator_cli(addr: SocketAddr, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = tollgate("");
+    cmd.args(args).env("TOLLGATE_ADDR", addr.to_string());
+    if let Some(token) = token {
+        cmd.env("TOLLGATE_OPERATOR_TOKEN", token);
+    }
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_of(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("{e}: not JSON:\n{stdout}"))
+}
+
+/// Routine operations took grpcurl and proto knowledge: `tollgate tenants`,
+/// `keys` and `users` call a running server (address and operator token from
+/// the environment or flags), with tables for people and `--json` for
+/// scripts; a key's secret is printed once, to stdout only; bad input is
+/// refused naming the field, and nothing changes without the token.
+#[sqlx::test(migrations = false)]
+async fn the_operator_cli_manages_tenants_keys_and_users_on_a_running_server(
+    _pool: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    // The console runs (for `users`) once it has a signing key.
+    use ed25519_dalek::pkcs8::{spki::der::pem::LineEnding, EncodePrivateKey};
+    let pem = ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+        .to_pkcs8_pem(LineEnding::LF)
+        .unwrap();
+    let key_file = config_file(&pem);
+    let config = config_file(&format!(
+        "[[jwt.console.signing_keys]]\nkid = \"k1\"\nprivate_key_file = {:?}\n",
+        key_file.display().to_string()
+    ));
+    let url = url_of_database(conn.get_database().unwrap());
+    let mut serve = Process::spawn(
+        tollgate("serve --listen 127.0.0.1:0 --database-url")
+            .arg(&url)
+            .arg("--config")
+            .arg(&config)
+            .env("TOLLGATE_PEPPER", std::str::from_utf8(PEPPER).unwrap())
+            .env("TOLLGATE_OPERATOR_TOKEN", OPERATOR_TOKEN)
+            .env("TOLLGATE_LOG_FORMAT", "json"),
+    );
+    let addr: SocketAddr = serve
+        .read_until(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            (v["fields"]["message"] == "tollgate listening")
+                .then(|| v["fields"]["addr"].as_str()?.parse().ok())?
+        })
+        .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut ready = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    while ready.message().await.unwrap().unwrap().status != ServingStatus::Serving as i32 {}
+    let token = Some(OPERATOR_TOKEN);
+    let run = |args: &[&str]| operator_cli(addr, token, args);
+
+    let (ok, out, err) = run(&["health"]);
+    assert!(ok && out.trim() == "SERVING", "{out}{err}");
+
+    // Tenants: a table for people, JSON for scripts.
+    let (ok, out, err) = run(&[
+        "tenants", "create", "--id", "acme", "--name", "Acme Inc", "--plan", "pro",
+    ]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("TENANT ID") && lines[0].contains("PLAN"),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with("acme ") && lines[1].contains("Acme Inc"),
+        "{out}"
+    );
+    let (ok, out, err) = run(&["tenants", "get", "acme", "--json"]);
+    assert!(ok, "{err}");
+    let t = json_of(&out);
+    assert_eq!(
+        (t["tenant_id"].as_str(), t["plan"].as_str()),
+        (Some("acme"), Some("pro"))
+    );
+    let (ok, out, _) = run(&["tenants", "list", "--json"]);
+    assert!(ok);
+    assert_eq!(json_of(&out)["tenants"][0]["tenant_id"], "acme");
+
+    // A key: its secret once, on stdout, and it works.
+    let (ok, out, err) = run(&[
+        "keys", "create", "--tenant", "acme", "--name", "ci", "--json",
+    ]);
+    assert!(ok, "{err}");
+    let created = json_of(&out);
+    let secret = created["api_key"].as_str().unwrap().to_owned();
+    let key_id = created["key"]["key_id"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("tg_live_"), "{out}");
+    assert!(!err.contains(&secret), "the secret is on stdout only");
+    let mut auth = AuthServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut decide = async |key: &str| {
+        auth.authenticate(pb::AuthenticateRequest {
+            api_key: key.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    };
+    assert!(decide(&secret).await.allowed);
+    let (ok, out, err) = run(&["keys", "create", "--tenant", "acme", "--name", "people"]);
+    assert!(ok, "{err}");
+    let shown = out.lines().last().unwrap();
+    assert!(
+        shown.starts_with("tg_live_") && decide(shown).await.allowed,
+        "{out}"
+    );
+
+    let (ok, out, _) = run(&["keys", "list", "--tenant", "acme"]);
+    assert!(
+        ok && out.contains(&key_id) && out.contains("active"),
+        "{out}"
+    );
+    assert!(!out.contains(&secret), "a listing never shows a secret");
+    let (ok, out, _) = run(&["keys", "get", &key_id, "--json"]);
+    assert!(ok && !out.contains(&secret));
+    assert_eq!(json_of(&out)["name"], "ci");
+
+    // Rotate (the old key refused at once), then revoke the new one.
+    let (ok, out, err) = run(&["keys", "rotate", &key_id, "--grace-seconds", "0", "--json"]);
+    assert!(ok, "{err}");
+    let rotated = json_of(&out);
+    let new_secret = rotated["api_key"].as_str().unwrap().to_owned();
+    let new_id = rotated["key"]["key_id"].as_str().unwrap().to_owned();
+    assert_eq!(rotated["previous_key"]["key_id"], key_id.as_str());
+    assert!(decide(&new_secret).await.allowed);
+    assert!(!decide(&secret).await.allowed);
+    let (ok, out, _) = run(&["keys", "revoke", &new_id, "--reason", "leaked", "--json"]);
+    assert!(ok);
+    assert_eq!(json_of(&out)["revoke_reason"], "leaked");
+    assert!(!decide(&new_secret).await.allowed);
+    // The rotated key has expired; only the revoked one is left out.
+    let (_, out, _) = run(&["keys", "list", "--tenant", "acme", "--json"]);
+    assert_eq!(json_of(&out)["keys"].as_array().unwrap().len(), 2, "{out}");
+    let (_, out, _) = run(&["keys", "list", "--tenant", "acme"]);
+    assert!(out.contains("expired") && !out.contains("revoked"), "{out}");
+    let (_, out, _) = run(&["keys", "list", "--tenant", "acme", "--all", "--json"]);
+    assert_eq!(json_of(&out)["keys"].as_array().unwrap().len(), 3, "{out}");
+
+    // A tenant's plan and subscription.
+    let (ok, out, err) = run(&[
+        "tenants",
+        "update",
+        "acme",
+        "--plan",
+        "enterprise",
+        "--status",
+        "past_due",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let t = json_of(&out);
+    assert_eq!(
+        (
+            t["plan"].as_str(),
+            t["subscription_status"].as_str(),
+            t["name"].as_str()
+        ),
+        (Some("enterprise"), Some("past_due"), Some("Acme Inc"))
+    );
+    let (ok, out, err) = run(&["tenants", "update", "acme"]);
+    assert!(
+        !ok && out.is_empty() && err.contains("nothing to change"),
+        "{err}"
+    );
+
+    // Console users: one added by the operator, then changed and deleted.
+    let (ok, out, err) = run(&["users", "list", "--tenant", "acme", "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(json_of(&out), serde_json::json!({"users": []}));
+    let mut console =
+        pb::console_service_client::ConsoleServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+    for (email, role) in [
+        ("alice@example.com", "owner"),
+        ("bob@example.com", "developer"),
+    ] {
+        let mut create = tonic::Request::new(pb::CreateUserRequest {
+            tenant_id: "acme".into(),
+            email: email.into(),
+            password: "correct-horse-battery-staple-42".into(),
+            role: role.into(),
+        });
+        create.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {OPERATOR_TOKEN}").parse().unwrap(),
+        );
+        console.create_user(create).await.unwrap();
+    }
+    let (ok, out, _) = run(&["users", "list", "--tenant", "acme"]);
+    assert!(
+        ok && out.starts_with("USER ID") && out.contains("bob@example.com"),
+        "{out}"
+    );
+    let (_, out, _) = run(&["users", "list", "--tenant", "acme", "--json"]);
+    let users = json_of(&out);
+    let bob = users["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["email"] == "bob@example.com");
+    let user_id = bob.unwrap()["user_id"].as_str().unwrap().to_owned();
+    let (ok, out, err) = run(&[
+        "users",
+        "update",
+        "--tenant",
+        "acme",
+        &user_id,
+        "--role",
+        "admin",
+        "--disabled",
+        "true",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let u = json_of(&out);
+    assert_eq!(
+        (u["role"].as_str(), u["disabled"].as_bool()),
+        (Some("admin"), Some(true))
+    );
+    let (ok, _, err) = run(&["users", "delete", "--tenant", "acme", &user_id]);
+    assert!(ok, "{err}");
+    let (_, out, _) = run(&["users", "list", "--tenant", "acme", "--json"]);
+    assert_eq!(json_of(&out)["users"].as_array().unwrap().len(), 1, "{out}");
+    assert!(!out.contains("bob@example.com"), "{out}");
+
+    // Refusals: named fields, a nonzero exit, nothing on stdout, no change.
+    let (ok, out, err) = run(&["keys", "create", "--tenant", "acme", "--name", ""]);
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(
+        err.contains("InvalidArgument") && err.contains("name:"),
+        "{err}"
+    );
+    let (ok, out, err) = operator_cli(
+        addr,
+        None,
+        &["tenants", "create", "--id", "evil", "--name", "E"],
+    );
+    assert!(
+        !ok && out.is_empty() && err.contains("TOLLGATE_OPERATOR_TOKEN"),
+        "{err}"
+    );
+    let wrong = "not-the-operator-token-0123456789";
+    let (ok, _, err) = operator_cli(
+        addr,
+        Some(wrong),
+        &["tenants", "create", "--id", "evil", "--name", "E"],
+    );
+    assert!(
+        !ok && err.contains("Unauthenticated") && !err.contains(wrong),
+        "{err}"
+    );
+    let (_, out, _) = run(&["tenants", "list", "--json"]);
+    assert_eq!(
+        json_of(&out)["tenants"].as_array().unwrap().len(),
+        1,
+        "{out}"
+    );
+
+    // Flags win over the environment; an unreachable address says so.
+    let (ok, _, err) = operator_cli(addr, token, &["tenants", "list", "--addr", "127.0.0.1:1"]);
+    assert!(!ok && err.contains("cannot reach 127.0.0.1:1"), "{err}");
+    drop(serve);
+    let _ = std::fs::remove_file(config);
+    let _ = std::fs::remove_file(key_file);
+}
+
+/// A real OTLP/gRPC collector (opentelemetry-proto's `TraceService` on
+/// tonic) that hands over every export request it receives.
+async fn otlp_grpc_collector() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<
+        opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+    >,
+) {
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        trace_service_server::{TraceService, TraceServiceServer},
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    struct Collector(tokio::sync::mpsc::UnboundedSender<ExportTraceServiceRequest>);
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let _ = self.0.send(request.into_inner());
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Collector(tx)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (addr, rx)
+}
+
+/// OTLP export was HTTP only, while collectors listen for gRPC on 4317 by
+/// default: with `otlp_protocol = "grpc"` spans go to a real gRPC collector
+/// (TraceService/Export), carry the service name, and are flushed on SIGTERM.
+#[tokio::test]
+async fn with_an_otlp_grpc_endpoint_request_spans_are_exported_over_grpc() {
+    let (collector, mut received) = otlp_grpc_collector().await;
+    let mut cmd = tollgate("dev --listen 127.0.0.1:0");
+    cmd.env("TOLLGATE_OTLP_ENDPOINT", format!("http://{collector}"))
+        .env("TOLLGATE_OTLP_PROTOCOL", "grpc");
+    let mut dev = Process::spawn(&mut cmd);
+    let addr: SocketAddr = dev
+        .read_until(|l| after(l, "listening on ").map(|a| a.parse().unwrap()))
+        .await;
+    let key = dev
+        .read_until(|l| l.strip_prefix("export K=").map(str::to_owned))
+        .await;
+    let mut auth = AuthServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let r = auth
+        .authenticate(pb::AuthenticateRequest {
+            api_key: key.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.allowed);
+    dev.sigterm();
+    assert!(dev.exit_status().await.success(), "{}", dev.output());
+
+    // The batch is flushed at shutdown at the latest.
+    let mut requests = Vec::new();
+    while let Ok(request) = received.try_recv() {
+        requests.push(request);
+    }
+    assert!(!requests.is_empty(), "nothing exported over gRPC");
+    let services: Vec<String> = requests
+        .iter()
+        .flat_map(|r| &r.resource_spans)
+        .filter_map(|rs| rs.resource.as_ref())
+        .flat_map(|res| &res.attributes)
+        .filter(|kv| kv.key == "service.name")
+        .map(|kv| format!("{:?}", kv.value))
+        .collect();
+    assert!(
+        services.iter().all(|s| s.contains("tollgate")) && !services.is_empty(),
+        "{services:?}"
+    );
+    let spans: Vec<&str> = requests
+        .iter()
+        .flat_map(|r| &r.resource_spans)
+        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|ss| &ss.spans)
+        .map(|s| s.name.as_str())
+        .collect();
+    assert!(
+        spans.iter().any(|s| s.contains("authenticate")),
+        "the request's span is exported: {spans:?}"
+    );
+    assert!(
+        !format!("{requests:?}").contains(&key),
+        "no secret in exported spans"
+    );
+}

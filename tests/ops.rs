@@ -485,3 +485,161 @@ async fn mutual_tls_admits_clients_with_a_trusted_certificate_only_and_reloads_c
     );
     running.shutdown().await.unwrap();
 }
+
+/// Runs the real `grpcurl` (on PATH; scripts/test installs it) with no
+/// proto files, from an empty directory; returns (success, stdout + stderr).
+async fn grpcurl(args: &[&str]) -> (bool, String) {
+    let empty = std::env::temp_dir().join(format!("tollgate-grpcurl-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("grpcurl")
+            .args(args)
+            .current_dir(&empty)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("grpcurl answers within a minute")
+    .expect("grpcurl is on PATH (scripts/install-grpcurl)");
+    std::fs::remove_dir_all(&empty).unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// grpcurl printed `google.rpc.BadRequest is not recognized` for every
+/// validation error and could not call Envoy's `Authorization/Check` ("target
+/// server does not expose service"): reflection now describes every service
+/// on the port and the error-details messages.
+#[sqlx::test]
+async fn reflection_lets_grpcurl_list_describe_and_call_every_service_and_decode_error_details(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "default").await;
+    t.create_tenant("acme", "pro").await;
+    let (key, _) = t.create_key("acme").await;
+    let addr = t.running.local_addr().to_string();
+
+    let (ok, listed) = grpcurl(&["-plaintext", &addr, "list"]).await;
+    assert!(ok, "{listed}");
+    let mut services: Vec<&str> = listed.lines().collect();
+    services.sort_unstable();
+    assert_eq!(
+        services,
+        [
+            "envoy.service.auth.v3.Authorization",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "tollgate.v1.AuthService",
+            "tollgate.v1.ConsoleService",
+            "tollgate.v1.TenantService",
+        ],
+        "every service on the port is listed"
+    );
+
+    let (ok, described) = grpcurl(&[
+        "-plaintext",
+        &addr,
+        "describe",
+        "envoy.service.auth.v3.Authorization",
+    ])
+    .await;
+    assert!(ok, "{described}");
+    assert!(
+        described.contains("rpc Check ( .envoy.service.auth.v3.CheckRequest )"),
+        "{described}"
+    );
+
+    // A call that fails validation: the BadRequest details are decoded.
+    let bearer = format!("authorization: Bearer {OPERATOR_TOKEN}");
+    let (ok, refused) = grpcurl(&[
+        "-plaintext",
+        "-H",
+        &bearer,
+        "-d",
+        r#"{"tenant_id": "not a valid id!", "name": ""}"#,
+        &addr,
+        "tollgate.v1.AuthService/CreateKey",
+    ])
+    .await;
+    assert!(!ok, "{refused}");
+    assert!(refused.contains("Code: InvalidArgument"), "{refused}");
+    assert!(!refused.contains("not recognized"), "{refused}");
+    assert!(
+        refused.contains(r#""@type":"type.googleapis.com/google.rpc.BadRequest""#)
+            && refused.contains(r#"{"field":"tenant_id","#)
+            && refused.contains(r#"{"field":"name","#),
+        "{refused}"
+    );
+
+    // Envoy's Check through grpcurl, with no proto files.
+    let check = serde_json::json!({"attributes": {"request": {"http": {
+        "method": "GET", "path": "/v1/things", "headers": {"x-api-key": key}}}}});
+    let (ok, checked) = grpcurl(&[
+        "-plaintext",
+        "-d",
+        &check.to_string(),
+        &addr,
+        "envoy.service.auth.v3.Authorization/Check",
+    ])
+    .await;
+    assert!(ok, "{checked}");
+    let answer: serde_json::Value = serde_json::from_str(&checked).expect("JSON answer");
+    assert_eq!(answer["dynamicMetadata"]["decision"], "allow", "{checked}");
+    assert_eq!(answer["dynamicMetadata"]["tenant_id"], "acme", "{checked}");
+    assert!(!checked.contains(&key), "the credential is not echoed");
+
+    // A health check by name, as a probe without grpc-health-probe would.
+    let (ok, health) = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]).await;
+    assert!(ok && health.contains(r#""status": "SERVING""#), "{health}");
+}
+
+/// Reflection describes Envoy's ext_authz with the `.proto` files in
+/// `proto/third_party/`; they must be the ones of the envoy-types crate the
+/// server is compiled with, or grpcurl would encode fields the server does
+/// not know (scripts/vendor-protos after an upgrade).
+#[test]
+fn the_vendored_envoy_protos_equal_those_of_the_locked_envoy_types_crate() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let scratch = std::env::temp_dir().join(format!("tollgate-protos-{}", uuid::Uuid::new_v4()));
+    let out = std::process::Command::new(root.join("scripts/vendor-protos"))
+        .arg(&scratch)
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fn files(dir: &std::path::Path, base: &std::path::Path, into: &mut Vec<(String, Vec<u8>)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                files(&path, base, into);
+            } else {
+                let name = path.strip_prefix(base).unwrap().display().to_string();
+                into.push((name, std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    let (mut want, mut have) = (Vec::new(), Vec::new());
+    files(&scratch, &scratch, &mut want);
+    let vendored = root.join("proto/third_party");
+    files(&vendored, &vendored, &mut have);
+    want.sort();
+    have.sort();
+    std::fs::remove_dir_all(&scratch).unwrap();
+    assert!(want.len() > 10);
+    let names = |v: &[(String, Vec<u8>)]| v.iter().map(|f| f.0.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&have), names(&want), "run scripts/vendor-protos");
+    for ((name, a), (_, b)) in have.iter().zip(&want) {
+        assert!(
+            a == b,
+            "{name} differs from envoy-types': run scripts/vendor-protos"
+        );
+    }
+}

@@ -20,4 +20,9 @@ pub mod pb {
     /// Encoded descriptors of `tollgate.v1`, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/tollgate_descriptor.bin"));
+
+    /// Encoded descriptors of Envoy's `envoy.service.auth.v3` and its
+    /// imports (from `proto/third_party/`), for server reflection.
+    pub const ENVOY_FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptor.bin"));
 }

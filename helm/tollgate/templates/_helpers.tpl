@@ -40,6 +40,16 @@ app.kubernetes.io/part-of: tollgate
 app.kubernetes.io/component: server
 {{- end }}
 
+{{/* The helm test Pod: outside the server's selector (and so outside its
+NetworkPolicy), admitted to the gRPC port by that policy. */}}
+{{- define "tollgate.testLabels" -}}
+helm.sh/chart: {{ include "tollgate.chart" . }}
+app.kubernetes.io/name: {{ include "tollgate.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: test
+{{- end }}
+
 {{- define "tollgate.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "tollgate.fullname" .) .Values.serviceAccount.name }}
@@ -63,6 +73,14 @@ app.kubernetes.io/component: server
 
 {{- define "tollgate.tlsSecretName" -}}
 {{- default (printf "%s-tls" (include "tollgate.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
+{{/* Whether the optional caller tokens are configured ("true" or ""). */}}
+{{- define "tollgate.hasGatewayToken" -}}
+{{- if or .Values.secrets.gatewayToken (and .Values.secrets.existingSecret .Values.secrets.existingSecretHolds.gatewayToken) }}true{{ end }}
+{{- end }}
+{{- define "tollgate.hasConsoleBackendToken" -}}
+{{- if or .Values.secrets.consoleBackendToken (and .Values.secrets.existingSecret .Values.secrets.existingSecretHolds.consoleBackendToken) }}true{{ end }}
 {{- end }}
 
 {{/* config.toml lives in a Secret when it carries previous peppers. */}}
@@ -100,6 +118,12 @@ and tables after them; [[previous_peppers]] tables come last.
 listen = "0.0.0.0:{{ .Values.ports.grpc | int64 }}"
 pepper_file = "{{ include "tollgate.secretDir" . }}/pepper"
 operator_token_file = "{{ include "tollgate.secretDir" . }}/operator-token"
+{{- if include "tollgate.hasGatewayToken" . }}
+gateway_token_file = "{{ include "tollgate.secretDir" . }}/gateway-token"
+{{- end }}
+{{- if include "tollgate.hasConsoleBackendToken" . }}
+console_backend_token_file = "{{ include "tollgate.secretDir" . }}/console-backend-token"
+{{- end }}
 profile = "{{ include "tollgate.configDir" . }}/profile.toml"
 log_format = {{ $c.logFormat | quote }}
 log_level = {{ $c.logLevel | toJson }}
@@ -109,6 +133,8 @@ last_used_flush_seconds = {{ $c.lastUsedFlushSeconds | int64 }}
 database.max_connections = {{ $c.database.maxConnections | int64 }}
 database.min_connections = {{ $c.database.minConnections | int64 }}
 database.acquire_timeout_ms = {{ $c.database.acquireTimeoutMs | int64 }}
+database.statement_timeout_ms = {{ $c.database.statementTimeoutMs | int64 }}
+database.change_retention_seconds = {{ $c.database.changeRetentionSeconds | int64 }}
 database.migrate_on_start = {{ not .Values.migrations.enabled }}
 cache.max_keys = {{ $c.cache.maxKeys | int64 }}
 cache.max_tenants = {{ $c.cache.maxTenants | int64 }}
@@ -116,6 +142,23 @@ cache.ttl_seconds = {{ $c.cache.ttlSeconds | int64 }}
 cache.negative_ttl_seconds = {{ $c.cache.negativeTtlSeconds | int64 }}
 cache.max_negative = {{ $c.cache.maxNegative | int64 }}
 cache.unknown_lookups_per_second = {{ $c.cache.unknownLookupsPerSecond | int64 }}
+cache.max_staleness_seconds = {{ $c.cache.maxStalenessSeconds | int64 }}
+shutdown_grace_seconds = {{ $c.shutdownGraceSeconds | int64 }}
+management.max_in_flight = {{ $c.management.maxInFlight | int64 }}
+management.timeout_ms = {{ $c.management.timeoutMs | int64 }}
+envoy.header_prefix = {{ $c.envoy.headerPrefix | quote }}
+{{- with $c.otlpEndpoint }}
+otlp_endpoint = {{ . | toJson }}
+{{- end }}
+{{- with $c.otlpProtocol }}
+otlp_protocol = {{ . | quote }}
+{{- end }}
+{{- with $c.console.signup }}
+jwt.console.signup = {{ . | quote }}
+{{- end }}
+{{- if $c.console.requireVerifiedEmail }}
+jwt.console.require_verified_email = true
+{{- end }}
 {{- with $c.extraToml }}
 
 # config.extraToml
@@ -184,8 +227,21 @@ seccompProfile:
 {{/* Checks across values that the schema cannot express. */}}
 {{- define "tollgate.validate" -}}
 {{- $s := .Values.secrets }}
-{{- if and $s.existingSecret (or $s.databaseUrl $s.pepper $s.operatorToken) }}
-{{- fail "secrets: set secrets.existingSecret or secrets.databaseUrl/pepper/operatorToken, not both" }}
+{{- if and (not $s.existingSecret) (not (and $s.databaseUrl $s.pepper $s.operatorToken)) }}
+{{- fail "secrets: set secrets.databaseUrl, secrets.pepper and secrets.operatorToken, or secrets.existingSecret naming a Secret you manage (helm/tollgate/README.md, Secrets). To lint or render the chart without them, use its test values: --values helm/tollgate/ci/minimal-values.yaml (ct lint does)" }}
+{{- end }}
+{{- if ge (add (int .Values.preStopSleepSeconds) (int .Values.config.shutdownGraceSeconds)) (int .Values.terminationGracePeriodSeconds) }}
+{{- fail "terminationGracePeriodSeconds must be greater than preStopSleepSeconds + config.shutdownGraceSeconds, or Kubernetes kills calls still finishing" }}
+{{- end }}
+{{- if and $s.existingSecret (or $s.databaseUrl $s.pepper $s.operatorToken $s.gatewayToken $s.consoleBackendToken) }}
+{{- fail "secrets: set secrets.existingSecret or secrets.databaseUrl/pepper/operatorToken/gatewayToken/consoleBackendToken, not both" }}
+{{- end }}
+{{- if and (not $s.existingSecret) (or $s.existingSecretHolds.gatewayToken $s.existingSecretHolds.consoleBackendToken) }}
+{{- fail "secrets.existingSecretHolds needs secrets.existingSecret (or give the tokens inline)" }}
+{{- end }}
+{{- $tokens := compact (list $s.operatorToken $s.gatewayToken $s.consoleBackendToken) }}
+{{- if ne (len $tokens) (len (uniq $tokens)) }}
+{{- fail "secrets: operatorToken, gatewayToken and consoleBackendToken must differ" }}
 {{- end }}
 {{- if and .Values.tls.enabled .Values.tls.existingSecret (or .Values.tls.cert .Values.tls.key .Values.tls.clientCa) }}
 {{- fail "tls: set tls.existingSecret or tls.cert/key/clientCa, not both" }}
