@@ -312,6 +312,12 @@ async fn migrate_creates_the_schema_and_running_it_again_changes_nothing(
 /// `tollgate serve` on `database_url` (JSON logs), once it listens, and a
 /// health client on it.
 async fn serve_listening(database_url: &str) -> (Process, HealthClient<tonic::transport::Channel>) {
+    let (serve, channel) = serve_channel(database_url).await;
+    (serve, HealthClient::new(channel))
+}
+
+/// `tollgate serve` on `database_url`, and a channel to it.
+async fn serve_channel(database_url: &str) -> (Process, tonic::transport::Channel) {
     let pepper = std::str::from_utf8(PEPPER).unwrap();
     let mut serve = Process::spawn(
         tollgate(&format!(
@@ -335,7 +341,7 @@ async fn serve_listening(database_url: &str) -> (Process, HealthClient<tonic::tr
         .connect()
         .await
         .unwrap();
-    (serve, HealthClient::new(channel))
+    (serve, channel)
 }
 
 #[tokio::test]
@@ -521,6 +527,96 @@ async fn serve_becomes_healthy_on_postgres_then_on_sigterm_reports_not_serving_a
     assert!(output.contains("shutting down"), "{output}");
     let pepper = std::str::from_utf8(PEPPER).unwrap();
     assert!(!output.contains(pepper) && !output.contains(OPERATOR_TOKEN));
+}
+
+/// The in-process shutdown test cannot show this (tonic serves each
+/// connection in a task that outlives the server's), so the real binary:
+/// a SIGTERM while a call waits on the database turns readiness
+/// NOT_SERVING at once, lets the call commit and answer, and only then
+/// does the process exit.
+#[sqlx::test]
+async fn on_sigterm_a_call_in_flight_commits_and_answers_before_the_process_exits(
+    pool: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let url = url_of_database(conn.get_database().unwrap());
+    let (mut serve, channel) = serve_channel(&url).await;
+    let mut health = HealthClient::new(channel.clone());
+    let mut updates = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_status = async || {
+        let update = within("a health update", updates.message()).await.unwrap();
+        update.expect("health stream stays open").status
+    };
+    while next_status().await != ServingStatus::Serving as i32 {}
+    let mut tenants = pb::tenant_service_client::TenantServiceClient::new(channel.clone());
+    tenants
+        .create_tenant(common::op(pb::CreateTenantRequest {
+            tenant_id: "acme".into(),
+            name: "Acme".into(),
+            plan: "pro".into(),
+            subscription_status: "active".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+
+    // Hold the tenant row: the next CreateKey waits inside its transaction.
+    let db = pool.connect_with(conn.clone()).await.unwrap();
+    let mut lock = db.begin().await.unwrap();
+    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *lock)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM tenants WHERE tenant_id = 'acme' FOR UPDATE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let mut auth = AuthServiceClient::new(channel);
+    let in_flight = tokio::spawn(async move {
+        auth.create_key(common::op(pb::CreateKeyRequest {
+            tenant_id: "acme".into(),
+            name: "in flight".into(),
+            ..Default::default()
+        }))
+        .await
+    });
+    let blocked_by_us = "SELECT count(*) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND $1 = ANY(pg_blocking_pids(pid))";
+    within("CreateKey waiting on our lock", async {
+        while sqlx::query_scalar::<_, i64>(blocked_by_us)
+            .bind(holder)
+            .fetch_one(&db)
+            .await
+            .unwrap()
+            == 0
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+
+    serve.sigterm();
+    while next_status().await != ServingStatus::NotServing as i32 {}
+    lock.rollback().await.unwrap();
+    let created = within("the call in flight", in_flight)
+        .await
+        .unwrap()
+        .expect("the call in flight was answered, not cut")
+        .into_inner();
+    assert!(!created.api_key.is_empty());
+    let status = serve.exit_status().await;
+    assert!(status.success(), "{status:?}; output:\n{}", serve.output());
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE name = 'in flight'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(stored, 1, "the key was committed");
 }
 
 /// A minimal OTLP/HTTP collector: answers 200 to every POST and hands over
