@@ -221,11 +221,23 @@ async fn migrate_with_retry(store: &PostgresStore) -> anyhow::Result<()> {
     }
 }
 
+/// Whether the database cannot be reached right now (retry), rather than
+/// refusing what we asked (fail): refused or dropped connections, a pooler
+/// in front of a restarting server that accepts and closes at once (a
+/// protocol error), and a server starting up or shutting down (SQLSTATE
+/// class 57P: `cannot_connect_now`, `admin_shutdown`, …; class 08:
+/// connection exceptions).
 fn is_unreachable(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
-    )
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+        _ => false,
+    }
 }
 
 /// Connects now (`migrate`: a Job that fails fast and is retried by Kubernetes).

@@ -529,6 +529,49 @@ async fn serve_becomes_healthy_on_postgres_then_on_sigterm_reports_not_serving_a
     assert!(!output.contains(pepper) && !output.contains(OPERATOR_TOKEN));
 }
 
+/// A pooler (PgBouncer, HAProxy) in front of a restarting Postgres accepts
+/// connections and closes them at once: sqlx reports a protocol error, not
+/// a refused connection. `serve` used to exit ("migration failed"); it
+/// retries, as for any unreachable database.
+#[tokio::test]
+async fn serve_behind_a_pooler_that_accepts_and_closes_retries_migrations_instead_of_exiting() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            drop(socket);
+        }
+    });
+    let (mut serve, mut health) =
+        serve_listening(&format!("postgres://tollgate@{addr}/tollgate")).await;
+    for _ in 0..2 {
+        serve
+            .read_until(|l| {
+                l.contains("database unreachable; retrying migrations")
+                    .then_some(())
+            })
+            .await;
+    }
+    let live = health
+        .check(HealthCheckRequest {
+            service: "liveness".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        live.status,
+        ServingStatus::Serving as i32,
+        "{}",
+        serve.output()
+    );
+    assert!(
+        !serve.output().contains("migration failed"),
+        "{}",
+        serve.output()
+    );
+}
+
 /// The in-process shutdown test cannot show this (tonic serves each
 /// connection in a task that outlives the server's), so the real binary:
 /// a SIGTERM while a call waits on the database turns readiness
