@@ -1183,6 +1183,8 @@ fn every_option_yields_a_configuration_tollgate_accepts() {
                 ("uri", "postgres://tollgate@127.0.0.1:1/tollgate"),
                 ("pepper-v2", "current-pepper-0123456789abcdef-test"),
                 ("operator", "an-operator-token-of-32-characters-x"),
+                // existingSecretHolds.gatewayToken: the gateway token too.
+                ("gateway", "a-gateway-token-of-32-characters-xyz"),
             ],
         )
         .with_existing(
