@@ -27,7 +27,6 @@ pub(super) struct ConsoleState {
     users: BTreeMap<UserId, ConsoleUser>,
     by_email: HashMap<Email, UserId>,
     tokens: HashMap<[u8; 32], StoredToken>,
-    pub(super) audit: BTreeMap<Uuid, AuditEvent>,
 }
 
 impl ConsoleState {
@@ -103,10 +102,6 @@ impl ConsoleState {
         }
     }
 
-    pub(super) fn record(&mut self, e: AuditEvent) {
-        self.audit.insert(e.id, e);
-    }
-
     fn spend(&mut self, digest: &[u8; 32], kind: TokenKind, now: DateTime<Utc>) -> TokenUse {
         let Some(t) = self.tokens.get_mut(digest).filter(|t| t.token.kind == kind) else {
             return TokenUse::Unknown;
@@ -158,8 +153,8 @@ impl ConsoleStore for MemoryStore {
         }
         let created = audit::tenant_created(ctx, &tenant);
         s.tenants.insert(tenant.id.clone(), tenant);
-        s.console.record(created);
-        s.console.record(audit::user_created(ctx, &owner));
+        s.audit.record(created);
+        s.audit.record(audit::user_created(ctx, &owner));
         s.console.add_user(owner, verification);
         Ok(())
     }
@@ -177,7 +172,7 @@ impl ConsoleStore for MemoryStore {
         if taken(&s, &user.email) {
             return Err(StoreError::AlreadyExists);
         }
-        s.console.record(audit::user_created(ctx, &user));
+        s.audit.record(audit::user_created(ctx, &user));
         s.console.add_user(user, verification);
         Ok(())
     }
@@ -262,7 +257,7 @@ impl ConsoleStore for MemoryStore {
             s.console.end_everything(user, now);
         }
         s.console.users.insert(user, new.clone());
-        s.console.record(audit::user_updated(ctx, &old, &new, now));
+        s.audit.record(audit::user_updated(ctx, &old, &new, now));
         Ok(new)
     }
 
@@ -280,7 +275,7 @@ impl ConsoleStore for MemoryStore {
         s.console.tokens.retain(|_, t| t.token.user_id != user);
         s.console.users.remove(&user);
         s.console.by_email.remove(&old.email);
-        s.console.record(audit::user_deleted(ctx, &old, now));
+        s.audit.record(audit::user_deleted(ctx, &old, now));
         Ok(old)
     }
 
@@ -410,7 +405,7 @@ impl ConsoleStore for MemoryStore {
             request_id: request_id.to_string(),
         };
         let event = audit::password_reset(&ctx, &user, now);
-        s.console.record(event);
+        s.audit.record(event);
         Ok(TokenUse::Spent {
             user,
             family: None,
@@ -425,10 +420,8 @@ impl ConsoleStore for MemoryStore {
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError> {
         let s = self.state();
-        Ok(s.console
-            .audit
-            .values()
-            .rev()
+        Ok(s.audit
+            .newest_first()
             .filter(|e| tenant.is_none_or(|t| &e.tenant_id == t))
             .filter(|e| before.is_none_or(|b| e.id < b))
             .take(limit as usize)

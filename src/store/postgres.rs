@@ -12,7 +12,6 @@ use sqlx::{Postgres, Transaction};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::console_pg::insert_audit;
 use super::{
     Invalidation, KeyCap, KeyRef, QuotaCounter, QuotaGrant, QuotaReport, QuotaTally, ShareRow,
     ShareView, Store, StoreError,
@@ -25,7 +24,10 @@ use crate::domain::{
     TenantOverrides, TenantUpdate,
 };
 
+pub(super) mod audit_log;
 mod feed;
+
+use audit_log::insert_audit;
 
 pub use feed::{FeedSettings, CHANNEL};
 
