@@ -19,6 +19,7 @@ use crate::domain::console::AuditContext;
 use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 
 mod audit_log;
+mod console_rows;
 
 #[derive(Default)]
 pub(super) struct State {
@@ -28,8 +29,8 @@ pub(super) struct State {
     quotas: HashMap<QuotaCounter, u64>,
     /// Units of each counter each replica holds (`quota_leases`).
     holdings: HashMap<(QuotaCounter, uuid::Uuid), u64>,
-    /// Console users and tokens (`console_memory.rs`).
-    pub(super) console: super::console_memory::ConsoleState,
+    /// Console users and tokens (`memory/console_rows.rs`).
+    pub(super) console: console_rows::ConsoleState,
     /// Every change's audit event (`memory/audit_log.rs`).
     pub(super) audit: audit_log::AuditLog,
 }
