@@ -18,6 +18,8 @@ use crate::dashboard::JwtSettings;
 use crate::grpc::envoy::EnvoySettings;
 use crate::limits::shares::ShareSettings;
 use crate::profile::Profile;
+/// Log output: owned by telemetry, re-exported here as part of `Settings`.
+pub use crate::telemetry::LogFormat;
 
 /// A pepper kept from before a rotation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,14 +74,6 @@ impl Default for DatabaseSettings {
             migrate_on_start: true,
         }
     }
-}
-
-/// Log output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// Every setting, as layered. Secrets are `SecretString`: never in `Debug`.

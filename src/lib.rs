@@ -1,5 +1,23 @@
 //! Tollgate: a gRPC authorization service. API keys and JWTs in;
 //! decisions, principals and limits out. See README.md and ARCHITECTURE.md.
+//!
+//! Imports point one way, down this list (a module imports only from
+//! modules on its own line or above):
+//!
+//! - `clock`, `telemetry` (metric names, log and trace setup, and their
+//!   settings types): leaves, they import nothing from the crate;
+//! - `domain`, `crypto`, `profile`: the rules, no I/O;
+//! - `store`: persistence behind the `Store` trait; `error`: the
+//!   operations' error enum (wraps `StoreError`);
+//! - `limits`, `cache`, `readiness`: counters, caches, the invalidation
+//!   follower;
+//! - `access`, `authz`, `manage`, `console`, `dashboard`: the operations;
+//! - `grpc`: transport, the one mapping to `tonic::Status`;
+//! - `app`: wiring and background tasks; `remote`, `tls`: clients;
+//! - `config`: the one settings parser; it imports each layer's settings
+//!   type (each layer owns its settings) and no layer imports it (only
+//!   unit tests that parse a layer's settings through it);
+//! - `main.rs`, `src/bin`: processes.
 #![forbid(unsafe_code)]
 
 pub mod access;

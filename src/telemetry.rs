@@ -8,8 +8,6 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
-
 /// Decisions, by `outcome` (allow/deny), `reason` and `credential`.
 pub const DECISIONS: &str = "tollgate_decisions_total";
 /// Time to decide, in seconds.
@@ -45,6 +43,14 @@ pub const SHARE_EXCHANGES: &str = "tollgate_rate_share_exchanges_total";
 /// Rate cells this replica published a share for in its last exchange
 /// (cells hot somewhere in the fleet).
 pub const SHARED_CELLS: &str = "tollgate_rate_shared_cells";
+
+/// Log output (`log_format` in the settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// How spans travel to the collector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

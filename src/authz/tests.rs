@@ -24,7 +24,8 @@ use crate::manage::{
     MAX_TTL_SECONDS,
 };
 use crate::store::{
-    Invalidation, KeyCap, KeyRef, MemoryStore, QuotaGrant, QuotaReport, QuotaTally, StoreError,
+    Invalidation, KeyCap, KeyRef, MemoryStore, QuotaCounter, QuotaGrant, QuotaReport, QuotaTally,
+    StoreError,
 };
 
 const MSGFLASH: &str = include_str!("../../profiles/msgflash.toml");

@@ -1,13 +1,11 @@
 //! In-memory side of [`ConsoleStore`] (dev mode, unit tests): the same
 //! rules as Postgres, every change under the store's one lock.
 
-use std::collections::{BTreeMap, HashMap};
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::console::{ConsoleStore, NextRefresh, TokenUse, LAST_OWNER, ROLE_MOVED};
+use super::console::{ConsoleStore, NextRefresh, TokenUse};
 use super::memory::State;
 use super::{MemoryStore, StoreError};
 use crate::domain::console::{
@@ -15,129 +13,6 @@ use crate::domain::console::{
     UserChange, UserId,
 };
 use crate::domain::{audit, Tenant, TenantId};
-
-struct StoredToken {
-    token: NewToken,
-    used_at: Option<DateTime<Utc>>,
-}
-
-/// Console rows kept by [`MemoryStore`].
-#[derive(Default)]
-pub(super) struct ConsoleState {
-    users: BTreeMap<UserId, ConsoleUser>,
-    by_email: HashMap<Email, UserId>,
-    tokens: HashMap<[u8; 32], StoredToken>,
-    pub(super) audit: BTreeMap<Uuid, AuditEvent>,
-}
-
-impl ConsoleState {
-    fn add_user(&mut self, user: ConsoleUser, verification: NewToken) {
-        self.by_email.insert(user.email.clone(), user.id);
-        self.users.insert(user.id, user);
-        self.add_token(verification);
-    }
-
-    /// Stores a token; a verification or reset token voids the older ones.
-    fn add_token(&mut self, token: NewToken) {
-        if matches!(
-            token.kind,
-            TokenKind::EmailVerification | TokenKind::PasswordReset
-        ) {
-            for t in self.tokens.values_mut() {
-                if t.token.user_id == token.user_id && t.token.kind == token.kind {
-                    t.used_at.get_or_insert(token.created_at);
-                }
-            }
-        }
-        self.tokens.insert(
-            token.digest,
-            StoredToken {
-                token,
-                used_at: None,
-            },
-        );
-    }
-
-    fn end_everything(&mut self, user: UserId, now: DateTime<Utc>) {
-        for t in self.tokens.values_mut() {
-            if t.token.user_id == user {
-                t.used_at.get_or_insert(now);
-            }
-        }
-    }
-
-    /// `user` of `tenant`, still with `expected_role`.
-    fn tenant_user(
-        &self,
-        tenant: &TenantId,
-        user: UserId,
-        expected_role: Role,
-    ) -> Result<ConsoleUser, StoreError> {
-        let found = self
-            .users
-            .get(&user)
-            .filter(|u| &u.tenant_id == tenant)
-            .ok_or(StoreError::NotFound)?;
-        if found.role != expected_role {
-            return Err(StoreError::Precondition(ROLE_MOVED));
-        }
-        Ok(found.clone())
-    }
-
-    /// Whether `tenant` keeps an enabled owner once `user` is `replaced`.
-    fn keeps_an_owner(
-        &self,
-        tenant: &TenantId,
-        user: UserId,
-        replaced: Option<&ConsoleUser>,
-    ) -> Result<(), StoreError> {
-        let owner = |u: &ConsoleUser| u.role == Role::Owner && u.disabled_at.is_none();
-        let others = self
-            .users
-            .values()
-            .any(|u| &u.tenant_id == tenant && u.id != user && owner(u));
-        if others || replaced.is_some_and(owner) {
-            Ok(())
-        } else {
-            Err(StoreError::Precondition(LAST_OWNER))
-        }
-    }
-
-    pub(super) fn record(&mut self, e: AuditEvent) {
-        self.audit.insert(e.id, e);
-    }
-
-    fn spend(&mut self, digest: &[u8; 32], kind: TokenKind, now: DateTime<Utc>) -> TokenUse {
-        let Some(t) = self.tokens.get_mut(digest).filter(|t| t.token.kind == kind) else {
-            return TokenUse::Unknown;
-        };
-        if t.used_at.is_some() {
-            if let Some(family) = t.token.family {
-                for other in self.tokens.values_mut() {
-                    if other.token.family == Some(family) {
-                        other.used_at.get_or_insert(now);
-                    }
-                }
-            }
-            return TokenUse::Replayed;
-        }
-        if t.token.expires_at <= now {
-            return TokenUse::Unknown;
-        }
-        let (user_id, family, expires_at) = (t.token.user_id, t.token.family, t.token.expires_at);
-        match self.users.get(&user_id).filter(|u| u.disabled_at.is_none()) {
-            Some(user) => {
-                t.used_at = Some(now);
-                TokenUse::Spent {
-                    user: user.clone(),
-                    family,
-                    expires_at,
-                }
-            }
-            None => TokenUse::Unknown,
-        }
-    }
-}
 
 fn taken(s: &State, email: &Email) -> bool {
     s.console.by_email.contains_key(email)
@@ -158,8 +33,8 @@ impl ConsoleStore for MemoryStore {
         }
         let created = audit::tenant_created(ctx, &tenant);
         s.tenants.insert(tenant.id.clone(), tenant);
-        s.console.record(created);
-        s.console.record(audit::user_created(ctx, &owner));
+        s.audit.record(created);
+        s.audit.record(audit::user_created(ctx, &owner));
         s.console.add_user(owner, verification);
         Ok(())
     }
@@ -177,7 +52,7 @@ impl ConsoleStore for MemoryStore {
         if taken(&s, &user.email) {
             return Err(StoreError::AlreadyExists);
         }
-        s.console.record(audit::user_created(ctx, &user));
+        s.audit.record(audit::user_created(ctx, &user));
         s.console.add_user(user, verification);
         Ok(())
     }
@@ -262,7 +137,7 @@ impl ConsoleStore for MemoryStore {
             s.console.end_everything(user, now);
         }
         s.console.users.insert(user, new.clone());
-        s.console.record(audit::user_updated(ctx, &old, &new, now));
+        s.audit.record(audit::user_updated(ctx, &old, &new, now));
         Ok(new)
     }
 
@@ -280,7 +155,7 @@ impl ConsoleStore for MemoryStore {
         s.console.tokens.retain(|_, t| t.token.user_id != user);
         s.console.users.remove(&user);
         s.console.by_email.remove(&old.email);
-        s.console.record(audit::user_deleted(ctx, &old, now));
+        s.audit.record(audit::user_deleted(ctx, &old, now));
         Ok(old)
     }
 
@@ -410,7 +285,7 @@ impl ConsoleStore for MemoryStore {
             request_id: request_id.to_string(),
         };
         let event = audit::password_reset(&ctx, &user, now);
-        s.console.record(event);
+        s.audit.record(event);
         Ok(TokenUse::Spent {
             user,
             family: None,
@@ -425,10 +300,8 @@ impl ConsoleStore for MemoryStore {
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError> {
         let s = self.state();
-        Ok(s.console
-            .audit
-            .values()
-            .rev()
+        Ok(s.audit
+            .newest_first()
             .filter(|e| tenant.is_none_or(|t| &e.tenant_id == t))
             .filter(|e| before.is_none_or(|b| e.id < b))
             .take(limit as usize)

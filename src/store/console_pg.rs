@@ -8,6 +8,7 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::console::{ConsoleStore, NextRefresh, TokenUse, LAST_OWNER, ROLE_MOVED};
+use super::postgres::audit_log::insert_audit;
 use super::postgres::{begin, insert_tenant_row, map_err};
 use super::{PostgresStore, StoreError};
 use crate::domain::console::{
@@ -58,29 +59,6 @@ struct AuditRow {
     target: String,
     request_id: String,
     details: Json<serde_json::Value>,
-}
-
-/// Writes an audit event inside the change's transaction.
-pub(super) async fn insert_audit(
-    tx: &mut Transaction<'_, Postgres>,
-    e: &AuditEvent,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO audit_events (event_id, at, tenant_id, actor, action, target, request_id, \
-         details) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
-    )
-    .bind(e.id)
-    .bind(e.at)
-    .bind(e.tenant_id.as_str())
-    .bind(&e.actor)
-    .bind(&e.action)
-    .bind(&e.target)
-    .bind(&e.request_id)
-    .bind(Json(&e.details))
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    Ok(())
 }
 
 async fn insert_user(

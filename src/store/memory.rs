@@ -18,6 +18,9 @@ use crate::domain::audit;
 use crate::domain::console::AuditContext;
 use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 
+mod audit_log;
+mod console_rows;
+
 #[derive(Default)]
 pub(super) struct State {
     pub(super) tenants: BTreeMap<TenantId, Tenant>,
@@ -26,8 +29,10 @@ pub(super) struct State {
     quotas: HashMap<QuotaCounter, u64>,
     /// Units of each counter each replica holds (`quota_leases`).
     holdings: HashMap<(QuotaCounter, uuid::Uuid), u64>,
-    /// Console users, tokens and audit events (`console_memory.rs`).
-    pub(super) console: super::console_memory::ConsoleState,
+    /// Console users and tokens (`memory/console_rows.rs`).
+    pub(super) console: console_rows::ConsoleState,
+    /// Every change's audit event (`memory/audit_log.rs`).
+    pub(super) audit: audit_log::AuditLog,
 }
 
 impl State {
@@ -100,7 +105,7 @@ impl Store for MemoryStore {
         if s.tenants.contains_key(&tenant.id) {
             return Err(StoreError::AlreadyExists);
         }
-        s.console.record(audit::tenant_created(ctx, &tenant));
+        s.audit.record(audit::tenant_created(ctx, &tenant));
         s.tenants.insert(tenant.id.clone(), tenant.clone());
         Ok(tenant)
     }
@@ -169,7 +174,7 @@ impl Store for MemoryStore {
                     *e = (*e).max(used);
                 }
             }
-            s.console.record(audit::tenant_updated(ctx, &t, u, now));
+            s.audit.record(audit::tenant_updated(ctx, &t, u, now));
             t
         };
         self.publish(Invalidation::Tenant(id.clone()));
@@ -209,7 +214,7 @@ impl Store for MemoryStore {
             }
         }
         let record = s.insert(key)?;
-        s.console.record(audit::key_created(ctx, &record));
+        s.audit.record(audit::key_created(ctx, &record));
         self.publish(Invalidation::KeyAdded(record.digest));
         Ok(record)
     }
@@ -270,7 +275,7 @@ impl Store for MemoryStore {
                 k.revoke_reason = Some(reason.to_string());
             }
             let k = k.clone();
-            s.console.record(audit::key_revoked(ctx, &k, now));
+            s.audit.record(audit::key_revoked(ctx, &k, now));
             k
         };
         self.publish(Invalidation::Key(record.id));
@@ -313,7 +318,7 @@ impl Store for MemoryStore {
                     .map_or(old_expires_at, |e| e.min(old_expires_at)),
             );
             let previous = k.clone();
-            s.console
+            s.audit
                 .record(audit::key_rotated(ctx, &previous, &inserted));
             (previous, inserted)
         };
@@ -367,8 +372,7 @@ impl Store for MemoryStore {
                 k.limits.clone_from(limits);
             }
             let k = k.clone();
-            s.console
-                .record(audit::key_updated(ctx, &before, &k, u, now));
+            s.audit.record(audit::key_updated(ctx, &before, &k, u, now));
             k
         };
         self.publish(Invalidation::Key(record.id));
