@@ -138,6 +138,20 @@ pub enum Keys {
 
 #[derive(Subcommand, Debug)]
 pub enum Users {
+    /// Add a console user to a tenant. The password is read from a file
+    /// (`-` for stdin), never from the command line, where `ps` would show it.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+        /// owner, admin, developer or viewer.
+        #[arg(long)]
+        role: String,
+        /// File holding the initial password (one line); `-` reads stdin.
+        #[arg(long)]
+        password_file: PathBuf,
+    },
     /// List a tenant's console users.
     List {
         #[arg(long)]
@@ -243,6 +257,46 @@ impl Connect {
             fail(message)
         })
     }
+}
+
+/// Every item of a paged list: calls `page` with each next-page token (empty
+/// first) until the server returns an empty one.
+async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, CliError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), CliError>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
+}
+
+/// A password from a file or stdin (`-`): the first line, without its end.
+fn read_password(path: &PathBuf) -> Result<String, CliError> {
+    let text = if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(|e| CliError::Usage(format!("--password-file -: {e}")))?;
+        text
+    } else {
+        String::from_utf8(read(path, "--password-file")?).map_err(|_| {
+            CliError::Usage(format!("--password-file {}: not UTF-8", path.display()))
+        })?
+    };
+    let password = text.lines().next().unwrap_or_default().to_string();
+    if password.is_empty() {
+        return Err(CliError::Usage(
+            "--password-file: the password is empty".into(),
+        ));
+    }
+    Ok(password)
 }
 
 fn read(path: &PathBuf, flag: &str) -> Result<Vec<u8>, CliError> {
@@ -370,22 +424,18 @@ impl Operator {
                 Ok(self.out(tenant_json(&t), tenants_table(&[t])))
             }
             Tenants::List => {
-                let mut all = Vec::new();
-                let mut page_token = String::new();
-                loop {
-                    let page = client
-                        .list_tenants(self.request(pb::ListTenantsRequest {
-                            page_size: 500,
-                            page_token: page_token.clone(),
-                        })?)
-                        .await?
-                        .into_inner();
-                    all.extend(page.tenants);
-                    if page.next_page_token.is_empty() {
-                        break;
+                let all = all_pages(|page_token| {
+                    let mut client = client.clone();
+                    let request = self.request(pb::ListTenantsRequest {
+                        page_size: 500,
+                        page_token,
+                    });
+                    async move {
+                        let page = client.list_tenants(request?).await?.into_inner();
+                        Ok((page.tenants, page.next_page_token))
                     }
-                    page_token = page.next_page_token;
-                }
+                })
+                .await?;
                 let value = json!({"tenants": all.iter().map(tenant_json).collect::<Vec<_>>()});
                 Ok(self.out(value, tenants_table(&all)))
             }
@@ -417,24 +467,20 @@ impl Operator {
                 Ok(self.with_secret(&r.api_key, &r.key.unwrap_or_default(), None))
             }
             Keys::List { tenant, all } => {
-                let mut keys = Vec::new();
-                let mut page_token = String::new();
-                loop {
-                    let page = client
-                        .list_keys(self.request(pb::ListKeysRequest {
-                            tenant_id: tenant.clone(),
-                            page_size: 500,
-                            page_token: page_token.clone(),
-                            include_revoked: *all,
-                        })?)
-                        .await?
-                        .into_inner();
-                    keys.extend(page.keys);
-                    if page.next_page_token.is_empty() {
-                        break;
+                let keys = all_pages(|page_token| {
+                    let mut client = client.clone();
+                    let request = self.request(pb::ListKeysRequest {
+                        tenant_id: tenant.clone(),
+                        page_size: 500,
+                        page_token,
+                        include_revoked: *all,
+                    });
+                    async move {
+                        let page = client.list_keys(request?).await?.into_inner();
+                        Ok((page.keys, page.next_page_token))
                     }
-                    page_token = page.next_page_token;
-                }
+                })
+                .await?;
                 let value = json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()});
                 Ok(self.out(value, keys_table(&keys)))
             }
@@ -505,6 +551,28 @@ impl Operator {
     pub async fn users(&self, cmd: &Users) -> Result<String, CliError> {
         let mut client = ConsoleServiceClient::new(self.connect.channel().await?);
         match cmd {
+            Users::Create {
+                tenant,
+                email,
+                role,
+                password_file,
+            } => {
+                let password = read_password(password_file)?;
+                client
+                    .create_user(self.request(pb::CreateUserRequest {
+                        tenant_id: tenant.clone(),
+                        email: email.clone(),
+                        password,
+                        role: role.clone(),
+                    })?)
+                    .await?;
+                // The server answers the same whether or not the address
+                // already had an account (no existence oracle): say so.
+                Ok(self.out(
+                    json!({"requested": email}),
+                    format!("user {email} requested in tenant {tenant}; `tollgate users list --tenant {tenant}` shows it"),
+                ))
+            }
             Users::Update {
                 tenant,
                 user_id,

@@ -966,29 +966,55 @@ async fn the_operator_cli_manages_tenants_keys_and_users_on_a_running_server(
     let (ok, out, err) = run(&["users", "list", "--tenant", "acme", "--json"]);
     assert!(ok, "{err}");
     assert_eq!(json_of(&out), serde_json::json!({"users": []}));
-    let mut console =
-        pb::console_service_client::ConsoleServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+    // `users create` reads the password from a file, never from argv, and
+    // never prints it.
+    let password = "correct-horse-battery-staple-42";
+    let password_file = config_file(&format!("{password}\n"));
+    let empty_file = config_file("");
+    let (ok, out, err) = run(&[
+        "users",
+        "create",
+        "--tenant",
+        "acme",
+        "--email",
+        "carol@example.com",
+        "--role",
+        "viewer",
+        "--password-file",
+        empty_file.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && out.is_empty() && err.contains("--password-file: the password is empty"),
+        "{err}"
+    );
     for (email, role) in [
         ("alice@example.com", "owner"),
         ("bob@example.com", "developer"),
     ] {
-        let mut create = tonic::Request::new(pb::CreateUserRequest {
-            tenant_id: "acme".into(),
-            email: email.into(),
-            password: "correct-horse-battery-staple-42".into(),
-            role: role.into(),
-        });
-        create.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {OPERATOR_TOKEN}").parse().unwrap(),
+        let (ok, out, err) = run(&[
+            "users",
+            "create",
+            "--tenant",
+            "acme",
+            "--email",
+            email,
+            "--role",
+            role,
+            "--password-file",
+            password_file.to_str().unwrap(),
+        ]);
+        assert!(ok && out.contains(email), "{out}{err}");
+        assert!(
+            !out.contains(password) && !err.contains(password),
+            "{out}{err}"
         );
-        console.create_user(create).await.unwrap();
     }
     let (ok, out, _) = run(&["users", "list", "--tenant", "acme"]);
     assert!(
-        ok && out.starts_with("USER ID") && out.contains("bob@example.com"),
+        ok && out.starts_with("USER ID")
+            && out.contains("alice@example.com")
+            && out.contains("bob@example.com")
+            && !out.contains("carol@example.com"),
         "{out}"
     );
     let (_, out, _) = run(&["users", "list", "--tenant", "acme", "--json"]);

@@ -9,34 +9,8 @@ use std::fmt;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretSlice};
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
 
-/// The stored lookup digest of a key. `Debug` never shows the bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct KeyDigest([u8; 32]);
-
-impl KeyDigest {
-    /// Wraps stored digest bytes; `None` if the length is wrong.
-    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        bytes.try_into().ok().map(Self)
-    }
-
-    /// The raw bytes, for the store.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// Constant-time equality, for comparing a computed digest with a stored one.
-    pub fn ct_eq(&self, other: &KeyDigest) -> bool {
-        self.0.ct_eq(&other.0).into()
-    }
-}
-
-impl fmt::Debug for KeyDigest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("KeyDigest(<redacted>)")
-    }
-}
+pub use crate::domain::KeyDigest;
 
 /// A pepper: a server-side HMAC secret with a version number stored beside
 /// each digest, so peppers can be rotated.
@@ -74,7 +48,7 @@ impl Pepper {
         let mut mac = Hmac::<Sha256>::new_from_slice(self.secret.expose_secret())
             .expect("HMAC accepts any key length");
         mac.update(key.as_bytes());
-        KeyDigest(mac.finalize().into_bytes().into())
+        KeyDigest::from_bytes(mac.finalize().into_bytes().into())
     }
 }
 

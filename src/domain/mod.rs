@@ -5,6 +5,7 @@ pub mod audit;
 pub mod console;
 pub mod decision;
 pub mod key;
+pub mod key_digest;
 pub mod limit;
 pub mod record;
 pub mod tenant;
@@ -12,6 +13,7 @@ pub mod validate;
 
 pub use decision::{CredentialType, Decision, LimitStatus, Principal, Reason, Verdict};
 pub use key::{Alphabet, ApiKeySecret, KeyFormat, KeyParseError, ParsedKey};
+pub use key_digest::KeyDigest;
 pub use limit::{LimitPeriod, LimitScope, LimitSpec};
 pub use record::{KeyId, KeyRecord, KeyUpdate, NewKey};
 pub use tenant::{SubscriptionStatus, Tenant, TenantId, TenantOverrides, TenantUpdate, UsageCarry};

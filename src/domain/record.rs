@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{LimitSpec, TenantId};
-use crate::crypto::KeyDigest;
+use crate::domain::KeyDigest;
 
 /// A key's public identifier (UUIDv7: time-ordered, so pages sort by creation).
 pub type KeyId = Uuid;

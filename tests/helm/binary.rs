@@ -74,6 +74,35 @@ fn every_option_yields_a_configuration_tollgate_accepts() {
         Some(tollgate::console::SignupPolicy::Open)
     );
     assert!(settings.jwt.console.require_verified_email);
+    assert_eq!(settings.replicas.heartbeat_interval_ms, 2000);
+    assert_eq!(settings.replicas.heartbeat_expiry_seconds, 9);
+    assert_eq!(settings.rate_shares.exchange_interval_ms, 500);
+    assert_eq!(settings.rate_shares.max_cells, 5000);
+    // Trusted issuers, nested values (a tenant map) included, reach the
+    // binary as [[jwt.issuers]] tables after extraToml.
+    let issuers: Vec<_> = settings
+        .jwt
+        .issuers
+        .iter()
+        .map(|i| (i.issuer.as_str(), i.audiences.clone(), i.leeway_seconds))
+        .collect();
+    assert_eq!(
+        issuers,
+        [
+            (
+                "https://auth.example.com/",
+                vec!["msgflash-dashboard".to_string()],
+                10
+            ),
+            ("partner", vec!["partner-console".to_string()], 30),
+        ]
+    );
+    assert_eq!(settings.jwt.issuers[0].algorithms, ["RS256", "ES256"]);
+    assert!(
+        format!("{:?}", settings.jwt.issuers[1].tenants).contains("globex"),
+        "{:?}",
+        settings.jwt.issuers[1].tenants
+    );
     assert_eq!(
         settings.profile.as_deref(),
         Some(Path::new("/etc/tollgate/config/profile.toml"))

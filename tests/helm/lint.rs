@@ -103,6 +103,19 @@ fn bad_values_are_refused_by_the_schema() {
             "/metrics/serviceMonitor/interval",
         ),
         ("tls:\n  enabled: true\n", "/tls/cert"),
+        // An inline HMAC secret would sit in a ConfigMap: only secret_file.
+        (
+            "config:\n  jwt:\n    issuers:\n      - {issuer: i, audiences: [a], tenants: all, secret: s}\n",
+            "additional properties 'secret' not allowed",
+        ),
+        (
+            "config:\n  jwt:\n    issuers:\n      - {issuer: i, audiences: [a]}\n",
+            "/config/jwt/issuers/0",
+        ),
+        (
+            "config:\n  replicas:\n    heartbeatIntervalMs: 0\n",
+            "/config/replicas/heartbeatIntervalMs",
+        ),
     ] {
         let bad = values_file(values);
         let err = template(&[&minimal(), &bad], &[])

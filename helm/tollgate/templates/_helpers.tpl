@@ -159,10 +159,21 @@ jwt.console.signup = {{ . | quote }}
 {{- if $c.console.requireVerifiedEmail }}
 jwt.console.require_verified_email = true
 {{- end }}
+replicas.heartbeat_interval_ms = {{ $c.replicas.heartbeatIntervalMs | int64 }}
+replicas.heartbeat_expiry_seconds = {{ $c.replicas.heartbeatExpirySeconds | int64 }}
+rate_shares.exchange_interval_ms = {{ $c.rateShares.exchangeIntervalMs | int64 }}
+rate_shares.max_cells = {{ $c.rateShares.maxCells | int64 }}
 {{- with $c.extraToml }}
 
 # config.extraToml
 {{ . }}
+{{- end }}
+{{- range $c.jwt.issuers }}
+
+[[jwt.issuers]]
+{{- range $k, $v := . }}
+{{ $k | toJson }} = {{ include "tollgate.tomlValue" $v }}
+{{- end }}
 {{- end }}
 {{- range .Values.secrets.previousPeppers }}
 
@@ -279,3 +290,25 @@ seccompProfile:
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+A YAML value as a TOML value: maps become inline tables, lists arrays,
+scalars their JSON form (which TOML reads the same for strings, numbers
+and booleans).
+*/}}
+{{- define "tollgate.tomlValue" -}}
+{{- if kindIs "map" . -}}
+{ {{- $first := true -}}
+{{- range $k, $v := . -}}
+{{- if not $first }}, {{ else }} {{ end -}}
+{{- $first = false -}}
+{{ $k | toJson }} = {{ include "tollgate.tomlValue" $v }}
+{{- end }} }
+{{- else if kindIs "slice" . -}}
+[{{- range $i, $v := . -}}{{- if $i }}, {{ end -}}{{ include "tollgate.tomlValue" $v }}{{- end -}}]
+{{- else if kindIs "float64" . -}}
+{{ . | int64 }}
+{{- else -}}
+{{ toJson . }}
+{{- end -}}
+{{- end -}}
