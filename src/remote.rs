@@ -411,6 +411,7 @@ impl Operator {
                         scopes: scope.clone(),
                         ttl_seconds: *ttl_seconds,
                         limits: vec![],
+                        labels: Default::default(),
                     })?)
                     .await?
                     .into_inner();
@@ -426,6 +427,7 @@ impl Operator {
                             page_size: 500,
                             page_token: page_token.clone(),
                             include_revoked: *all,
+                            label_selector: Default::default(),
                         })?)
                         .await?
                         .into_inner();

@@ -5,6 +5,8 @@ pub mod audit;
 pub mod console;
 pub mod decision;
 pub mod key;
+pub mod labels;
+pub mod legacy;
 pub mod limit;
 pub mod record;
 pub mod tenant;
@@ -12,6 +14,7 @@ pub mod validate;
 
 pub use decision::{CredentialType, Decision, LimitStatus, Principal, Reason, Verdict};
 pub use key::{Alphabet, ApiKeySecret, KeyFormat, KeyParseError, ParsedKey};
+pub use labels::KeyLabels;
 pub use limit::{LimitPeriod, LimitScope, LimitSpec};
 pub use record::{KeyId, KeyRecord, KeyUpdate, NewKey};
 pub use tenant::{SubscriptionStatus, Tenant, TenantId, TenantOverrides, TenantUpdate, UsageCarry};
