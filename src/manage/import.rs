@@ -62,8 +62,7 @@ impl Manager {
             v.add("keys", format!("give 1..={MAX_IMPORT} keys"));
         }
         let format = &self.profile.key_format;
-        let mut shaped: Vec<([u8; 32], String, String, Option<i64>, KeyLabels)> =
-            Vec::with_capacity(keys.len());
+        let mut shaped: Vec<Checked> = Vec::with_capacity(keys.len());
         for (i, k) in keys.iter().enumerate() {
             let field = |f: &str| format!("keys[{i}].{f}");
             check_name(&field("name"), &k.name, &mut v);
@@ -130,10 +129,16 @@ impl Manager {
                 Some(s) => Some(s),
             };
             let hint = format!("{}_{environment}_…", format.prefix());
-            if let Some(j) = sha.and_then(|s| shaped.iter().position(|(t, ..)| *t == s)) {
+            if let Some(j) = sha.and_then(|s| shaped.iter().position(|c| c.sha == s)) {
                 v.add(field("api_key"), format!("the same key as keys[{j}]"));
             }
-            shaped.push((sha.unwrap_or_default(), hint, environment, ttl, labels));
+            shaped.push(Checked {
+                sha: sha.unwrap_or_default(),
+                hint,
+                environment,
+                ttl,
+                labels,
+            });
         }
         v.into_result()?;
         let tenant_id = tenant_id.expect("validated");
@@ -144,9 +149,14 @@ impl Manager {
         let now = self.clock.now();
         let pepper = self.peppers.current();
         let mut new_keys = Vec::with_capacity(keys.len());
-        for (i, (k, (sha, hint, environment, ttl, labels))) in
-            keys.into_iter().zip(shaped).enumerate()
-        {
+        for (i, (k, checked)) in keys.into_iter().zip(shaped).enumerate() {
+            let Checked {
+                sha,
+                hint,
+                environment,
+                ttl,
+                labels,
+            } = checked;
             if plan.is_some_and(|p| !p.allows_environment(&environment)) {
                 v.add(
                     format!("keys[{i}].environment"),
@@ -197,6 +207,15 @@ impl Manager {
         }
         Ok(records)
     }
+}
+
+/// One key's request fields, checked.
+struct Checked {
+    sha: [u8; 32],
+    hint: String,
+    environment: String,
+    ttl: Option<i64>,
+    labels: KeyLabels,
 }
 
 fn parse_sha256(hex_text: &str) -> Option<[u8; 32]> {
