@@ -22,7 +22,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::limits::{LimitOutcome, Limiter, Subject};
-use crate::profile::{BearerPolicy, Profile, Surface};
+use crate::profile::{BearerPolicy, Profile, SubscriptionGate, Surface};
 use crate::store::Invalidation;
 use crate::store::Store;
 use crate::telemetry;
@@ -35,6 +35,9 @@ pub struct AuthInput<'a> {
     pub headers: Option<&'a HashMap<String, String>>,
     pub surface: &'a str,
     pub required_scopes: &'a [String],
+    /// The route's own subscription policy (ext_authz
+    /// `context_extensions.subscription`); `None`: the surface's.
+    pub subscription: Option<SubscriptionGate>,
 }
 
 impl std::fmt::Debug for AuthInput<'_> {
@@ -367,6 +370,7 @@ impl Authenticator {
         let mut v = Violations::default();
         check_scopes("required_scopes", input.required_scopes, &mut v);
         v.into_result()?;
+        let gate = input.subscription.unwrap_or(surface.subscription);
 
         match extract(&input, surface, &self.profile) {
             Credential::Missing => Ok(Err(Reason::CredentialMissing)),
@@ -374,7 +378,7 @@ impl Authenticator {
             Credential::Ambiguous => Ok(Err(Reason::CredentialMalformed)),
             Credential::Jwt(token) => {
                 let span = tracing::debug_span!("jwt", tenant_id = tracing::field::Empty);
-                self.decide_jwt(token, surface, input.required_scopes)
+                self.decide_jwt(token, surface, input.required_scopes, gate)
                     .instrument(span)
                     .await
             }
@@ -384,7 +388,7 @@ impl Authenticator {
                     tenant_id = tracing::field::Empty,
                     key_id = tracing::field::Empty
                 );
-                self.decide_api_key(key, surface, input.required_scopes)
+                self.decide_api_key(key, surface, input.required_scopes, gate)
                     .instrument(span)
                     .await
             }
@@ -396,12 +400,28 @@ impl Authenticator {
         key: &str,
         surface: &Surface,
         required_scopes: &[String],
+        gate: SubscriptionGate,
     ) -> Result<Result<Identified, Reason>> {
         let deny = |r| Ok(Err(r));
-        let Ok(parsed) = self.profile.key_format.parse(key) else {
-            return deny(Reason::CredentialMalformed);
+        // A legacy key (imported, without Tollgate's checksum) passes the
+        // gate only where the profile accepts them, and only in the
+        // product's shape; it is looked up by its legacy digest. A legacy
+        // key may happen to carry a valid checksum: a native miss is then
+        // asked again as legacy.
+        let legacy = self
+            .profile
+            .legacy_keys
+            .as_ref()
+            .is_some_and(|l| l.environment_of(&self.profile.key_format, key).is_some());
+        let found = match self.profile.key_format.parse(key) {
+            Ok(parsed) => match self.find_key(parsed.expose()).await? {
+                None if legacy => self.find_legacy_key(key).await?,
+                found => found,
+            },
+            Err(_) if legacy => self.find_legacy_key(key).await?,
+            Err(_) => return deny(Reason::CredentialMalformed),
         };
-        let Some(record) = self.find_key(parsed.expose()).await? else {
+        let Some(record) = found else {
             return deny(Reason::KeyUnknown);
         };
         let span = tracing::Span::current();
@@ -418,7 +438,7 @@ impl Authenticator {
         let Some(tenant) = self.find_tenant(&record.tenant_id).await? else {
             return deny(Reason::KeyUnknown);
         };
-        if !self.profile.is_active(tenant.status) {
+        if gate == SubscriptionGate::Required && !self.profile.is_active(tenant.status) {
             return deny(Reason::SubscriptionInactive);
         }
         let Some(plan) = self.profile.plan(&tenant.plan) else {
@@ -453,6 +473,16 @@ impl Authenticator {
             scopes,
             subject: record.id.to_string(),
             credential_type: CredentialType::ApiKey,
+            subscription: tenant.status,
+            labels: self
+                .profile
+                .upstream_labels
+                .iter()
+                .map(|name| {
+                    let value = record.labels.get(name).unwrap_or_default();
+                    (name.clone(), value.to_owned())
+                })
+                .collect(),
         };
         Ok(Ok(Identified {
             principal,
@@ -464,14 +494,28 @@ impl Authenticator {
     /// Finds the key for a well-formed secret: current pepper first, then
     /// previous ones (rehashing to the current pepper on a match).
     async fn find_key(&self, key: &str) -> Result<Option<Arc<KeyRecord>>> {
+        self.find_key_by(|pepper| pepper.digest(key)).await
+    }
+
+    /// Finds an imported legacy key by its legacy digest (same caches,
+    /// known-digest budget and pepper rotation as native keys).
+    async fn find_legacy_key(&self, key: &str) -> Result<Option<Arc<KeyRecord>>> {
+        let sha = crate::crypto::digest::sha256(key);
+        self.find_key_by(|pepper| pepper.legacy_digest(&sha)).await
+    }
+
+    async fn find_key_by(
+        &self,
+        digest_of: impl Fn(&crate::crypto::Pepper) -> KeyDigest,
+    ) -> Result<Option<Arc<KeyRecord>>> {
         let current = self.peppers.current();
-        let current_digest = current.digest(key);
+        let current_digest = digest_of(current);
         let mut asked_old_pepper = false;
         for pepper in self.peppers.all() {
             let digest = if pepper.version() == current.version() {
                 current_digest
             } else {
-                pepper.digest(key)
+                digest_of(pepper)
             };
             if let Some(hit) = self.caches.key(&digest) {
                 if hit.digest.ct_eq(&digest) {

@@ -405,6 +405,8 @@ mod tests {
             replaced_by: None,
             limits: None,
             lineage_id: id,
+            labels: Default::default(),
+            legacy: false,
         })
     }
 

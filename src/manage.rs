@@ -13,9 +13,11 @@ use crate::error::{Error, Result};
 use crate::profile::Profile;
 use crate::store::{Invalidation, Store, StoreError};
 
+mod import;
 mod keys;
 mod tenants;
 
+pub use import::{ImportKeyInput, MAX_IMPORT};
 pub use keys::{CreateKeyInput, IssuedKey, UpdateKeyInput};
 pub use tenants::{CreateTenantInput, UpdateTenantInput};
 

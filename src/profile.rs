@@ -47,6 +47,41 @@ pub struct Surface {
     /// empty = whatever the issuer accepts.
     #[serde(default)]
     pub jwt_audiences: Vec<String>,
+    /// Whether a tenant whose subscription is not active passes here
+    /// (`required`: refused with `SUBSCRIPTION_INACTIVE`, the default;
+    /// `optional`: passes, its status sent upstream). An ext_authz route's
+    /// `context_extensions.subscription` overrides it.
+    #[serde(default)]
+    pub subscription: SubscriptionGate,
+    /// This surface's own answers for some deny reasons (a dashboard says
+    /// "token" where the public API says "API key"); the rest come from the
+    /// profile's `[denials]`.
+    #[serde(default)]
+    pub denials: BTreeMap<Reason, DenialSpec>,
+}
+
+/// Whether an inactive subscription is refused on a surface or route.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionGate {
+    /// Only tenants in an active status pass (`SUBSCRIPTION_INACTIVE`).
+    #[default]
+    Required,
+    /// Tenants pass whatever their status (a dashboard where a lapsed
+    /// customer signs in, reads and pays); the status goes upstream so the
+    /// application can limit what they do.
+    Optional,
+}
+
+impl SubscriptionGate {
+    /// Parses `required` / `optional` (a route's `context_extensions`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "required" => Some(Self::Required),
+            "optional" => Some(Self::Optional),
+            _ => None,
+        }
+    }
 }
 
 impl Surface {
@@ -144,6 +179,10 @@ struct KeysSection {
     body_length: usize,
     #[serde(default = "default_ttl")]
     default_ttl_seconds: u64,
+    #[serde(default)]
+    upstream_labels: Vec<String>,
+    #[serde(default)]
+    legacy: Option<crate::domain::legacy::LegacyKeys>,
 }
 
 fn default_ttl() -> u64 {
@@ -200,6 +239,13 @@ pub struct Profile {
     pub active_statuses: Vec<SubscriptionStatus>,
     pub error_body: ErrorBodyStyle,
     denials: BTreeMap<Reason, DenialSpec>,
+    /// Key labels sent upstream on an allow (`keys.upstream_labels`): as
+    /// `{header_prefix}label-{name}` through Envoy, in the principal's
+    /// `labels` from Authenticate.
+    pub upstream_labels: Vec<String>,
+    /// Legacy keys accepted (`[keys.legacy]`): imported keys without
+    /// Tollgate's checksum, looked up by their legacy digest. `None`: off.
+    pub legacy_keys: Option<crate::domain::legacy::LegacyKeys>,
 }
 
 impl Profile {
@@ -228,6 +274,25 @@ impl Profile {
                 }
             }
             check_envs(&key_format, &s.environments, &format!("surfaces.{name}"))?;
+            for (reason, spec) in &s.denials {
+                check_denial(
+                    &format!("surfaces.{name}.denials.{}", reason.as_str()),
+                    spec,
+                )?;
+            }
+        }
+        if let Some(bad) = k
+            .upstream_labels
+            .iter()
+            .find(|n| !crate::domain::labels::is_label_name(n))
+        {
+            return Err(invalid(
+                "keys.upstream_labels",
+                format!("`{bad}` is not a label name ([a-z][a-z0-9_-], at most 63)"),
+            ));
+        }
+        if let Some(legacy) = &k.legacy {
+            legacy.check().map_err(|m| invalid("keys.legacy", m))?;
         }
         if !raw.surfaces.contains_key(&raw.default_surface) {
             return Err(invalid("default_surface", "names no surface"));
@@ -280,12 +345,7 @@ impl Profile {
             let Some(spec) = denials.get(&reason) else {
                 return Err(invalid(format!("denials.{}", reason.as_str()), "missing"));
             };
-            if !(400..=599).contains(&spec.http_status) || spec.code.is_empty() {
-                return Err(invalid(
-                    format!("denials.{}", reason.as_str()),
-                    "needs a code and an http_status in 400..=599",
-                ));
-            }
+            check_denial(&format!("denials.{}", reason.as_str()), spec)?;
         }
         Ok(Self {
             name: raw.name,
@@ -298,6 +358,8 @@ impl Profile {
             active_statuses: raw.active_statuses,
             error_body: raw.error_body,
             denials,
+            upstream_labels: k.upstream_labels,
+            legacy_keys: k.legacy,
         })
     }
 
@@ -311,6 +373,19 @@ impl Profile {
     /// The product's error body for `reason`.
     pub fn denial_body(&self, reason: Reason) -> String {
         self.error_body.render(self.denial(reason))
+    }
+
+    /// How this product answers `reason` on the named surface (empty: the
+    /// default one): the surface's own answer, else the profile's.
+    pub fn denial_on(&self, surface: &str, reason: Reason) -> &DenialSpec {
+        self.surface(surface)
+            .and_then(|s| s.denials.get(&reason))
+            .unwrap_or_else(|| self.denial(reason))
+    }
+
+    /// The product's error body for `reason` on the named surface.
+    pub fn denial_body_on(&self, surface: &str, reason: Reason) -> String {
+        self.error_body.render(self.denial_on(surface, reason))
     }
 
     /// The named plan.
@@ -332,6 +407,16 @@ impl Profile {
     pub fn is_active(&self, status: SubscriptionStatus) -> bool {
         self.active_statuses.contains(&status)
     }
+}
+
+fn check_denial(field: &str, spec: &DenialSpec) -> Result<(), ProfileError> {
+    if !(400..=599).contains(&spec.http_status) || spec.code.is_empty() {
+        return Err(invalid(
+            field,
+            "needs a code and an http_status in 400..=599",
+        ));
+    }
+    Ok(())
 }
 
 fn check_envs(format: &KeyFormat, envs: &[String], field: &str) -> Result<(), ProfileError> {

@@ -461,6 +461,7 @@ impl Operator {
                         scopes: scope.clone(),
                         ttl_seconds: *ttl_seconds,
                         limits: vec![],
+                        labels: Default::default(),
                     })?)
                     .await?
                     .into_inner();
@@ -474,6 +475,7 @@ impl Operator {
                         page_size: 500,
                         page_token,
                         include_revoked: *all,
+                        label_selector: Default::default(),
                     });
                     async move {
                         let page = client.list_keys(request?).await?.into_inner();

@@ -22,6 +22,8 @@ mod logs;
 mod mailbox;
 #[path = "console/manage.rs"]
 mod manage;
+#[path = "console/subscription.rs"]
+mod subscription;
 #[path = "console/users.rs"]
 mod users;
 
@@ -286,11 +288,6 @@ async fn bad_jwts_are_refused_with_the_right_reason(_p: PgPoolOptions, conn: PgC
             format!("{good}{}", "A".repeat(9000)),
             "TOKEN_INVALID",
         ),
-        (
-            "inactive tenant",
-            rsa.sign(&claims(iss, AUD, "frozen", 300)),
-            "SUBSCRIPTION_INACTIVE",
-        ),
     ];
     for (what, token, expected) in cases {
         let r = dashboard(&mut t, &token).await;
@@ -309,6 +306,28 @@ async fn bad_jwts_are_refused_with_the_right_reason(_p: PgPoolOptions, conn: PgC
     // A JWT on the public API (Bearer refused there) is the wrong credential.
     let r = bearer(&mut t, "public_api", &good).await;
     assert_eq!(reason(&r), "WRONG_CREDENTIAL_FOR_SURFACE");
+
+    // An inactive tenant's token passes the dashboard (whose subscription
+    // policy is optional: sign in, read, pay) and is SUBSCRIPTION_INACTIVE
+    // where the route requires a subscription (console/subscription.rs).
+    let frozen = rsa.sign(&claims(iss, AUD, "frozen", 300));
+    let r = dashboard(&mut t, &frozen).await;
+    assert_eq!(
+        r.principal.unwrap().subscription_status,
+        "suspended",
+        "the dashboard tells the status"
+    );
+    let r = t
+        .authenticate_with(pb::AuthenticateRequest {
+            headers: HashMap::from([("Authorization".into(), format!("Bearer {frozen}"))]),
+            surface: "dashboard".into(),
+            subscription: "required".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(reason(&r), "SUBSCRIPTION_INACTIVE");
+    assert_eq!(r.denial.unwrap().http_status, 403);
 }
 
 #[sqlx::test]

@@ -520,7 +520,7 @@ async fn msgflash_routes_carry_their_own_policy_and_the_console_takes_no_api_key
         .get("/api/instances", &[("authorization", &bearer)])
         .await;
     let body = json!({"error": {"code": "UNAUTHORIZED",
-        "message": "Use the x-api-key header for the public API"}});
+        "message": "Use Authorization: Bearer <jwt> for the dashboard"}});
     assert_denied(&r, 401, &body, "API key on the console");
     // A token no configured issuer signed is TOKEN_INVALID.
     let jwt = "Bearer eyJhbGciOiJIUzI1NiJ9.eyJ0ZW5hbnRfaWQiOiJhY21lIn0.c2ln";
@@ -814,11 +814,238 @@ async fn msgflash_console_routes_accept_a_console_token_and_refuse_an_api_key(
         )
         .await;
     let body = json!({"error": {"code": "UNAUTHORIZED",
-        "message": "Use the x-api-key header for the public API"}});
+        "message": "Use Authorization: Bearer <jwt> for the dashboard"}});
     assert_denied(&r, 401, &body, "API key on the console");
     // And the console token is not an API key on the public API.
     let r = envoy
         .get("/api/v1/messages/123", &[("authorization", &jwt)])
         .await;
     assert_eq!(r.status, 401, "{r:?}");
+}
+
+/// A console user's access token for a fresh tenant, through Tollgate's own
+/// sign-up and login (a generated console signing key, as in dev mode).
+async fn console_session(
+    conn: &PgConnectOptions,
+    profile_name: &str,
+) -> (Tollgate, String, String) {
+    use tollgate::dashboard::{Dashboard, JwtSettings};
+    use tollgate::grpc::pb::console_service_client::ConsoleServiceClient;
+    use tollgate::store::{PostgresStore, Store};
+
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::new(pool(conn).await));
+    let mut opts = Options::new(profile(profile_name));
+    opts.dashboard = Dashboard::configure(&JwtSettings::default(), &store, true).unwrap();
+    let t = spawn_on_store(store, opts).await;
+    let mut console = ConsoleServiceClient::new(t.channel.clone());
+    let credentials = ("owner@acme.test", "correct horse battery staple");
+    console
+        .sign_up(pb::SignUpRequest {
+            email: credentials.0.into(),
+            password: credentials.1.into(),
+            tenant_name: "Acme".into(),
+            client_address: String::new(),
+        })
+        .await
+        .unwrap();
+    let login = console
+        .login(pb::LoginRequest {
+            email: credentials.0.into(),
+            password: credentials.1.into(),
+            client_address: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let tenant = login.user.unwrap().tenant_id;
+    (t, tenant, login.access_token)
+}
+
+async fn set_subscription(t: &mut Tollgate, tenant: &str, status: &str) {
+    let mut rx = t.invalidations();
+    t.tenants
+        .update_tenant(op(pb::UpdateTenantRequest {
+            tenant_id: tenant.into(),
+            update_mask: vec!["subscription_status".into()],
+            subscription_status: status.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    wait_for(&mut rx, |e| matches!(e, Invalidation::Tenant(_))).await;
+}
+
+#[sqlx::test]
+async fn msgflash_console_public_routes_are_open_and_the_rest_of_the_console_needs_a_token(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let (t, tenant, token) = console_session(&conn, "msgflash").await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start("msgflash", t.running.local_addr(), upstream.addr).await;
+
+    // The dashboard flows MsgFlash documents (signup, login, Google OAuth,
+    // email verification, password reset) reach the console's backend with
+    // no credential; identity headers a client makes up are stripped.
+    let public = [
+        "/api/auth/signup",
+        "/api/auth/login",
+        "/api/auth/refresh",
+        "/api/auth/google",
+        "/api/auth/google/callback?code=abc&state=xyz",
+        "/api/auth/verify-email",
+        "/api/auth/password-reset",
+        "/api/auth/password-reset/confirm",
+    ];
+    for (i, path) in public.iter().enumerate() {
+        let r = http(
+            envoy.addr,
+            "POST",
+            path,
+            &[("x-tollgate-tenant-id", "victim")],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        let seen = &r.json()["headers"];
+        assert_eq!(seen.get("x-tollgate-tenant-id"), None, "{path}: {seen}");
+        assert_eq!(upstream.hits(), i + 1);
+    }
+
+    // Everything else under /api/ is protected, including look-alikes of
+    // the public paths; the dashboard's answer asks for a token.
+    let missing = json!({"error": {"code": "UNAUTHORIZED", "message": "Missing token"}});
+    for path in [
+        "/api/auth/users",
+        "/api/auth/login/../../keys",
+        "/api/auth/loginx",
+        "/api/instances",
+        "/api/keys",
+        "/api/billing/invoices",
+    ] {
+        let r = envoy.get(path, &[]).await;
+        assert_denied(&r, 401, &missing, path);
+        let r = http(envoy.addr, "POST", path, &[]).await;
+        assert_eq!(r.status, 401, "POST {path}: {r:?}");
+    }
+    // The public API still says API key.
+    let r = envoy.get("/api/v1/messages/123", &[]).await;
+    let body = json!({"error": {"code": "UNAUTHORIZED", "message": "Missing API key"}});
+    assert_denied(&r, 401, &body, "public API without a key");
+    assert_eq!(upstream.hits(), public.len());
+
+    // With the console token the protected console answers.
+    let bearer = format!("Bearer {token}");
+    let r = envoy
+        .get("/api/instances", &[("authorization", &bearer)])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["headers"]["x-tollgate-tenant-id"], json!([tenant]));
+}
+
+#[sqlx::test]
+async fn msgflash_a_lapsed_account_signs_in_reads_and_pays_but_changes_nothing_through_envoy(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let (mut t, tenant, token) = console_session(&conn, "msgflash").await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start("msgflash", t.running.local_addr(), upstream.addr).await;
+    let (key, _) = t.create_key(&tenant).await;
+    set_subscription(&mut t, &tenant, "canceled").await;
+    let bearer = format!("Bearer {token}");
+    let auth = [("authorization", bearer.as_str())];
+
+    // Sign in: the public flows are open whatever the subscription.
+    let r = http(envoy.addr, "POST", "/api/auth/login", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // Read: the upstream learns the status, to show the way to pay.
+    let r = envoy.get("/api/instances", &auth).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = &r.json()["headers"];
+    assert_eq!(seen["x-tollgate-tenant-id"], json!([tenant]));
+    assert_eq!(seen["x-tollgate-subscription"], json!(["canceled"]));
+    // Pay.
+    let r = http(envoy.addr, "POST", "/api/billing/checkout", &auth).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(upstream.hits(), 3);
+
+    // A change on the console (subscription: required) and the public API
+    // are "not active for the requested action".
+    let inactive = json!({"error": {"code": "SUBSCRIPTION_INACTIVE", "message":
+        "The account no longer has an active subscription for the requested action"}});
+    let r = http(envoy.addr, "POST", "/api/instances", &auth).await;
+    assert_denied(&r, 403, &inactive, "console write while canceled");
+    let r = envoy
+        .get("/api/v1/messages/123", &[("x-api-key", &key)])
+        .await;
+    assert_denied(&r, 403, &inactive, "public API while canceled");
+    assert_eq!(upstream.hits(), 3);
+
+    // Paid again: the same requests pass.
+    set_subscription(&mut t, &tenant, "active").await;
+    let r = http(envoy.addr, "POST", "/api/instances", &auth).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json()["headers"]["x-tollgate-subscription"],
+        json!(["active"])
+    );
+    let r = envoy
+        .get("/api/v1/messages/123", &[("x-api-key", &key)])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[sqlx::test]
+async fn messagesmart_sends_the_keys_plan_label_upstream_and_never_a_forged_one(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let mut t = spawn(&conn, "messagesmart").await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start("messagesmart", t.running.local_addr(), upstream.addr).await;
+    t.create_tenant("shop", "business").await;
+    // "Plan: optional tier or plan label for grouping keys".
+    let (gold, _) = t
+        .create_key_with(pb::CreateKeyRequest {
+            tenant_id: "shop".into(),
+            name: "gold".into(),
+            labels: [
+                ("plan".into(), "gold".into()),
+                ("team".into(), "ops".into()),
+            ]
+            .into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (plain, _) = t.create_key("shop").await;
+    let path = "/api/v1/whatsapp/messages/text";
+
+    let r = envoy
+        .get(
+            path,
+            &[("X-API-Key", &gold), ("x-tollgate-label-plan", "forged")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = &r.json()["headers"];
+    assert_eq!(seen["x-tollgate-label-plan"], json!(["gold"]));
+    assert_eq!(
+        seen.get("x-tollgate-label-team"),
+        None,
+        "only what the profile sends"
+    );
+
+    let r = envoy
+        .get(
+            path,
+            &[("X-API-Key", &plain), ("x-tollgate-label-plan", "forged")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json()["headers"].get("x-tollgate-label-plan"),
+        None,
+        "{r:?}"
+    );
 }

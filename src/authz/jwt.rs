@@ -6,7 +6,7 @@ use super::{Authenticator, Identified};
 use crate::crypto::jwt::TokenError;
 use crate::domain::{CredentialType, Principal, Reason, TenantId};
 use crate::error::Result;
-use crate::profile::Surface;
+use crate::profile::{SubscriptionGate, Surface};
 
 impl Authenticator {
     pub(super) async fn decide_jwt(
@@ -14,6 +14,7 @@ impl Authenticator {
         token: &str,
         surface: &Surface,
         required_scopes: &[String],
+        gate: SubscriptionGate,
     ) -> Result<Result<Identified, Reason>> {
         let deny = |r| Ok(Err(r));
         let verified = match self.jwt.verify(token, self.clock.now()) {
@@ -40,7 +41,7 @@ impl Authenticator {
             tracing::debug!(tenant_id = %tenant_id, "JWT names an unknown tenant");
             return deny(Reason::TokenInvalid);
         };
-        if !self.profile.is_active(tenant.status) {
+        if gate == SubscriptionGate::Required && !self.profile.is_active(tenant.status) {
             return deny(Reason::SubscriptionInactive);
         }
         if self.profile.plan(&tenant.plan).is_none() {
@@ -58,6 +59,8 @@ impl Authenticator {
             scopes: verified.scopes,
             subject: verified.subject,
             credential_type: CredentialType::Jwt,
+            subscription: tenant.status,
+            labels: Vec::new(),
         };
         Ok(Ok(Identified {
             principal,

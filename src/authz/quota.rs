@@ -162,6 +162,8 @@ impl Authenticator {
                     .map(|k| k.id.to_string())
                     .unwrap_or_else(|| tenant.id.to_string()),
                 credential_type: CredentialType::ApiKey,
+                subscription: tenant.status,
+                labels: Vec::new(),
             }),
         };
         Ok(QuotaAnswer {

@@ -72,6 +72,9 @@ impl Store for CountingStore {
     async fn insert_key(&self, key: NewKey, cap: KeyCap<'_>, a: &Audit) -> R<KeyRecord> {
         self.inner.insert_key(key, cap, a).await
     }
+    async fn insert_keys(&self, keys: Vec<NewKey>, a: &Audit) -> R<Vec<KeyRecord>> {
+        self.inner.insert_keys(keys, a).await
+    }
     async fn key_digests(&self) -> R<Vec<KeyDigest>> {
         self.inner.key_digests().await
     }
@@ -1171,7 +1174,8 @@ async fn list_keys_pages_with_tokens_and_hides_revoked_keys_unless_asked() {
 async fn update_key_validates_its_mask_and_applies_at_once() {
     let fx = Fixture::new(MSGFLASH).await;
     fx.tenant("acme", "free").await;
-    let key = fx.key("acme").await;
+    // MsgFlash keys never expire by default: this one is given a lifetime.
+    let key = fx.create_key("acme", &[], Some(3600)).await.unwrap();
     fx.allow(&key, &["messages:send"]).await;
     let update = |mask: &[&str], name: &str, scopes: &[&str]| {
         let input = UpdateKeyInput {

@@ -50,6 +50,25 @@ impl Pepper {
         mac.update(key.as_bytes());
         KeyDigest::from_bytes(mac.finalize().into_bytes().into())
     }
+
+    /// The digest of an imported legacy key under this pepper, from the
+    /// key's SHA-256 (what a product that kept only digests can hand over):
+    /// `HMAC(pepper, "legacy-sha256:" || SHA-256(key))`. A raw key and its
+    /// imported digest end at the same stored digest, and the pepper still
+    /// protects the table (a plain SHA-256 could be checked offline).
+    pub fn legacy_digest(&self, sha256: &[u8; 32]) -> KeyDigest {
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.secret.expose_secret())
+            .expect("HMAC accepts any key length");
+        mac.update(b"legacy-sha256:");
+        mac.update(sha256);
+        KeyDigest(mac.finalize().into_bytes().into())
+    }
+}
+
+/// SHA-256 of a key, as a legacy system would have stored it.
+pub fn sha256(key: &str) -> [u8; 32] {
+    use sha2::Digest;
+    Sha256::digest(key.as_bytes()).into()
 }
 
 impl fmt::Debug for Pepper {

@@ -18,9 +18,17 @@ pub fn key_created(ctx: &AuditContext, k: &KeyRecord) -> AuditEvent {
         &k.tenant_id,
         k.id.to_string(),
         json!({"name": k.name, "environment": k.environment, "scopes": k.scopes,
-            "hint": k.hint, "expires_at": k.expires_at}),
+            "hint": k.hint, "expires_at": k.expires_at, "labels": k.labels}),
         k.created_at,
     )
+}
+
+/// A legacy key was imported (recorded as a creation, marked imported).
+pub fn key_imported(ctx: &AuditContext, k: &KeyRecord) -> AuditEvent {
+    let mut event = key_created(ctx, k);
+    event.details["imported"] = json!(true);
+    event.details["format"] = json!("legacy");
+    event
 }
 
 /// A key was revoked.
@@ -59,6 +67,7 @@ pub fn key_updated(
         ("scopes", u.scopes.is_some()),
         ("expires_at", u.expires_at.is_some()),
         ("limits", u.limits.is_some()),
+        ("labels", u.labels.is_some()),
     ]
     .into_iter()
     .filter_map(|(f, changed)| changed.then_some(f))
@@ -72,6 +81,9 @@ pub fn key_updated(
                 "expires_at": k.expires_at});
             if u.limits.is_some() {
                 details["limits"] = json!({"old": before.limits, "new": k.limits});
+            }
+            if u.labels.is_some() {
+                details["labels"] = json!({"old": before.labels, "new": k.labels});
             }
             details
         },

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{KeyId, TenantId};
+use super::{KeyId, SubscriptionStatus, TenantId};
 
 /// Why a request is denied. Stable: products map each to their own code,
 /// HTTP status and message in their profile.
@@ -80,6 +80,12 @@ pub struct Principal {
     pub scopes: Vec<String>,
     pub subject: String,
     pub credential_type: CredentialType,
+    /// The tenant's subscription status (a surface or route that lets
+    /// inactive tenants through tells the upstream which one it is).
+    pub subscription: SubscriptionStatus,
+    /// The key labels the profile sends upstream, each (name, value); the
+    /// value is empty when the key lacks the label.
+    pub labels: Vec<(String, String)>,
 }
 
 /// The answer to "may this credential make this call now?".

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{LimitSpec, TenantId};
+use super::{KeyLabels, LimitSpec, TenantId};
 use crate::domain::KeyDigest;
 
 /// A key's public identifier (UUIDv7: time-ordered, so pages sort by creation).
@@ -32,6 +32,11 @@ pub struct KeyRecord {
     /// state belong to the lineage, so rotation never hands out a fresh
     /// quota.
     pub lineage_id: KeyId,
+    /// The key's labels (name → value), for grouping and for the upstream.
+    pub labels: KeyLabels,
+    /// Imported by ImportKeys: its digest is the legacy one
+    /// (`Pepper::legacy_digest`), it has no Tollgate checksum.
+    pub legacy: bool,
 }
 
 impl KeyRecord {
@@ -97,6 +102,7 @@ impl KeyRecord {
         new.scopes.clone_from(&self.scopes);
         new.limits.clone_from(&self.limits);
         new.lineage_id = self.lineage_id;
+        new.labels.clone_from(&self.labels);
         new.expires_at = self
             .expires_at
             .map(|e| new.created_at + (e - self.created_at));
@@ -119,6 +125,10 @@ pub struct NewKey {
     pub limits: Option<Vec<LimitSpec>>,
     /// `id` for a new key; the predecessor's lineage for a rotated one.
     pub lineage_id: KeyId,
+    /// The key's labels.
+    pub labels: KeyLabels,
+    /// An imported legacy key.
+    pub legacy: bool,
 }
 
 impl NewKey {
@@ -141,6 +151,8 @@ impl NewKey {
             replaced_by: None,
             limits: self.limits,
             lineage_id: self.lineage_id,
+            labels: self.labels,
+            legacy: self.legacy,
         }
     }
 }
@@ -154,4 +166,6 @@ pub struct KeyUpdate {
     pub expires_at: Option<Option<DateTime<Utc>>>,
     /// `Some(None)` removes the key's own limits.
     pub limits: Option<Option<Vec<LimitSpec>>>,
+    /// Replaces every label (an empty map removes them all).
+    pub labels: Option<KeyLabels>,
 }

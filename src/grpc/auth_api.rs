@@ -11,7 +11,7 @@ use crate::access::{Access, Rpc};
 use crate::authz::{AuthInput, Authenticator, QuotaSubject};
 use crate::domain::{Decision, Violations};
 use crate::error::Error;
-use crate::manage::{CreateKeyInput, Manager, UpdateKeyInput};
+use crate::manage::{CreateKeyInput, ImportKeyInput, Manager, UpdateKeyInput};
 
 /// The AuthService implementation.
 pub struct AuthApi {
@@ -40,6 +40,7 @@ impl AuthService for AuthApi {
             headers: Some(&r.headers),
             surface: &r.surface,
             required_scopes: &r.required_scopes,
+            subscription: convert::subscription_gate(&r.subscription)?,
         };
         let verdict = self.authz.decide(input, r.cost.unwrap_or(0)).await?;
         let limits = verdict.limits.iter().map(convert::limit).collect();
@@ -57,8 +58,12 @@ impl AuthService for AuthApi {
             },
             Decision::Deny(reason) => {
                 tracing::debug!(reason = reason.as_str(), "denied");
-                let denial =
-                    convert::denial(self.authz.profile(), reason, verdict.retry_after_seconds);
+                let denial = convert::denial_on(
+                    self.authz.profile(),
+                    &r.surface,
+                    reason,
+                    verdict.retry_after_seconds,
+                );
                 pb::AuthenticateResponse {
                     allowed: false,
                     principal: None,
@@ -197,6 +202,7 @@ impl AuthService for AuthApi {
                     scopes: r.scopes,
                     ttl_seconds: r.ttl_seconds,
                     limits,
+                    labels: r.labels,
                 },
             )
             .await?;
@@ -263,7 +269,13 @@ impl AuthService for AuthApi {
             .await?;
         let page = self
             .manager
-            .list_keys(&tenant_id, r.page_size, &r.page_token, r.include_revoked)
+            .list_keys_labelled(
+                &tenant_id,
+                r.page_size,
+                &r.page_token,
+                r.include_revoked,
+                r.label_selector,
+            )
             .await?;
         Ok(Response::new(pb::ListKeysResponse {
             keys: page.items.iter().map(convert::api_key).collect(),
@@ -331,11 +343,45 @@ impl AuthService for AuthApi {
                     scopes: r.scopes,
                     expires_at,
                     limits,
+                    labels: r.labels,
                 },
             )
             .await?;
         Ok(Response::new(pb::UpdateKeyResponse {
             key: Some(convert::api_key(&key)),
+        }))
+    }
+
+    async fn import_keys(
+        &self,
+        request: Request<pb::ImportKeysRequest>,
+    ) -> Result<Response<pb::ImportKeysResponse>, Status> {
+        let caller = self
+            .guard
+            .admit(Rpc::ImportKeys, request.metadata(), false)
+            .await?;
+        let ctx = caller.audit(&request_id(request.metadata()));
+        let r = request.into_inner();
+        let tenant_id = self
+            .access
+            .tenant(Rpc::ImportKeys, &caller, &r.tenant_id)
+            .await?;
+        let keys = r
+            .keys
+            .into_iter()
+            .map(|k| ImportKeyInput {
+                api_key: k.api_key,
+                sha256_hex: k.sha256_hex,
+                name: k.name,
+                environment: k.environment,
+                scopes: k.scopes,
+                ttl_seconds: k.ttl_seconds,
+                labels: k.labels,
+            })
+            .collect();
+        let records = self.manager.import_keys_as(&ctx, &tenant_id, keys).await?;
+        Ok(Response::new(pb::ImportKeysResponse {
+            keys: records.iter().map(convert::api_key).collect(),
         }))
     }
 }

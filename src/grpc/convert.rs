@@ -7,7 +7,8 @@ use crate::domain::{
     CredentialType, KeyRecord, LimitPeriod, LimitScope, LimitSpec, LimitStatus, Principal, Reason,
     Tenant, TenantOverrides, Violations,
 };
-use crate::profile::Profile;
+use crate::error::Error;
+use crate::profile::{Profile, SubscriptionGate};
 
 /// A timestamp for the wire.
 pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -37,6 +38,12 @@ pub fn api_key(k: &KeyRecord) -> pb::ApiKey {
         revoke_reason: k.revoke_reason.clone().unwrap_or_default(),
         replaced_by: k.replaced_by.map(|id| id.to_string()).unwrap_or_default(),
         limits: k.limits.iter().flatten().map(limit_spec).collect(),
+        labels: k
+            .labels
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect(),
+        format: if k.legacy { "legacy" } else { "tollgate" }.into(),
     }
 }
 
@@ -135,20 +142,47 @@ pub fn principal(p: &Principal) -> pb::Principal {
             CredentialType::ApiKey => pb::CredentialType::ApiKey,
             CredentialType::Jwt => pb::CredentialType::Jwt,
         } as i32,
+        subscription_status: p.subscription.as_str().to_string(),
+        labels: p
+            .labels
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .cloned()
+            .collect(),
     }
 }
 
 /// The denial as the product documents it.
 pub fn denial(profile: &Profile, reason: Reason, retry_after_seconds: u32) -> pb::Denial {
-    let spec = profile.denial(reason);
+    denial_on(profile, "", reason, retry_after_seconds)
+}
+
+/// The denial as the product answers it on `surface` (empty: the default).
+pub fn denial_on(
+    profile: &Profile,
+    surface: &str,
+    reason: Reason,
+    retry_after_seconds: u32,
+) -> pb::Denial {
+    let spec = profile.denial_on(surface, reason);
     pb::Denial {
         reason: reason.as_str().to_string(),
         code: spec.code.clone(),
         http_status: u32::from(spec.http_status),
         message: spec.message.clone(),
         retry_after_seconds,
-        body: profile.denial_body(reason),
+        body: profile.denial_body_on(surface, reason),
     }
+}
+
+/// A request's `subscription` policy: empty = the surface's.
+pub fn subscription_gate(s: &str) -> Result<Option<SubscriptionGate>, Error> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    SubscriptionGate::parse(s)
+        .map(Some)
+        .ok_or_else(|| Error::invalid("subscription", "must be `required` or `optional`"))
 }
 
 pub fn limit(l: &LimitStatus) -> pb::Limit {

@@ -3,8 +3,9 @@
 //! [`AuthInput`] → decide → proto out; no rules live here.
 //!
 //! Per-route policy comes from the route's `context_extensions`: `surface`,
-//! `scopes` (comma-separated, all required), `cost` (default 1) and `limits`
-//! (`off` → cost 0). A denial is an answer (OK with a google.rpc status and
+//! `scopes` (comma-separated, all required), `cost` (default 1), `limits`
+//! (`off` → cost 0) and `subscription` (`required` / `optional`: whether an
+//! inactive subscription is refused here; default: the surface's). A denial is an answer (OK with a google.rpc status and
 //! the product's HTTP status, headers and body); an outage or a malformed
 //! policy is a gRPC error, so Envoy's `status_on_error` applies and nothing
 //! is ever allowed by accident.
@@ -23,7 +24,7 @@ use crate::clock::Clock;
 use crate::domain::validate::check_scopes;
 use crate::domain::{Decision, Violations};
 use crate::error::Error;
-use crate::profile::{BearerPolicy, Profile, Surface};
+use crate::profile::{BearerPolicy, Profile, SubscriptionGate, Surface};
 use response::{denied_response, ok_response};
 
 mod response;
@@ -99,6 +100,7 @@ impl Authorization for EnvoyAuthz {
             headers: Some(&http.headers),
             surface: policy.surface,
             required_scopes: &policy.scopes,
+            subscription: policy.subscription,
             ..AuthInput::default()
         };
         // An outage is `Err` → UNAVAILABLE, never an allow.
@@ -111,7 +113,7 @@ impl Authorization for EnvoyAuthz {
             }
             Decision::Deny(reason) => {
                 tracing::debug!(reason = reason.as_str(), "denied");
-                denied_response(profile, *reason, &verdict, request_id, now)
+                denied_response(profile, policy.surface, *reason, &verdict, request_id, now)
             }
         };
         Ok(Response::new(response))
@@ -124,6 +126,8 @@ struct RoutePolicy<'a> {
     surface: &'a str,
     scopes: Vec<String>,
     cost: u32,
+    /// `subscription`: `required` or `optional`; absent = the surface's.
+    subscription: Option<SubscriptionGate>,
 }
 
 /// Reads the policy; anything malformed (unknown surface or key, bad cost)
@@ -137,6 +141,7 @@ fn route_policy<'a, 'p>(
         surface: "",
         scopes: Vec::new(),
         cost: 1,
+        subscription: None,
     };
     let mut limits = true;
     for (key, value) in ext {
@@ -164,9 +169,16 @@ fn route_policy<'a, 'p>(
                 "off" => limits = false,
                 _ => v.add("context_extensions.limits", "must be `on` or `off`"),
             },
+            "subscription" => match SubscriptionGate::parse(value) {
+                Some(gate) => policy.subscription = Some(gate),
+                None => v.add(
+                    "context_extensions.subscription",
+                    "must be `required` or `optional`",
+                ),
+            },
             other => v.add(
                 format!("context_extensions.{other}"),
-                "is not a Tollgate policy key (surface, scopes, cost, limits)",
+                "is not a Tollgate policy key (surface, scopes, cost, limits, subscription)",
             ),
         }
     }

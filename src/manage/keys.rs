@@ -11,8 +11,8 @@ use crate::domain::console::AuditContext;
 use crate::domain::limit::check_tightens;
 use crate::domain::validate::{check_name, check_scopes};
 use crate::domain::{
-    ApiKeySecret, KeyId, KeyRecord, KeyUpdate, LimitScope, LimitSpec, NewKey, Tenant, TenantId,
-    Violations,
+    ApiKeySecret, KeyId, KeyLabels, KeyRecord, KeyUpdate, LimitScope, LimitSpec, NewKey, Tenant,
+    TenantId, Violations,
 };
 use crate::error::{Error, Result};
 use crate::store::{Invalidation, KeyRef};
@@ -27,6 +27,8 @@ pub struct CreateKeyInput {
     pub ttl_seconds: Option<i64>,
     /// The key's own key-scoped limits, tightening the plan's; empty = none.
     pub limits: Vec<LimitSpec>,
+    /// The key's labels (bounded: [`crate::domain::labels`]).
+    pub labels: std::collections::HashMap<String, String>,
 }
 
 /// An UpdateKey request, as received.
@@ -39,6 +41,8 @@ pub struct UpdateKeyInput {
     pub scopes: Vec<String>,
     pub expires_at: Option<DateTime<Utc>>,
     pub limits: Vec<LimitSpec>,
+    /// With `labels` in the mask: the key's labels, all replaced.
+    pub labels: std::collections::HashMap<String, String>,
 }
 
 /// A newly issued key: the secret (shown once) and its record.
@@ -56,6 +60,7 @@ struct KeyShape {
     scopes: Vec<String>,
     expires_at: Option<DateTime<Utc>>,
     limits: Option<Vec<LimitSpec>>,
+    labels: KeyLabels,
 }
 
 impl Manager {
@@ -68,7 +73,12 @@ impl Manager {
             .unwrap_or(&[])
     }
 
-    fn check_scopes_allowed(&self, tenant: &Tenant, scopes: &[String], v: &mut Violations) {
+    pub(super) fn check_scopes_allowed(
+        &self,
+        tenant: &Tenant,
+        scopes: &[String],
+        v: &mut Violations,
+    ) {
         let allowed = self.allowed_scopes(tenant);
         for (i, s) in scopes.iter().enumerate() {
             if !allowed.contains(s) {
@@ -113,6 +123,8 @@ impl Manager {
             expires_at: shape.expires_at,
             limits: shape.limits,
             lineage_id: id,
+            labels: shape.labels,
+            legacy: false,
         };
         (secret, key)
     }
@@ -145,6 +157,7 @@ impl Manager {
         };
         check_scopes("scopes", &input.scopes, &mut v);
         self.check_key_limits(&input.limits, &mut v);
+        let labels = KeyLabels::parse("labels", input.labels, &mut v);
         let ttl = match input.ttl_seconds {
             None => self.profile.default_ttl_seconds.map(|s| s as i64),
             Some(0) => None,
@@ -193,6 +206,7 @@ impl Manager {
                 scopes,
                 expires_at,
                 limits,
+                labels,
             },
             now,
         );
@@ -268,7 +282,28 @@ impl Manager {
         page_token: &str,
         include_revoked: bool,
     ) -> Result<Page<KeyRecord>> {
+        self.list_keys_labelled(
+            tenant_id,
+            page_size_req,
+            page_token,
+            include_revoked,
+            Default::default(),
+        )
+        .await
+    }
+
+    /// Lists a tenant's keys carrying every label of `label_selector`
+    /// (empty: all keys).
+    pub async fn list_keys_labelled(
+        &self,
+        tenant_id: &str,
+        page_size_req: u32,
+        page_token: &str,
+        include_revoked: bool,
+        label_selector: std::collections::HashMap<String, String>,
+    ) -> Result<Page<KeyRecord>> {
         let mut v = Violations::default();
+        let selector = KeyLabels::parse("label_selector", label_selector, &mut v);
         let tenant = parse_tenant_id("tenant_id", tenant_id, &mut v);
         let size = page_size(page_size_req, &mut v);
         let after = if page_token.is_empty() {
@@ -286,10 +321,15 @@ impl Manager {
         v.into_result()?;
         let tenant = tenant.expect("validated");
         self.tenant(&tenant).await?;
-        let mut items = self
-            .store
-            .list_keys(&tenant, after, size + 1, include_revoked)
-            .await?;
+        let mut items = if selector.is_empty() {
+            self.store
+                .list_keys(&tenant, after, size + 1, include_revoked)
+                .await?
+        } else {
+            self.store
+                .list_keys_labelled(&tenant, after, size + 1, include_revoked, &selector)
+                .await?
+        };
         let next_page_token = if items.len() > size as usize {
             items.truncate(size as usize);
             items.last().map(|k| k.id.to_string()).unwrap_or_default()
@@ -350,6 +390,7 @@ impl Manager {
                 scopes: old.scopes.clone(),
                 expires_at,
                 limits: old.limits.clone(),
+                labels: old.labels.clone(),
             },
             now,
         );
@@ -381,7 +422,7 @@ impl Manager {
         let tenant = parse_scope(&input.tenant_id, &mut v);
         check_mask(
             &input.update_mask,
-            &["name", "scopes", "expires_at", "limits"],
+            &["name", "scopes", "expires_at", "limits", "labels"],
             &mut v,
         );
         let has = |p: &str| input.update_mask.iter().any(|m| m == p);
@@ -394,6 +435,8 @@ impl Manager {
         if has("limits") {
             self.check_key_limits(&input.limits, &mut v);
         }
+        let labels =
+            has("labels").then(|| KeyLabels::parse("labels", input.labels.clone(), &mut v));
         v.into_result()?;
         let key = KeyRef {
             id: id.expect("validated"),
@@ -429,6 +472,7 @@ impl Manager {
             scopes: has("scopes").then(|| dedup(input.scopes.clone())),
             expires_at: has("expires_at").then_some(input.expires_at),
             limits: has("limits").then(|| (!input.limits.is_empty()).then(|| input.limits.clone())),
+            labels,
         };
         let cap = self.cap();
         let record = self

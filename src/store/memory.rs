@@ -371,6 +371,9 @@ impl Store for MemoryStore {
             if let Some(limits) = &u.limits {
                 k.limits.clone_from(limits);
             }
+            if let Some(labels) = &u.labels {
+                k.labels.clone_from(labels);
+            }
             let k = k.clone();
             s.audit.record(audit::key_updated(ctx, &before, &k, u, now));
             k
@@ -529,5 +532,34 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn insert_keys(
+        &self,
+        keys: Vec<NewKey>,
+        ctx: &AuditContext,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let records = {
+            let mut s = self.state();
+            for k in &keys {
+                if !s.tenants.contains_key(&k.tenant_id) {
+                    return Err(StoreError::NotFound);
+                }
+                if s.by_digest.contains_key(&k.digest) {
+                    return Err(StoreError::AlreadyExists);
+                }
+            }
+            let mut records = Vec::with_capacity(keys.len());
+            for k in keys {
+                let record = s.insert(k)?;
+                s.audit.record(audit::key_imported(ctx, &record));
+                records.push(record);
+            }
+            records
+        };
+        for r in &records {
+            self.publish(Invalidation::KeyAdded(r.digest));
+        }
+        Ok(records)
     }
 }

@@ -337,4 +337,35 @@ pub trait Store: Send + Sync + 'static {
     fn console_store(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn ConsoleStore>> {
         None
     }
+    /// As [`Store::list_keys`], only keys carrying every label of
+    /// `selector`. The default pages through `list_keys` and filters (the
+    /// memory store); Postgres asks its index.
+    async fn list_keys_labelled(
+        &self,
+        tenant: &TenantId,
+        mut after: Option<KeyId>,
+        limit: u32,
+        include_revoked: bool,
+        selector: &crate::domain::KeyLabels,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        const PAGE: u32 = 500;
+        let mut found = Vec::new();
+        loop {
+            let page = self.list_keys(tenant, after, PAGE, include_revoked).await?;
+            let done = page.len() < PAGE as usize;
+            after = page.last().map(|k| k.id);
+            found.extend(page.into_iter().filter(|k| k.labels.matches(selector)));
+            if found.len() >= limit as usize || done {
+                found.truncate(limit as usize);
+                return Ok(found);
+            }
+        }
+    }
+    /// Inserts imported keys, all or none (one already stored:
+    /// `AlreadyExists`), bypassing the key cap, each audited as imported.
+    async fn insert_keys(
+        &self,
+        keys: Vec<NewKey>,
+        audit: &AuditContext,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
 }

@@ -349,4 +349,23 @@ impl Store for PostgresStore {
     ) -> Option<std::sync::Arc<dyn super::ConsoleStore>> {
         Some(self)
     }
+
+    async fn list_keys_labelled(
+        &self,
+        tenant: &TenantId,
+        after: Option<KeyId>,
+        limit: u32,
+        include_revoked: bool,
+        selector: &crate::domain::KeyLabels,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        keys::list_keys_labelled(self, tenant, after, limit, include_revoked, selector).await
+    }
+
+    async fn insert_keys(
+        &self,
+        new: Vec<NewKey>,
+        audit: &AuditContext,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        keys::insert_keys(self, new, audit).await
+    }
 }

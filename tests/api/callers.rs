@@ -147,6 +147,7 @@ async fn bad_input_is_invalid_argument_naming_every_field_and_writes_nothing(
                 limit: 0,
                 ..Default::default()
             }],
+            labels: Default::default(),
         })
         .await
         .unwrap_err();
@@ -165,6 +166,7 @@ async fn bad_input_is_invalid_argument_naming_every_field_and_writes_nothing(
                 limit: 0,
                 ..Default::default()
             }],
+            labels: Default::default(),
         })
         .await
         .unwrap_err();

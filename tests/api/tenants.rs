@@ -107,6 +107,7 @@ async fn keys_and_tenants_are_listed_in_pages(_p: PgPoolOptions, conn: PgConnect
                 page_size: 2,
                 page_token: token,
                 include_revoked: false,
+                label_selector: Default::default(),
             }))
             .await
             .unwrap()

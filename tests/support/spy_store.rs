@@ -235,4 +235,19 @@ impl Store for SpyStore {
     fn console_store(self: Arc<Self>) -> Option<Arc<dyn ConsoleStore>> {
         self.inner.clone().console_store()
     }
+    async fn list_keys_labelled(
+        &self,
+        t: &TenantId,
+        after: Option<KeyId>,
+        n: u32,
+        revoked: bool,
+        selector: &tollgate::domain::KeyLabels,
+    ) -> R<Vec<KeyRecord>> {
+        self.inner
+            .list_keys_labelled(t, after, n, revoked, selector)
+            .await
+    }
+    async fn insert_keys(&self, keys: Vec<NewKey>, a: &AuditContext) -> R<Vec<KeyRecord>> {
+        self.inner.insert_keys(keys, a).await
+    }
 }

@@ -45,6 +45,8 @@ fn record(i: usize, profile: &Profile, pepper: &Pepper, tenants: &[TenantId]) ->
         replaced_by: None,
         limits: None,
         lineage_id: id,
+        labels: Default::default(),
+        legacy: false,
     }
 }
 

@@ -144,6 +144,12 @@ impl AuthService for Noop {
     ) -> Result<Response<GetUsageResponse>, Status> {
         unimplemented()
     }
+    async fn import_keys(
+        &self,
+        _: Request<tollgate::grpc::pb::ImportKeysRequest>,
+    ) -> Result<Response<tollgate::grpc::pb::ImportKeysResponse>, Status> {
+        unimplemented()
+    }
 }
 
 #[tonic::async_trait]

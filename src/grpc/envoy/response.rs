@@ -111,10 +111,21 @@ pub(super) fn ok_response(
         ("scopes", p.scopes.join(",")),
         ("subject", p.subject.clone()),
         ("ratelimit-remaining", remaining.unwrap_or_default()),
+        ("subscription", p.subscription.as_str().to_string()),
     ];
-    let mut headers = Vec::with_capacity(facts.len());
+    let mut headers = Vec::with_capacity(facts.len() + p.labels.len());
     for (name, value) in &facts {
         let name = format!("{prefix}{name}");
+        if value.is_empty() {
+            headers_to_remove.push(name);
+        } else {
+            headers.push(header(&name, value.clone()));
+        }
+    }
+    // The labels the profile sends upstream; one the key lacks is removed,
+    // so a client cannot supply it.
+    for (label, value) in &p.labels {
+        let name = format!("{prefix}label-{label}");
         if value.is_empty() {
             headers_to_remove.push(name);
         } else {
@@ -162,12 +173,13 @@ pub(super) fn rpc_status(code: Code, message: &str) -> Option<rpc::Status> {
 /// `RateLimit-*` when limits speak, and the request id to quote to support.
 pub(super) fn denied_response(
     profile: &Profile,
+    surface: &str,
     reason: Reason,
     verdict: &Verdict,
     request_id: String,
     now: DateTime<Utc>,
 ) -> CheckResponse {
-    let spec = profile.denial(reason);
+    let spec = profile.denial_on(surface, reason);
     let mut headers = vec![
         header("content-type", "application/json".into()),
         header("x-request-id", request_id.clone()),
@@ -202,7 +214,7 @@ pub(super) fn denied_response(
                 code: i32::from(spec.http_status),
             }),
             headers,
-            body: profile.denial_body(reason),
+            body: profile.denial_body_on(surface, reason),
         })),
     }
 }

@@ -55,6 +55,11 @@ fn an_allow_names_the_principal_upstream_and_reports_the_tightest_limit() {
         scopes: vec!["emails:send".into(), "emails:read".into()],
         subject: key_id.to_string(),
         credential_type: CredentialType::ApiKey,
+        subscription: crate::domain::SubscriptionStatus::Active,
+        labels: vec![
+            ("plan".into(), "gold".into()),
+            ("team".into(), String::new()),
+        ],
     };
     let mut verdict = Verdict::plain(Decision::Allow(principal.clone()));
     verdict.limits = vec![
@@ -79,11 +84,14 @@ fn an_allow_names_the_principal_upstream_and_reports_the_tightest_limit() {
     assert_eq!(up["x-tollgate-environment"], "test");
     assert_eq!(up["x-tollgate-scopes"], "emails:send,emails:read");
     assert_eq!(up["x-tollgate-ratelimit-remaining"], "7");
+    assert_eq!(up["x-tollgate-subscription"], "active");
+    assert_eq!(up["x-tollgate-label-plan"], "gold");
     assert!(ok
         .headers
         .iter()
         .all(|h| h.append_action == HeaderAppendAction::OverwriteIfExistsOrAdd as i32));
-    assert_eq!(ok.headers_to_remove, ["x-api-key"]);
+    // A label the key lacks is removed, never taken from the client.
+    assert_eq!(ok.headers_to_remove, ["x-api-key", "x-tollgate-label-team"]);
     let down = headers(&ok.response_headers_to_add);
     assert_eq!(down["ratelimit-limit"], "10000");
     assert_eq!(down["ratelimit-remaining"], "7");
@@ -111,6 +119,8 @@ fn with_no_limits_and_no_key_id_those_headers_are_removed_not_trusted() {
         scopes: vec![],
         subject: "user-1".into(),
         credential_type: CredentialType::Jwt,
+        subscription: crate::domain::SubscriptionStatus::PastDue,
+        labels: vec![],
     };
     let verdict = Verdict::plain(Decision::Allow(principal.clone()));
     let r = ok_response("x-gw-", &principal, &verdict, vec![], now);
@@ -131,7 +141,7 @@ fn a_429_carries_retry_after_and_rate_limit_headers_and_the_documented_body() {
     let mut verdict = Verdict::plain(Decision::Deny(Reason::RateLimited));
     verdict.limits = vec![limit("key_per_minute", 60, 0, 1_200, now)];
     verdict.retry_after_seconds = 2;
-    let r = denied_response(&p, Reason::RateLimited, &verdict, "req-1".into(), now);
+    let r = denied_response(&p, "", Reason::RateLimited, &verdict, "req-1".into(), now);
     assert_eq!(r.status.unwrap().code, Code::PermissionDenied as i32);
     let Some(HttpResponse::DeniedResponse(d)) = r.http_response else {
         panic!("not a denied response")
@@ -156,7 +166,7 @@ fn a_429_carries_retry_after_and_rate_limit_headers_and_the_documented_body() {
 fn an_identity_denial_is_unauthenticated_without_retry_after() {
     let p = profile("msgflash");
     let verdict = Verdict::plain(Decision::Deny(Reason::KeyRevoked));
-    let r = denied_response(&p, Reason::KeyRevoked, &verdict, "r".into(), Utc::now());
+    let r = denied_response(&p, "", Reason::KeyRevoked, &verdict, "r".into(), Utc::now());
     assert_eq!(r.status.unwrap().code, Code::Unauthenticated as i32);
     let Some(HttpResponse::DeniedResponse(d)) = r.http_response else {
         panic!("not a denied response")
@@ -181,7 +191,8 @@ fn route_policy_defaults_parses_and_refuses_what_it_does_not_know() {
         RoutePolicy {
             surface: "",
             scopes: vec![],
-            cost: 1
+            cost: 1,
+            subscription: None,
         }
     );
 
@@ -189,8 +200,10 @@ fn route_policy_defaults_parses_and_refuses_what_it_does_not_know() {
         ("surface", "dashboard"),
         ("scopes", "messages:send, messages:read"),
         ("cost", "5"),
+        ("subscription", "optional"),
     ]);
     let (policy, surface) = route_policy(&full, &p).unwrap();
+    assert_eq!(policy.subscription, Some(SubscriptionGate::Optional));
     assert_eq!(policy.surface, "dashboard");
     assert_eq!(policy.scopes, ["messages:send", "messages:read"]);
     assert_eq!(policy.cost, 5);
@@ -204,6 +217,7 @@ fn route_policy_defaults_parses_and_refuses_what_it_does_not_know() {
         ext(&[("cost", "-1")]),
         ext(&[("cost", "many")]),
         ext(&[("limits", "maybe")]),
+        ext(&[("subscription", "sometimes")]),
         ext(&[("scope", "messages:send")]),
         ext(&[("scopes", "Not A Scope")]),
     ] {

@@ -13,7 +13,7 @@ use super::{begin, map_err, notify, timed, PostgresStore};
 use crate::crypto::KeyDigest;
 use crate::domain::audit;
 use crate::domain::console::AuditContext;
-use crate::domain::{KeyId, KeyRecord, KeyUpdate, LimitSpec, NewKey, Tenant, TenantId};
+use crate::domain::{KeyId, KeyLabels, KeyRecord, KeyUpdate, LimitSpec, NewKey, Tenant, TenantId};
 use crate::store::{Invalidation, KeyCap, KeyRef, StoreError};
 
 /// Digests read per query when loading the known-digest set.
@@ -37,6 +37,8 @@ struct KeyRow {
     replaced_by: Option<Uuid>,
     limits: Option<Json<Vec<LimitSpec>>>,
     lineage_id: Uuid,
+    labels: Json<KeyLabels>,
+    format: String,
 }
 
 impl TryFrom<KeyRow> for KeyRecord {
@@ -61,13 +63,15 @@ impl TryFrom<KeyRow> for KeyRecord {
             replaced_by: r.replaced_by,
             limits: r.limits.map(|j| j.0),
             lineage_id: r.lineage_id,
+            labels: r.labels.0,
+            legacy: r.format == "legacy",
         })
     }
 }
 
 const KEY_COLUMNS: &str = "key_id, tenant_id, name, environment, scopes, hint, digest, \
     pepper_version, created_at, expires_at, revoked_at, revoke_reason, last_used_at, replaced_by, \
-    limits, lineage_id";
+    limits, lineage_id, labels, format";
 
 async fn insert_key_row(
     tx: &mut Transaction<'_, Postgres>,
@@ -75,8 +79,8 @@ async fn insert_key_row(
 ) -> Result<KeyRecord, StoreError> {
     let sql = format!(
         "INSERT INTO api_keys (key_id, tenant_id, name, environment, scopes, hint, digest, \
-         pepper_version, created_at, expires_at, limits, lineage_id) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) \
+         pepper_version, created_at, expires_at, limits, lineage_id, labels, format) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14) \
          RETURNING {KEY_COLUMNS}"
     );
     let row: KeyRow = sqlx::query_as(&sql)
@@ -92,6 +96,8 @@ async fn insert_key_row(
         .bind(key.expires_at)
         .bind(key.limits.as_ref().map(Json))
         .bind(key.lineage_id)
+        .bind(Json(&key.labels))
+        .bind(if key.legacy { "legacy" } else { "tollgate" })
         .fetch_one(&mut **tx)
         .await
         .map_err(map_err)?;
@@ -356,7 +362,8 @@ pub(super) async fn update_key(
     let sql = format!(
         "UPDATE api_keys SET name = COALESCE($2, name), scopes = COALESCE($3, scopes), \
          expires_at = CASE WHEN $4 THEN $5 ELSE expires_at END, \
-         limits = CASE WHEN $6 THEN $7 ELSE limits END \
+         limits = CASE WHEN $6 THEN $7 ELSE limits END, \
+         labels = COALESCE($8, labels) \
          WHERE key_id = $1 RETURNING {KEY_COLUMNS}"
     );
     let row: KeyRow = sqlx::query_as(&sql)
@@ -367,6 +374,7 @@ pub(super) async fn update_key(
         .bind(u.expires_at.flatten())
         .bind(u.limits.is_some())
         .bind(u.limits.clone().flatten().map(Json))
+        .bind(u.labels.as_ref().map(Json))
         .fetch_one(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -395,4 +403,59 @@ pub(super) async fn touch_keys(
     .await
     .map_err(map_err)?;
     Ok(())
+}
+
+/// A tenant's keys carrying every label of `selector`, ordered by id, after
+/// `after` (`labels @> selector`, served by the labels' GIN index).
+pub(super) async fn list_keys_labelled(
+    store: &PostgresStore,
+    tenant: &TenantId,
+    after: Option<KeyId>,
+    limit: u32,
+    include_revoked: bool,
+    selector: &KeyLabels,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 \
+         AND ($2::uuid IS NULL OR key_id > $2) AND ($3 OR revoked_at IS NULL) \
+         AND labels @> $5 ORDER BY key_id LIMIT $4"
+    );
+    let rows: Vec<KeyRow> = sqlx::query_as(&sql)
+        .bind(tenant.as_str())
+        .bind(after)
+        .bind(include_revoked)
+        .bind(i64::from(limit))
+        .bind(Json(selector))
+        .fetch_all(&store.pool)
+        .await
+        .map_err(map_err)?;
+    rows.into_iter().map(KeyRecord::try_from).collect()
+}
+
+/// Imported keys, all in one transaction: every row, its audit row and its
+/// `KeyAdded` change, or nothing (a digest already stored: `AlreadyExists`).
+pub(super) async fn insert_keys(
+    store: &PostgresStore,
+    keys: Vec<NewKey>,
+    ctx: &AuditContext,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    let mut tx = begin(&store.pool).await?;
+    let mut records = Vec::with_capacity(keys.len());
+    for key in &keys {
+        let exists: Option<bool> =
+            sqlx::query_scalar("SELECT true FROM tenants WHERE tenant_id = $1")
+                .bind(key.tenant_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        let record = insert_key_row(&mut tx, key).await?;
+        insert_audit(&mut tx, &audit::key_imported(ctx, &record)).await?;
+        notify(&mut tx, &Invalidation::KeyAdded(record.digest)).await?;
+        records.push(record);
+    }
+    tx.commit().await.map_err(map_err)?;
+    Ok(records)
 }
