@@ -11,15 +11,17 @@
 //!   re-checks and removes its insert if the generation moved;
 //! - TTLs bound staleness even if a notification is lost.
 //!
-//! It also holds the replica's set of known key digests (8-byte prefixes of
-//! every stored digest, loaded when the invalidation feed first connects
-//! and after a flush, and kept current by `KeyAdded` changes). A digest outside the set is looked
-//! up in the store only within a small per-second budget, so a flood of
-//! random well-formed keys costs no database queries beyond that budget.
+//! It also holds the replica's known key digests (`known`: a binary fuse
+//! filter of every stored digest, built when the invalidation feed first
+//! connects, after a flush and when enough keys were added since, beside an
+//! exact set of the `KeyAdded` digests announced meanwhile). A digest outside
+//! them is looked up in the store only within a small per-second budget, so
+//! a flood of random well-formed keys costs no database queries beyond that
+//! budget (and the filter's rare false positives).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use moka::notification::RemovalCause;
@@ -27,8 +29,12 @@ use moka::sync::Cache;
 
 use crate::crypto::KeyDigest;
 use crate::domain::{KeyId, KeyRecord, Tenant, TenantId};
-use crate::limits::gcra::{Cell, Rate};
 use crate::store::Invalidation;
+
+pub mod known;
+
+use known::KnownDigests;
+pub use known::{BuiltFilter, KnownEpoch};
 
 /// Cache sizes and lifetimes.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -91,29 +97,6 @@ pub struct Caches {
     confirmable: AtomicBool,
 }
 
-/// Prefixes of every stored key digest. Until a load completes (and again
-/// after a flush) every digest is looked up. Additions are kept
-/// even then, so none is lost while a load runs.
-struct KnownDigests {
-    set: RwLock<HashSet<u64>>,
-    loaded: AtomicBool,
-    /// Bumped on a flush: a load begun before does not count.
-    epoch: AtomicU64,
-    /// `loaded`, for those who wait on it.
-    watch: tokio::sync::watch::Sender<bool>,
-    budget: Cell,
-    rate: Rate,
-}
-
-/// Taken before reading every digest from the store; pass to [`Caches::know`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KnownEpoch(u64);
-
-fn prefix(digest: &KeyDigest) -> u64 {
-    let b = digest.as_bytes();
-    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-}
-
 impl std::fmt::Debug for Caches {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Caches")
@@ -159,55 +142,44 @@ impl Caches {
                 .build(),
             generation: AtomicU64::new(0),
             confirmable: AtomicBool::new(true),
-            known: KnownDigests {
-                set: RwLock::default(),
-                loaded: AtomicBool::new(false),
-                epoch: AtomicU64::new(0),
-                watch: tokio::sync::watch::Sender::new(false),
-                budget: Cell::default(),
-                rate: Rate::new(
-                    s.unknown_lookups_per_second.max(1),
-                    1_000_000_000,
-                    s.unknown_lookups_per_second.max(1),
-                    1,
-                ),
-            },
+            known: KnownDigests::new(s.unknown_lookups_per_second),
         }
     }
 
-    /// Whether `digest` is worth a store lookup: it is a known digest, the
-    /// set is not loaded, or the per-second budget for others allows it.
+    /// Whether `digest` is worth a store lookup: it may be a stored digest
+    /// (the filter or the exact additions say so), the set is not loaded,
+    /// or the per-second budget for others allows it.
     pub fn worth_looking_up(&self, digest: &KeyDigest, now_ns: u64) -> bool {
-        !self.known.loaded.load(Ordering::Acquire)
-            || read(&self.known.set).contains(&prefix(digest))
-            || self.known.budget.take(now_ns, self.known.rate, 1).allowed
+        self.known.worth_looking_up(digest, now_ns)
     }
 
-    /// Take before reading every digest from the store.
+    /// Begins a build of the known-digest filter: take before reading every
+    /// digest from the store.
     pub fn known_epoch(&self) -> KnownEpoch {
-        KnownEpoch(self.known.epoch.load(Ordering::SeqCst))
+        self.known.begin()
     }
 
-    /// Adds every stored digest, read since `epoch`, and starts using the
-    /// set, unless the feed was lost since `epoch`.
+    /// Builds the filter of every stored digest, read since `epoch`, and
+    /// starts using it, unless the feed's history was lost since `epoch`.
+    /// Builds on the calling thread (the feed follower builds off the
+    /// runtime and calls [`Caches::install_known`]).
     pub fn know(&self, epoch: KnownEpoch, digests: impl IntoIterator<Item = KeyDigest>) {
-        let mut set = write(&self.known.set);
-        set.extend(digests.into_iter().map(|d| prefix(&d)));
-        // Under the set's lock, as in `unload_known`: a loss cannot slip in
-        // between the check and the switch.
-        if self.known.epoch.load(Ordering::SeqCst) == epoch.0 {
-            self.known.loaded.store(true, Ordering::Release);
-            self.known.watch.send_replace(true);
+        let prefixes = digests.into_iter().map(|d| known::prefix(&d)).collect();
+        match BuiltFilter::build(prefixes) {
+            Ok(built) => self.install_known(epoch, built),
+            Err(e) => tracing::warn!(error = e, "could not build the known-digest filter"),
         }
     }
 
-    /// The change history was lost: additions may be missed, so every
-    /// digest is looked up until a reload completes.
-    fn unload_known(&self) {
-        let _set = write(&self.known.set);
-        self.known.epoch.fetch_add(1, Ordering::SeqCst);
-        self.known.loaded.store(false, Ordering::Release);
-        self.known.watch.send_replace(false);
+    /// Installs a filter built from every digest read since `epoch`.
+    pub fn install_known(&self, epoch: KnownEpoch, built: BuiltFilter) {
+        self.known.install(epoch, built);
+    }
+
+    /// Whether enough keys were added since the last build to fold them
+    /// into a new filter.
+    pub fn known_wants_rebuild(&self) -> bool {
+        self.known.wants_rebuild()
     }
 
     /// Background upkeep: applies moka's pending evictions (so the id index
@@ -223,12 +195,12 @@ impl Caches {
 
     /// Follows whether the known set is loaded and in use.
     pub fn known_loaded(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.known.watch.subscribe()
+        self.known.subscribe()
     }
 
     /// Whether the known set is loaded and in use.
     pub fn knows_digests(&self) -> bool {
-        self.known.loaded.load(Ordering::Acquire)
+        self.known.loaded()
     }
 
     /// Whether cached entries may still decide: false while the feed has
@@ -317,14 +289,14 @@ impl Caches {
             }
             Invalidation::KeyAdded(digest) => {
                 self.unknown.invalidate(digest);
-                write(&self.known.set).insert(prefix(digest));
+                self.known.add(digest);
             }
             // Changes missed while the feed is down (additions among them)
             // are delivered when it returns; only a lost history unloads.
             Invalidation::Lost => {}
             Invalidation::Flush => {
                 metrics::counter!(crate::telemetry::CACHE_FLUSHES).increment(1);
-                self.unload_known();
+                self.known.unload();
                 self.flush();
             }
             Invalidation::Ready | Invalidation::Current(_) => {}
@@ -364,14 +336,6 @@ fn forget(index: &Mutex<Index>, evicted: &Arc<KeyRecord>) {
     {
         index.remove(&evicted.id);
     }
-}
-
-fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The index holds plain data: a panic elsewhere cannot leave it torn.

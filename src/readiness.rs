@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::cache::{Caches, KnownEpoch};
+use crate::cache::{BuiltFilter, Caches, KnownEpoch};
 use crate::store::{Invalidation, Store};
 
 /// Health names that follow readiness: NOT_SERVING until the invalidation
@@ -96,6 +96,18 @@ impl Follower {
                 }
             };
             self.caches.apply(&event);
+            if matches!(event, Invalidation::KeyAdded(_))
+                && self.caches.known_wants_rebuild()
+                && loading.as_ref().is_none_or(|l| l.is_finished())
+            {
+                // Enough additions held exactly: fold them into a new filter.
+                let epoch = self.caches.known_epoch();
+                loading = Some(tokio::spawn(load_known_digests(
+                    self.store.clone(),
+                    self.caches.clone(),
+                    epoch,
+                )));
+            }
             let kind = match &event {
                 Invalidation::Key(_) => Some("key"),
                 Invalidation::Tenant(_) => Some("tenant"),
@@ -203,29 +215,52 @@ impl Follower {
 /// Digests read per page when loading the known-digest set.
 const DIGEST_PAGE: u32 = 10_000;
 
-/// Loads the known-digest set, page by page (keyset pagination by digest).
-/// On failure the set stays unloaded, so every digest is looked up: slower
-/// under a flood, never wrong.
+/// Builds the known-digest filter: reads every stored digest, page by page
+/// (keyset pagination by digest), keeping only their 8-byte prefixes, and
+/// builds off the async runtime. On failure the previous filter (or none:
+/// every digest is looked up) stays: slower under a flood, never wrong.
 async fn load_known_digests(store: Arc<dyn Store>, caches: Arc<Caches>, epoch: KnownEpoch) {
-    let mut digests = Vec::new();
+    let started = Instant::now();
+    let mut prefixes = Vec::new();
     let mut after = None;
     loop {
         match store.key_digests_page(after, DIGEST_PAGE).await {
             Ok(page) => {
                 after = page.last().copied();
                 let done = page.len() < DIGEST_PAGE as usize;
-                digests.extend(page);
+                prefixes.extend(page.iter().map(crate::cache::known::prefix));
                 if done {
                     break;
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not load key digests; looking every key up");
+                tracing::warn!(error = %e, "could not load key digests; the previous known-digest filter stays");
                 return;
             }
         }
     }
-    let n = digests.len();
-    caches.know(epoch, digests);
-    tracing::debug!(digests = n, "known key digests loaded");
+    let read_ms = started.elapsed().as_millis() as u64;
+    let built = match tokio::task::spawn_blocking(move || BuiltFilter::build(prefixes)).await {
+        Ok(Ok(built)) => built,
+        Ok(Err(e)) => {
+            tracing::warn!(
+                error = e,
+                "could not build the known-digest filter; the previous one stays"
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "known-digest filter build did not finish");
+            return;
+        }
+    };
+    let (keys, bytes) = (built.keys(), built.bytes());
+    caches.install_known(epoch, built);
+    tracing::info!(
+        keys,
+        filter_bytes = bytes,
+        read_ms,
+        total_ms = started.elapsed().as_millis() as u64,
+        "known-digest filter built"
+    );
 }

@@ -18,7 +18,7 @@ use tonic::transport::Channel;
 use tonic::Request;
 
 pub const OPERATOR_TOKEN: &str = "bench-operator-token-0123456789abcdef";
-const PEPPER: &str = "bench-pepper-0123456789abcdef0123456789abcdef";
+pub const PEPPER: &str = "bench-pepper-0123456789abcdef0123456789abcdef";
 
 /// Where the benchmarked processes come from (shared by every scenario).
 #[derive(Debug, clap::Args)]
@@ -113,6 +113,19 @@ impl Fixture {
         }
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         Ok(Proc::new(name, child, grpc, Some(metrics)))
+    }
+
+    /// The fresh database's URL.
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
+    /// The same database with another `tollgate` binary (a baseline build).
+    pub fn with_bin(&self, bin: PathBuf) -> Self {
+        Self {
+            bin,
+            database_url: self.database_url.clone(),
+        }
     }
 }
 

@@ -14,6 +14,11 @@
 //! - `soak`: three replicas at half of peak for 60 s while Postgres restarts
 //!   twice and one replica is killed and started again: wrong decisions,
 //!   errors by kind, p99 before/during/after.
+//! - `known`: the known-digest filter with 1M and 10M stored keys (seeded
+//!   with SQL): replica RSS against a baseline build, statements per 1000
+//!   unknown keys, the filter's false-positive rate.
+//! - `fleet`: ten small replicas on one Postgres under load: statements
+//!   per second per 1000 decisions/s, heartbeat and lease writes.
 //! - `run`, `noop`: the pieces, for ad-hoc runs.
 //!
 //! `scripts/bench` runs them all; see BENCHMARKS.md.
@@ -36,6 +41,10 @@ mod scenario;
 mod skew;
 mod soak;
 mod suite;
+// Issue 14, scale: the known-digest filter and many replicas.
+mod fleet;
+mod known;
+mod pgstat;
 
 #[derive(Parser)]
 #[command(
@@ -92,6 +101,10 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000)]
         keys: usize,
     },
+    /// The known-digest filter at 1M and 10M stored keys.
+    Known(known::KnownOpts),
+    /// Ten small replicas on one Postgres: statements per decision.
+    Fleet(fleet::FleetOpts),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -139,5 +152,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Skew(o) => runtime()?.block_on(skew::run(o)),
         Cmd::Envoy(o) => runtime()?.block_on(envoy::run(o)),
         Cmd::Soak(o) => runtime()?.block_on(soak::run(o)),
+        Cmd::Known(o) => runtime()?.block_on(known::run(o)),
+        Cmd::Fleet(o) => runtime()?.block_on(fleet::run(o)),
     }
 }
