@@ -150,17 +150,6 @@ fn subject_of<'a>(tenant: &'a Tenant, key: Option<&'a KeyRecord>) -> Subject<'a>
     }
 }
 
-fn count_lookup(cache: &'static str, result: &'static str) {
-    metrics::counter!(telemetry::CACHE_LOOKUPS, "cache" => cache, "result" => result).increment(1);
-}
-
-fn credential_label(c: CredentialType) -> &'static str {
-    match c {
-        CredentialType::ApiKey => "api_key",
-        CredentialType::Jwt => "jwt",
-    }
-}
-
 /// Batches `last_used_at` so a request never waits on a write.
 #[derive(Debug, Default)]
 pub struct UsageRecorder {
@@ -206,6 +195,7 @@ pub struct Authenticator {
     clock: Clock,
     /// Trusted JWT issuers (none: every JWT is `TOKEN_INVALID`).
     jwt: Arc<Verifier>,
+    metrics: decision_metrics::DecisionMetrics,
 }
 
 /// An authenticated credential, with what the limits need (no key record
@@ -236,6 +226,7 @@ impl Authenticator {
             limiter,
             clock,
             jwt: Arc::default(),
+            metrics: decision_metrics::DecisionMetrics::new(),
         }
     }
 
@@ -261,15 +252,10 @@ impl Authenticator {
     pub async fn decide(&self, input: AuthInput<'_>, cost: u32) -> Result<Verdict> {
         let started = std::time::Instant::now();
         let verdict = self.decide_inner(input, cost).await;
-        metrics::histogram!(telemetry::DECISION_SECONDS).record(started.elapsed().as_secs_f64());
-        if let Ok(v) = &verdict {
-            let (outcome, reason, credential) = match &v.decision {
-                Decision::Allow(p) => ("allow", "", credential_label(p.credential_type)),
-                Decision::Deny(r) => ("deny", r.as_str(), "unknown"),
-            };
-            metrics::counter!(telemetry::DECISIONS, "outcome" => outcome, "reason" => reason,
-                "credential" => credential)
-            .increment(1);
+        let seconds = started.elapsed().as_secs_f64();
+        match &verdict {
+            Ok(v) => self.metrics.decision(&v.decision, seconds),
+            Err(_) => self.metrics.failed(seconds),
         }
         verdict
     }
@@ -519,14 +505,14 @@ impl Authenticator {
             };
             if let Some(hit) = self.caches.key(&digest) {
                 if hit.digest.ct_eq(&digest) {
-                    count_lookup("key", "hit");
+                    self.metrics.lookup("key", "hit");
                     confirmable(&self.caches)?;
                     return Ok(Some(hit));
                 }
             }
-            count_lookup("key", "miss");
+            self.metrics.lookup("key", "miss");
             if self.caches.is_unknown(&digest) {
-                count_lookup("negative", "hit");
+                self.metrics.lookup("negative", "hit");
                 continue;
             }
             if !self
@@ -534,7 +520,7 @@ impl Authenticator {
                 .worth_looking_up(&digest, self.clock.monotonic_ns())
             {
                 // Not a stored digest, and the budget for those is spent.
-                count_lookup("known", "absent");
+                self.metrics.lookup("known", "absent");
                 continue;
             }
             let g = self.caches.generation();
@@ -591,11 +577,11 @@ impl Authenticator {
 
     async fn find_tenant(&self, id: &TenantId) -> Result<Option<Arc<Tenant>>> {
         if let Some(t) = self.caches.tenant(id) {
-            count_lookup("tenant", "hit");
+            self.metrics.lookup("tenant", "hit");
             confirmable(&self.caches)?;
             return Ok(Some(t));
         }
-        count_lookup("tenant", "miss");
+        self.metrics.lookup("tenant", "miss");
         let g = self.caches.generation();
         let Some(tenant) = self.store.get_tenant(id).await? else {
             return Ok(None);
@@ -620,6 +606,7 @@ fn confirmable(caches: &Caches) -> Result<()> {
     }
 }
 
+mod decision_metrics;
 mod jwt;
 mod quota;
 

@@ -58,6 +58,10 @@ pub struct CacheSettings {
     /// answering from its cache (and stays ready). Past it, cached decisions
     /// are refused as UNAVAILABLE and readiness turns NOT_SERVING.
     pub max_staleness_seconds: u64,
+    /// Benchmarks only: never answer from the key cache, so every decision
+    /// reads its key from the store (uncached Authenticate measured with
+    /// one request body). Never set it in production.
+    pub benchmark_bypass_key_cache: bool,
 }
 
 impl Default for CacheSettings {
@@ -70,6 +74,7 @@ impl Default for CacheSettings {
             max_negative: 100_000,
             unknown_lookups_per_second: 100,
             max_staleness_seconds: 60,
+            benchmark_bypass_key_cache: false,
         }
     }
 }
@@ -95,6 +100,8 @@ pub struct Caches {
     /// False once the feed has been down longer than the staleness window:
     /// cached entries can no longer be trusted (one load per cache hit).
     confirmable: AtomicBool,
+    /// `CacheSettings::benchmark_bypass_key_cache`.
+    bypass_keys: bool,
 }
 
 impl std::fmt::Debug for Caches {
@@ -142,6 +149,7 @@ impl Caches {
                 .build(),
             generation: AtomicU64::new(0),
             confirmable: AtomicBool::new(true),
+            bypass_keys: s.benchmark_bypass_key_cache,
             known: KnownDigests::new(s.unknown_lookups_per_second),
         }
     }
@@ -226,6 +234,9 @@ impl Caches {
 
     /// A cached verified key.
     pub fn key(&self, digest: &KeyDigest) -> Option<Arc<KeyRecord>> {
+        if self.bypass_keys {
+            return None;
+        }
         self.keys.get(digest)
     }
 

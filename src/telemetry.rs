@@ -43,6 +43,8 @@ pub const SHARE_EXCHANGES: &str = "tollgate_rate_share_exchanges_total";
 /// Rate cells this replica published a share for in its last exchange
 /// (cells hot somewhere in the fleet).
 pub const SHARED_CELLS: &str = "tollgate_rate_shared_cells";
+/// CheckQuota answers, by `outcome` (allow/deny) and `reason`.
+pub const QUOTA_CHECKS: &str = "tollgate_quota_checks_total";
 
 /// Log output (`log_format` in the settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -176,4 +178,5 @@ fn describe() {
     );
     describe_counter!(SHADOW_DENIALS, "Shadow-mode would-be denials");
     describe_gauge!(REPLICAS, "Live replicas sharing rate limits");
+    describe_counter!(QUOTA_CHECKS, "CheckQuota answers by outcome and reason");
 }

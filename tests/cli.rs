@@ -1189,3 +1189,47 @@ async fn with_an_otlp_grpc_endpoint_request_spans_are_exported_over_grpc() {
         "no secret in exported spans"
     );
 }
+
+/// Threads of process `pid` named as tokio names its runtime's threads.
+fn runtime_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("tokio-rt-worker") || name.starts_with("tokio-runtime-w"))
+        .count()
+}
+
+#[tokio::test]
+async fn worker_threads_sets_the_runtime_shape_and_one_thread_still_decides() {
+    // 1: one current-thread runtime, so no worker threads (tokio's
+    // blocking-pool threads carry the same name: compare with 3 workers).
+    let mut one = tollgate("dev --listen 127.0.0.1:0");
+    let mut dev = Process::spawn(one.env("TOLLGATE_WORKER_THREADS", "1"));
+    let addr: SocketAddr = dev
+        .read_until(|l| after(l, "listening on ").map(|a| a.parse().unwrap()))
+        .await;
+    let key = dev
+        .read_until(|l| l.strip_prefix("export K=").map(str::to_owned))
+        .await;
+    let mut auth = AuthServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let r = auth
+        .authenticate(pb::AuthenticateRequest {
+            api_key: key,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.allowed, "{r:?}");
+    let with_one = runtime_threads(dev.child.id());
+
+    let mut three = tollgate("dev --listen 127.0.0.1:0 --worker-threads 3");
+    let mut dev = Process::spawn(&mut three);
+    dev.read_until(|l| after(l, "listening on ").map(str::to_owned))
+        .await;
+    let with_three = runtime_threads(dev.child.id());
+    assert!(with_three >= 3, "{with_three} runtime threads");
+    assert!(with_one + 2 <= with_three, "{with_one} vs {with_three}");
+}

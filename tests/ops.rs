@@ -109,6 +109,57 @@ async fn metrics_report_decisions_caches_invalidations_database_and_quota_leases
     assert!(!text.contains(&key), "no secret in metrics");
 }
 
+/// The value of one exact series (name and labels) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[sqlx::test]
+async fn metrics_count_check_quota_answers_by_outcome_and_reason(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let addr = metrics_addr();
+    let allowed = r#"tollgate_quota_checks_total{outcome="allow",reason=""}"#;
+    let unknown = r#"tollgate_quota_checks_total{outcome="deny",reason="KEY_UNKNOWN"}"#;
+    let mut t = spawn(&conn, "default").await;
+    let before = scrape(addr).await;
+    t.create_tenant("acme", "pro").await;
+    let (key, _) = t.create_key("acme").await;
+    let stranger = t.profile.key_format.generate("live");
+    for (api_key, allow) in [
+        (key.as_str(), true),
+        (key.as_str(), true),
+        (stranger.expose(), false),
+    ] {
+        let r = t
+            .auth
+            .check_quota(pb::CheckQuotaRequest {
+                api_key: api_key.to_owned(),
+                cost: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.allowed, allow);
+    }
+    let after = scrape(addr).await;
+    // Other tests in this binary share the recorder: at least ours counted.
+    let grew = |series: &str| {
+        sample(&after, series).unwrap_or(0.0) - sample(&before, series).unwrap_or(0.0)
+    };
+    assert!(
+        grew(allowed) >= 2.0,
+        "{allowed} did not count 2 in:\n{after}"
+    );
+    assert!(
+        grew(unknown) >= 1.0,
+        "{unknown} did not count 1 in:\n{after}"
+    );
+}
+
 #[sqlx::test]
 async fn shutdown_lets_in_flight_calls_finish_and_returns_quota_leases(
     pool_opts: PgPoolOptions,

@@ -88,8 +88,21 @@ impl Authenticator {
 
     /// Checks (and unless `dry_run` consumes `cost` of) every limit of a
     /// tenant, a key (with its tenant's), or a credential. Denied requests
-    /// consume nothing.
+    /// consume nothing. Answers are counted in `tollgate_quota_checks_total`.
     pub async fn check_quota(
+        &self,
+        subject: QuotaSubject<'_>,
+        cost: u32,
+        dry_run: bool,
+    ) -> Result<QuotaAnswer> {
+        let answer = self.answer_quota(subject, cost, dry_run).await;
+        if let Ok(a) = &answer {
+            self.metrics.quota_check(&a.verdict.decision);
+        }
+        answer
+    }
+
+    async fn answer_quota(
         &self,
         subject: QuotaSubject<'_>,
         cost: u32,

@@ -1279,3 +1279,35 @@ async fn check_quota_for_a_revoked_key_is_key_revoked() {
         assert_eq!((plan, denied(decision)), (None, Reason::KeyRevoked));
     }
 }
+
+#[tokio::test]
+async fn the_benchmark_cache_bypass_reads_every_key_from_the_store_and_still_decides() {
+    let fx = Fixture::new(MSGFLASH).await;
+    fx.tenant("acme", "pro").await;
+    let key = fx.key("acme").await;
+    let bypass = CacheSettings {
+        benchmark_bypass_key_cache: true,
+        ..CacheSettings::default()
+    };
+    let auth = Authenticator::new(
+        fx.profile.clone(),
+        peppers(1, &[]),
+        fx.store.clone(),
+        Arc::new(Caches::new(&bypass)),
+        fx.usage.clone(),
+        fx.clock.clone(),
+    );
+    let before = fx.store.key_lookups.load(SeqCst);
+    for _ in 0..3 {
+        let input = AuthInput {
+            api_key: key.secret.expose(),
+            ..Default::default()
+        };
+        allowed(auth.authenticate(input).await.expect("a decision"));
+    }
+    assert_eq!(fx.store.key_lookups.load(SeqCst) - before, 3);
+    // Without the setting the same calls read it once (the cache's point).
+    fx.allow(&key, &[]).await;
+    fx.allow(&key, &[]).await;
+    assert_eq!(fx.store.key_lookups.load(SeqCst) - before, 4);
+}

@@ -77,6 +77,15 @@ impl Fixture {
         Ok(fixture)
     }
 
+    /// The same database, served by another `tollgate` binary (an older
+    /// build to compare with, in the same rounds).
+    pub fn with_binary(&self, bin: PathBuf) -> Self {
+        Self {
+            bin,
+            database_url: self.database_url.clone(),
+        }
+    }
+
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.args(args)

@@ -32,6 +32,7 @@ use clap::{Parser, Subcommand};
 mod abuse;
 mod envoy;
 mod fixture;
+mod h2load;
 mod load;
 mod memory;
 mod noop;

@@ -1,11 +1,19 @@
-//! `tollgate-load suite`: in one go, the no-op baselines (multi-thread and
-//! current-thread), cached Authenticate over 10k keys, uncached
-//! Authenticate (Postgres on every call), CheckQuota and ext_authz Check,
-//! each as a ratio of the faster baseline; then latency at half of each
-//! peak.
+//! `tollgate-load suite`: the decision paths against no-op servers, in
+//! the same rounds, driven by h2load (`crate::h2load`), a client cheaper
+//! than the servers it drives. Each round runs, call by call and
+//! alternating: the no-op tonic server on the current-thread and the
+//! multi-thread runtime, Tollgate (and, with `--before`, an older Tollgate
+//! binary on the same database), then uncached Authenticate. Each Tollgate
+//! run is checked against Tollgate's own decision counters: the allowed
+//! count must equal h2load's successes, or the suite fails. Reported per
+//! run: req/s, server CPU µs per request, h2load's CPU, and the ratio to
+//! the fastest no-op shape of the same call in the same round.
+//!
+//! The tonic driver (`crate::load`) is used only for what h2load cannot
+//! do: latency at a paced rate over many distinct keys.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
@@ -16,6 +24,7 @@ use serde::Serialize;
 use tollgate::grpc::pb::auth_service_client::AuthServiceClient;
 
 use crate::fixture::{free_port, limit, seed, FixtureOpts, Proc};
+use crate::h2load::{self, H2Opts, H2Run};
 use crate::load::{self, LoadOpts, Report};
 use crate::noop::Canned;
 use crate::scenario::{self, Kind, Scenario};
@@ -24,29 +33,72 @@ use crate::scenario::{self, Kind, Scenario};
 pub struct SuiteOpts {
     #[command(flatten)]
     pub setup: FixtureOpts,
-    /// Distinct keys (spread over 10 tenants).
+    /// Distinct keys (spread over 10 tenants) for the paced latency runs
+    /// (tonic driver); h2load sends one key per call.
     #[arg(long, default_value_t = 10_000)]
     pub keys: usize,
     #[command(flatten)]
+    pub h2: H2Opts,
+    /// The paced latency runs (tonic driver): duration, warm-up, connections, concurrency.
+    #[command(flatten)]
     pub load: LoadOpts,
-    /// Rounds: every baseline and Tollgate run, alternating, this many times.
+    /// Requests per second of the latency runs (tonic driver); 0 skips them.
+    #[arg(long, default_value_t = 20_000)]
+    pub latency_rate: u64,
+    /// Rounds: every no-op and Tollgate run, alternating, this many times.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    /// Tokio worker threads of the Tollgate processes (`TOKIO_WORKER_THREADS`;
-    /// default: one per core).
+    /// Tokio worker threads of the Tollgate processes (`TOLLGATE_WORKER_THREADS`;
+    /// default: Tollgate's own default).
     #[arg(long)]
     pub tollgate_threads: Option<usize>,
-    /// Write the reports as JSON here too.
+    /// An older `tollgate` binary ("before") to run in the same rounds, right
+    /// after this one on every call, on the same database.
+    #[arg(long)]
+    pub before: Option<PathBuf>,
+    /// Write every run and the summary as JSON here too.
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
 
-#[derive(Serialize)]
-struct Row {
+/// The targets: (run name, ratio required of it).
+const TARGETS: [(&str, f64); 4] = [
+    ("tollgate authenticate cached", 0.85),
+    ("tollgate check_quota", 0.80),
+    ("tollgate ext_authz check", 0.80),
+    ("tollgate authenticate uncached", 0.30),
+];
+
+/// Metric names Tollgate counts allowed answers under.
+const DECISIONS: &str = "tollgate_decisions_total";
+const QUOTA_CHECKS: &str = "tollgate_quota_checks_total";
+
+/// One server to drive with one call.
+struct Target<'a> {
+    name: String,
+    kind: Kind,
+    proc: &'a Proc,
+    /// The counter whose `outcome="allow"` samples must grow by h2load's
+    /// successes (`None`: a no-op server, which counts nothing).
+    verify: Option<&'static str>,
+    baseline: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Measured {
     round: usize,
+    name: String,
+    call: &'static str,
     #[serde(flatten)]
-    report: Report,
-    /// Throughput over the same call's baseline; `None` for baselines.
+    run: H2Run,
+    server_cpu_seconds: f64,
+    server_us_per_request: f64,
+    client_us_per_request: f64,
+    /// h2load's CPU time over the run's wall time (1.0 = one core).
+    client_cores: f64,
+    /// Allowed answers counted by Tollgate (`None`: no-op server).
+    allowed_counted: Option<u64>,
+    /// req/s over the fastest no-op shape of the same call, same round.
     ratio: Option<f64>,
 }
 
@@ -103,16 +155,109 @@ pub async fn capture(target: &str, key: &str) -> anyhow::Result<Canned> {
     })
 }
 
+/// Tollgate's count of allowed answers under `metric` (every
+/// `outcome="allow"` sample summed).
+async fn allowed(proc: &Proc, metric: &str) -> anyhow::Result<u64> {
+    let addr = proc.metrics.context("no metrics port")?;
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok(allowed_in(&text, metric) as u64)
+}
+
+/// Sums `metric`'s samples labelled `outcome="allow"` in a Prometheus scrape.
+fn allowed_in(text: &str, metric: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') && rest.contains("outcome=\"allow\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One h2load run against `t`, with the server's CPU read around it and
+/// the allowed answers checked against Tollgate's counters.
 async fn measure(
-    name: &str,
-    target: &str,
-    kind: Kind,
-    keys: &Arc<Vec<String>>,
-    opts: &LoadOpts,
-) -> anyhow::Result<Report> {
-    let report = load::run(name, target, Scenario::new(kind, keys.clone()), opts).await?;
-    println!("{}", report.line());
-    Ok(report)
+    t: &Target<'_>,
+    body: &Path,
+    h2: &H2Opts,
+    requests: u64,
+    round: usize,
+) -> anyhow::Result<Measured> {
+    let url = format!("{}{}", t.proc.target(), path_of(t.kind));
+    let counted_before = match t.verify {
+        Some(metric) => Some(allowed(t.proc, metric).await?),
+        None => None,
+    };
+    let pid = t.proc.pid();
+    let cpu_before = h2load::process_cpu_seconds(pid)?;
+    let run = {
+        let (h2, body) = (h2.clone(), body.to_owned());
+        tokio::task::spawn_blocking(move || h2load::run(&h2, &url, &body, requests)).await??
+    };
+    let server_cpu_seconds = h2load::process_cpu_seconds(pid)? - cpu_before;
+    if run.failed > 0 || run.errored > 0 || run.succeeded != run.requests {
+        bail!(
+            "{}: h2load: {} of {} succeeded ({} failed, {} errored)",
+            t.name,
+            run.succeeded,
+            run.requests,
+            run.failed,
+            run.errored
+        );
+    }
+    let allowed_counted = match (t.verify, counted_before) {
+        (Some(metric), Some(before)) => {
+            let counted = allowed(t.proc, metric).await? - before;
+            if counted != run.succeeded {
+                bail!(
+                    "{}: Tollgate counted {counted} allowed answers ({metric}) but h2load {} successes: \
+                     some answers were denials or gRPC errors (h2load ignores trailers)",
+                    t.name,
+                    run.succeeded
+                );
+            }
+            Some(counted)
+        }
+        _ => None,
+    };
+    let n = run.succeeded.max(1) as f64;
+    Ok(Measured {
+        round,
+        name: t.name.clone(),
+        call: t.kind.label(),
+        server_cpu_seconds,
+        server_us_per_request: server_cpu_seconds * 1e6 / n,
+        client_us_per_request: run.client_cpu_seconds * 1e6 / n,
+        client_cores: run.client_cpu_seconds / run.seconds.max(1e-9),
+        allowed_counted,
+        ratio: None,
+        run,
+    })
+}
+
+fn path_of(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Authenticate => "/tollgate.v1.AuthService/Authenticate",
+        Kind::CheckQuota => "/tollgate.v1.AuthService/CheckQuota",
+        Kind::ExtAuthz => "/envoy.service.auth.v3.Authorization/Check",
+    }
+}
+
+fn line(m: &Measured) -> String {
+    format!(
+        "{:<40} {:>9.0} req/s  server {:>6.2} µs/req  h2load {:>5.2} µs/req ({:>3.0}% of a core){}",
+        m.name,
+        m.run.rps,
+        m.server_us_per_request,
+        m.client_us_per_request,
+        m.client_cores * 100.0,
+        m.ratio
+            .map(|r| format!("  ratio {r:.2}"))
+            .unwrap_or_default()
+    )
 }
 
 pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
@@ -120,7 +265,7 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
     let threads = o.tollgate_threads.map(|n| n.to_string());
     let mut env = vec![];
     if let Some(n) = &threads {
-        env.push(("TOKIO_WORKER_THREADS", n.as_str()));
+        env.push(("TOLLGATE_WORKER_THREADS", n.as_str()));
     }
     let cached = fixture.spawn("tollgate", &env).await?;
     eprintln!("seeding {} keys…", o.keys);
@@ -128,7 +273,7 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
         &cached.target(),
         "bench",
         10,
-        o.keys.div_ceil(10),
+        o.keys.max(1).div_ceil(10),
         vec![
             limit("key", "second", 1_000_000),
             limit("tenant", "month", 1_000_000_000_000),
@@ -136,173 +281,247 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
     )
     .await?;
     let keys: Arc<Vec<String>> = Arc::new(seeded.into_iter().map(|s| s.key).collect());
+    // Every call misses the key cache: the benchmark-only setting
+    // (README.md, `cache.benchmark_bypass_key_cache`).
     let uncached = fixture
         .spawn(
             "tollgate-uncached",
-            &[env.as_slice(), &[("TOLLGATE_CACHE__MAX_KEYS", "1")]].concat(),
+            &[
+                env.as_slice(),
+                &[("TOLLGATE_CACHE__BENCHMARK_BYPASS_KEY_CACHE", "true")],
+            ]
+            .concat(),
         )
         .await?;
+    let before = match &o.before {
+        Some(bin) => Some(
+            fixture
+                .with_binary(bin.clone())
+                .spawn("tollgate-before", &env)
+                .await?,
+        ),
+        None => None,
+    };
     let canned = capture(&cached.target(), &keys[0]).await?;
-    let canned_file =
-        std::env::temp_dir().join(format!("tollgate-canned-{}.json", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("tollgate-suite-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let canned_file = dir.join("canned.json");
     std::fs::write(&canned_file, serde_json::to_string(&canned)?)?;
     let (a, q, c) = canned.sizes();
     println!(
-        "response sizes (bytes): Authenticate {a}, CheckQuota {q}, Check {c}; keys {}",
+        "response sizes (bytes): Authenticate {a}, CheckQuota {q}, Check {c}; keys seeded {}",
         keys.len()
     );
-
-    // Each call's baseline: the same messages against the no-op server on
-    // both runtimes; the faster one counts. Baselines and Tollgate runs
-    // alternate, round after round, and each ratio compares runs of the
-    // same round, so drifts of a shared machine cancel out; the summary
-    // gives the median over rounds.
-    let noops = [
-        ("multi", spawn_noop("multi", &canned_file)?),
-        ("current", spawn_noop("current", &canned_file)?),
-    ];
-    let runs = [
-        ("authenticate cached", &cached, Kind::Authenticate),
-        ("check_quota", &cached, Kind::CheckQuota),
-        ("ext_authz check", &cached, Kind::ExtAuthz),
-        ("authenticate uncached", &uncached, Kind::Authenticate),
-    ];
+    // One framed request body per call, all with the first key.
     let kinds = [Kind::Authenticate, Kind::CheckQuota, Kind::ExtAuthz];
-    let mut rows: Vec<Row> = Vec::new();
-    let mut series: Vec<Series> = Vec::new();
-    let mut wins = [[0usize; 2]; 3];
-    for round in 1..=o.rounds.max(1) {
-        println!("-- round {round}");
-        let mut base = [0f64; 3];
-        for (k, kind) in kinds.into_iter().enumerate() {
-            let mut best = (0f64, 0usize);
-            for (n, (shape, noop)) in noops.iter().enumerate() {
-                let name = format!("noop {} ({shape})", kind.label());
-                let r = measure(&name, &noop.target(), kind, &keys, &o.load).await?;
-                if r.rps > best.0 {
-                    best = (r.rps, n);
-                }
-                rows.push(Row {
-                    round,
-                    report: r,
-                    ratio: None,
-                });
-            }
-            base[k] = best.0;
-            wins[k][best.1] += 1;
-            push(
-                &mut series,
-                &format!("baseline {}", kind.label()),
-                None,
-                best.0,
-                1.0,
-            );
+    let mut bodies = Vec::new();
+    for kind in kinds {
+        let key = &keys[0];
+        let framed = match kind {
+            Kind::Authenticate => h2load::grpc_frame(&scenario::authenticate_request(key)),
+            Kind::CheckQuota => h2load::grpc_frame(&scenario::check_quota_request(key)),
+            Kind::ExtAuthz => h2load::grpc_frame(&scenario::check_request(key, 0)),
+        };
+        let file = dir.join(format!("{}.bin", kind.label().replace(' ', "_")));
+        std::fs::write(&file, framed)?;
+        bodies.push(file);
+    }
+    let body = |kind: Kind| bodies[kind_index(kind)].as_path();
+
+    let noops = [
+        ("current", spawn_noop("current", &canned_file)?),
+        ("multi", spawn_noop("multi", &canned_file)?),
+    ];
+    // The order of one round: per call, the no-op shapes, then Tollgate
+    // (then "before"); uncached Authenticate last.
+    let mut targets: Vec<Target> = Vec::new();
+    for kind in kinds {
+        for (shape, noop) in &noops {
+            targets.push(Target {
+                name: format!("noop {} ({shape}-thread)", kind.label()),
+                kind,
+                proc: noop,
+                verify: None,
+                baseline: true,
+            });
         }
-        for (name, proc, kind) in runs {
-            let r = measure(name, &proc.target(), kind, &keys, &o.load).await?;
-            let ratio = r.rps / base[kind_index(kind)];
-            push(&mut series, name, Some(kind), r.rps, ratio);
-            rows.push(Row {
-                round,
-                report: r,
-                ratio: Some(ratio),
+        let metric = if kind == Kind::CheckQuota {
+            QUOTA_CHECKS
+        } else {
+            DECISIONS
+        };
+        let label = if kind == Kind::Authenticate {
+            "authenticate cached"
+        } else {
+            kind.label()
+        };
+        targets.push(Target {
+            name: format!("tollgate {label}"),
+            kind,
+            proc: &cached,
+            verify: Some(metric),
+            baseline: false,
+        });
+        if let Some(b) = &before {
+            // An older binary may not count CheckQuota answers: it is then
+            // checked by h2load's status codes only (said in the output).
+            targets.push(Target {
+                name: format!("before: tollgate {label}"),
+                kind,
+                proc: b,
+                verify: Some(metric),
+                baseline: false,
             });
         }
     }
+    targets.push(Target {
+        name: "tollgate authenticate uncached".into(),
+        kind: Kind::Authenticate,
+        proc: &uncached,
+        verify: Some(DECISIONS),
+        baseline: false,
+    });
 
-    // Latency at half of each (median) peak, on the runtime that won most.
-    let half = |rps: f64| LoadOpts {
-        rate: Some((rps / 2.0) as u64),
-        ..o.load.clone()
-    };
-    let mut latency = Vec::new();
-    for (k, kind) in kinds.into_iter().enumerate() {
-        let n = usize::from(wins[k][1] > wins[k][0]);
-        let (shape, noop) = &noops[n];
-        let peak = median(&series[k].2);
-        let name = format!("noop {} ({shape}) @ half peak", kind.label());
-        latency.push(measure(&name, &noop.target(), kind, &keys, &half(peak)).await?);
+    println!(
+        "driver: h2load -n {} -c {} -m {} -t {} (one framed body per call); {} round(s), runs alternating",
+        o.h2.requests, o.h2.clients, o.h2.streams, o.h2.threads, o.rounds.max(1)
+    );
+    // Warm-up: a tenth of a run against every target, unmeasured but checked.
+    for t in &mut targets {
+        let warm = (o.h2.requests / 10).max(1000);
+        if let Err(e) = measure(t, body(t.kind), &o.h2, warm, 0).await {
+            if t.name.starts_with("before:") && t.kind == Kind::CheckQuota {
+                eprintln!("{}: {e:#}; checked by h2load's counts only", t.name);
+                t.verify = None;
+            } else {
+                return Err(e);
+            }
+        }
     }
-    for (name, proc, kind) in runs {
-        let peak = series
-            .iter()
-            .find(|s| s.0 == name)
-            .map(|s| median(&s.2))
-            .unwrap_or_default();
-        let name = format!("{name} @ half peak");
-        latency.push(measure(&name, &proc.target(), kind, &keys, &half(peak)).await?);
+    let mut all: Vec<Measured> = Vec::new();
+    for round in 1..=o.rounds.max(1) {
+        println!("-- round {round}");
+        let mut best = [0f64; 3];
+        for t in &targets {
+            let mut m = measure(t, body(t.kind), &o.h2, o.h2.requests, round).await?;
+            if t.baseline {
+                let b = &mut best[kind_index(t.kind)];
+                *b = b.max(m.run.rps);
+            } else {
+                m.ratio = Some(m.run.rps / best[kind_index(t.kind)]);
+            }
+            println!("{}", line(&m));
+            all.push(m);
+        }
     }
 
     println!(
-        "\nover {} round(s): ratio = throughput / the same call's no-op baseline (faster runtime) in the same round",
+        "\nmedians over {} round(s); ratio = req/s over the fastest no-op shape of the same call in the same round",
         o.rounds.max(1)
     );
     println!(
-        "{:<30} {:>12} {:>13} {:>13}",
-        "run", "median req/s", "median ratio", "min–max"
+        "{:<40} {:>9} {:>11} {:>11} {:>7} {:>11}  target",
+        "run", "req/s", "server µs", "h2load µs", "ratio", "ratio range"
     );
     let mut summary = Vec::new();
-    for (name, kind, rps, ratios) in &series {
-        let (lo, hi) = min_max(ratios);
+    for t in &targets {
+        let runs: Vec<&Measured> = all.iter().filter(|m| m.name == t.name).collect();
+        let get =
+            |f: &dyn Fn(&Measured) -> f64| median(&runs.iter().map(|m| f(m)).collect::<Vec<_>>());
+        let rps = get(&|m| m.run.rps);
+        let server = get(&|m| m.server_us_per_request);
+        let client = get(&|m| m.client_us_per_request);
+        let ratios: Vec<f64> = runs.iter().filter_map(|m| m.ratio).collect();
+        let ratio = (!ratios.is_empty()).then(|| median(&ratios));
+        let (lo, hi) = min_max(&ratios);
+        let target = TARGETS.iter().find(|(n, _)| *n == t.name).map(|(_, r)| *r);
         println!(
-            "{:<30} {:>12.0} {:>13} {:>13}",
-            name,
-            median(rps),
-            kind.map(|_| format!("{:.2}", median(ratios)))
+            "{:<40} {:>9.0} {:>11.2} {:>11.2} {:>7} {:>11}  {}",
+            t.name,
+            rps,
+            server,
+            client,
+            ratio.map(|r| format!("{r:.2}")).unwrap_or_default(),
+            ratio
+                .map(|_| format!("{lo:.2}–{hi:.2}"))
                 .unwrap_or_default(),
-            kind.map(|_| format!("{lo:.2}–{hi:.2}")).unwrap_or_default(),
+            match (target, ratio) {
+                (Some(want), Some(r)) if r >= want => format!("≥ {want:.2}: met"),
+                (Some(want), Some(r)) => format!("≥ {want:.2}: NOT met (short by {:.2})", want - r),
+                _ => String::new(),
+            }
         );
         summary.push(serde_json::json!({
-            "name": name, "median_rps": median(rps), "rps": rps,
-            "median_ratio": kind.map(|_| median(ratios)), "ratios": kind.map(|_| ratios),
+            "name": t.name, "median_rps": rps, "median_server_us_per_request": server,
+            "median_client_us_per_request": client, "median_ratio": ratio, "target": target,
+            "verified_by": t.verify,
         }));
     }
-    println!(
-        "\nlatency at half of the median peak\n{:<44} {:>9} {:>9} {:>9} {:>9}",
-        "run", "req/s", "p50 µs", "p99 µs", "p99.9 µs"
-    );
-    for r in &latency {
+
+    // Latency at a paced rate over many distinct keys: the tonic driver.
+    let mut latency: Vec<Report> = Vec::new();
+    if o.latency_rate > 0 {
+        let paced = LoadOpts {
+            rate: Some(o.latency_rate),
+            ..o.load.clone()
+        };
         println!(
-            "{:<44} {:>9.0} {:>9.1} {:>9.1} {:>9.1}",
-            r.name, r.rps, r.p50_us, r.p99_us, r.p999_us
+            "\nlatency at {} req/s over {} distinct keys (driver: tollgate-load's tonic client)",
+            o.latency_rate,
+            keys.len()
         );
-    }
-    for r in rows.iter().map(|r| &r.report).chain(&latency) {
-        if r.errors > 0 || r.denied > 0 {
-            eprintln!(
-                "warning: {}: {} denied, {} errors (first: {:?})",
-                r.name, r.denied, r.errors, r.first_error
-            );
+        let (shape, noop) = &noops[0];
+        let mut runs: Vec<(String, &Proc, Kind)> = kinds
+            .iter()
+            .map(|k| (format!("noop {} ({shape}-thread)", k.label()), noop, *k))
+            .collect();
+        runs.push((
+            "tollgate authenticate cached".into(),
+            &cached,
+            Kind::Authenticate,
+        ));
+        runs.push(("tollgate check_quota".into(), &cached, Kind::CheckQuota));
+        runs.push(("tollgate ext_authz check".into(), &cached, Kind::ExtAuthz));
+        runs.push((
+            "tollgate authenticate uncached".into(),
+            &uncached,
+            Kind::Authenticate,
+        ));
+        for (name, proc, kind) in runs {
+            let r = load::run(
+                &name,
+                &proc.target(),
+                Scenario::new(kind, keys.clone()),
+                &paced,
+            )
+            .await?;
+            println!("{}", r.line());
+            if !name.starts_with("noop") && (r.errors > 0 || r.denied > 0) {
+                bail!(
+                    "{name}: {} denied, {} errors (first: {:?})",
+                    r.denied,
+                    r.errors,
+                    r.first_error
+                );
+            }
+            latency.push(r);
         }
     }
     if let Some(path) = o.out {
-        let all = serde_json::json!({ "rounds": rows, "summary": summary, "latency": latency });
-        std::fs::write(path, serde_json::to_string_pretty(&all)?)?;
+        let out =
+            serde_json::json!({ "runs": all, "summary": summary, "latency_tonic_driver": latency });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
     }
-    let _ = std::fs::remove_file(&canned_file);
-    drop((cached, uncached, noops));
+    let _ = std::fs::remove_dir_all(&dir);
+    drop((cached, uncached, before, noops));
     Ok(())
 }
-
-/// One run's figures over the rounds: name, the call it is a ratio for
-/// (`None` for baselines), req/s per round, ratio per round.
-type Series = (String, Option<Kind>, Vec<f64>, Vec<f64>);
 
 fn kind_index(kind: Kind) -> usize {
     match kind {
         Kind::Authenticate => 0,
         Kind::CheckQuota => 1,
         Kind::ExtAuthz => 2,
-    }
-}
-
-fn push(series: &mut Vec<Series>, name: &str, kind: Option<Kind>, rps: f64, ratio: f64) {
-    match series.iter_mut().find(|s| s.0 == name) {
-        Some(s) => {
-            s.2.push(rps);
-            s.3.push(ratio);
-        }
-        None => series.push((name.to_owned(), kind, vec![rps], vec![ratio])),
     }
 }
 
