@@ -61,7 +61,7 @@ impl Pepper {
             .expect("HMAC accepts any key length");
         mac.update(b"legacy-sha256:");
         mac.update(sha256);
-        KeyDigest(mac.finalize().into_bytes().into())
+        KeyDigest::from_bytes(mac.finalize().into_bytes().into())
     }
 }
 
