@@ -20,8 +20,10 @@ const CALLERS: [&str; 12] = [
 
 /// The whole matrix, one row per RPC (and request shape), one column per
 /// caller of [`CALLERS`]: `.` OK, `U` UNAUTHENTICATED, `P`
-/// PERMISSION_DENIED, `N` NOT_FOUND, `I` INVALID_ARGUMENT. Adding an RPC
-/// is one line here and one arm in [`call`].
+/// PERMISSION_DENIED, `N` NOT_FOUND, `I` INVALID_ARGUMENT, `F`
+/// FAILED_PRECONDITION (admitted, then refused by the profile: the default
+/// profile takes no legacy keys, so only the operator reaches that check).
+/// Adding an RPC is one line here and one arm in [`call`].
 #[rustfmt::skip]
 const MATRIX: &[(Rpc, &str, &str)] = &[
     //                                           anon bog key gw  back view dev adm own own>B ext op
@@ -36,6 +38,7 @@ const MATRIX: &[(Rpc, &str, &str)] = &[
     (Rpc::ListKeys, "", /*                    */ "U   U   U   P   P    .    .   .   .   N     U   ."),
     (Rpc::RotateKey, "", /*                   */ "U   U   U   P   P    P    P   .   .   N     U   ."),
     (Rpc::UpdateKey, "", /*                   */ "U   U   U   P   P    P    P   .   .   N     U   ."),
+    (Rpc::ImportKeys, "", /*                  */ "U   U   U   P   P    P    P   P   P   P     U   F"),
     (Rpc::CreateTenant, "", /*                */ "U   U   U   P   P    P    P   P   P   P     U   ."),
     (Rpc::GetTenant, "", /*                   */ "U   U   U   P   P    .    .   .   .   N     U   ."),
     (Rpc::UpdateTenant, "name", /*            */ "U   U   U   P   P    P    P   .   .   N     U   ."),
@@ -68,6 +71,7 @@ fn symbol(code: Code) -> String {
         Code::PermissionDenied => "P".into(),
         Code::NotFound => "N".into(),
         Code::InvalidArgument => "I".into(),
+        Code::FailedPrecondition => "F".into(),
         other => format!("{other:?}"),
     }
 }
@@ -209,6 +213,20 @@ async fn call(fx: &mut Fixture, rpc: Rpc, variant: &str, who: usize) -> Code {
                 pb::ListKeysRequest {
                     tenant_id: tenant,
                     ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        (Rpc::ImportKeys, _) => code(
+            auth.import_keys(with(
+                b,
+                pb::ImportKeysRequest {
+                    tenant_id: tenant,
+                    keys: vec![pb::ImportedKey {
+                        sha256_hex: format!("{n:064x}"),
+                        name: format!("imported {n}"),
+                        ..Default::default()
+                    }],
                 },
             ))
             .await,
