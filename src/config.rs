@@ -558,6 +558,29 @@ mod tests {
     }
 
     #[test]
+    fn the_forward_auth_secret_is_long_and_no_caller_token() {
+        let dir = std::env::temp_dir().join(format!("tg-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("forward-auth-secret");
+        let mut s = Settings::default();
+        assert!(s.load_forward_auth_secret().unwrap().is_none());
+        s.forward_auth.gateway_secret_file = Some(file.clone());
+        std::fs::write(&file, "short\n").unwrap();
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("forward_auth.gateway_secret"), "{err}");
+        assert!(!err.contains("short"), "{err}");
+        std::fs::write(&file, "forward-auth-secret-0123456789\n").unwrap();
+        s.gateway_token = Some("forward-auth-secret-0123456789".to_string().into());
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("must differ"), "{err}");
+        s.gateway_token = Some("gateway-token-0123456789".to_string().into());
+        s.validate().unwrap();
+        let secret = s.load_forward_auth_secret().unwrap().unwrap();
+        assert_eq!(secret.expose_secret(), "forward-auth-secret-0123456789");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_heartbeat_expiry_shorter_than_two_intervals_is_refused_by_name() {
         let mut s = Settings::default();
         assert!(s.validate().is_ok());

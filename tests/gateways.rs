@@ -70,11 +70,11 @@ async fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-/// A running NGINX (master and one worker, not a daemon), killed on drop.
+/// A running NGINX (master and one worker, not a daemon), stopped on drop.
 struct Nginx {
     addr: SocketAddr,
     log: Arc<Mutex<String>>,
-    _child: Child,
+    child: Child,
     dir: PathBuf,
 }
 
@@ -83,6 +83,17 @@ impl Nginx {
     /// temporary prefix (its own pid, logs and temp files), as the current
     /// user.
     async fn start(product: &str, tollgate: SocketAddr, upstream: SocketAddr) -> Nginx {
+        Self::start_with(product, tollgate, upstream, Vec::new()).await
+    }
+
+    /// As [`Nginx::start`], with more `(from, to)` replacements in the
+    /// example (each `from` must occur once).
+    async fn start_with(
+        product: &str,
+        tollgate: SocketAddr,
+        upstream: SocketAddr,
+        extra: Vec<(&str, String)>,
+    ) -> Nginx {
         let port = free_port().await;
         let dir = std::env::temp_dir().join(format!("tollgate-nginx-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -104,8 +115,11 @@ impl Nginx {
                     d = dir.display()
                 ),
             ),
-        ] {
-            config = replace_once(config, &from, &to);
+        ]
+        .into_iter()
+        .chain(extra)
+        {
+            config = replace_once(config, from, &to);
         }
         let config_path = dir.join("nginx.conf");
         std::fs::write(&config_path, config).unwrap();
@@ -123,7 +137,6 @@ impl Nginx {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .expect("start nginx");
         let log = Arc::new(Mutex::new(String::new()));
@@ -143,7 +156,7 @@ impl Nginx {
         let nginx = Nginx {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             log,
-            _child: child,
+            child,
             dir,
         };
         // The signal: NGINX logs that its worker started (after binding).
@@ -169,6 +182,13 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("---- nginx log ----\n{}", self.log());
+        }
+        // SIGTERM to the master: it stops its worker, then itself. (A
+        // SIGKILL would leave the worker running, orphaned.)
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -308,6 +328,9 @@ struct Product {
     revoked: Value,
     expired: Value,
     wrong_header: Value,
+    /// A scope of the plan that `path` does not accept, and the answer.
+    other_scope: &'static str,
+    forbidden: Value,
     rate_limited: Value,
     /// The example config's answer while Tollgate is down.
     unavailable: Value,
@@ -328,6 +351,9 @@ fn msgflash() -> Product {
         wrong_header: json!({"error": {"code": "UNAUTHORIZED",
             "message": "Use the x-api-key header for the public API"}}),
         invalid,
+        other_scope: "messages:read",
+        forbidden: json!({"error": {"code": "FORBIDDEN",
+            "message": "The key is valid but cannot access the resource"}}),
         rate_limited: json!({"error": {"code": "API_RATE_LIMIT_EXCEEDED",
             "message": "More than 10 requests/second on the same key"}}),
         unavailable: json!({"error": {"code": "SERVICE_UNAVAILABLE",
@@ -349,6 +375,9 @@ fn mailsage() -> Product {
         expired: invalid.clone(),
         wrong_header: invalid.clone(),
         invalid,
+        other_scope: "emails:read",
+        forbidden: json!({"error": "Insufficient permissions", "status": 403,
+            "code": "insufficient_permissions"}),
         rate_limited: json!({"error": "Rate limit exceeded", "status": 429,
             "code": "rate_limit_exceeded"}),
         unavailable: json!({"error": "Authentication is temporarily unavailable",
@@ -370,6 +399,9 @@ fn msgine() -> Product {
         expired: invalid.clone(),
         wrong_header: invalid.clone(),
         invalid,
+        other_scope: "account:read",
+        forbidden: json!({"error": {"code": "forbidden",
+            "message": "Insufficient permissions for this operation"}}),
         rate_limited: json!({"error": {"code": "rate_limited", "message": "Too many requests"}}),
         unavailable: json!({"error": {"code": "service_unavailable",
             "message": "Authentication is temporarily unavailable"}}),
@@ -389,6 +421,12 @@ fn messagesmart() -> Product {
         revoked: envelope("api_key_revoked", "API key has been revoked.", 401),
         expired: envelope("api_key_expired", "API key has expired.", 401),
         wrong_header: envelope("api_key_missing", "API key is missing.", 401),
+        other_scope: "whatsapp:read",
+        forbidden: envelope(
+            "api_key_forbidden",
+            "API key is not allowed to perform this action.",
+            403,
+        ),
         rate_limited: envelope(
             "rate_limit_exceeded",
             "Too many requests. Please try again later.",
@@ -459,6 +497,21 @@ async fn the_contract_holds_through_nginx(conn: &PgConnectOptions, p: Product) {
         let headers: Vec<(&str, &str)> = header.iter().map(|(h, v)| (*h, v.as_str())).collect();
         assert_denied(&nginx.get(p.path, &headers).await, 401, body, case);
     }
+    assert_eq!(upstream.hits(), 1);
+
+    // 403: a valid key without the location's scope.
+    let (reader, _) = t
+        .create_key_with(pb::CreateKeyRequest {
+            tenant_id: "acme".into(),
+            name: "reader".into(),
+            scopes: vec![p.other_scope.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (header, value) = (p.send)(&reader);
+    let r = nginx.get(p.path, &[(header, &value)]).await;
+    assert_denied(&r, 403, &p.forbidden, "scope missing");
     assert_eq!(upstream.hits(), 1);
 
     // 429: the product's body, Retry-After and RateLimit-* from Tollgate.
@@ -787,6 +840,90 @@ async fn a_malformed_route_policy_is_an_error_never_an_allow_and_nginx_fails_clo
     let r = nginx.get("/elsewhere", &[("x-api-key", &secret)]).await;
     assert_eq!(r.status, 503, "{r:?}");
     assert_eq!(upstream.hits(), 0);
+}
+
+/// A CA, and certificates it signed for the server (`localhost`) and the
+/// gateway, as PEM files in `dir`: `ca.crt`, `server.{crt,key}`,
+/// `client.{crt,key}`.
+fn pki(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    // Distinct names: OpenSSL (NGINX) takes a leaf whose issuer name is its
+    // own subject name for a self-signed certificate.
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "forward-auth test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+    for (name, san) in [("server", "localhost"), ("client", "gateway")] {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![san.to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, san);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+#[sqlx::test]
+async fn over_mutual_tls_only_a_gateway_with_a_trusted_certificate_gets_a_decision(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let dir = std::env::temp_dir().join(format!("tollgate-fa-tls-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    pki(&dir);
+    let tls = tollgate::tls::Reloading::start(tollgate::tls::TlsSettings {
+        cert_file: dir.join("server.crt"),
+        key_file: dir.join("server.key"),
+        client_ca_file: Some(dir.join("ca.crt")),
+        reload_seconds: 60,
+    })
+    .unwrap();
+    // mTLS instead of a gateway secret.
+    let mut t = spawn(&conn, "msgflash").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let forward_auth = t
+        .running
+        .serve_forward_auth(listener, None, Some(tls))
+        .unwrap();
+    t.create_tenant("acme", "pro").await;
+    let (secret, _) = t.create_key("acme").await;
+    let upstream = Upstream::start().await;
+    // The example's subrequest, over TLS, with or without a certificate.
+    let plain = "proxy_pass http://tollgate_forward_auth/auth/nginx?$tollgate_policy;";
+    let over_tls = |with_certificate: bool| {
+        let d = dir.display();
+        let mut to = format!(
+            "proxy_pass https://tollgate_forward_auth/auth/nginx?$tollgate_policy;\n            proxy_ssl_trusted_certificate {d}/ca.crt;\n            proxy_ssl_verify on;\n            proxy_ssl_name localhost;"
+        );
+        if with_certificate {
+            to.push_str(&format!(
+                "\n            proxy_ssl_certificate {d}/client.crt;\n            proxy_ssl_certificate_key {d}/client.key;"
+            ));
+        }
+        vec![(plain, to)]
+    };
+    let path = "/api/v1/messages/send";
+
+    let trusted = Nginx::start_with("msgflash", forward_auth, upstream.addr, over_tls(true)).await;
+    let r = trusted.get(path, &[("x-api-key", &secret)]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["headers"]["x-tollgate-tenant-id"], json!(["acme"]));
+    let r = trusted.get(path, &[]).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(r.json()["error"]["message"], "Missing API key");
+
+    // Without a certificate the handshake fails: NGINX's failure status.
+    let stranger =
+        Nginx::start_with("msgflash", forward_auth, upstream.addr, over_tls(false)).await;
+    let r = stranger.get(path, &[("x-api-key", &secret)]).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(upstream.hits(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
