@@ -8,6 +8,8 @@
 
 mod common;
 
+#[path = "gateways/binary.rs"]
+mod binary;
 #[path = "gateways/listener.rs"]
 mod listener;
 #[path = "gateways/mtls.rs"]
