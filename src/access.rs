@@ -398,6 +398,26 @@ impl Access {
     }
 }
 
+/// The forward-auth listener (`[forward_auth]`: NGINX `auth_request`,
+/// Traefik ForwardAuth) is a gateway surface, not an RPC: only the gateway
+/// should reach it. Network policy is the first guard (the chart's
+/// NetworkPolicy, or a port only the gateway's network can reach); on top
+/// of it, mTLS (`[forward_auth.tls] client_ca_file`: no certificate, no
+/// connection) and/or a shared secret the gateway sends in
+/// `x-tollgate-gateway-secret` (`gateway_secret_file`). With a secret
+/// configured only [`Caller::Gateway`] (the secret proved) is admitted;
+/// without one, anyone who reaches the port, since the credential in the
+/// request proves itself as on `EnvoyCheck`. Health paths stay open, like
+/// the gRPC health service.
+pub fn admit_forward_auth(caller: &Caller, gateway_secret_required: bool) -> Result<()> {
+    match caller {
+        Caller::Gateway => Ok(()),
+        Caller::Anonymous if !gateway_secret_required => Ok(()),
+        Caller::Anonymous => Err(Error::Unauthenticated),
+        _ => Err(denied("only the gateway calls the forward-auth listener")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,5 +470,21 @@ mod tests {
         assert!(admit(Rpc::GetKey, &Caller::Gateway, false).is_err());
         assert!(console_may_write(SubscriptionStatus::Trialing));
         assert!(!console_may_write(SubscriptionStatus::PastDue));
+    }
+
+    #[test]
+    fn the_forward_auth_listener_admits_only_the_gateway_once_a_secret_is_set() {
+        assert!(admit_forward_auth(&Caller::Gateway, true).is_ok());
+        assert!(matches!(
+            admit_forward_auth(&Caller::Anonymous, true),
+            Err(Error::Unauthenticated)
+        ));
+        for other in [Caller::Operator, Caller::ConsoleBackend, user(Role::Owner)] {
+            assert!(admit_forward_auth(&other, true).is_err(), "{other:?}");
+            assert!(admit_forward_auth(&other, false).is_err(), "{other:?}");
+        }
+        // Without a secret, network policy (and mTLS) decide who reaches it.
+        assert!(admit_forward_auth(&Caller::Anonymous, false).is_ok());
+        assert!(admit_forward_auth(&Caller::Gateway, false).is_ok());
     }
 }

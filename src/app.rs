@@ -20,6 +20,7 @@ use crate::console::Console;
 use crate::crypto::jwks::RefreshStats;
 use crate::crypto::Peppers;
 use crate::dashboard::Dashboard;
+use crate::forward_auth::{ForwardAuth, ForwardAuthServer};
 use crate::grpc::auth_api::AuthApi;
 use crate::grpc::budget::{Budget, ManagementSettings};
 use crate::grpc::caller::{CallerGuard, CallerTokens};
@@ -142,6 +143,8 @@ pub struct Running {
     reporter: tonic_health::server::HealthReporter,
     shutdown_grace: Duration,
     jwks: Vec<(String, Arc<RefreshStats>)>,
+    envoy: EnvoySettings,
+    forward_auth: Option<ForwardAuthServer>,
 }
 
 /// One beat's quota upkeep: report this replica's use and (if the store
@@ -438,6 +441,8 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         usage,
         store: parts.store,
         applied,
+        envoy: parts.envoy,
+        forward_auth: None,
     })
 }
 
@@ -533,6 +538,32 @@ impl Running {
         drop(self);
     }
 
+    /// Serves HTTP forward-auth (NGINX `auth_request`, Traefik
+    /// ForwardAuth; `crate::forward_auth`) on `listener`, over TLS when
+    /// `tls` is given, deciding exactly as Envoy's `Check` on the gRPC port.
+    /// With `gateway_secret`, only requests carrying it are decided. It
+    /// stops with this instance. Returns the address it listens on.
+    pub fn serve_forward_auth(
+        &mut self,
+        listener: TcpListener,
+        gateway_secret: Option<SecretString>,
+        tls: Option<Arc<crate::tls::Reloading>>,
+    ) -> std::io::Result<SocketAddr> {
+        let envoy = EnvoyAuthz::new(self.authz.clone(), self.clock.clone(), &self.envoy);
+        let health =
+            tonic_health::server::HealthService::from_health_reporter(self.reporter.clone());
+        let server = ForwardAuthServer::start(
+            listener,
+            tls,
+            ForwardAuth::new(envoy, gateway_secret, health),
+        )?;
+        let addr = server.local_addr();
+        if let Some(previous) = self.forward_auth.replace(server) {
+            previous.abort();
+        }
+        Ok(addr)
+    }
+
     /// Writes pending `last_used_at` values now.
     pub async fn flush_usage(&self) -> crate::error::Result<usize> {
         self.usage.flush(self.store.as_ref()).await
@@ -547,6 +578,9 @@ impl Running {
             .await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        if let Some(forward_auth) = self.forward_auth.take() {
+            forward_auth.shutdown(self.shutdown_grace).await;
         }
         let served = match tokio::time::timeout(self.shutdown_grace, &mut self.server).await {
             Ok(served) => served,
@@ -600,6 +634,9 @@ impl Drop for Running {
     /// its tasks do not outlive it holding database connections.
     fn drop(&mut self) {
         self.server.abort();
+        if let Some(forward_auth) = &self.forward_auth {
+            forward_auth.abort();
+        }
         for task in &self.background {
             task.abort();
         }

@@ -15,6 +15,7 @@ use crate::app::ReplicaSettings;
 use crate::cache::CacheSettings;
 use crate::crypto::{Pepper, Peppers};
 use crate::dashboard::JwtSettings;
+use crate::forward_auth::ForwardAuthSettings;
 use crate::grpc::envoy::EnvoySettings;
 use crate::limits::shares::ShareSettings;
 use crate::profile::Profile;
@@ -134,6 +135,8 @@ pub struct Settings {
     pub replicas: ReplicaSettings,
     /// Rate-limit shares exchanged between replicas (`[rate_shares]`).
     pub rate_shares: ShareSettings,
+    /// HTTP forward-auth listener for NGINX and Traefik (`[forward_auth]`).
+    pub forward_auth: ForwardAuthSettings,
 }
 
 impl Default for Settings {
@@ -168,6 +171,7 @@ impl Default for Settings {
             envoy: EnvoySettings::default(),
             replicas: ReplicaSettings::default(),
             rate_shares: ShareSettings::default(),
+            forward_auth: ForwardAuthSettings::default(),
         }
     }
 }
@@ -203,6 +207,7 @@ const ENV_KEYS: &[&str] = &[
     "envoy",
     "replicas",
     "rate_shares",
+    "forward_auth",
 ];
 
 /// Settings given as command-line flags (highest precedence).
@@ -401,7 +406,30 @@ impl Settings {
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", e.to_string()))?;
         self.otlp()?;
+        self.load_forward_auth_secret()?;
         Ok(())
+    }
+
+    /// The forward-auth listener's gateway secret, from
+    /// `forward_auth.gateway_secret_file` (at least 16 characters; it must
+    /// not be a caller token, which would grant more than forward-auth).
+    pub fn load_forward_auth_secret(&self) -> Result<Option<SecretString>, ConfigError> {
+        const FIELD: &str = "forward_auth.gateway_secret";
+        let secret = load_token(FIELD, &None, &self.forward_auth.gateway_secret_file)?;
+        if let Some(secret) = &secret {
+            let tokens = self.load_caller_tokens()?;
+            if tokens
+                .iter()
+                .flatten()
+                .any(|t| t.expose_secret() == secret.expose_secret())
+            {
+                return Err(invalid(
+                    FIELD,
+                    "must differ from operator_token, gateway_token and console_backend_token",
+                ));
+            }
+        }
+        Ok(secret)
     }
 
     /// The OTLP endpoint and protocol, when traces are exported.
@@ -527,6 +555,29 @@ mod tests {
             err.contains("`pepper`") && !err.contains("short\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_forward_auth_secret_is_long_and_no_caller_token() {
+        let dir = std::env::temp_dir().join(format!("tg-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("forward-auth-secret");
+        let mut s = Settings::default();
+        assert!(s.load_forward_auth_secret().unwrap().is_none());
+        s.forward_auth.gateway_secret_file = Some(file.clone());
+        std::fs::write(&file, "short\n").unwrap();
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("forward_auth.gateway_secret"), "{err}");
+        assert!(!err.contains("short"), "{err}");
+        std::fs::write(&file, "forward-auth-secret-0123456789\n").unwrap();
+        s.gateway_token = Some("forward-auth-secret-0123456789".to_string().into());
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("must differ"), "{err}");
+        s.gateway_token = Some("gateway-token-0123456789".to_string().into());
+        s.validate().unwrap();
+        let secret = s.load_forward_auth_secret().unwrap().unwrap();
+        assert_eq!(secret.expose_secret(), "forward-auth-secret-0123456789");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! - `limits`, `cache`, `readiness`: counters, caches, the invalidation
 //!   follower;
 //! - `access`, `authz`, `manage`, `console`, `dashboard`: the operations;
-//! - `grpc`: transport, the one mapping to `tonic::Status`;
+//! - `grpc`: transport, the one mapping to `tonic::Status`; `forward_auth`:
+//!   HTTP forward-auth for NGINX and Traefik, over `grpc::envoy`'s decision;
 //! - `app`: wiring and background tasks; `remote`, `tls`: clients;
 //! - `config`: the one settings parser; it imports each layer's settings
 //!   type (each layer owns its settings) and no layer imports it (only
@@ -31,6 +32,7 @@ pub mod crypto;
 pub mod dashboard;
 pub mod domain;
 pub mod error;
+pub mod forward_auth;
 pub mod grpc;
 pub mod limits;
 pub mod manage;

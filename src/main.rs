@@ -413,6 +413,19 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
     .await?;
     let addr = running.local_addr();
     tracing::info!(%addr, profile = %profile.name, "tollgate listening");
+    let mut running = running;
+    if let Some(listen) = settings.forward_auth.listen {
+        let listener = TcpListener::bind(listen).await.with_context(|| {
+            format!("configuration field `forward_auth.listen`: cannot bind {listen}")
+        })?;
+        let tls = match settings.forward_auth.tls.clone() {
+            Some(t) => Some(tollgate::tls::Reloading::start(t)?),
+            None => None,
+        };
+        let secret = settings.load_forward_auth_secret()?;
+        let addr = running.serve_forward_auth(listener, secret, tls)?;
+        tracing::info!(%addr, "forward-auth (NGINX auth_request, Traefik ForwardAuth) listening");
+    }
 
     if dev {
         let tenant = running

@@ -45,6 +45,10 @@ pub const SHARE_EXCHANGES: &str = "tollgate_rate_share_exchanges_total";
 pub const SHARED_CELLS: &str = "tollgate_rate_shared_cells";
 /// CheckQuota answers, by `outcome` (allow/deny) and `reason`.
 pub const QUOTA_CHECKS: &str = "tollgate_quota_checks_total";
+/// Forward-auth (NGINX `auth_request`, Traefik ForwardAuth) requests, by
+/// `gateway` (`nginx`, `traefik`) and `outcome` (`allow`, `deny`, `error`,
+/// `refused`: the caller did not prove it is the gateway).
+pub const FORWARD_AUTH_REQUESTS: &str = "tollgate_forward_auth_requests_total";
 
 /// Log output (`log_format` in the settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -179,4 +183,8 @@ fn describe() {
     describe_counter!(SHADOW_DENIALS, "Shadow-mode would-be denials");
     describe_gauge!(REPLICAS, "Live replicas sharing rate limits");
     describe_counter!(QUOTA_CHECKS, "CheckQuota answers by outcome and reason");
+    describe_counter!(
+        FORWARD_AUTH_REQUESTS,
+        "Forward-auth requests by gateway and outcome"
+    );
 }

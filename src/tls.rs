@@ -164,6 +164,23 @@ pub fn incoming(
     listener: TcpListener,
     tls: Arc<Reloading>,
 ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+    accept_tls(listener, tls, None)
+}
+
+/// As [`incoming`], for an HTTP/1.1 listener (the forward-auth port): ALPN
+/// offers `http/1.1` only, so a client offering `h2` too is never told h2.
+pub fn incoming_http1(
+    listener: TcpListener,
+    tls: Arc<Reloading>,
+) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+    accept_tls(listener, tls, Some(vec![b"http/1.1".to_vec()]))
+}
+
+fn accept_tls(
+    listener: TcpListener,
+    tls: Arc<Reloading>,
+    alpn: Option<Vec<Vec<u8>>>,
+) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
@@ -179,7 +196,15 @@ pub fn incoming(
             };
             // Small gRPC frames must not wait for Nagle's algorithm.
             let _ = tcp.set_nodelay(true);
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            let config = match &alpn {
+                None => tls.config(),
+                Some(alpn) => {
+                    let mut config = (*tls.config()).clone();
+                    config.alpn_protocols.clone_from(alpn);
+                    Arc::new(config)
+                }
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {

@@ -89,9 +89,27 @@ impl Authorization for EnvoyAuthz {
     ) -> Result<Response<CheckResponse>, Status> {
         let attributes = request.into_inner().attributes.unwrap_or_default();
         let http = attributes.request.and_then(|r| r.http).unwrap_or_default();
+        let response = self
+            .decide_http(&http, &attributes.context_extensions)
+            .await?;
+        Ok(Response::new(response))
+    }
+}
+
+impl EnvoyAuthz {
+    /// One decision for an HTTP request under a route's policy (the keys of
+    /// `context_extensions`), answered as ext_authz answers it. The HTTP
+    /// forward-auth adapter (`crate::forward_auth`) calls this too, so every
+    /// gateway gets the same decision, headers and product bodies. An outage
+    /// or a malformed policy is `Err`, never an allow.
+    pub(crate) async fn decide_http(
+        &self,
+        http: &HttpRequest,
+        context_extensions: &HashMap<String, String>,
+    ) -> Result<CheckResponse, Error> {
         let profile = self.authz.profile();
-        let (policy, surface) = route_policy(&attributes.context_extensions, profile)?;
-        let request_id = request_id(&http);
+        let (policy, surface) = route_policy(context_extensions, profile)?;
+        let request_id = request_id(http);
         let span = tracing::Span::current();
         span.record("surface", policy.surface);
         span.record("request_id", request_id.as_str());
@@ -106,7 +124,7 @@ impl Authorization for EnvoyAuthz {
         // An outage is `Err` → UNAVAILABLE, never an allow.
         let verdict = self.authz.decide(input, policy.cost).await?;
         let now = self.clock.now();
-        let response = match &verdict.decision {
+        Ok(match &verdict.decision {
             Decision::Allow(principal) => {
                 let removed = self.credentials.to_remove(surface, &http.headers);
                 ok_response(&self.header_prefix, principal, &verdict, removed, now)
@@ -115,8 +133,7 @@ impl Authorization for EnvoyAuthz {
                 tracing::debug!(reason = reason.as_str(), "denied");
                 denied_response(profile, policy.surface, *reason, &verdict, request_id, now)
             }
-        };
-        Ok(Response::new(response))
+        })
     }
 }
 

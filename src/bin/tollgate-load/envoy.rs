@@ -156,7 +156,7 @@ fn micros(s: &str) -> Option<f64> {
     })
 }
 
-fn parse_wrk(listener: &str, connections: usize, out: &str) -> anyhow::Result<WrkReport> {
+pub fn parse_wrk(listener: &str, connections: usize, out: &str) -> anyhow::Result<WrkReport> {
     let field = |label: &str| -> Option<&str> {
         out.lines()
             .find_map(|l| l.trim().strip_prefix(label).map(str::trim))

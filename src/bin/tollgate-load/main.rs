@@ -6,6 +6,8 @@
 //! - `replicas`: three instances on one Postgres: revocation lag and quota
 //!   accuracy with one instance killed mid-run.
 //! - `envoy`: HTTP through Envoy without and with ext_authz (wrk).
+//! - `gateways`: HTTP through NGINX alone, with a no-op `auth_request`
+//!   server, and with Tollgate's forward-auth (wrk).
 //! - `abuse`: a flood of random well-formed keys beside legitimate traffic.
 //! - `skew`: one key's traffic through one connection to one of three
 //!   replicas: admitted rate against the documented one, and the fleet's
@@ -33,6 +35,7 @@ mod abuse;
 mod envoy;
 mod fixture;
 mod h2load;
+mod gateways;
 mod load;
 mod memory;
 mod noop;
@@ -97,6 +100,17 @@ enum Cmd {
     Abuse(abuse::AbuseOpts),
     /// One key skewed onto one of three replicas: fair rate shares.
     Skew(skew::SkewOpts),
+    /// HTTP through NGINX alone, with a no-op auth_request server, and with
+    /// Tollgate's forward-auth (wrk).
+    Gateways(gateways::GatewayOpts),
+    /// Serve the no-op forward-auth baseline until killed.
+    NoopHttp {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Headers to answer with, as JSON `[["name", "value"], …]`.
+        #[arg(long, default_value = "[]")]
+        header: String,
+    },
     /// Resident memory per cached key.
     Memory {
         #[arg(long, default_value_t = 1_000_000)]
@@ -130,6 +144,10 @@ fn main() -> anyhow::Result<()> {
             noop::serve(listen, runtime, canned)
         }
         Cmd::Memory { keys } => memory::run(keys),
+        Cmd::NoopHttp { listen, header } => {
+            gateways::serve_noop(listen, serde_json::from_str(&header)?)
+        }
+        Cmd::Gateways(o) => runtime()?.block_on(gateways::run(o)),
         Cmd::Run {
             target,
             scenario,

@@ -1,0 +1,135 @@
+//! The forward-auth listener: HTTP/1.1 keep-alive connections (TLS when
+//! configured, with ALPN `http/1.1`), bounded headers and header-read time,
+//! and a graceful stop that lets in-flight checks finish.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+
+use super::ForwardAuth;
+use crate::tls::Reloading;
+
+/// Largest request head (request line and headers) read, in bytes.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// A client must send its whole request head within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running forward-auth listener.
+pub struct ForwardAuthServer {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ForwardAuthServer {
+    /// Serves `handler` on `listener` (over TLS from `tls` when given).
+    pub(crate) fn start(
+        listener: TcpListener,
+        tls: Option<Arc<Reloading>>,
+        handler: ForwardAuth,
+    ) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, tls, Arc::new(handler), stopped));
+        Ok(Self { addr, stop, task })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `grace`,
+    /// then closes what is left.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
+            tracing::warn!("forward-auth requests did not finish in time; stopping them");
+            self.task.abort();
+        }
+    }
+
+    /// Stops at once (a crash, or a `Running` dropped without shutdown).
+    pub(crate) fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<Reloading>>,
+    handler: Arc<ForwardAuth>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES);
+    let graceful = GracefulShutdown::new();
+    match tls {
+        None => loop {
+            let (tcp, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "forward-auth accept failed");
+                        continue;
+                    }
+                },
+                _ = stopped.changed() => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            serve_one(&builder, &graceful, TokioIo::new(tcp), handler.clone());
+        },
+        Some(tls) => {
+            let mut incoming = crate::tls::incoming_http1(listener, tls);
+            loop {
+                let stream = tokio::select! {
+                    next = incoming.next() => match next {
+                        Some(Ok(stream)) => stream,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "forward-auth accept failed");
+                            continue;
+                        }
+                        None => break,
+                    },
+                    _ = stopped.changed() => break,
+                };
+                serve_one(&builder, &graceful, TokioIo::new(stream), handler.clone());
+            }
+        }
+    }
+    graceful.shutdown().await;
+}
+
+/// Serves one connection, watched by `graceful`.
+fn serve_one<I>(
+    builder: &http1::Builder,
+    graceful: &GracefulShutdown,
+    io: TokioIo<I>,
+    handler: Arc<ForwardAuth>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler.handle(request).await) }
+    });
+    let connection = graceful.watch(builder.serve_connection(io, service));
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "forward-auth connection ended with an error");
+        }
+    });
+}
