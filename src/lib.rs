@@ -35,6 +35,7 @@ pub mod grpc;
 pub mod limits;
 pub mod manage;
 pub mod profile;
+pub mod ratelimit;
 pub mod readiness;
 pub mod remote;
 pub mod store;

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::domain::ratelimit::{RateLimitConfig, RateLimitSection};
 use crate::domain::{Alphabet, KeyFormat, LimitSpec, Reason, SubscriptionStatus};
 
 /// The profile used when none is configured.
@@ -168,6 +169,8 @@ struct RawProfile {
     error_body: ErrorBodyStyle,
     #[serde(default)]
     denials: BTreeMap<Reason, DenialSpec>,
+    #[serde(default)]
+    ratelimit: RateLimitSection,
 }
 
 /// A profile that failed to load, naming the field at fault.
@@ -200,6 +203,8 @@ pub struct Profile {
     pub active_statuses: Vec<SubscriptionStatus>,
     pub error_body: ErrorBodyStyle,
     denials: BTreeMap<Reason, DenialSpec>,
+    /// Envoy rate-limit service descriptors (`[ratelimit]`).
+    pub ratelimit: RateLimitConfig,
 }
 
 impl Profile {
@@ -287,6 +292,8 @@ impl Profile {
                 ));
             }
         }
+        let ratelimit = RateLimitConfig::new(raw.ratelimit)
+            .map_err(|(field, message)| invalid(field, message))?;
         Ok(Self {
             name: raw.name,
             key_format,
@@ -298,6 +305,7 @@ impl Profile {
             active_statuses: raw.active_statuses,
             error_body: raw.error_body,
             denials,
+            ratelimit,
         })
     }
 

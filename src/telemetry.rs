@@ -43,6 +43,10 @@ pub const SHARE_EXCHANGES: &str = "tollgate_rate_share_exchanges_total";
 /// Rate cells this replica published a share for in its last exchange
 /// (cells hot somewhere in the fleet).
 pub const SHARED_CELLS: &str = "tollgate_rate_shared_cells";
+/// Envoy rate-limit descriptors answered, by `kind` (tenant, key,
+/// credential, generic) and `result` (ok, over_limit, shadow_over_limit,
+/// unlimited, no_limit).
+pub const RATELIMIT_DESCRIPTORS: &str = "tollgate_ratelimit_descriptors_total";
 
 /// Log output (`log_format` in the settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

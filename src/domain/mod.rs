@@ -6,6 +6,7 @@ pub mod console;
 pub mod decision;
 pub mod key;
 pub mod limit;
+pub mod ratelimit;
 pub mod record;
 pub mod tenant;
 pub mod validate;

@@ -14,6 +14,8 @@
 //! - `soak`: three replicas at half of peak for 60 s while Postgres restarts
 //!   twice and one replica is killed and started again: wrong decisions,
 //!   errors by kind, p99 before/during/after.
+//! - `rls`: Envoy's rate-limit service (`ShouldRateLimit`) against a no-op
+//!   RLS server (h2load).
 //! - `run`, `noop`: the pieces, for ad-hoc runs.
 //!
 //! `scripts/bench` runs them all; see BENCHMARKS.md.
@@ -27,11 +29,13 @@ use clap::{Parser, Subcommand};
 mod abuse;
 mod envoy;
 mod fixture;
+mod h2load;
 mod load;
 mod memory;
 mod noop;
 mod pg;
 mod replicas;
+mod rls;
 mod scenario;
 mod skew;
 mod soak;
@@ -61,6 +65,9 @@ enum Cmd {
         /// Canned responses (JSON) captured from a real Tollgate; default: empty messages.
         #[arg(long)]
         canned: Option<PathBuf>,
+        /// A canned ShouldRateLimit response (hex of the encoded message).
+        #[arg(long)]
+        canned_rls: Option<PathBuf>,
     },
     /// Drive one scenario against a running server.
     Run {
@@ -87,6 +94,8 @@ enum Cmd {
     Abuse(abuse::AbuseOpts),
     /// One key skewed onto one of three replicas: fair rate shares.
     Skew(skew::SkewOpts),
+    /// Envoy's ShouldRateLimit against a no-op RLS server (h2load).
+    Rls(rls::RlsOpts),
     /// Resident memory per cached key.
     Memory {
         #[arg(long, default_value_t = 1_000_000)]
@@ -108,12 +117,17 @@ fn main() -> anyhow::Result<()> {
             listen,
             runtime,
             canned,
+            canned_rls,
         } => {
             let canned = match canned {
                 Some(path) => noop::Canned::load(&path)?,
                 None => noop::Canned::default(),
             };
-            noop::serve(listen, runtime, canned)
+            let rls = match canned_rls {
+                Some(path) => std::fs::read_to_string(path)?,
+                None => String::new(),
+            };
+            noop::serve(listen, runtime, canned, &rls)
         }
         Cmd::Memory { keys } => memory::run(keys),
         Cmd::Run {
@@ -139,5 +153,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Skew(o) => runtime()?.block_on(skew::run(o)),
         Cmd::Envoy(o) => runtime()?.block_on(envoy::run(o)),
         Cmd::Soak(o) => runtime()?.block_on(soak::run(o)),
+        Cmd::Rls(o) => runtime()?.block_on(rls::run(o)),
     }
 }
