@@ -13,11 +13,14 @@ fn main() -> Result<(), Box<dyn Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("tollgate_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(fds)?;
-    // Envoy's ext_authz service and its imports (copied from the envoy-types
+    // Envoy's ext_authz and rate-limit services and their imports (copied from the envoy-types
     // crate by scripts/vendor-protos): descriptors for reflection only, the
     // code comes from envoy-types.
     let envoy = protox::compile(
-        ["envoy/service/auth/v3/external_auth.proto"],
+        [
+            "envoy/service/auth/v3/external_auth.proto",
+            "envoy/service/ratelimit/v3/rls.proto",
+        ],
         ["proto/third_party"],
     )?;
     std::fs::write(out.join("envoy_descriptor.bin"), envoy.encode_to_vec())?;

@@ -162,6 +162,7 @@ rpcs! {
     Reflection => "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     ReflectionAlpha => "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     ImportKeys => "/tollgate.v1.AuthService/ImportKeys",
+    ShouldRateLimit => "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
 }
 
 impl Rpc {
@@ -174,6 +175,7 @@ impl Rpc {
                 | Rpc::EnvoyCheck
                 | Rpc::HealthCheck
                 | Rpc::HealthWatch
+                | Rpc::ShouldRateLimit
         )
     }
 
@@ -222,6 +224,17 @@ impl Rpc {
             HealthCheck | HealthWatch | Reflection | ReflectionAlpha => OPEN,
             // Cut-over: keys of any tenant, in bulk, bypassing the key cap.
             ImportKeys => OPERATOR,
+            // Envoy's rate-limit service: like ext_authz for descriptors that
+            // speak for themselves (the profile's, a credential); a tenant
+            // or key named by id spends that subject's limits, so, as for
+            // CheckQuota by id, only the gateway or the operator may.
+            ShouldRateLimit => Rule {
+                anyone: Anyone::WithOwnCredential,
+                gateway: true,
+                console_backend: false,
+                console: None,
+                operator: true,
+            },
         }
     }
 }
@@ -468,6 +481,10 @@ mod tests {
         assert!(admit(Rpc::CheckQuota, &Caller::Gateway, false).is_ok());
         assert!(admit(Rpc::GetUsage, &Caller::Gateway, false).is_ok());
         assert!(admit(Rpc::GetKey, &Caller::Gateway, false).is_err());
+        assert!(admit(Rpc::ShouldRateLimit, &Caller::Anonymous, true).is_ok());
+        assert!(admit(Rpc::ShouldRateLimit, &Caller::Gateway, false).is_ok());
+        assert!(admit(Rpc::ShouldRateLimit, &Caller::Operator, false).is_ok());
+        assert!(admit(Rpc::ShouldRateLimit, &user(Role::Owner), false).is_err());
         assert!(console_may_write(SubscriptionStatus::Trialing));
         assert!(!console_may_write(SubscriptionStatus::PastDue));
     }

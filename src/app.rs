@@ -31,11 +31,13 @@ use crate::grpc::pb::auth_service_server::AuthServiceServer;
 use crate::grpc::pb::console_service_server::ConsoleServiceServer;
 use crate::grpc::pb::tenant_service_server::TenantServiceServer;
 use crate::grpc::pb::{ENVOY_FILE_DESCRIPTOR_SET, FILE_DESCRIPTOR_SET};
+use crate::grpc::ratelimit::{EnvoyRateLimit, RateLimitServiceServer};
 use crate::grpc::tenant_api::TenantApi;
 use crate::limits::shares::ShareSettings;
 use crate::limits::{Limiter, ShareReport};
 use crate::manage::Manager;
 use crate::profile::Profile;
+use crate::ratelimit::RateLimits;
 use crate::readiness::{set_health, Follower};
 use crate::store::{Invalidation, Store};
 
@@ -377,6 +379,11 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         &parts.envoy,
     ))
     .max_decoding_message_size(max);
+    let ratelimit = RateLimitServiceServer::new(EnvoyRateLimit::new(
+        RateLimits::new(authz.clone(), parts.clock.clone()),
+        callers.clone(),
+    ))
+    .max_decoding_message_size(max);
     let access = Arc::new(Access::new(parts.store.clone()));
     let auth = AuthServiceServer::new(AuthApi {
         authz,
@@ -407,7 +414,8 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         .add_service(budget.wrap(auth))
         .add_service(budget.wrap(tenants))
         .add_service(envoy)
-        .add_service(budget.wrap(console_api));
+        .add_service(budget.wrap(console_api))
+        .add_service(ratelimit);
     let stop = async {
         let _ = signal.await;
     };
@@ -447,7 +455,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
 }
 
 /// Reflection describes every service on the port (Tollgate's, Envoy's
-/// ext_authz, health) and the `google.rpc` error details that
+/// ext_authz and rate-limit service, health) and the `google.rpc` error details that
 /// INVALID_ARGUMENT and other statuses carry, so grpcurl needs no proto
 /// files. A file in more than one set is served from the first.
 fn reflection_builder() -> tonic_reflection::server::Builder<'static> {

@@ -37,6 +37,7 @@ pub mod grpc;
 pub mod limits;
 pub mod manage;
 pub mod profile;
+pub mod ratelimit;
 pub mod readiness;
 pub mod remote;
 pub mod store;

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::domain::ratelimit::{RateLimitConfig, RateLimitSection};
 use crate::domain::{Alphabet, KeyFormat, LimitSpec, Reason, SubscriptionStatus};
 
 /// The profile used when none is configured.
@@ -207,6 +208,8 @@ struct RawProfile {
     error_body: ErrorBodyStyle,
     #[serde(default)]
     denials: BTreeMap<Reason, DenialSpec>,
+    #[serde(default)]
+    ratelimit: RateLimitSection,
 }
 
 /// A profile that failed to load, naming the field at fault.
@@ -246,6 +249,8 @@ pub struct Profile {
     /// Legacy keys accepted (`[keys.legacy]`): imported keys without
     /// Tollgate's checksum, looked up by their legacy digest. `None`: off.
     pub legacy_keys: Option<crate::domain::legacy::LegacyKeys>,
+    /// Envoy rate-limit service descriptors (`[ratelimit]`).
+    pub ratelimit: RateLimitConfig,
 }
 
 impl Profile {
@@ -347,6 +352,8 @@ impl Profile {
             };
             check_denial(&format!("denials.{}", reason.as_str()), spec)?;
         }
+        let ratelimit = RateLimitConfig::new(raw.ratelimit)
+            .map_err(|(field, message)| invalid(field, message))?;
         Ok(Self {
             name: raw.name,
             key_format,
@@ -360,6 +367,7 @@ impl Profile {
             denials,
             upstream_labels: k.upstream_labels,
             legacy_keys: k.legacy,
+            ratelimit,
         })
     }
 

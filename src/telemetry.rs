@@ -49,6 +49,10 @@ pub const QUOTA_CHECKS: &str = "tollgate_quota_checks_total";
 /// `gateway` (`nginx`, `traefik`) and `outcome` (`allow`, `deny`, `error`,
 /// `refused`: the caller did not prove it is the gateway).
 pub const FORWARD_AUTH_REQUESTS: &str = "tollgate_forward_auth_requests_total";
+/// Envoy rate-limit descriptors answered, by `kind` (tenant, key,
+/// credential, generic) and `result` (ok, over_limit, shadow_over_limit,
+/// unlimited, no_limit).
+pub const RATELIMIT_DESCRIPTORS: &str = "tollgate_ratelimit_descriptors_total";
 
 /// Log output (`log_format` in the settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

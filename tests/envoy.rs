@@ -714,7 +714,8 @@ fn every_example_config_is_valid_for_envoy() {
             "mailsage.yaml",
             "messagesmart.yaml",
             "msgflash.yaml",
-            "msgine.yaml"
+            "msgine.yaml",
+            "ratelimit.yaml"
         ]
     );
 }

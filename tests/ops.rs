@@ -581,6 +581,7 @@ async fn reflection_lets_grpcurl_list_describe_and_call_every_service_and_decode
         services,
         [
             "envoy.service.auth.v3.Authorization",
+            "envoy.service.ratelimit.v3.RateLimitService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",

@@ -9,6 +9,7 @@ pub mod key_digest;
 pub mod labels;
 pub mod legacy;
 pub mod limit;
+pub mod ratelimit;
 pub mod record;
 pub mod tenant;
 pub mod validate;

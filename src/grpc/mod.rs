@@ -9,6 +9,7 @@ pub mod console_api;
 pub mod convert;
 pub mod envoy;
 pub mod operator;
+pub mod ratelimit;
 pub mod status;
 pub mod tenant_api;
 
@@ -21,8 +22,8 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/tollgate_descriptor.bin"));
 
-    /// Encoded descriptors of Envoy's `envoy.service.auth.v3` and its
-    /// imports (from `proto/third_party/`), for server reflection.
+    /// Encoded descriptors of Envoy's `envoy.service.auth.v3` and
+    /// `envoy.service.ratelimit.v3` and their imports (from `proto/third_party/`), for server reflection.
     pub const ENVOY_FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptor.bin"));
 }

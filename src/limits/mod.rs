@@ -1,6 +1,7 @@
 //! Rate limits and quotas. The tightest limit decides and all are reported;
 //! a denied request consumes nothing; a dry run consumes nothing.
 
+pub mod buckets;
 pub mod gcra;
 pub mod period;
 pub mod quota;
@@ -41,6 +42,8 @@ pub struct Subject<'a> {
 enum Owner {
     Key(KeyId),
     Tenant(TenantId),
+    /// A generic bucket (an Envoy rate-limit descriptor), by its id.
+    Bucket(buckets::BucketId),
 }
 
 impl Owner {
@@ -55,6 +58,7 @@ impl Owner {
         match self {
             Owner::Key(id) => format!("k:{id}"),
             Owner::Tenant(id) => format!("t:{id}"),
+            Owner::Bucket(id) => format!("d:{id}"),
         }
     }
 }

@@ -331,6 +331,7 @@ impl CellKey {
         let owner = match owner.split_once(':')? {
             ("k", id) => Owner::Key(id.parse().ok()?),
             ("t", id) => Owner::Tenant(TenantId::parse(id)?),
+            ("d", id) => Owner::Bucket(super::buckets::BucketId::parse(id)?),
             _ => return None,
         };
         Some(Self {

@@ -62,6 +62,10 @@ const MATRIX: &[(Rpc, &str, &str)] = &[
     (Rpc::HealthWatch, "", /*                 */ ".   .   .   .   .    .    .   .   .   .     .   ."),
     (Rpc::Reflection, "", /*                  */ ".   .   .   .   .    .    .   .   .   .     .   ."),
     (Rpc::ReflectionAlpha, "", /*             */ ".   .   .   .   .    .    .   .   .   .     .   ."),
+    (Rpc::ShouldRateLimit, "by api_key", /*   */ ".   .   .   .   .    .    .   .   .   .     .   ."),
+    (Rpc::ShouldRateLimit, "generic", /*      */ ".   .   .   .   .    .    .   .   .   .     .   ."),
+    (Rpc::ShouldRateLimit, "by tenant_id", /* */ "U   U   U   .   P    P    P   P   P   P     U   ."),
+    (Rpc::ShouldRateLimit, "by key_id", /*    */ "U   U   U   .   P    P    P   P   P   P     U   ."),
 ];
 
 fn symbol(code: Code) -> String {
@@ -553,6 +557,36 @@ async fn call(fx: &mut Fixture, rpc: Rpc, variant: &str, who: usize) -> Code {
                 Err(s) => s.code(),
             }
         }
+        (Rpc::ShouldRateLimit, variant) => {
+            use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+            use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+            use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+            use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+            let (k, v) = match variant {
+                "by api_key" => ("api_key", fx.a_secret.clone()),
+                "by tenant_id" => ("tenant_id", tenant),
+                "by key_id" => ("key_id", key),
+                _ => ("remote_address", "192.0.2.1".to_string()),
+            };
+            let ask = RateLimitRequest {
+                domain: "edge".into(),
+                descriptors: vec![RateLimitDescriptor {
+                    entries: vec![Entry {
+                        key: k.into(),
+                        value: v,
+                    }],
+                    ..Default::default()
+                }],
+                hits_addend: 0,
+            };
+            let r = RateLimitServiceClient::new(fx.t.channel.clone())
+                .should_rate_limit(with(b, ask))
+                .await;
+            if let Ok(r) = &r {
+                assert_eq!(r.get_ref().statuses.len(), 1, "answered: {r:?}");
+            }
+            code(r)
+        }
         (rpc, variant) => panic!("no call for {rpc:?} {variant:?}: add an arm to `call`"),
     }
 }
@@ -589,6 +623,7 @@ fn every_served_rpc_has_a_rule_and_a_row_in_the_matrix() {
     .flat_map(|set| methods_of(set))
     .collect();
     served.push("/envoy.service.auth.v3.Authorization/Check".into());
+    served.push("/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit".into());
     let rows: HashSet<Rpc> = MATRIX.iter().map(|(rpc, _, _)| *rpc).collect();
     for path in &served {
         let rpc = Rpc::from_path(path)

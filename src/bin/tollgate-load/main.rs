@@ -21,6 +21,8 @@
 //!   unknown keys, the filter's false-positive rate.
 //! - `fleet`: ten small replicas on one Postgres under load: statements
 //!   per second per 1000 decisions/s, heartbeat and lease writes.
+//! - `rls`: Envoy's rate-limit service (`ShouldRateLimit`) against a no-op
+//!   RLS server (h2load).
 //! - `run`, `noop`: the pieces, for ad-hoc runs.
 //!
 //! `scripts/bench` runs them all; see BENCHMARKS.md.
@@ -41,6 +43,7 @@ mod memory;
 mod noop;
 mod pg;
 mod replicas;
+mod rls;
 mod scenario;
 mod skew;
 mod soak;
@@ -74,6 +77,9 @@ enum Cmd {
         /// Canned responses (JSON) captured from a real Tollgate; default: empty messages.
         #[arg(long)]
         canned: Option<PathBuf>,
+        /// A canned ShouldRateLimit response (hex of the encoded message).
+        #[arg(long)]
+        canned_rls: Option<PathBuf>,
     },
     /// Drive one scenario against a running server.
     Run {
@@ -111,6 +117,8 @@ enum Cmd {
         #[arg(long, default_value = "[]")]
         header: String,
     },
+    /// Envoy's ShouldRateLimit against a no-op RLS server (h2load).
+    Rls(rls::RlsOpts),
     /// Resident memory per cached key.
     Memory {
         #[arg(long, default_value_t = 1_000_000)]
@@ -136,12 +144,17 @@ fn main() -> anyhow::Result<()> {
             listen,
             runtime,
             canned,
+            canned_rls,
         } => {
             let canned = match canned {
                 Some(path) => noop::Canned::load(&path)?,
                 None => noop::Canned::default(),
             };
-            noop::serve(listen, runtime, canned)
+            let rls = match canned_rls {
+                Some(path) => std::fs::read_to_string(path)?,
+                None => String::new(),
+            };
+            noop::serve(listen, runtime, canned, &rls)
         }
         Cmd::Memory { keys } => memory::run(keys),
         Cmd::NoopHttp { listen, header } => {
@@ -173,5 +186,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Soak(o) => runtime()?.block_on(soak::run(o)),
         Cmd::Known(o) => runtime()?.block_on(known::run(o)),
         Cmd::Fleet(o) => runtime()?.block_on(fleet::run(o)),
+        Cmd::Rls(o) => runtime()?.block_on(rls::run(o)),
     }
 }

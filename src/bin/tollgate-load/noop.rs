@@ -1,6 +1,7 @@
 //! The baseline: a tonic server that does no work. It answers Authenticate,
-//! CheckQuota and ext_authz Check with canned responses captured from a real
-//! Tollgate (so the messages have the same sizes) on either tokio runtime.
+//! CheckQuota, ext_authz Check and Envoy's rate-limit ShouldRateLimit with
+//! canned responses captured from a real Tollgate (so the messages have the
+//! same sizes) on either tokio runtime.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,6 +11,10 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
 };
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
+    RateLimitService, RateLimitServiceServer,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -58,14 +63,22 @@ struct Noop {
     authenticate: AuthenticateResponse,
     check_quota: CheckQuotaResponse,
     check: CheckResponse,
+    should_rate_limit: RateLimitResponse,
 }
 
-/// Serves until killed; prints `listening on ADDR` once bound.
-pub fn serve(listen: SocketAddr, shape: RuntimeShape, canned: Canned) -> anyhow::Result<()> {
+/// Serves until killed; prints `listening on ADDR` once bound. `rls`: the
+/// encoded ShouldRateLimit answer, hex (empty: an empty message).
+pub fn serve(
+    listen: SocketAddr,
+    shape: RuntimeShape,
+    canned: Canned,
+    rls: &str,
+) -> anyhow::Result<()> {
     let noop = Noop {
         authenticate: decode(&canned.authenticate)?,
         check_quota: decode(&canned.check_quota)?,
         check: decode(&canned.check)?,
+        should_rate_limit: decode(rls.trim())?,
     };
     let runtime = match shape {
         RuntimeShape::Multi => tokio::runtime::Builder::new_multi_thread(),
@@ -78,7 +91,8 @@ pub fn serve(listen: SocketAddr, shape: RuntimeShape, canned: Canned) -> anyhow:
         println!("listening on {}", listener.local_addr()?);
         tonic::transport::Server::builder()
             .add_service(AuthServiceServer::new(noop.clone()))
-            .add_service(AuthorizationServer::new(noop))
+            .add_service(AuthorizationServer::new(noop.clone()))
+            .add_service(RateLimitServiceServer::new(noop))
             .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
             .await?;
         Ok(())
@@ -156,5 +170,15 @@ impl AuthService for Noop {
 impl Authorization for Noop {
     async fn check(&self, _: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         Ok(Response::new(self.check.clone()))
+    }
+}
+
+#[tonic::async_trait]
+impl RateLimitService for Noop {
+    async fn should_rate_limit(
+        &self,
+        _: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        Ok(Response::new(self.should_rate_limit.clone()))
     }
 }
