@@ -247,13 +247,16 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     };
     let console = console_parts.as_ref().and_then(|c| {
         let signer = c.signer.clone()?;
-        Some(Arc::new(Console::new(
-            parts.profile.clone(),
-            c.store.clone(),
-            signer,
-            c.settings.clone(),
-            parts.clock.clone(),
-        )))
+        Some(Arc::new(
+            Console::new(
+                parts.profile.clone(),
+                c.store.clone(),
+                signer,
+                c.settings.clone(),
+                parts.clock.clone(),
+            )
+            .with_providers(parts.dashboard.providers.clone()),
+        ))
     });
 
     let (reporter, health) = tonic_health::server::health_reporter();

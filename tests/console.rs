@@ -22,6 +22,8 @@ mod logs;
 mod mailbox;
 #[path = "console/manage.rs"]
 mod manage;
+#[path = "console/oidc.rs"]
+mod oidc;
 #[path = "console/users.rs"]
 mod users;
 

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod console;
 pub mod decision;
+pub mod identity;
 pub mod key;
 pub mod limit;
 pub mod record;

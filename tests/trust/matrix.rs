@@ -54,6 +54,7 @@ const MATRIX: &[(Rpc, &str, &str)] = &[
     (Rpc::UpdateUser, "role", /*              */ "U   U   U   P   P    P    P   .   .   N     U   ."),
     (Rpc::DeleteUser, "", /*                  */ "U   U   U   P   P    P    P   .   .   N     U   ."),
     (Rpc::ListAuditEvents, "", /*             */ "U   U   U   P   P    P    P   .   .   N     U   ."),
+    (Rpc::SignInWithProvider, "unknown provider", "I   I   I   I   I    I    I   I   I   I     I   I"),
     (Rpc::EnvoyCheck, "", /*                  */ ".   .   .   .   .    .    .   .   .   .     .   ."),
     (Rpc::HealthCheck, "", /*                 */ ".   .   .   .   .    .    .   .   .   .     .   ."),
     (Rpc::HealthWatch, "", /*                 */ ".   .   .   .   .    .    .   .   .   .     .   ."),
@@ -438,6 +439,20 @@ async fn call(fx: &mut Fixture, rpc: Rpc, variant: &str, who: usize) -> Code {
                     b,
                     pb::ListAuditEventsRequest {
                         tenant_id: tenant,
+                        ..Default::default()
+                    },
+                ))
+                .await,
+        ),
+        // Open like Login: every caller reaches the checks of the request
+        // itself (no provider is configured here: INVALID_ARGUMENT).
+        (Rpc::SignInWithProvider, _) => code(
+            console
+                .sign_in_with_provider(with(
+                    b,
+                    pb::SignInWithProviderRequest {
+                        provider: "google".into(),
+                        id_token: "not.an.id-token".into(),
                         ..Default::default()
                     },
                 ))
