@@ -13,7 +13,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::access::Access;
-use crate::authz::{Authenticator, UsageRecorder};
+use crate::authz::{Authenticator, RequestCounts, UsageRecorder};
 use crate::cache::{CacheSettings, Caches};
 use crate::clock::Clock;
 use crate::console::Console;
@@ -142,6 +142,7 @@ pub struct Running {
     reporter: tonic_health::server::HealthReporter,
     shutdown_grace: Duration,
     jwks: Vec<(String, Arc<RefreshStats>)>,
+    request_counts: Arc<RequestCounts>,
 }
 
 /// One beat's quota upkeep: report this replica's use and (if the store
@@ -199,6 +200,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     let (jwks_tasks, jwks) = parts.dashboard.start_refreshers();
     let caches = Arc::new(Caches::new(&parts.cache));
     let usage = Arc::new(UsageRecorder::default());
+    let request_counts = Arc::new(RequestCounts::default());
     let authz = Arc::new(
         Authenticator::new(
             parts.profile.clone(),
@@ -208,7 +210,8 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
             usage.clone(),
             parts.clock.clone(),
         )
-        .with_jwt(parts.dashboard.verifier.clone()),
+        .with_jwt(parts.dashboard.verifier.clone())
+        .with_request_counts(request_counts.clone()),
     );
     let manager = Arc::new(
         Manager::new(
@@ -323,6 +326,8 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     let flush_usage = usage.clone();
     let period = parts.last_used_flush;
     let upkeep = caches.clone();
+    let flush_counts = request_counts.clone();
+    let counts_clock = parts.clock.clone();
     let last_used = tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -331,6 +336,9 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
             upkeep.maintain();
             if let Err(e) = flush_usage.flush(store.as_ref()).await {
                 tracing::warn!(error = %e, "could not record last use of keys; will retry");
+            }
+            if let Err(e) = flush_counts.flush(store.as_ref(), counts_clock.now()).await {
+                tracing::warn!(error = %e, "could not record per-key request counts; will retry");
             }
         }
     });
@@ -439,6 +447,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         shutdown_grace: parts.shutdown_grace,
         jwks,
         usage,
+        request_counts,
         store: parts.store,
         applied,
     })
@@ -541,6 +550,14 @@ impl Running {
         self.usage.flush(self.store.as_ref()).await
     }
 
+    /// Writes the per-key request counts made so far, now (one store call);
+    /// how many keys were written.
+    pub async fn flush_request_counts(&self) -> crate::error::Result<usize> {
+        self.request_counts
+            .flush(self.store.as_ref(), self.clock.now())
+            .await
+    }
+
     /// Stops accepting calls, lets in-flight calls finish, writes pending
     /// usage, and stops the background tasks.
     pub async fn shutdown(mut self) -> Result<(), tonic::transport::Error> {
@@ -567,6 +584,10 @@ impl Running {
         }
         if let Err(e) = self.usage.flush(self.store.as_ref()).await {
             tracing::warn!(error = %e, "could not record last use of keys at shutdown");
+        }
+        let now = self.clock.now();
+        if let Err(e) = self.request_counts.flush(self.store.as_ref(), now).await {
+            tracing::warn!(error = %e, "could not record per-key request counts at shutdown");
         }
         let returned = self.authz.limiter().quotas().return_all().await;
         tracing::info!(returned, "returned unused quota leases");

@@ -203,6 +203,8 @@ pub struct Authenticator {
     clock: Clock,
     /// Trusted JWT issuers (none: every JWT is `TOKEN_INVALID`).
     jwt: Arc<Verifier>,
+    /// Per-key request counts (`None`: not counted).
+    counts: Option<Arc<RequestCounts>>,
 }
 
 /// An authenticated credential, with what the limits need (no key record
@@ -233,6 +235,19 @@ impl Authenticator {
             limiter,
             clock,
             jwt: Arc::default(),
+            counts: None,
+        }
+    }
+
+    /// Counts decisions per key into `counts` (flushed by the caller).
+    pub fn with_request_counts(mut self, counts: Arc<RequestCounts>) -> Self {
+        self.counts = Some(counts);
+        self
+    }
+
+    fn count(&self, key: Option<&KeyRecord>, allowed: bool) {
+        if let (Some(counts), Some(key)) = (&self.counts, key) {
+            counts.count(key.id, allowed);
         }
     }
 
@@ -277,12 +292,16 @@ impl Authenticator {
             Ok(who) => who,
         };
         if cost == 0 {
+            self.count(who.record.as_deref(), true);
             return Ok(Verdict::plain(Decision::Allow(who.principal)));
         }
         let outcome = self
             .check_limits(&who.tenant, who.record.as_deref(), u64::from(cost), false)
             .await?;
-        Ok(self.verdict(Decision::Allow(who.principal), &who.tenant, outcome))
+        let verdict = self.verdict(Decision::Allow(who.principal), &who.tenant, outcome);
+        let allowed = matches!(verdict.decision, Decision::Allow(_));
+        self.count(who.record.as_deref(), allowed);
+        Ok(verdict)
     }
 
     /// Turns a limit outcome into a verdict, honouring the plan's shadow mode.
@@ -407,6 +426,11 @@ impl Authenticator {
         let span = tracing::Span::current();
         span.record("tenant_id", record.tenant_id.as_str());
         span.record("key_id", tracing::field::display(record.id));
+        // From here a denial is about a known key: counted as denied.
+        let deny = |r| {
+            self.count(Some(&record), false);
+            Ok(Err(r))
+        };
 
         let now = self.clock.now();
         if record.is_revoked() {
@@ -578,6 +602,8 @@ fn confirmable(caches: &Caches) -> Result<()> {
 
 mod jwt;
 mod quota;
+pub mod request_counts;
+pub use request_counts::RequestCounts;
 
 pub use quota::{QuotaAnswer, QuotaSubject, QuotaUsage};
 #[cfg(test)]

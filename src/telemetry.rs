@@ -43,6 +43,9 @@ pub const SHARE_EXCHANGES: &str = "tollgate_rate_share_exchanges_total";
 /// Rate cells this replica published a share for in its last exchange
 /// (cells hot somewhere in the fleet).
 pub const SHARED_CELLS: &str = "tollgate_rate_shared_cells";
+/// Decisions not counted per key because this replica's count table was
+/// full (more distinct keys than it holds in one flush interval).
+pub const REQUEST_COUNTS_OVERFLOWED: &str = "tollgate_request_counts_overflowed_total";
 
 /// Log output (`log_format` in the settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -9,6 +9,7 @@ pub mod key;
 pub mod limit;
 pub mod record;
 pub mod tenant;
+pub mod usage;
 pub mod validate;
 
 pub use decision::{CredentialType, Decision, LimitStatus, Principal, Reason, Verdict};

@@ -190,6 +190,22 @@ async fn a_google_id_token_creates_a_tenant_and_its_owner_without_a_password(
         "no oracle for provider-only accounts"
     );
     assert_eq!(provider_only.code(), Code::Unauthenticated);
+
+    // A password reset gives it a password: then it has both.
+    let token = c.reset_token("grace@example.com").await;
+    c.console
+        .reset_password(pb::ResetPasswordRequest {
+            token,
+            new_password: PASSWORD.into(),
+        })
+        .await
+        .unwrap();
+    let by_password = c.login("grace@example.com").await;
+    assert_eq!(by_password.user.unwrap().user_id, user.user_id);
+    let by_provider = sign_in(&mut c, &google.id_token("110001", "grace@example.com"))
+        .await
+        .unwrap();
+    assert_eq!(by_provider.user.unwrap().user_id, user.user_id);
 }
 
 #[sqlx::test]

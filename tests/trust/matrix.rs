@@ -29,7 +29,8 @@ const MATRIX: &[(Rpc, &str, &str)] = &[
     (Rpc::CheckQuota, "by api_key", /*        */ ".   .   .   .   .    .    .   .   .   .     .   ."),
     (Rpc::CheckQuota, "by tenant_id", /*      */ "U   U   U   .   P    .    .   .   .   N     U   ."),
     (Rpc::CheckQuota, "by key_id", /*         */ "U   U   U   .   P    .    .   .   .   N     U   ."),
-    (Rpc::GetUsage, "", /*                    */ "U   U   U   .   P    .    .   .   .   N     U   ."),
+    (Rpc::GetUsage, "by tenant_id", /*        */ "U   U   U   .   P    .    .   .   .   N     U   ."),
+    (Rpc::GetUsage, "by key_id", /*           */ "U   U   U   .   P    .    .   .   .   N     U   ."),
     (Rpc::CreateKey, "", /*                   */ "U   U   U   P   P    P    P   .   .   N     U   ."),
     (Rpc::RevokeKey, "", /*                   */ "U   U   U   P   P    P    P   .   .   N     U   ."),
     (Rpc::GetKey, "", /*                      */ "U   U   U   P   P    .    .   .   .   N     U   ."),
@@ -159,11 +160,22 @@ async fn call(fx: &mut Fixture, rpc: Rpc, variant: &str, who: usize) -> Code {
             ))
             .await,
         ),
-        (Rpc::GetUsage, _) => code(
+        (Rpc::GetUsage, "by tenant_id") => code(
             auth.get_usage(with(
                 b,
                 pb::GetUsageRequest {
                     tenant_id: tenant,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        // Quotas and per-key request counts: only of the caller's own keys.
+        (Rpc::GetUsage, "by key_id") => code(
+            auth.get_usage(with(
+                b,
+                pb::GetUsageRequest {
+                    key_id: key,
                     ..Default::default()
                 },
             ))
