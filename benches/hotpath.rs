@@ -16,6 +16,9 @@
 //!   (never reached) monthly quota, so one unit is taken from the local lease.
 //!   `decide/cached_counted`: `decide/cached` with per-key request counting
 //!   on (`RequestCounts`, as the server runs): its cost is the difference.
+//! - `request_counts/count`: one `RequestCounts::count` (a key's slot found,
+//!   one atomic add), what counting adds to a decision;
+//!   `request_counts/count_1000_keys`: the same over 1,000 keys in turn.
 //! - `check_quota/cached_credential`: `Authenticator::check_quota` by API key
 //!   (identify, then consume 1 of that quota), as the CheckQuota RPC does.
 //! - `runtime/block_on_ready`: `block_on` of an already-ready future on the
@@ -406,11 +409,46 @@ fn quota_benches(c: &mut Criterion) {
     assert!(take(now).allowed, "still allowing after timing");
 }
 
+fn request_count_benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("request_counts");
+    let counts = RequestCounts::default();
+    let key = tollgate::domain::KeyId::new_v4();
+    g.bench_function("count", |b| b.iter(|| counts.count(black_box(key), true)));
+    let drained = rt_block_on(counts.drain());
+    assert!(
+        drained.len() == 1 && drained[0].allowed > 0,
+        "count counted: {drained:?}"
+    );
+    // 1,000 keys in turn: each lands in its own slot of the table.
+    let keys: Vec<_> = (0..1000)
+        .map(|_| tollgate::domain::KeyId::new_v4())
+        .collect();
+    let mut i = 0;
+    g.bench_function("count_1000_keys", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            counts.count(black_box(keys[i]), true)
+        })
+    });
+    g.finish();
+    let drained = rt_block_on(counts.drain());
+    assert!(
+        !drained.is_empty() && drained.iter().all(|c| keys.contains(&c.key)),
+        "one row per key counted"
+    );
+    assert_eq!(counts.overflowed(), 0);
+}
+
+fn rt_block_on<F: std::future::Future>(f: F) -> F::Output {
+    current_thread_runtime().block_on(f)
+}
+
 criterion_group!(
     benches,
     key_benches,
     decide_benches,
     gcra_benches,
-    quota_benches
+    quota_benches,
+    request_count_benches
 );
 criterion_main!(benches);
