@@ -14,6 +14,11 @@
 //!   carrying its own (never reached) per-second rate limit, so one GCRA cell
 //!   is taken per decision. `decide/cached_with_quota`: a key with its own
 //!   (never reached) monthly quota, so one unit is taken from the local lease.
+//!   `decide/cached_counted`: `decide/cached` with per-key request counting
+//!   on (`RequestCounts`, as the server runs): its cost is the difference.
+//! - `request_counts/count`: one `RequestCounts::count` (a key's slot found,
+//!   one atomic add), what counting adds to a decision;
+//!   `request_counts/count_1000_keys`: the same over 1,000 keys in turn.
 //! - `check_quota/cached_credential`: `Authenticator::check_quota` by API key
 //!   (identify, then consume 1 of that quota), as the CheckQuota RPC does.
 //! - `runtime/block_on_ready`: `block_on` of an already-ready future on the
@@ -43,7 +48,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use futures::FutureExt;
 use tokio::runtime::Runtime;
 
-use tollgate::authz::{AuthInput, Authenticator, QuotaSubject, UsageRecorder};
+use tollgate::authz::{AuthInput, Authenticator, QuotaSubject, RequestCounts, UsageRecorder};
 use tollgate::cache::{CacheSettings, Caches};
 use tollgate::clock::Clock;
 use tollgate::crypto::{Pepper, Peppers};
@@ -115,6 +120,11 @@ struct Replica {
 
 impl Replica {
     fn new() -> Self {
+        Self::with_counts(None)
+    }
+
+    /// With per-key request counting on (as `app::start` wires it).
+    fn with_counts(counts: Option<Arc<RequestCounts>>) -> Self {
         let profile = Arc::new(Profile::embedded_default());
         let peppers = || Peppers::new(pepper(), vec![]).expect("one pepper");
         let spy = Arc::new(SpyStore::new(Arc::new(MemoryStore::new())));
@@ -129,6 +139,10 @@ impl Replica {
             Arc::new(UsageRecorder::default()),
             clock.clone(),
         );
+        let auth = match counts {
+            Some(counts) => auth.with_request_counts(counts),
+            None => auth,
+        };
         let manager = Manager::new(profile, peppers(), store, clock).with_caches(caches.clone());
         Self {
             auth,
@@ -242,6 +256,38 @@ fn decide_benches(c: &mut Criterion) {
         });
         replica.assert_no_reads_since(before, name);
     }
+    // The same decision with per-key request counting on: the hot-path
+    // cost of counting is `cached_counted` / `cached` (BENCHMARKS.md).
+    let counts = Arc::new(RequestCounts::default());
+    let counting = Replica::with_counts(Some(counts.clone()));
+    let counted_key = rt.block_on(async {
+        counting
+            .manager
+            .create_tenant(CreateTenantInput {
+                tenant_id: "bench".into(),
+                name: "Bench tenant".into(),
+                plan: "enterprise".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("tenant created");
+        let key = counting.key("bench", vec![]).await;
+        assert_allowed(&counting.decide(&key, &scopes).await, &[]);
+        let drained = counts.drain().await;
+        assert_eq!(drained.len(), 1, "the warm-up decision was counted");
+        assert_eq!(drained[0].allowed, 1);
+        key
+    });
+    let before = counting.store.reads();
+    g.bench_function("cached_counted", |b| {
+        b.iter(|| rt.block_on(counting.decide(black_box(&counted_key), &scopes)))
+    });
+    counting.assert_no_reads_since(before, "cached_counted");
+    let drained = rt.block_on(counts.drain());
+    assert!(
+        drained.len() == 1 && drained[0].allowed > 0,
+        "cached_counted counted its decisions: {drained:?}"
+    );
     g.finish();
     // CheckQuota by credential, as the RPC makes it: identify, then consume 1.
     let answer = rt.block_on(
@@ -363,11 +409,46 @@ fn quota_benches(c: &mut Criterion) {
     assert!(take(now).allowed, "still allowing after timing");
 }
 
+fn request_count_benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("request_counts");
+    let counts = RequestCounts::default();
+    let key = tollgate::domain::KeyId::new_v4();
+    g.bench_function("count", |b| b.iter(|| counts.count(black_box(key), true)));
+    let drained = rt_block_on(counts.drain());
+    assert!(
+        drained.len() == 1 && drained[0].allowed > 0,
+        "count counted: {drained:?}"
+    );
+    // 1,000 keys in turn: each lands in its own slot of the table.
+    let keys: Vec<_> = (0..1000)
+        .map(|_| tollgate::domain::KeyId::new_v4())
+        .collect();
+    let mut i = 0;
+    g.bench_function("count_1000_keys", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            counts.count(black_box(keys[i]), true)
+        })
+    });
+    g.finish();
+    let drained = rt_block_on(counts.drain());
+    assert!(
+        !drained.is_empty() && drained.iter().all(|c| keys.contains(&c.key)),
+        "one row per key counted"
+    );
+    assert_eq!(counts.overflowed(), 0);
+}
+
+fn rt_block_on<F: std::future::Future>(f: F) -> F::Output {
+    current_thread_runtime().block_on(f)
+}
+
 criterion_group!(
     benches,
     key_benches,
     decide_benches,
     gcra_benches,
-    quota_benches
+    quota_benches,
+    request_count_benches
 );
 criterion_main!(benches);

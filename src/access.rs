@@ -156,6 +156,7 @@ rpcs! {
     UpdateUser => "/tollgate.v1.ConsoleService/UpdateUser",
     DeleteUser => "/tollgate.v1.ConsoleService/DeleteUser",
     ListAuditEvents => "/tollgate.v1.ConsoleService/ListAuditEvents",
+    SignInWithProvider => "/tollgate.v1.ConsoleService/SignInWithProvider",
     EnvoyCheck => "/envoy.service.auth.v3.Authorization/Check",
     HealthCheck => "/grpc.health.v1.Health/Check",
     HealthWatch => "/grpc.health.v1.Health/Watch",
@@ -217,7 +218,8 @@ impl Rpc {
             | VerifyEmail
             | RequestPasswordReset
             | ResetPassword
-            | GetJwks => OPEN,
+            | GetJwks
+            | SignInWithProvider => OPEN,
             // Only owners touch or make owners (checked by the call).
             CreateUser | ListUsers | UpdateUser | DeleteUser => tenant(Need::ManageUsers),
             ListAuditEvents => tenant(Need::ReadAudit),

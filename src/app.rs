@@ -13,7 +13,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::access::Access;
-use crate::authz::{Authenticator, UsageRecorder};
+use crate::authz::{Authenticator, RequestCounts, UsageRecorder};
 use crate::cache::{CacheSettings, Caches};
 use crate::clock::Clock;
 use crate::console::Console;
@@ -147,6 +147,7 @@ pub struct Running {
     jwks: Vec<(String, Arc<RefreshStats>)>,
     envoy: EnvoySettings,
     forward_auth: Option<ForwardAuthServer>,
+    request_counts: Arc<RequestCounts>,
 }
 
 /// One beat's quota upkeep: report this replica's use and (if the store
@@ -204,6 +205,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     let (jwks_tasks, jwks) = parts.dashboard.start_refreshers();
     let caches = Arc::new(Caches::new(&parts.cache));
     let usage = Arc::new(UsageRecorder::default());
+    let request_counts = Arc::new(RequestCounts::default());
     let authz = Arc::new(
         Authenticator::new(
             parts.profile.clone(),
@@ -213,7 +215,8 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
             usage.clone(),
             parts.clock.clone(),
         )
-        .with_jwt(parts.dashboard.verifier.clone()),
+        .with_jwt(parts.dashboard.verifier.clone())
+        .with_request_counts(request_counts.clone()),
     );
     let manager = Arc::new(
         Manager::new(
@@ -252,13 +255,16 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     };
     let console = console_parts.as_ref().and_then(|c| {
         let signer = c.signer.clone()?;
-        Some(Arc::new(Console::new(
-            parts.profile.clone(),
-            c.store.clone(),
-            signer,
-            c.settings.clone(),
-            parts.clock.clone(),
-        )))
+        Some(Arc::new(
+            Console::new(
+                parts.profile.clone(),
+                c.store.clone(),
+                signer,
+                c.settings.clone(),
+                parts.clock.clone(),
+            )
+            .with_providers(parts.dashboard.providers.clone()),
+        ))
     });
 
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -325,6 +331,8 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     let flush_usage = usage.clone();
     let period = parts.last_used_flush;
     let upkeep = caches.clone();
+    let flush_counts = request_counts.clone();
+    let counts_clock = parts.clock.clone();
     let last_used = tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -333,6 +341,9 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
             upkeep.maintain();
             if let Err(e) = flush_usage.flush(store.as_ref()).await {
                 tracing::warn!(error = %e, "could not record last use of keys; will retry");
+            }
+            if let Err(e) = flush_counts.flush(store.as_ref(), counts_clock.now()).await {
+                tracing::warn!(error = %e, "could not record per-key request counts; will retry");
             }
         }
     });
@@ -447,6 +458,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         shutdown_grace: parts.shutdown_grace,
         jwks,
         usage,
+        request_counts,
         store: parts.store,
         applied,
         envoy: parts.envoy,
@@ -577,6 +589,14 @@ impl Running {
         self.usage.flush(self.store.as_ref()).await
     }
 
+    /// Writes the per-key request counts made so far, now (one store call);
+    /// how many keys were written.
+    pub async fn flush_request_counts(&self) -> crate::error::Result<usize> {
+        self.request_counts
+            .flush(self.store.as_ref(), self.clock.now())
+            .await
+    }
+
     /// Stops accepting calls, lets in-flight calls finish, writes pending
     /// usage, and stops the background tasks.
     pub async fn shutdown(mut self) -> Result<(), tonic::transport::Error> {
@@ -606,6 +626,10 @@ impl Running {
         }
         if let Err(e) = self.usage.flush(self.store.as_ref()).await {
             tracing::warn!(error = %e, "could not record last use of keys at shutdown");
+        }
+        let now = self.clock.now();
+        if let Err(e) = self.request_counts.flush(self.store.as_ref(), now).await {
+            tracing::warn!(error = %e, "could not record per-key request counts at shutdown");
         }
         let returned = self.authz.limiter().quotas().return_all().await;
         tracing::info!(returned, "returned unused quota leases");

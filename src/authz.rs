@@ -196,6 +196,8 @@ pub struct Authenticator {
     /// Trusted JWT issuers (none: every JWT is `TOKEN_INVALID`).
     jwt: Arc<Verifier>,
     metrics: decision_metrics::DecisionMetrics,
+    /// Per-key request counts (`None`: not counted).
+    counts: Option<Arc<RequestCounts>>,
 }
 
 /// An authenticated credential, with what the limits need (no key record
@@ -227,6 +229,19 @@ impl Authenticator {
             clock,
             jwt: Arc::default(),
             metrics: decision_metrics::DecisionMetrics::new(),
+            counts: None,
+        }
+    }
+
+    /// Counts decisions per key into `counts` (flushed by the caller).
+    pub fn with_request_counts(mut self, counts: Arc<RequestCounts>) -> Self {
+        self.counts = Some(counts);
+        self
+    }
+
+    fn count(&self, key: Option<&KeyRecord>, allowed: bool) {
+        if let (Some(counts), Some(key)) = (&self.counts, key) {
+            counts.count(key.id, allowed);
         }
     }
 
@@ -266,12 +281,16 @@ impl Authenticator {
             Ok(who) => who,
         };
         if cost == 0 {
+            self.count(who.record.as_deref(), true);
             return Ok(Verdict::plain(Decision::Allow(who.principal)));
         }
         let outcome = self
             .check_limits(&who.tenant, who.record.as_deref(), u64::from(cost), false)
             .await?;
-        Ok(self.verdict(Decision::Allow(who.principal), &who.tenant, outcome))
+        let verdict = self.verdict(Decision::Allow(who.principal), &who.tenant, outcome);
+        let allowed = matches!(verdict.decision, Decision::Allow(_));
+        self.count(who.record.as_deref(), allowed);
+        Ok(verdict)
     }
 
     /// Turns a limit outcome into a verdict, honouring the plan's shadow mode.
@@ -413,6 +432,11 @@ impl Authenticator {
         let span = tracing::Span::current();
         span.record("tenant_id", record.tenant_id.as_str());
         span.record("key_id", tracing::field::display(record.id));
+        // From here a denial is about a known key: counted as denied.
+        let deny = |r| {
+            self.count(Some(&record), false);
+            Ok(Err(r))
+        };
 
         let now = self.clock.now();
         if record.is_revoked() {
@@ -609,6 +633,8 @@ fn confirmable(caches: &Caches) -> Result<()> {
 mod decision_metrics;
 mod jwt;
 mod quota;
+pub mod request_counts;
+pub use request_counts::RequestCounts;
 
 pub use quota::{QuotaAnswer, QuotaSubject, QuotaUsage};
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
+use crate::console::providers::{build_providers, ProviderError, Providers};
 use crate::console::settings::{ConsoleSettings, ConsoleSettingsError};
 use crate::crypto::issuers::{build_all, IssuerError, IssuerSettings};
 use crate::crypto::jwks::{http_client, RefreshStats, Refresher};
@@ -53,6 +54,9 @@ pub struct Dashboard {
     pub refreshers: Vec<Refresher>,
     /// The console side (accounts, audit), when the store has one.
     pub console: Option<ConsoleParts>,
+    /// Identity providers for console sign-in (their refreshers are in
+    /// `refreshers`; they are not issuers of the verifier).
+    pub providers: Arc<Providers>,
 }
 
 /// Dashboard settings that cannot be used.
@@ -64,6 +68,8 @@ pub enum DashboardError {
     Console(#[from] ConsoleSettingsError),
     #[error("configuration field `jwt`: {0}")]
     Keys(#[from] KeyError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
 }
 
 impl Dashboard {
@@ -75,6 +81,8 @@ impl Dashboard {
     ) -> Result<Self, DashboardError> {
         let built = build_all(&settings.issuers)?;
         let mut issuers = built.issuers;
+        let mut refreshers = built.refreshers;
+        let mut providers = Providers::default();
         if let Some(c) = &console {
             c.settings.validate()?;
             // A misconfigured webhook (unreadable secret file, short
@@ -84,11 +92,15 @@ impl Dashboard {
                 let rules = crate::console::Console::issuer_rules(&c.settings);
                 issuers.push(Arc::new(Issuer::new(rules, signer.key_set())));
             }
+            let (built, provider_refreshers) = build_providers(&c.settings.oidc)?;
+            providers = built;
+            refreshers.extend(provider_refreshers);
         }
         Ok(Self {
             verifier: Arc::new(Verifier::new(issuers)?),
-            refreshers: built.refreshers,
+            refreshers,
             console,
+            providers: Arc::new(providers),
         })
     }
 

@@ -42,6 +42,10 @@ pub enum Error {
     Unavailable(String),
     #[error("internal error")]
     Internal(String),
+    /// An identity provider's ID token was refused (SignInWithProvider):
+    /// which check failed, never the token. Nothing changed.
+    #[error("{0}")]
+    IdTokenRefused(crate::crypto::jwt::oidc::IdTokenError),
 }
 
 impl Error {

@@ -53,6 +53,9 @@ pub const FORWARD_AUTH_REQUESTS: &str = "tollgate_forward_auth_requests_total";
 /// credential, generic) and `result` (ok, over_limit, shadow_over_limit,
 /// unlimited, no_limit).
 pub const RATELIMIT_DESCRIPTORS: &str = "tollgate_ratelimit_descriptors_total";
+/// Decisions not counted per key because this replica's count table was
+/// full (more distinct keys than it holds in one flush interval).
+pub const REQUEST_COUNTS_OVERFLOWED: &str = "tollgate_request_counts_overflowed_total";
 
 /// Log output (`log_format` in the settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

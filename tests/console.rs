@@ -24,6 +24,8 @@ mod mailbox;
 mod manage;
 #[path = "console/subscription.rs"]
 mod subscription;
+#[path = "console/oidc.rs"]
+mod oidc;
 #[path = "console/users.rs"]
 mod users;
 

@@ -109,6 +109,9 @@ impl Authenticator {
         dry_run: bool,
     ) -> Result<QuotaAnswer> {
         let cost = u64::from(cost.max(1));
+        // A presented key's decision is counted per key, as Authenticate's is
+        // (dry runs too; its own state's denials are counted on identifying).
+        let presented = matches!(subject, QuotaSubject::Credential(_));
         let denied = |reason| QuotaAnswer {
             plan: None,
             verdict: Verdict::plain(Decision::Deny(reason)),
@@ -179,9 +182,14 @@ impl Authenticator {
                 labels: Vec::new(),
             }),
         };
+        let verdict = self.verdict(allow, &tenant, outcome);
+        if presented {
+            let allowed = matches!(verdict.decision, Decision::Allow(_));
+            self.count(key.as_deref(), allowed);
+        }
         Ok(QuotaAnswer {
             plan: Some(tenant.plan.clone()),
-            verdict: self.verdict(allow, &tenant, outcome),
+            verdict,
         })
     }
 

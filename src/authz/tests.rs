@@ -128,6 +128,21 @@ impl Store for CountingStore {
     async fn touch_keys(&self, used: &[(KeyId, Time)]) -> R<()> {
         self.inner.touch_keys(used).await
     }
+    async fn add_request_counts(
+        &self,
+        hour: Time,
+        counts: &[crate::domain::usage::KeyCounts],
+    ) -> R<()> {
+        self.inner.add_request_counts(hour, counts).await
+    }
+    async fn request_counts(
+        &self,
+        key: KeyId,
+        days_from: Time,
+        hours_from: Time,
+    ) -> R<crate::domain::usage::RequestSeries> {
+        self.inner.request_counts(key, days_from, hours_from).await
+    }
     async fn lease_quota(
         &self,
         replica: uuid::Uuid,

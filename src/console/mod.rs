@@ -10,7 +10,9 @@
 
 pub mod delivery;
 mod mail;
+pub mod providers;
 pub mod settings;
+mod sign_in;
 pub mod throttle;
 mod users;
 pub mod work;
@@ -38,6 +40,7 @@ use crate::store::StoreError;
 
 use delivery::{Deliver, MessageKind, Nowhere, Stdout, Webhook};
 pub use settings::{ConsoleSettings, SignupPolicy};
+pub use sign_in::ProviderSignIn;
 use throttle::{Attempt, LoginThrottle, MailThrottle};
 pub use users::Actor;
 use work::{Busy, WorkQueue};
@@ -138,6 +141,8 @@ pub struct Console {
     mail_per_account: MailThrottle,
     passwords: WorkQueue,
     delivery: Arc<dyn Deliver>,
+    /// `[jwt.console.oidc.<name>]` (SignInWithProvider).
+    providers: Arc<providers::Providers>,
 }
 
 fn delivery_for(settings: &ConsoleSettings) -> Arc<dyn Deliver> {
@@ -192,6 +197,7 @@ impl Console {
             signups: MailThrottle::default(),
             mail: MailThrottle::default(),
             mail_per_account: MailThrottle::default(),
+            providers: Arc::default(),
         }
     }
 
@@ -426,7 +432,10 @@ impl Console {
         let user = self.store.user_by_email(email).await?;
         let ok = {
             let _slot = self.passwords.enter().await?;
-            password::verify(password, user.as_ref().map(|u| u.password_hash.clone())).await
+            // A provider-only account has no password: verified like an
+            // unknown email (the same work, the same answer).
+            let stored = user.as_ref().filter(|u| u.password_hash.is_set());
+            password::verify(password, stored.map(|u| u.password_hash.clone())).await
         };
         user.filter(|u| ok && u.disabled_at.is_none())
             .ok_or_else(|| {

@@ -148,6 +148,9 @@ pub struct ConsoleSettings {
     pub password_queue_wait_seconds: u64,
     /// Where verification and reset tokens are sent.
     pub delivery: DeliverySettings,
+    /// OpenID Connect providers for SignInWithProvider, by name
+    /// (`[jwt.console.oidc.google]`).
+    pub oidc: std::collections::BTreeMap<String, super::providers::ProviderSettings>,
 }
 
 impl Default for ConsoleSettings {
@@ -164,6 +167,7 @@ impl Default for ConsoleSettings {
             password_queue: 64,
             password_queue_wait_seconds: 5,
             delivery: DeliverySettings::default(),
+            oidc: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -375,3 +375,123 @@ async fn the_last_enabled_owner_cannot_be_demoted_disabled_or_deleted() {
     assert!(matches!(e, Error::PermissionDenied(_)), "{e:?}");
     assert_eq!(user(&store, "ada@example.com").await, ada);
 }
+
+mod sign_in_with_a_provider {
+    //! SignInWithProvider on the memory store: the same rules as Postgres
+    //! (tests/console/oidc.rs covers the real thing end to end).
+
+    use super::*;
+    use crate::console::providers::{Provider, Providers};
+    use crate::crypto::jwt::oidc::{IdTokenError, IdTokenRules, IdTokenVerifier};
+    use crate::crypto::jwt::Issuer;
+
+    const IDP: &str = "https://idp.test";
+
+    fn with_idp(signup: SignupPolicy) -> (Console, Arc<MemoryStore>, ConsoleSigner) {
+        let idp = ConsoleSigner::ephemeral("idp-1");
+        let keys = Arc::new(Issuer::new(
+            IssuerRules::new(IDP, vec!["client".into()]),
+            idp.key_set(),
+        ));
+        let rules = IdTokenRules {
+            issuers: vec![IDP.into()],
+            client_ids: vec!["client".into()],
+            leeway_seconds: 60,
+        };
+        let provider = Provider {
+            name: "idp".into(),
+            verifier: IdTokenVerifier::new(rules, keys),
+        };
+        let (c, store, _) = console_with(ConsoleSettings {
+            signup: Some(signup),
+            ..ConsoleSettings::default()
+        });
+        let c = c.with_providers(Arc::new(Providers::new([provider])));
+        (c, store, idp)
+    }
+
+    fn token(idp: &ConsoleSigner, sub: &str, email: &str, verified: bool) -> String {
+        let now = chrono::Utc::now().timestamp();
+        idp.sign(&serde_json::json!({"iss": IDP, "aud": "client", "sub": sub,
+            "email": email, "email_verified": verified, "iat": now, "exp": now + 600}))
+            .unwrap()
+    }
+
+    async fn sign_in(c: &Console, id_token: String) -> Result<Session> {
+        c.sign_in_with_provider(sign_in::ProviderSignIn {
+            provider: "idp",
+            id_token: SecretString::from(id_token),
+            nonce: "",
+            address: ADDRESS,
+            request_id: "r",
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_new_person_gets_a_provider_only_owner_and_comes_back_to_it() {
+        let (c, store, idp) = with_idp(SignupPolicy::Open);
+        let first = sign_in(&c, token(&idp, "s-1", "New@Example.com", true))
+            .await
+            .unwrap();
+        assert_eq!(first.user.role, Role::Owner);
+        assert!(first.user.email_verified_at.is_some());
+        assert!(!first.user.password_hash.is_set());
+        let again = sign_in(&c, token(&idp, "s-1", "moved@example.com", true))
+            .await
+            .unwrap();
+        assert_eq!(again.user.id, first.user.id, "by (issuer, subject)");
+        let refused = c
+            .login("new@example.com", SecretString::from(PASSWORD), ADDRESS)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, Error::BadCredentials(BAD_LOGIN)),
+            "{refused:?}"
+        );
+        assert_eq!(
+            store.list_users(&first.user.tenant_id).await.unwrap().len(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unverified_account_is_claimed_by_the_address_owner() {
+        let (c, store, idp) = with_idp(SignupPolicy::Open);
+        c.sign_up(sign_up("eve@example.com"), ADDRESS, "r")
+            .await
+            .unwrap();
+        let squatter = user(&store, "eve@example.com").await;
+        assert!(squatter.password_hash.is_set());
+        let eve = sign_in(&c, token(&idp, "s-2", "eve@example.com", true))
+            .await
+            .unwrap();
+        assert_eq!(eve.user.id, squatter.id);
+        assert!(
+            !eve.user.password_hash.is_set(),
+            "the squatter's password is gone"
+        );
+        assert!(eve.user.email_verified_at.is_some());
+        let unverified = sign_in(&c, token(&idp, "s-3", "x@example.com", false))
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            unverified,
+            Error::IdTokenRefused(IdTokenError::EmailNotVerified)
+        ));
+    }
+
+    #[tokio::test]
+    async fn with_sign_up_closed_a_stranger_is_refused_and_nothing_is_written() {
+        let (c, store, idp) = with_idp(SignupPolicy::Invite);
+        let refused = sign_in(&c, token(&idp, "s-4", "stranger@example.com", true))
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, Error::PermissionDenied(_)), "{refused:?}");
+        assert!(store
+            .user_by_email(&Email::parse("stranger@example.com").unwrap())
+            .await
+            .unwrap()
+            .is_none());
+    }
+}

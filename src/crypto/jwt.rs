@@ -617,5 +617,7 @@ fn check_claims(
     })
 }
 
+pub mod oidc;
+
 #[cfg(test)]
 mod tests;

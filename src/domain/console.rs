@@ -120,6 +120,19 @@ impl fmt::Debug for PasswordHash {
     }
 }
 
+impl PasswordHash {
+    /// No password: an account that signs in only through an identity
+    /// provider (stored as NULL; no password ever matches it).
+    pub fn none() -> Self {
+        Self(String::new())
+    }
+
+    /// Whether a password is set.
+    pub fn is_set(&self) -> bool {
+        !self.0.is_empty()
+    }
+}
+
 /// A console user as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsoleUser {
@@ -217,6 +230,7 @@ pub enum AuditAction {
     UserUpdated,
     UserDeleted,
     PasswordReset,
+    IdentityLinked,
 }
 
 impl AuditAction {
@@ -233,6 +247,7 @@ impl AuditAction {
             Self::UserUpdated => "user.updated",
             Self::UserDeleted => "user.deleted",
             Self::PasswordReset => "user.password_reset",
+            Self::IdentityLinked => "user.identity_linked",
         }
     }
 }

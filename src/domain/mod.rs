@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod console;
 pub mod decision;
+pub mod identity;
 pub mod key;
 pub mod key_digest;
 pub mod labels;
@@ -12,6 +13,7 @@ pub mod limit;
 pub mod ratelimit;
 pub mod record;
 pub mod tenant;
+pub mod usage;
 pub mod validate;
 
 pub use decision::{CredentialType, Decision, LimitStatus, Principal, Reason, Verdict};

@@ -157,8 +157,25 @@ impl AuthService for AuthApi {
                 .await?;
             r.tenant_id
         };
+        // Request counts are per key (and `days` is checked before any read).
+        let requests = if r.key_id.is_empty() {
+            crate::domain::usage::RequestSeries::default()
+        } else {
+            self.authz.request_series(&r.key_id, r.days).await?
+        };
         let quotas = self.authz.usage(&tenant_id, &r.key_id).await?;
+        let totals = |list: &[crate::domain::usage::RequestTotal]| -> Vec<pb::RequestCount> {
+            list.iter()
+                .map(|t| pb::RequestCount {
+                    start: Some(convert::ts(t.start)),
+                    allowed: t.allowed,
+                    denied: t.denied,
+                })
+                .collect()
+        };
         Ok(Response::new(pb::GetUsageResponse {
+            daily_requests: totals(&requests.daily),
+            hourly_requests: totals(&requests.hourly),
             quotas: quotas
                 .iter()
                 .map(|q| pb::QuotaUsage {

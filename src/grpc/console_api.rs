@@ -9,7 +9,9 @@ use super::caller::{peer, request_id, CallerGuard};
 use super::convert::ts;
 use super::pb::{self, console_service_server::ConsoleService};
 use crate::access::{Caller, Rpc};
-use crate::console::{audit_page, Actor, Console, CreateUserInput, Session, SignUpInput};
+use crate::console::{
+    audit_page, Actor, Console, CreateUserInput, ProviderSignIn, Session, SignUpInput,
+};
 use crate::domain::console::{AuditEvent, ConsoleUser, Role, UserChange};
 use crate::domain::TenantId;
 use crate::error::Error;
@@ -378,5 +380,30 @@ impl ConsoleService for ConsoleApi {
             events: page.items.iter().map(audit_event).collect(),
             next_page_token: page.next_page_token,
         }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn sign_in_with_provider(
+        &self,
+        request: Request<pb::SignInWithProviderRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        let caller = self
+            .guard
+            .admit(Rpc::SignInWithProvider, request.metadata(), false)
+            .await?;
+        let rid = request_id(request.metadata());
+        let address = self.client_address(&caller, &request, &request.get_ref().client_address)?;
+        let r = request.into_inner();
+        let s = self
+            .console()?
+            .sign_in_with_provider(ProviderSignIn {
+                provider: &r.provider,
+                id_token: SecretString::from(r.id_token),
+                nonce: &r.nonce,
+                address: &address,
+                request_id: &rid,
+            })
+            .await?;
+        Ok(Response::new(session(s)))
     }
 }

@@ -56,6 +56,15 @@ impl From<Error> for Status {
                 tracing::error!(error = %detail, "internal error");
                 Status::internal("internal error")
             }
+            Error::IdTokenRefused(why) => Status::with_error_details(
+                Code::Unauthenticated,
+                why.to_string(),
+                ErrorDetails::with_error_info(
+                    why.reason(),
+                    "tollgate",
+                    std::collections::HashMap::<String, String>::new(),
+                ),
+            ),
         }
     }
 }

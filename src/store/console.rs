@@ -16,6 +16,7 @@ use crate::domain::console::{
     AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, Role, TokenKind,
     UserChange, UserId,
 };
+use crate::domain::identity::{Identity, LinkEffects};
 use crate::domain::{Tenant, TenantId};
 
 /// The outcome of spending a single-use token.
@@ -147,4 +148,33 @@ pub trait ConsoleStore: Send + Sync + 'static {
         before: Option<uuid::Uuid>,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError>;
+    /// The user linked to a provider identity (issuer, subject).
+    async fn user_by_identity(
+        &self,
+        issuer: &str,
+        subject: &str,
+    ) -> Result<Option<ConsoleUser>, StoreError>;
+    /// Links `identity` to its user (whose email must still be
+    /// `identity.email`) and applies [`LinkEffects::for_user`] to the user
+    /// as locked (an unverified address is verified and its password, set
+    /// by someone who never proved the address, removed with its
+    /// sessions), audited, in one transaction. Returns the user as changed.
+    /// `AlreadyExists` when the identity is linked already; `NotFound`
+    /// when the user is gone or its email changed.
+    async fn link_identity(
+        &self,
+        identity: Identity,
+        ctx: &AuditContext,
+        now: DateTime<Utc>,
+    ) -> Result<(ConsoleUser, LinkEffects), StoreError>;
+    /// Creates a tenant, its owner (no password, email verified by the
+    /// provider) and the owner's identity, audited, in one transaction.
+    /// `AlreadyExists` when the email, tenant id or identity is taken.
+    async fn sign_up_with_identity(
+        &self,
+        tenant: Tenant,
+        owner: ConsoleUser,
+        identity: Identity,
+        ctx: &AuditContext,
+    ) -> Result<(), StoreError>;
 }

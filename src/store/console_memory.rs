@@ -12,7 +12,10 @@ use crate::domain::console::{
     AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, Role, TokenKind,
     UserChange, UserId,
 };
+use crate::domain::identity::{Identity, LinkEffects};
 use crate::domain::{audit, Tenant, TenantId};
+
+mod identities;
 
 fn taken(s: &State, email: &Email) -> bool {
     s.console.by_email.contains_key(email)
@@ -155,6 +158,7 @@ impl ConsoleStore for MemoryStore {
         s.console.tokens.retain(|_, t| t.token.user_id != user);
         s.console.users.remove(&user);
         s.console.by_email.remove(&old.email);
+        s.console.identities.retain(|_, u| *u != user);
         s.audit.record(audit::user_deleted(ctx, &old, now));
         Ok(old)
     }
@@ -307,5 +311,32 @@ impl ConsoleStore for MemoryStore {
             .take(limit as usize)
             .cloned()
             .collect())
+    }
+
+    async fn user_by_identity(
+        &self,
+        issuer: &str,
+        subject: &str,
+    ) -> Result<Option<ConsoleUser>, StoreError> {
+        Ok(identities::user_by_identity(self, issuer, subject))
+    }
+
+    async fn link_identity(
+        &self,
+        identity: Identity,
+        ctx: &AuditContext,
+        now: DateTime<Utc>,
+    ) -> Result<(ConsoleUser, LinkEffects), StoreError> {
+        identities::link_identity(self, identity, ctx, now)
+    }
+
+    async fn sign_up_with_identity(
+        &self,
+        tenant: Tenant,
+        owner: ConsoleUser,
+        identity: Identity,
+        ctx: &AuditContext,
+    ) -> Result<(), StoreError> {
+        identities::sign_up_with_identity(self, tenant, owner, identity, ctx)
     }
 }

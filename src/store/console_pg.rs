@@ -15,7 +15,10 @@ use crate::domain::console::{
     AuditContext, AuditEvent, ConsoleUser, Email, NewToken, PasswordHash, Role, TokenKind,
     UserChange, UserId,
 };
+use crate::domain::identity::{Identity, LinkEffects};
 use crate::domain::{audit, Tenant, TenantId};
+
+mod identities;
 
 #[derive(sqlx::FromRow)]
 struct UserRow {
@@ -23,7 +26,7 @@ struct UserRow {
     tenant_id: String,
     email: String,
     role: String,
-    password_hash: String,
+    password_hash: Option<String>,
     email_verified_at: Option<DateTime<Utc>>,
     disabled_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
@@ -38,7 +41,8 @@ impl TryFrom<UserRow> for ConsoleUser {
             tenant_id: TenantId::parse(&r.tenant_id).ok_or_else(|| bad("tenant id"))?,
             email: Email::parse(&r.email).ok_or_else(|| bad("email"))?,
             role: Role::parse(&r.role).ok_or_else(|| bad("role"))?,
-            password_hash: PasswordHash(r.password_hash),
+            // NULL: a provider-only account (no password matches).
+            password_hash: PasswordHash(r.password_hash.unwrap_or_default()),
             email_verified_at: r.email_verified_at,
             disabled_at: r.disabled_at,
             created_at: r.created_at,
@@ -74,7 +78,7 @@ async fn insert_user(
     .bind(u.tenant_id.as_str())
     .bind(u.email.as_str())
     .bind(u.role.as_str())
-    .bind(&u.password_hash.0)
+    .bind(u.password_hash.is_set().then_some(&u.password_hash.0))
     .bind(u.email_verified_at)
     .bind(u.created_at)
     .bind(u.disabled_at)
@@ -598,5 +602,32 @@ impl ConsoleStore for PostgresStore {
                 })
             })
             .collect()
+    }
+
+    async fn user_by_identity(
+        &self,
+        issuer: &str,
+        subject: &str,
+    ) -> Result<Option<ConsoleUser>, StoreError> {
+        identities::user_by_identity(self, issuer, subject).await
+    }
+
+    async fn link_identity(
+        &self,
+        identity: Identity,
+        ctx: &AuditContext,
+        now: DateTime<Utc>,
+    ) -> Result<(ConsoleUser, LinkEffects), StoreError> {
+        identities::link_identity(self, identity, ctx, now).await
+    }
+
+    async fn sign_up_with_identity(
+        &self,
+        tenant: Tenant,
+        owner: ConsoleUser,
+        identity: Identity,
+        ctx: &AuditContext,
+    ) -> Result<(), StoreError> {
+        identities::sign_up_with_identity(self, tenant, owner, identity, ctx).await
     }
 }

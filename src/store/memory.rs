@@ -20,6 +20,7 @@ use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, Tenan
 
 mod audit_log;
 mod console_rows;
+mod request_counts;
 
 #[derive(Default)]
 pub(super) struct State {
@@ -33,6 +34,8 @@ pub(super) struct State {
     pub(super) console: console_rows::ConsoleState,
     /// Every change's audit event (`memory/audit_log.rs`).
     pub(super) audit: audit_log::AuditLog,
+    /// Per-key request counts (`memory/request_counts.rs`).
+    request_counts: request_counts::RequestCountRows,
 }
 
 impl State {
@@ -561,5 +564,24 @@ impl Store for MemoryStore {
             self.publish(Invalidation::KeyAdded(r.digest));
         }
         Ok(records)
+    async fn add_request_counts(
+        &self,
+        hour: DateTime<Utc>,
+        counts: &[crate::domain::usage::KeyCounts],
+    ) -> Result<(), StoreError> {
+        self.state().request_counts.add(hour, counts);
+        Ok(())
+    }
+
+    async fn request_counts(
+        &self,
+        key: KeyId,
+        days_from: DateTime<Utc>,
+        hours_from: DateTime<Utc>,
+    ) -> Result<crate::domain::usage::RequestSeries, StoreError> {
+        Ok(self
+            .state()
+            .request_counts
+            .series(key, days_from, hours_from))
     }
 }

@@ -368,4 +368,20 @@ pub trait Store: Send + Sync + 'static {
         keys: Vec<NewKey>,
         audit: &AuditContext,
     ) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Adds a flush's per-key request counts to each key's totals for
+    /// `hour` and its day, in one write; drops hourly totals older than
+    /// [`crate::domain::usage::HOURLY_RETENTION_HOURS`].
+    async fn add_request_counts(
+        &self,
+        hour: DateTime<Utc>,
+        counts: &[crate::domain::usage::KeyCounts],
+    ) -> Result<(), StoreError>;
+    /// A key's daily totals from `days_from` and hourly ones from
+    /// `hours_from`, oldest first.
+    async fn request_counts(
+        &self,
+        key: KeyId,
+        days_from: DateTime<Utc>,
+        hours_from: DateTime<Utc>,
+    ) -> Result<crate::domain::usage::RequestSeries, StoreError>;
 }

@@ -30,6 +30,7 @@ mod feed;
 mod keys;
 mod quotas;
 mod replicas;
+mod request_counts;
 mod shares;
 mod tenants;
 
@@ -367,5 +368,20 @@ impl Store for PostgresStore {
         audit: &AuditContext,
     ) -> Result<Vec<KeyRecord>, StoreError> {
         keys::insert_keys(self, new, audit).await
+    async fn add_request_counts(
+        &self,
+        hour: DateTime<Utc>,
+        counts: &[crate::domain::usage::KeyCounts],
+    ) -> Result<(), StoreError> {
+        request_counts::add(self, hour, counts).await
+    }
+
+    async fn request_counts(
+        &self,
+        key: KeyId,
+        days_from: DateTime<Utc>,
+        hours_from: DateTime<Utc>,
+    ) -> Result<crate::domain::usage::RequestSeries, StoreError> {
+        request_counts::series(self, key, days_from, hours_from).await
     }
 }

@@ -34,6 +34,9 @@ pub struct Counts {
     /// `touch_keys` calls, and the rows they carried.
     pub touch_calls: AtomicUsize,
     pub touched_rows: AtomicUsize,
+    /// `add_request_counts` calls, and the keys they carried.
+    pub request_count_calls: AtomicUsize,
+    pub request_count_rows: AtomicUsize,
 }
 
 pub struct SpyStore {
@@ -249,5 +252,23 @@ impl Store for SpyStore {
     }
     async fn insert_keys(&self, keys: Vec<NewKey>, a: &AuditContext) -> R<Vec<KeyRecord>> {
         self.inner.insert_keys(keys, a).await
+    async fn add_request_counts(
+        &self,
+        hour: DateTime<Utc>,
+        counts: &[tollgate::domain::usage::KeyCounts],
+    ) -> R<()> {
+        self.counts.request_count_calls.fetch_add(1, SeqCst);
+        self.counts
+            .request_count_rows
+            .fetch_add(counts.len(), SeqCst);
+        self.inner.add_request_counts(hour, counts).await
+    }
+    async fn request_counts(
+        &self,
+        key: KeyId,
+        days_from: DateTime<Utc>,
+        hours_from: DateTime<Utc>,
+    ) -> R<tollgate::domain::usage::RequestSeries> {
+        self.inner.request_counts(key, days_from, hours_from).await
     }
 }

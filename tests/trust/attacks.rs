@@ -56,6 +56,7 @@ async fn nobody_without_credentials_spends_or_probes_a_quota_by_id(
             .get_usage(pb::GetUsageRequest {
                 tenant_id: req.tenant_id.clone(),
                 key_id: req.key_id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap_err();

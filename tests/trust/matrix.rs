@@ -31,7 +31,8 @@ const MATRIX: &[(Rpc, &str, &str)] = &[
     (Rpc::CheckQuota, "by api_key", /*        */ ".   .   .   .   .    .    .   .   .   .     .   ."),
     (Rpc::CheckQuota, "by tenant_id", /*      */ "U   U   U   .   P    .    .   .   .   N     U   ."),
     (Rpc::CheckQuota, "by key_id", /*         */ "U   U   U   .   P    .    .   .   .   N     U   ."),
-    (Rpc::GetUsage, "", /*                    */ "U   U   U   .   P    .    .   .   .   N     U   ."),
+    (Rpc::GetUsage, "by tenant_id", /*        */ "U   U   U   .   P    .    .   .   .   N     U   ."),
+    (Rpc::GetUsage, "by key_id", /*           */ "U   U   U   .   P    .    .   .   .   N     U   ."),
     (Rpc::CreateKey, "", /*                   */ "U   U   U   P   P    P    P   .   .   N     U   ."),
     (Rpc::RevokeKey, "", /*                   */ "U   U   U   P   P    P    P   .   .   N     U   ."),
     (Rpc::GetKey, "", /*                      */ "U   U   U   P   P    .    .   .   .   N     U   ."),
@@ -57,6 +58,7 @@ const MATRIX: &[(Rpc, &str, &str)] = &[
     (Rpc::UpdateUser, "role", /*              */ "U   U   U   P   P    P    P   .   .   N     U   ."),
     (Rpc::DeleteUser, "", /*                  */ "U   U   U   P   P    P    P   .   .   N     U   ."),
     (Rpc::ListAuditEvents, "", /*             */ "U   U   U   P   P    P    P   .   .   N     U   ."),
+    (Rpc::SignInWithProvider, "unknown provider", "I   I   I   I   I    I    I   I   I   I     I   I"),
     (Rpc::EnvoyCheck, "", /*                  */ ".   .   .   .   .    .    .   .   .   .     .   ."),
     (Rpc::HealthCheck, "", /*                 */ ".   .   .   .   .    .    .   .   .   .     .   ."),
     (Rpc::HealthWatch, "", /*                 */ ".   .   .   .   .    .    .   .   .   .     .   ."),
@@ -166,11 +168,22 @@ async fn call(fx: &mut Fixture, rpc: Rpc, variant: &str, who: usize) -> Code {
             ))
             .await,
         ),
-        (Rpc::GetUsage, _) => code(
+        (Rpc::GetUsage, "by tenant_id") => code(
             auth.get_usage(with(
                 b,
                 pb::GetUsageRequest {
                     tenant_id: tenant,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        // Quotas and per-key request counts: only of the caller's own keys.
+        (Rpc::GetUsage, "by key_id") => code(
+            auth.get_usage(with(
+                b,
+                pb::GetUsageRequest {
+                    key_id: key,
                     ..Default::default()
                 },
             ))
@@ -460,6 +473,20 @@ async fn call(fx: &mut Fixture, rpc: Rpc, variant: &str, who: usize) -> Code {
                     b,
                     pb::ListAuditEventsRequest {
                         tenant_id: tenant,
+                        ..Default::default()
+                    },
+                ))
+                .await,
+        ),
+        // Open like Login: every caller reaches the checks of the request
+        // itself (no provider is configured here: INVALID_ARGUMENT).
+        (Rpc::SignInWithProvider, _) => code(
+            console
+                .sign_in_with_provider(with(
+                    b,
+                    pb::SignInWithProviderRequest {
+                        provider: "google".into(),
+                        id_token: "not.an.id-token".into(),
                         ..Default::default()
                     },
                 ))

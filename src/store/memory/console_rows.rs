@@ -22,6 +22,8 @@ pub(in crate::store) struct ConsoleState {
     pub(in crate::store) users: BTreeMap<UserId, ConsoleUser>,
     pub(in crate::store) by_email: HashMap<Email, UserId>,
     pub(in crate::store) tokens: HashMap<[u8; 32], StoredToken>,
+    /// Provider identities: (issuer, subject) → user.
+    pub(in crate::store) identities: HashMap<(String, String), UserId>,
 }
 
 impl ConsoleState {
