@@ -28,8 +28,10 @@ use crate::grpc::envoy::{AuthorizationServer, EnvoyAuthz, EnvoySettings};
 use crate::grpc::operator::StaticToken;
 use crate::grpc::pb::auth_service_server::AuthServiceServer;
 use crate::grpc::pb::console_service_server::ConsoleServiceServer;
+use crate::grpc::pb::revocation_service_server::RevocationServiceServer;
 use crate::grpc::pb::tenant_service_server::TenantServiceServer;
 use crate::grpc::pb::{ENVOY_FILE_DESCRIPTOR_SET, FILE_DESCRIPTOR_SET};
+use crate::grpc::revocation_api::RevocationApi;
 use crate::grpc::tenant_api::TenantApi;
 use crate::limits::shares::ShareSettings;
 use crate::limits::{Limiter, ShareReport};
@@ -65,6 +67,8 @@ pub struct Parts {
     pub ready_gate: Option<tokio::sync::watch::Receiver<bool>>,
     /// Heartbeat interval and expiry.
     pub replicas: ReplicaSettings,
+    /// Automatic revocation sweeps (`manage::revocation`).
+    pub revocation: crate::manage::revocation::SweepSettings,
 }
 
 /// How replicas find each other and share quotas (`[replicas]` in the
@@ -360,6 +364,30 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         }
     });
 
+    // Every replica sweeps: the store skips keys another sweeper holds, so
+    // each key is revoked (and audited, and published) once. The first
+    // sweep is one interval after start, not at once (a rolling restart
+    // does not make every replica sweep together).
+    let sweeper = (parts.revocation.sweep_interval_seconds > 0).then(|| {
+        let manager = manager.clone();
+        let period = Duration::from_secs(parts.revocation.sweep_interval_seconds);
+        let batch = parts.revocation.sweep_batch;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let report = manager.sweep_revocations(batch).await;
+                tracing::info!(
+                    revoked = report.revoked.len(),
+                    tenants = report.tenants_swept,
+                    failed_tenants = report.failed_tenants,
+                    "revocation sweep done"
+                );
+            }
+        })
+    });
+
     let reflection = reflection_builder()
         .build_v1()
         .map_err(std::io::Error::other)?;
@@ -385,6 +413,12 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     let tenants = TenantServiceServer::new(TenantApi {
         manager: manager.clone(),
         guard: callers.clone(),
+        access: access.clone(),
+    })
+    .max_decoding_message_size(max);
+    let revocation = RevocationServiceServer::new(RevocationApi {
+        manager: manager.clone(),
+        guard: callers.clone(),
         access,
     })
     .max_decoding_message_size(max);
@@ -404,7 +438,8 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         .add_service(budget.wrap(auth))
         .add_service(budget.wrap(tenants))
         .add_service(envoy)
-        .add_service(budget.wrap(console_api));
+        .add_service(budget.wrap(console_api))
+        .add_service(budget.wrap(revocation));
     let stop = async {
         let _ = signal.await;
     };
@@ -427,6 +462,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         background: [invalidations, last_used, heartbeat]
             .into_iter()
             .chain(exchange)
+            .chain(sweeper)
             .chain(jwks_tasks)
             .collect(),
         authz: authz_handle,

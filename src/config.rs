@@ -134,6 +134,8 @@ pub struct Settings {
     pub replicas: ReplicaSettings,
     /// Rate-limit shares exchanged between replicas (`[rate_shares]`).
     pub rate_shares: ShareSettings,
+    /// Automatic revocation sweeps (`[revocation]`).
+    pub revocation: crate::manage::revocation::SweepSettings,
 }
 
 impl Default for Settings {
@@ -168,6 +170,7 @@ impl Default for Settings {
             envoy: EnvoySettings::default(),
             replicas: ReplicaSettings::default(),
             rate_shares: ShareSettings::default(),
+            revocation: Default::default(),
         }
     }
 }
@@ -203,6 +206,7 @@ const ENV_KEYS: &[&str] = &[
     "envoy",
     "replicas",
     "rate_shares",
+    "revocation",
 ];
 
 /// Settings given as command-line flags (highest precedence).
@@ -391,6 +395,9 @@ impl Settings {
                 "rate_shares.exchange_interval_ms",
                 "must be 0 (off) or 50..=60000",
             ));
+        }
+        if self.revocation.sweep_batch == 0 || self.revocation.sweep_batch > 10_000 {
+            return Err(invalid("revocation.sweep_batch", "must be 1..=10000"));
         }
         if self.rate_shares.max_cells == 0 {
             return Err(invalid("rate_shares.max_cells", "must be ≥ 1"));

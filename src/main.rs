@@ -392,6 +392,7 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
             rate_shares: settings.rate_shares.clone(),
             ready_gate: migrations.is_some().then_some(ready_gate),
             replicas: settings.replicas,
+            revocation: settings.revocation,
         },
         listener,
     )

@@ -14,6 +14,7 @@ use crate::profile::Profile;
 use crate::store::{Invalidation, Store, StoreError};
 
 mod keys;
+pub mod revocation;
 mod tenants;
 
 pub use keys::{CreateKeyInput, IssuedKey, UpdateKeyInput};

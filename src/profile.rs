@@ -168,6 +168,8 @@ struct RawProfile {
     error_body: ErrorBodyStyle,
     #[serde(default)]
     denials: BTreeMap<Reason, DenialSpec>,
+    #[serde(default)]
+    revocation: crate::domain::revocation::RevocationPolicy,
 }
 
 /// A profile that failed to load, naming the field at fault.
@@ -200,6 +202,9 @@ pub struct Profile {
     pub active_statuses: Vec<SubscriptionStatus>,
     pub error_body: ErrorBodyStyle,
     denials: BTreeMap<Reason, DenialSpec>,
+    /// Automatic revocation (`[revocation]`): the default policy of every
+    /// tenant, which a tenant's override may change.
+    pub revocation: crate::domain::revocation::RevocationPolicy,
 }
 
 impl Profile {
@@ -270,6 +275,18 @@ impl Profile {
         if raw.active_statuses.is_empty() {
             return Err(invalid("active_statuses", "at least one status is needed"));
         }
+        for (field, days) in [
+            ("revocation.unused_days", raw.revocation.unused_days),
+            ("revocation.max_age_days", raw.revocation.max_age_days),
+        ] {
+            let max = crate::domain::revocation::MAX_POLICY_DAYS;
+            if days.is_some_and(|d| !(1..=max).contains(&d)) {
+                return Err(invalid(
+                    field,
+                    format!("must be 1..={max} days (leave it out: off)"),
+                ));
+            }
+        }
         let mut denials = raw.denials;
         if raw.name != "default" {
             for (reason, spec) in Self::embedded_default().denials {
@@ -298,6 +315,7 @@ impl Profile {
             active_statuses: raw.active_statuses,
             error_body: raw.error_body,
             denials,
+            revocation: raw.revocation,
         })
     }
 

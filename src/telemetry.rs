@@ -43,6 +43,12 @@ pub const SHARE_EXCHANGES: &str = "tollgate_rate_share_exchanges_total";
 /// Rate cells this replica published a share for in its last exchange
 /// (cells hot somewhere in the fleet).
 pub const SHARED_CELLS: &str = "tollgate_rate_shared_cells";
+/// Keys revoked by an automatic revocation policy, by `policy`
+/// (`unused`, `max_age`, `reported_leaked`).
+pub const POLICY_REVOCATIONS: &str = "tollgate_policy_revocations_total";
+/// Leaked tokens reported, by `reporter` kind (`github`, `grpc`) and `label`
+/// (`true_positive`, `false_positive`).
+pub const LEAK_REPORTS: &str = "tollgate_leak_reports_total";
 
 /// Log output (`log_format` in the settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -297,6 +297,7 @@ async fn start_unwaited(
             ready_gate: None,
             dashboard: Default::default(),
             replicas: Default::default(),
+            revocation: Default::default(),
         },
         listener,
     )

@@ -217,6 +217,10 @@ pub enum AuditAction {
     UserUpdated,
     UserDeleted,
     PasswordReset,
+    /// A key was reported leaked (flagged; revoked too when the policy says).
+    KeyLeakReported,
+    /// A tenant's automatic revocation policy changed.
+    RevocationPolicyUpdated,
 }
 
 impl AuditAction {
@@ -233,6 +237,8 @@ impl AuditAction {
             Self::UserUpdated => "user.updated",
             Self::UserDeleted => "user.deleted",
             Self::PasswordReset => "user.password_reset",
+            Self::KeyLeakReported => "key.leak_reported",
+            Self::RevocationPolicyUpdated => "tenant.revocation_policy_updated",
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod decision;
 pub mod key;
 pub mod limit;
 pub mod record;
+pub mod revocation;
 pub mod tenant;
 pub mod validate;
 

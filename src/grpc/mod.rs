@@ -9,6 +9,7 @@ pub mod console_api;
 pub mod convert;
 pub mod envoy;
 pub mod operator;
+pub mod revocation_api;
 pub mod status;
 pub mod tenant_api;
 

@@ -16,10 +16,12 @@ use super::{
 use crate::crypto::KeyDigest;
 use crate::domain::audit;
 use crate::domain::console::AuditContext;
+use crate::domain::revocation::{Criteria, LeakOutcome, LeakSource, PolicyMatch, PolicyOverride};
 use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 
 mod audit_log;
 mod console_rows;
+mod revocation;
 
 #[derive(Default)]
 pub(super) struct State {
@@ -33,6 +35,8 @@ pub(super) struct State {
     pub(super) console: console_rows::ConsoleState,
     /// Every change's audit event (`memory/audit_log.rs`).
     pub(super) audit: audit_log::AuditLog,
+    /// Revocation policy overrides and leak reports (`memory/revocation.rs`).
+    pub(super) revocation: revocation::RevocationRows,
 }
 
 impl State {
@@ -529,5 +533,52 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+    async fn revocation_override(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<PolicyOverride>, StoreError> {
+        Ok(self.revocation_override_row(tenant))
+    }
+
+    async fn set_revocation_override(
+        &self,
+        tenant: &TenantId,
+        policy: Option<&PolicyOverride>,
+        now: DateTime<Utc>,
+        ctx: &AuditContext,
+    ) -> Result<(), StoreError> {
+        self.set_revocation_override_row(tenant, policy, now, ctx)
+    }
+
+    async fn policy_matches(
+        &self,
+        tenant: &TenantId,
+        criteria: &Criteria,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> Result<Vec<PolicyMatch>, StoreError> {
+        Ok(self.policy_match_rows(tenant, criteria, after, limit))
+    }
+
+    async fn revoke_by_policy(
+        &self,
+        tenant: &TenantId,
+        criteria: &Criteria,
+        limit: u32,
+        ctx: &AuditContext,
+    ) -> Result<Vec<PolicyMatch>, StoreError> {
+        Ok(self.revoke_policy_rows(tenant, criteria, limit, ctx))
+    }
+
+    async fn report_leak(
+        &self,
+        id: KeyId,
+        revoke: bool,
+        source: &LeakSource,
+        now: DateTime<Utc>,
+        ctx: &AuditContext,
+    ) -> Result<LeakOutcome, StoreError> {
+        self.report_leak_row(id, revoke, source, now, ctx)
     }
 }

@@ -23,6 +23,7 @@ use super::{
 };
 use crate::crypto::KeyDigest;
 use crate::domain::console::AuditContext;
+use crate::domain::revocation::{Criteria, LeakOutcome, LeakSource, PolicyMatch, PolicyOverride};
 use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 
 pub(super) mod audit_log;
@@ -30,6 +31,7 @@ mod feed;
 mod keys;
 mod quotas;
 mod replicas;
+mod revocation;
 mod shares;
 mod tenants;
 
@@ -348,5 +350,52 @@ impl Store for PostgresStore {
         self: std::sync::Arc<Self>,
     ) -> Option<std::sync::Arc<dyn super::ConsoleStore>> {
         Some(self)
+    }
+    async fn revocation_override(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<PolicyOverride>, StoreError> {
+        revocation::get_override(self, tenant).await
+    }
+
+    async fn set_revocation_override(
+        &self,
+        tenant: &TenantId,
+        policy: Option<&PolicyOverride>,
+        now: DateTime<Utc>,
+        ctx: &AuditContext,
+    ) -> Result<(), StoreError> {
+        revocation::set_override(self, tenant, policy, now, ctx).await
+    }
+
+    async fn policy_matches(
+        &self,
+        tenant: &TenantId,
+        criteria: &Criteria,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> Result<Vec<PolicyMatch>, StoreError> {
+        revocation::policy_matches(self, tenant, criteria, after, limit).await
+    }
+
+    async fn revoke_by_policy(
+        &self,
+        tenant: &TenantId,
+        criteria: &Criteria,
+        limit: u32,
+        ctx: &AuditContext,
+    ) -> Result<Vec<PolicyMatch>, StoreError> {
+        revocation::revoke_by_policy(self, tenant, criteria, limit, ctx).await
+    }
+
+    async fn report_leak(
+        &self,
+        id: KeyId,
+        revoke: bool,
+        source: &LeakSource,
+        now: DateTime<Utc>,
+        ctx: &AuditContext,
+    ) -> Result<LeakOutcome, StoreError> {
+        revocation::report_leak(self, id, revoke, source, now, ctx).await
     }
 }

@@ -127,6 +127,7 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             rate_shares: opts.rate_shares,
             ready_gate: None,
             replicas: opts.replicas,
+            revocation: Default::default(),
         },
         listener,
     )

@@ -16,6 +16,9 @@ use tokio::sync::{mpsc, watch};
 
 use tollgate::crypto::KeyDigest;
 use tollgate::domain::console::AuditContext;
+use tollgate::domain::revocation::{
+    Criteria, LeakOutcome, LeakSource, PolicyMatch, PolicyOverride,
+};
 use tollgate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 use tollgate::store::{
     ConsoleStore, Invalidation, KeyCap, KeyRef, QuotaCounter, QuotaGrant, QuotaReport, QuotaTally,
@@ -234,5 +237,45 @@ impl Store for SpyStore {
     }
     fn console_store(self: Arc<Self>) -> Option<Arc<dyn ConsoleStore>> {
         self.inner.clone().console_store()
+    }
+    async fn revocation_override(&self, t: &TenantId) -> R<Option<PolicyOverride>> {
+        self.inner.revocation_override(t).await
+    }
+    async fn set_revocation_override(
+        &self,
+        t: &TenantId,
+        p: Option<&PolicyOverride>,
+        now: DateTime<Utc>,
+        a: &AuditContext,
+    ) -> R<()> {
+        self.inner.set_revocation_override(t, p, now, a).await
+    }
+    async fn policy_matches(
+        &self,
+        t: &TenantId,
+        c: &Criteria,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> R<Vec<PolicyMatch>> {
+        self.inner.policy_matches(t, c, after, limit).await
+    }
+    async fn revoke_by_policy(
+        &self,
+        t: &TenantId,
+        c: &Criteria,
+        limit: u32,
+        a: &AuditContext,
+    ) -> R<Vec<PolicyMatch>> {
+        self.inner.revoke_by_policy(t, c, limit, a).await
+    }
+    async fn report_leak(
+        &self,
+        id: KeyId,
+        revoke: bool,
+        source: &LeakSource,
+        now: DateTime<Utc>,
+        a: &AuditContext,
+    ) -> R<LeakOutcome> {
+        self.inner.report_leak(id, revoke, source, now, a).await
     }
 }
