@@ -69,6 +69,13 @@ pub struct Parts {
     pub replicas: ReplicaSettings,
     /// Automatic revocation sweeps (`manage::revocation`).
     pub revocation: crate::manage::revocation::SweepSettings,
+    /// The GitHub secret-scanning endpoint (`leak_reports`); off unless
+    /// `listen` is set.
+    pub leak_reports: crate::leak_reports::LeakReportSettings,
+    /// Where policy revocations and leak reports are sent as events
+    /// (`manage::revocation_events`); `None`: nowhere but the audit log,
+    /// the change feed, the metrics and the log.
+    pub revocation_events: Option<Arc<dyn crate::manage::revocation_events::RevocationEvents>>,
 }
 
 /// How replicas find each other and share quotas (`[replicas]` in the
@@ -146,6 +153,7 @@ pub struct Running {
     reporter: tonic_health::server::HealthReporter,
     shutdown_grace: Duration,
     jwks: Vec<(String, Arc<RefreshStats>)>,
+    leak_reports_addr: Option<SocketAddr>,
 }
 
 /// One beat's quota upkeep: report this replica's use and (if the store
@@ -214,15 +222,17 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         )
         .with_jwt(parts.dashboard.verifier.clone()),
     );
-    let manager = Arc::new(
-        Manager::new(
-            parts.profile.clone(),
-            parts.peppers.clone(),
-            parts.store.clone(),
-            parts.clock.clone(),
-        )
-        .with_caches(caches.clone()),
-    );
+    let mut manager = Manager::new(
+        parts.profile.clone(),
+        parts.peppers.clone(),
+        parts.store.clone(),
+        parts.clock.clone(),
+    )
+    .with_caches(caches.clone());
+    if let Some(sink) = parts.revocation_events.take() {
+        manager = manager.with_revocation_events(sink);
+    }
+    let manager = Arc::new(manager);
     let tokens = CallerTokens {
         operator: StaticToken::new(parts.operator_token.as_ref()),
         gateway: StaticToken::new(parts.guard.gateway_token.as_ref()),
@@ -388,6 +398,10 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         })
     });
 
+    let leak_reports = crate::leak_reports::serve(&parts.leak_reports, manager.clone()).await?;
+    let leak_reports_addr = leak_reports.as_ref().map(|e| e.addr);
+    let leak_tasks = leak_reports.map(|e| e.tasks).unwrap_or_default();
+
     let reflection = reflection_builder()
         .build_v1()
         .map_err(std::io::Error::other)?;
@@ -463,6 +477,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
             .into_iter()
             .chain(exchange)
             .chain(sweeper)
+            .chain(leak_tasks)
             .chain(jwks_tasks)
             .collect(),
         authz: authz_handle,
@@ -474,6 +489,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         usage,
         store: parts.store,
         applied,
+        leak_reports_addr,
     })
 }
 
@@ -496,6 +512,11 @@ impl Running {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the leak report endpoint listens, when it is on.
+    pub fn leak_reports_addr(&self) -> Option<SocketAddr> {
+        self.leak_reports_addr
     }
 
     /// This instance's clock (tests move it).

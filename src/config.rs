@@ -136,6 +136,10 @@ pub struct Settings {
     pub rate_shares: ShareSettings,
     /// Automatic revocation sweeps (`[revocation]`).
     pub revocation: crate::manage::revocation::SweepSettings,
+    /// The GitHub secret-scanning endpoint (`[leak_reports]`), off by default.
+    pub leak_reports: crate::leak_reports::LeakReportSettings,
+    /// Where revocation events are POSTed (`[revocation_events]`), if anywhere.
+    pub revocation_events: crate::manage::revocation_events::EventSettings,
 }
 
 impl Default for Settings {
@@ -171,6 +175,8 @@ impl Default for Settings {
             replicas: ReplicaSettings::default(),
             rate_shares: ShareSettings::default(),
             revocation: Default::default(),
+            leak_reports: Default::default(),
+            revocation_events: Default::default(),
         }
     }
 }
@@ -207,6 +213,8 @@ const ENV_KEYS: &[&str] = &[
     "replicas",
     "rate_shares",
     "revocation",
+    "leak_reports",
+    "revocation_events",
 ];
 
 /// Settings given as command-line flags (highest precedence).
@@ -352,6 +360,15 @@ impl Settings {
         Peppers::new(current, previous).map_err(|e| invalid("previous_peppers", e.to_string()))
     }
 
+    /// The revocation events webhook (its secret read), if configured.
+    pub fn load_revocation_events(
+        &self,
+    ) -> Result<Option<crate::manage::revocation_events::EventWebhook>, ConfigError> {
+        self.revocation_events
+            .load()
+            .map_err(|(field, message)| invalid(field, message))
+    }
+
     /// Checks the plain fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1024..=16 * 1024 * 1024).contains(&self.max_message_bytes) {
@@ -396,6 +413,9 @@ impl Settings {
                 "must be 0 (off) or 50..=60000",
             ));
         }
+        self.leak_reports
+            .check()
+            .map_err(|(field, message)| invalid(field, message))?;
         if self.revocation.sweep_batch == 0 || self.revocation.sweep_batch > 10_000 {
             return Err(invalid("revocation.sweep_batch", "must be 1..=10000"));
         }

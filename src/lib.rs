@@ -12,7 +12,8 @@
 //! - `limits`, `cache`, `readiness`: counters, caches, the invalidation
 //!   follower;
 //! - `access`, `authz`, `manage`, `console`, `dashboard`: the operations;
-//! - `grpc`: transport, the one mapping to `tonic::Status`;
+//! - `grpc`: transport, the one mapping to `tonic::Status`; `leak_reports`:
+//!   the GitHub secret-scanning HTTP endpoint (a transport of its own);
 //! - `app`: wiring and background tasks; `remote`, `tls`: clients;
 //! - `config`: the one settings parser; it imports each layer's settings
 //!   type (each layer owns its settings) and no layer imports it (only
@@ -32,6 +33,7 @@ pub mod dashboard;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod leak_reports;
 pub mod limits;
 pub mod manage;
 pub mod profile;

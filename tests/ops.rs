@@ -298,6 +298,8 @@ async fn start_unwaited(
             dashboard: Default::default(),
             replicas: Default::default(),
             revocation: Default::default(),
+            leak_reports: Default::default(),
+            revocation_events: None,
         },
         listener,
     )

@@ -5,6 +5,7 @@
 
 use sha2::{Digest, Sha256};
 
+use super::revocation_events::RevocationEvent;
 use super::{page_size, parse_tenant_id, Manager, Page};
 use crate::domain::console::AuditContext;
 use crate::domain::revocation::{
@@ -297,6 +298,17 @@ impl Manager {
             .increment(1);
         tracing::info!(tenant_id = %m.key.tenant_id, key_id = %m.key.id,
             policy = m.reason.as_str(), "key revoked by policy");
+        if let Some(sink) = &self.revocation_events {
+            sink.publish(RevocationEvent {
+                id: uuid::Uuid::now_v7(),
+                kind: "key.revoked",
+                tenant_id: m.key.tenant_id.clone(),
+                key_id: m.key.id,
+                policy: Some(m.reason.as_str()),
+                revoked: None,
+                at: m.key.revoked_at.unwrap_or_else(|| self.clock.now()),
+            });
+        }
     }
 
     /// Handles a leak report: every token that is one of our keys is
@@ -397,6 +409,17 @@ impl Manager {
         tracing::warn!(tenant_id = %outcome.key.tenant_id, key_id = %outcome.key.id,
             reporter = %source.reporter, revoked = outcome.revoked,
             first_report = outcome.first_report, "key reported leaked");
+        if let Some(sink) = &self.revocation_events {
+            sink.publish(RevocationEvent {
+                id: uuid::Uuid::now_v7(),
+                kind: "key.leak_reported",
+                tenant_id: outcome.key.tenant_id.clone(),
+                key_id: outcome.key.id,
+                policy: None,
+                revoked: Some(outcome.revoked),
+                at: self.clock.now(),
+            });
+        }
         if outcome.revoked {
             self.announce_policy_revocation(&PolicyMatch {
                 key: outcome.key,
