@@ -14,6 +14,7 @@ use crate::profile::Profile;
 use crate::store::{Invalidation, Store, StoreError};
 
 mod keys;
+mod leaks;
 pub mod revocation;
 pub mod revocation_events;
 mod tenants;
