@@ -113,6 +113,18 @@ async fn replica_with_events(
     (spawn_on_store(store, opts).await, spy)
 }
 
+/// Revocation events signed with [`WEBHOOK_SECRET`], sent to `mailbox`.
+fn webhook_to(mailbox: &Mailbox) -> Arc<dyn RevocationEvents> {
+    Arc::new(
+        EventWebhook::new(
+            mailbox.url().parse().unwrap(),
+            WEBHOOK_SECRET.to_string().into(),
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap(),
+    )
+}
+
 /// Request headers: (name, value).
 type Headers = Vec<(&'static str, String)>;
 
@@ -207,13 +219,7 @@ async fn a_signed_github_report_labels_our_key_true_positive_and_the_policy_revo
     let pool = pool(&conn).await;
     let scanner = Scanner::new();
     let mailbox = Mailbox::start().await;
-    let webhook = EventWebhook::new(
-        mailbox.url().parse().unwrap(),
-        WEBHOOK_SECRET.to_string().into(),
-        std::time::Duration::from_secs(5),
-    )
-    .unwrap();
-    let (mut t, _) = replica_with_events(&conn, &scanner, true, Some(Arc::new(webhook))).await;
+    let (mut t, _) = replica_with_events(&conn, &scanner, true, Some(webhook_to(&mailbox))).await;
     t.create_tenant("acme", "pro").await;
     let (secret, key) = t.create_key("acme").await;
     let (other_secret, _) = t.create_key("acme").await;
@@ -305,7 +311,8 @@ async fn under_a_flagging_policy_a_reported_key_keeps_working_until_the_tenant_r
 ) {
     let pool = pool(&conn).await;
     let scanner = Scanner::new();
-    let (mut t, _) = replica(&conn, &scanner, false).await;
+    let mailbox = Mailbox::start().await;
+    let (mut t, _) = replica_with_events(&conn, &scanner, false, Some(webhook_to(&mailbox))).await;
     t.create_tenant("acme", "pro").await;
     let (secret, key) = t.create_key("acme").await;
     let (status, answer) = post_signed(&t, &scanner, &report(&[&secret])).await;
@@ -316,6 +323,11 @@ async fn under_a_flagging_policy_a_reported_key_keeps_working_until_the_tenant_r
         "flagged, not revoked"
     );
     assert_eq!(leak_rows(&pool).await, (1, 1));
+    let reported = mailbox.next().await;
+    assert_eq!(
+        (reported.kind(), &reported.json["revoked"]),
+        ("key.leak_reported", &json!(false))
+    );
 
     // The tenant turns on revoke_leaked: the dry run lists the flagged key
     // under `reported_leaked`, and the sweep revokes it.
@@ -343,6 +355,11 @@ async fn under_a_flagging_policy_a_reported_key_keeps_working_until_the_tenant_r
     let swept = t.running.manager().sweep_revocations(100).await;
     assert_eq!(swept.revoked.len(), 1);
     assert_eq!(reason(&t.authenticate(&secret).await), "KEY_REVOKED");
+    // The sweep's revocation is sent as an event too, with its policy.
+    let revoked = mailbox.next().await;
+    assert_eq!(revoked.kind(), "key.revoked");
+    assert_eq!(revoked.json["key_id"], key.key_id.as_str());
+    assert_eq!(revoked.json["policy"], "reported_leaked");
 }
 
 #[sqlx::test]
