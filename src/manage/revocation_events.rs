@@ -213,3 +213,43 @@ impl RevocationEvents for EventWebhook {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(url: &str, secret: &str) -> EventSettings {
+        EventSettings {
+            webhook_url: Some(url.into()),
+            webhook_secret: Some(secret.to_string().into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_bad_webhook_is_refused_by_field_and_the_secret_stays_out_of_debug() {
+        let secret = "s3cret-s3cret-s3cret-s3cret-s3cret-!";
+        assert!(EventSettings::default().load().unwrap().is_none(), "off");
+        assert!(settings("https://hooks.example/tollgate", secret)
+            .load()
+            .unwrap()
+            .is_some());
+        let field = |s: EventSettings| s.load().err().map(|(field, _)| field);
+        assert_eq!(
+            field(settings("ftp://hooks.example/", secret)),
+            Some("revocation_events.webhook_url")
+        );
+        assert_eq!(
+            field(settings("https://hooks.example/", "short")),
+            Some("revocation_events.webhook_secret")
+        );
+        let mut no_secret = settings("https://hooks.example/", secret);
+        no_secret.webhook_secret = None;
+        assert_eq!(field(no_secret), Some("revocation_events.webhook_secret"));
+        let mut slow = settings("https://hooks.example/", secret);
+        slow.timeout_seconds = 31;
+        assert_eq!(field(slow), Some("revocation_events.timeout_seconds"));
+        let debug = format!("{:?}", settings("https://hooks.example/x?k=v", secret));
+        assert!(!debug.contains(secret) && !debug.contains("k=v"), "{debug}");
+    }
+}
