@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let protos = [
         "proto/tollgate/v1/tollgate.proto",
         "proto/tollgate/v1/console.proto",
+        "proto/tollgate/v1/revocation.proto",
     ];
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);

@@ -49,6 +49,8 @@ pub enum Need {
     ManageUsers,
     /// Read the audit log: owners, admins.
     ReadAudit,
+    /// See which keys the revocation policy would revoke: owners, admins.
+    ReviewRevocations,
 }
 
 /// Whether a call needs no caller identity.
@@ -164,6 +166,9 @@ rpcs! {
     ReflectionAlpha => "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     ImportKeys => "/tollgate.v1.AuthService/ImportKeys",
     ShouldRateLimit => "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+    ListPolicyRevocations => "/tollgate.v1.RevocationService/ListPolicyRevocations",
+    SetRevocationPolicy => "/tollgate.v1.RevocationService/SetRevocationPolicy",
+    ReportLeakedKeys => "/tollgate.v1.RevocationService/ReportLeakedKeys",
 }
 
 impl Rpc {
@@ -237,6 +242,12 @@ impl Rpc {
                 console: None,
                 operator: true,
             },
+            // The dry run shows which keys a policy revokes: the tenant's
+            // owners and admins (as for the audit log), read-only.
+            ListPolicyRevocations => tenant(Need::ReviewRevocations),
+            // A policy is the product's and the operator's; a leak report
+            // names keys of any tenant.
+            SetRevocationPolicy | ReportLeakedKeys => OPERATOR,
         }
     }
 }
@@ -276,6 +287,9 @@ fn role_allows(role: Role, need: Need) -> Result<()> {
         Need::ManageKeys => Err(denied("only owners and admins manage keys")),
         Need::ManageUsers => Err(denied("only owners and admins manage users")),
         Need::ReadAudit => Err(denied("only owners and admins read the audit log")),
+        Need::ReviewRevocations => Err(denied(
+            "only owners and admins review the revocation policy",
+        )),
     }
 }
 
@@ -505,5 +519,36 @@ mod tests {
         // Without a secret, network policy (and mTLS) decide who reaches it.
         assert!(admit_forward_auth(&Caller::Anonymous, false).is_ok());
         assert!(admit_forward_auth(&Caller::Gateway, false).is_ok());
+    }
+
+    #[test]
+    fn revocation_policies_are_reviewed_by_admins_and_set_and_fed_by_the_operator() {
+        let dry = Rpc::ListPolicyRevocations;
+        assert!(matches!(
+            admit(dry, &Caller::Anonymous, false),
+            Err(Error::Unauthenticated)
+        ));
+        assert!(admit(dry, &Caller::Gateway, false).is_err());
+        assert!(admit(dry, &Caller::ConsoleBackend, false).is_err());
+        assert!(admit(dry, &user(Role::Viewer), false).is_err());
+        assert!(admit(dry, &user(Role::Developer), false).is_err());
+        assert!(admit(dry, &user(Role::Admin), false).is_ok());
+        assert!(admit(dry, &user(Role::Owner), false).is_ok());
+        assert!(admit(dry, &Caller::Operator, false).is_ok());
+        // A console admin sees their own tenant only.
+        assert!(matches!(
+            user(Role::Admin).tenant_scope("b"),
+            Err(Error::NotFound("tenant"))
+        ));
+        for rpc in [Rpc::SetRevocationPolicy, Rpc::ReportLeakedKeys] {
+            assert!(matches!(
+                admit(rpc, &Caller::Anonymous, false),
+                Err(Error::Unauthenticated)
+            ));
+            assert!(admit(rpc, &Caller::Gateway, false).is_err());
+            assert!(admit(rpc, &Caller::ConsoleBackend, false).is_err());
+            assert!(admit(rpc, &user(Role::Owner), false).is_err(), "{rpc:?}");
+            assert!(admit(rpc, &Caller::Operator, false).is_ok());
+        }
     }
 }

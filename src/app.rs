@@ -29,9 +29,11 @@ use crate::grpc::envoy::{AuthorizationServer, EnvoyAuthz, EnvoySettings};
 use crate::grpc::operator::StaticToken;
 use crate::grpc::pb::auth_service_server::AuthServiceServer;
 use crate::grpc::pb::console_service_server::ConsoleServiceServer;
+use crate::grpc::pb::revocation_service_server::RevocationServiceServer;
 use crate::grpc::pb::tenant_service_server::TenantServiceServer;
 use crate::grpc::pb::{ENVOY_FILE_DESCRIPTOR_SET, FILE_DESCRIPTOR_SET};
 use crate::grpc::ratelimit::{EnvoyRateLimit, RateLimitServiceServer};
+use crate::grpc::revocation_api::RevocationApi;
 use crate::grpc::tenant_api::TenantApi;
 use crate::limits::shares::ShareSettings;
 use crate::limits::{Limiter, ShareReport};
@@ -68,6 +70,15 @@ pub struct Parts {
     pub ready_gate: Option<tokio::sync::watch::Receiver<bool>>,
     /// Heartbeat interval and expiry.
     pub replicas: ReplicaSettings,
+    /// Automatic revocation sweeps (`manage::revocation`).
+    pub revocation: crate::manage::revocation::SweepSettings,
+    /// The GitHub secret-scanning endpoint (`leak_reports`); off unless
+    /// `listen` is set.
+    pub leak_reports: crate::leak_reports::LeakReportSettings,
+    /// Where policy revocations and leak reports are sent as events
+    /// (`manage::revocation_events`); `None`: nowhere but the audit log,
+    /// the change feed, the metrics and the log.
+    pub revocation_events: Option<Arc<dyn crate::manage::revocation_events::RevocationEvents>>,
 }
 
 /// How replicas find each other and share quotas (`[replicas]` in the
@@ -148,6 +159,7 @@ pub struct Running {
     envoy: EnvoySettings,
     forward_auth: Option<ForwardAuthServer>,
     request_counts: Arc<RequestCounts>,
+    leak_reports_addr: Option<SocketAddr>,
 }
 
 /// One beat's quota upkeep: report this replica's use and (if the store
@@ -218,15 +230,17 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         .with_jwt(parts.dashboard.verifier.clone())
         .with_request_counts(request_counts.clone()),
     );
-    let manager = Arc::new(
-        Manager::new(
-            parts.profile.clone(),
-            parts.peppers.clone(),
-            parts.store.clone(),
-            parts.clock.clone(),
-        )
-        .with_caches(caches.clone()),
-    );
+    let mut manager = Manager::new(
+        parts.profile.clone(),
+        parts.peppers.clone(),
+        parts.store.clone(),
+        parts.clock.clone(),
+    )
+    .with_caches(caches.clone());
+    if let Some(sink) = parts.revocation_events.take() {
+        manager = manager.with_revocation_events(sink);
+    }
+    let manager = Arc::new(manager);
     let tokens = CallerTokens {
         operator: StaticToken::new(parts.operator_token.as_ref()),
         gateway: StaticToken::new(parts.guard.gateway_token.as_ref()),
@@ -376,6 +390,34 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         }
     });
 
+    // Every replica sweeps: the store skips keys another sweeper holds, so
+    // each key is revoked (and audited, and published) once. The first
+    // sweep is one interval after start, not at once (a rolling restart
+    // does not make every replica sweep together).
+    let sweeper = (parts.revocation.sweep_interval_seconds > 0).then(|| {
+        let manager = manager.clone();
+        let period = Duration::from_secs(parts.revocation.sweep_interval_seconds);
+        let batch = parts.revocation.sweep_batch;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let report = manager.sweep_revocations(batch).await;
+                tracing::info!(
+                    revoked = report.revoked.len(),
+                    tenants = report.tenants_swept,
+                    failed_tenants = report.failed_tenants,
+                    "revocation sweep done"
+                );
+            }
+        })
+    });
+
+    let leak_reports = crate::leak_reports::serve(&parts.leak_reports, manager.clone()).await?;
+    let leak_reports_addr = leak_reports.as_ref().map(|e| e.addr);
+    let leak_tasks = leak_reports.map(|e| e.tasks).unwrap_or_default();
+
     let reflection = reflection_builder()
         .build_v1()
         .map_err(std::io::Error::other)?;
@@ -406,6 +448,12 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     let tenants = TenantServiceServer::new(TenantApi {
         manager: manager.clone(),
         guard: callers.clone(),
+        access: access.clone(),
+    })
+    .max_decoding_message_size(max);
+    let revocation = RevocationServiceServer::new(RevocationApi {
+        manager: manager.clone(),
+        guard: callers.clone(),
         access,
     })
     .max_decoding_message_size(max);
@@ -427,6 +475,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         .add_service(envoy)
         .add_service(budget.wrap(console_api))
         .add_service(ratelimit);
+        .add_service(budget.wrap(revocation));
     let stop = async {
         let _ = signal.await;
     };
@@ -449,6 +498,8 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         background: [invalidations, last_used, heartbeat]
             .into_iter()
             .chain(exchange)
+            .chain(sweeper)
+            .chain(leak_tasks)
             .chain(jwks_tasks)
             .collect(),
         authz: authz_handle,
@@ -463,6 +514,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         applied,
         envoy: parts.envoy,
         forward_auth: None,
+        leak_reports_addr,
     })
 }
 
@@ -485,6 +537,11 @@ impl Running {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the leak report endpoint listens, when it is on.
+    pub fn leak_reports_addr(&self) -> Option<SocketAddr> {
+        self.leak_reports_addr
     }
 
     /// This instance's clock (tests move it).

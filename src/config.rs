@@ -137,6 +137,12 @@ pub struct Settings {
     pub rate_shares: ShareSettings,
     /// HTTP forward-auth listener for NGINX and Traefik (`[forward_auth]`).
     pub forward_auth: ForwardAuthSettings,
+    /// Automatic revocation sweeps (`[revocation]`).
+    pub revocation: crate::manage::revocation::SweepSettings,
+    /// The GitHub secret-scanning endpoint (`[leak_reports]`), off by default.
+    pub leak_reports: crate::leak_reports::LeakReportSettings,
+    /// Where revocation events are POSTed (`[revocation_events]`), if anywhere.
+    pub revocation_events: crate::manage::revocation_events::EventSettings,
 }
 
 impl Default for Settings {
@@ -172,6 +178,9 @@ impl Default for Settings {
             replicas: ReplicaSettings::default(),
             rate_shares: ShareSettings::default(),
             forward_auth: ForwardAuthSettings::default(),
+            revocation: Default::default(),
+            leak_reports: Default::default(),
+            revocation_events: Default::default(),
         }
     }
 }
@@ -208,6 +217,9 @@ const ENV_KEYS: &[&str] = &[
     "replicas",
     "rate_shares",
     "forward_auth",
+    "revocation",
+    "leak_reports",
+    "revocation_events",
 ];
 
 /// Settings given as command-line flags (highest precedence).
@@ -353,6 +365,15 @@ impl Settings {
         Peppers::new(current, previous).map_err(|e| invalid("previous_peppers", e.to_string()))
     }
 
+    /// The revocation events webhook (its secret read), if configured.
+    pub fn load_revocation_events(
+        &self,
+    ) -> Result<Option<crate::manage::revocation_events::EventWebhook>, ConfigError> {
+        self.revocation_events
+            .load()
+            .map_err(|(field, message)| invalid(field, message))
+    }
+
     /// Checks the plain fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1024..=16 * 1024 * 1024).contains(&self.max_message_bytes) {
@@ -396,6 +417,12 @@ impl Settings {
                 "rate_shares.exchange_interval_ms",
                 "must be 0 (off) or 50..=60000",
             ));
+        }
+        self.leak_reports
+            .check()
+            .map_err(|(field, message)| invalid(field, message))?;
+        if self.revocation.sweep_batch == 0 || self.revocation.sweep_batch > 10_000 {
+            return Err(invalid("revocation.sweep_batch", "must be 1..=10000"));
         }
         if self.rate_shares.max_cells == 0 {
             return Err(invalid("rate_shares.max_cells", "must be ≥ 1"));

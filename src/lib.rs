@@ -14,6 +14,8 @@
 //! - `access`, `authz`, `manage`, `console`, `dashboard`: the operations;
 //! - `grpc`: transport, the one mapping to `tonic::Status`; `forward_auth`:
 //!   HTTP forward-auth for NGINX and Traefik, over `grpc::envoy`'s decision;
+//! - `grpc`: transport, the one mapping to `tonic::Status`; `leak_reports`:
+//!   the GitHub secret-scanning HTTP endpoint (a transport of its own);
 //! - `app`: wiring and background tasks; `remote`, `tls`: clients;
 //! - `config`: the one settings parser; it imports each layer's settings
 //!   type (each layer owns its settings) and no layer imports it (only
@@ -34,6 +36,7 @@ pub mod domain;
 pub mod error;
 pub mod forward_auth;
 pub mod grpc;
+pub mod leak_reports;
 pub mod limits;
 pub mod manage;
 pub mod profile;

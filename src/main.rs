@@ -379,6 +379,9 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
         None => None,
     };
     let dashboard = Dashboard::configure(&settings.jwt, &store, dev)?;
+    let revocation_events = settings
+        .load_revocation_events()?
+        .map(|w| Arc::new(w) as Arc<dyn tollgate::manage::revocation_events::RevocationEvents>);
     let listener = TcpListener::bind(settings.listen).await.with_context(|| {
         format!(
             "configuration field `listen`: cannot bind {}",
@@ -407,6 +410,9 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
             rate_shares: settings.rate_shares.clone(),
             ready_gate: migrations.is_some().then_some(ready_gate),
             replicas: settings.replicas,
+            revocation: settings.revocation,
+            leak_reports: settings.leak_reports.clone(),
+            revocation_events,
         },
         listener,
     )

@@ -15,6 +15,9 @@ use crate::store::{Invalidation, Store, StoreError};
 
 mod import;
 mod keys;
+mod leaks;
+pub mod revocation;
+pub mod revocation_events;
 mod tenants;
 
 pub use import::{ImportKeyInput, MAX_IMPORT};
@@ -46,6 +49,8 @@ pub struct Manager {
     /// NOTIFY round trip, so the replica that made it never serves the old
     /// decision.
     caches: Option<Arc<Caches>>,
+    /// Where revocation events go (`manage::revocation_events`), if anywhere.
+    revocation_events: Option<Arc<dyn revocation_events::RevocationEvents>>,
 }
 
 fn parse_tenant_id(field: &str, s: &str, v: &mut Violations) -> Option<TenantId> {
@@ -122,12 +127,22 @@ impl Manager {
             store,
             clock,
             caches: None,
+            revocation_events: None,
         }
     }
 
     /// Applies this manager's changes to `caches` at once.
     pub fn with_caches(mut self, caches: Arc<Caches>) -> Self {
         self.caches = Some(caches);
+        self
+    }
+
+    /// Sends every revocation event to `sink`.
+    pub fn with_revocation_events(
+        mut self,
+        sink: Arc<dyn revocation_events::RevocationEvents>,
+    ) -> Self {
+        self.revocation_events = Some(sink);
         self
     }
 

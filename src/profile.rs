@@ -210,6 +210,7 @@ struct RawProfile {
     denials: BTreeMap<Reason, DenialSpec>,
     #[serde(default)]
     ratelimit: RateLimitSection,
+    revocation: crate::domain::revocation::RevocationPolicy,
 }
 
 /// A profile that failed to load, naming the field at fault.
@@ -251,6 +252,9 @@ pub struct Profile {
     pub legacy_keys: Option<crate::domain::legacy::LegacyKeys>,
     /// Envoy rate-limit service descriptors (`[ratelimit]`).
     pub ratelimit: RateLimitConfig,
+    /// Automatic revocation (`[revocation]`): the default policy of every
+    /// tenant, which a tenant's override may change.
+    pub revocation: crate::domain::revocation::RevocationPolicy,
 }
 
 impl Profile {
@@ -340,6 +344,18 @@ impl Profile {
         if raw.active_statuses.is_empty() {
             return Err(invalid("active_statuses", "at least one status is needed"));
         }
+        for (field, days) in [
+            ("revocation.unused_days", raw.revocation.unused_days),
+            ("revocation.max_age_days", raw.revocation.max_age_days),
+        ] {
+            let max = crate::domain::revocation::MAX_POLICY_DAYS;
+            if days.is_some_and(|d| !(1..=max).contains(&d)) {
+                return Err(invalid(
+                    field,
+                    format!("must be 1..={max} days (leave it out: off)"),
+                ));
+            }
+        }
         let mut denials = raw.denials;
         if raw.name != "default" {
             for (reason, spec) in Self::embedded_default().denials {
@@ -368,6 +384,7 @@ impl Profile {
             upstream_labels: k.upstream_labels,
             legacy_keys: k.legacy,
             ratelimit,
+            revocation: raw.revocation,
         })
     }
 

@@ -56,6 +56,12 @@ pub const RATELIMIT_DESCRIPTORS: &str = "tollgate_ratelimit_descriptors_total";
 /// Decisions not counted per key because this replica's count table was
 /// full (more distinct keys than it holds in one flush interval).
 pub const REQUEST_COUNTS_OVERFLOWED: &str = "tollgate_request_counts_overflowed_total";
+/// Keys revoked by an automatic revocation policy, by `policy`
+/// (`unused`, `max_age`, `reported_leaked`).
+pub const POLICY_REVOCATIONS: &str = "tollgate_policy_revocations_total";
+/// Leaked tokens reported, by `reporter` kind (`github`, `grpc`) and `label`
+/// (`true_positive`, `false_positive`).
+pub const LEAK_REPORTS: &str = "tollgate_leak_reports_total";
 
 /// Log output (`log_format` in the settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -348,6 +348,9 @@ async fn start_unwaited(
             ready_gate: None,
             dashboard: Default::default(),
             replicas: Default::default(),
+            revocation: Default::default(),
+            leak_reports: Default::default(),
+            revocation_events: None,
         },
         listener,
     )

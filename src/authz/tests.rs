@@ -39,6 +39,7 @@ const ALL_PROFILES: [&str; 4] = [MSGFLASH, MAILSAGE, MSGINE, MESSAGESMART];
 type R<T> = Result<T, StoreError>;
 type Time = DateTime<Utc>;
 type Audit = crate::domain::console::AuditContext;
+use crate::domain::revocation as rv;
 
 /// The in-memory store, counting the reads the caches are meant to spare.
 #[derive(Default)]
@@ -185,6 +186,46 @@ impl Store for CountingStore {
     }
     async fn ping(&self) -> R<()> {
         self.inner.ping().await
+    }
+    async fn revocation_override(&self, t: &TenantId) -> R<Option<rv::PolicyOverride>> {
+        self.inner.revocation_override(t).await
+    }
+    async fn set_revocation_override(
+        &self,
+        t: &TenantId,
+        p: Option<&rv::PolicyOverride>,
+        now: Time,
+        a: &Audit,
+    ) -> R<()> {
+        self.inner.set_revocation_override(t, p, now, a).await
+    }
+    async fn policy_matches(
+        &self,
+        t: &TenantId,
+        c: &rv::Criteria,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> R<Vec<rv::PolicyMatch>> {
+        self.inner.policy_matches(t, c, after, limit).await
+    }
+    async fn revoke_by_policy(
+        &self,
+        t: &TenantId,
+        c: &rv::Criteria,
+        limit: u32,
+        a: &Audit,
+    ) -> R<Vec<rv::PolicyMatch>> {
+        self.inner.revoke_by_policy(t, c, limit, a).await
+    }
+    async fn report_leak(
+        &self,
+        id: KeyId,
+        revoke: bool,
+        s: &rv::LeakSource,
+        now: Time,
+        a: &Audit,
+    ) -> R<rv::LeakOutcome> {
+        self.inner.report_leak(id, revoke, s, now, a).await
     }
 }
 

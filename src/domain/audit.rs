@@ -176,3 +176,64 @@ pub fn user_deleted(ctx: &AuditContext, old: &ConsoleUser, at: DateTime<Utc>) ->
         at,
     )
 }
+
+/// A key was revoked by an automatic revocation policy (`policy` names the
+/// rule; `criteria` the thresholds it was judged by).
+pub fn key_revoked_by_policy(
+    ctx: &AuditContext,
+    k: &KeyRecord,
+    policy: super::revocation::PolicyReason,
+    criteria: &super::revocation::Criteria,
+    at: DateTime<Utc>,
+) -> AuditEvent {
+    ctx.event(
+        AuditAction::KeyRevoked,
+        &k.tenant_id,
+        k.id.to_string(),
+        json!({"reason": k.revoke_reason, "policy": policy.as_str(),
+            "unused_before": criteria.unused_before, "created_before": criteria.created_before,
+            "last_used_at": k.last_used_at, "created_at": k.created_at}),
+        at,
+    )
+}
+
+/// A key was reported leaked by `source` (never the token itself).
+pub fn key_leak_reported(
+    ctx: &AuditContext,
+    k: &KeyRecord,
+    source: &super::revocation::LeakSource,
+    revoked: bool,
+    at: DateTime<Utc>,
+) -> AuditEvent {
+    ctx.event(
+        AuditAction::KeyLeakReported,
+        &k.tenant_id,
+        k.id.to_string(),
+        json!({"reporter": source.reporter, "url": source.url, "source": source.source,
+            "revoked": revoked, "hint": k.hint}),
+        at,
+    )
+}
+
+/// A tenant's revocation policy override was set (`None`: removed).
+pub fn revocation_policy_updated(
+    ctx: &AuditContext,
+    tenant: &super::TenantId,
+    old: Option<&super::revocation::PolicyOverride>,
+    new: Option<&super::revocation::PolicyOverride>,
+    at: DateTime<Utc>,
+) -> AuditEvent {
+    let facts = |o: Option<&super::revocation::PolicyOverride>| {
+        o.map(|o| {
+            json!({"unused_days": o.unused_days, "max_age_days": o.max_age_days,
+                "revoke_leaked": o.revoke_leaked})
+        })
+    };
+    ctx.event(
+        AuditAction::RevocationPolicyUpdated,
+        tenant,
+        tenant.to_string(),
+        json!({"old": facts(old), "new": facts(new)}),
+        at,
+    )
+}

@@ -231,6 +231,10 @@ pub enum AuditAction {
     UserDeleted,
     PasswordReset,
     IdentityLinked,
+    /// A key was reported leaked (flagged; revoked too when the policy says).
+    KeyLeakReported,
+    /// A tenant's automatic revocation policy changed.
+    RevocationPolicyUpdated,
 }
 
 impl AuditAction {
@@ -248,6 +252,8 @@ impl AuditAction {
             Self::UserDeleted => "user.deleted",
             Self::PasswordReset => "user.password_reset",
             Self::IdentityLinked => "user.identity_linked",
+            Self::KeyLeakReported => "key.leak_reported",
+            Self::RevocationPolicyUpdated => "tenant.revocation_policy_updated",
         }
     }
 }

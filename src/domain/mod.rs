@@ -12,6 +12,7 @@ pub mod legacy;
 pub mod limit;
 pub mod ratelimit;
 pub mod record;
+pub mod revocation;
 pub mod tenant;
 pub mod usage;
 pub mod validate;

@@ -10,6 +10,7 @@ pub mod convert;
 pub mod envoy;
 pub mod operator;
 pub mod ratelimit;
+pub mod revocation_api;
 pub mod status;
 pub mod tenant_api;
 

@@ -16,11 +16,13 @@ use super::{
 use crate::crypto::KeyDigest;
 use crate::domain::audit;
 use crate::domain::console::AuditContext;
+use crate::domain::revocation::{Criteria, LeakOutcome, LeakSource, PolicyMatch, PolicyOverride};
 use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 
 mod audit_log;
 mod console_rows;
 mod request_counts;
+mod revocation;
 
 #[derive(Default)]
 pub(super) struct State {
@@ -36,6 +38,8 @@ pub(super) struct State {
     pub(super) audit: audit_log::AuditLog,
     /// Per-key request counts (`memory/request_counts.rs`).
     request_counts: request_counts::RequestCountRows,
+    /// Revocation policy overrides and leak reports (`memory/revocation.rs`).
+    pub(super) revocation: revocation::RevocationRows,
 }
 
 impl State {
@@ -564,6 +568,8 @@ impl Store for MemoryStore {
             self.publish(Invalidation::KeyAdded(r.digest));
         }
         Ok(records)
+    }
+
     async fn add_request_counts(
         &self,
         hour: DateTime<Utc>,
@@ -583,5 +589,53 @@ impl Store for MemoryStore {
             .state()
             .request_counts
             .series(key, days_from, hours_from))
+    }
+
+    async fn revocation_override(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<PolicyOverride>, StoreError> {
+        Ok(self.revocation_override_row(tenant))
+    }
+
+    async fn set_revocation_override(
+        &self,
+        tenant: &TenantId,
+        policy: Option<&PolicyOverride>,
+        now: DateTime<Utc>,
+        ctx: &AuditContext,
+    ) -> Result<(), StoreError> {
+        self.set_revocation_override_row(tenant, policy, now, ctx)
+    }
+
+    async fn policy_matches(
+        &self,
+        tenant: &TenantId,
+        criteria: &Criteria,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> Result<Vec<PolicyMatch>, StoreError> {
+        Ok(self.policy_match_rows(tenant, criteria, after, limit))
+    }
+
+    async fn revoke_by_policy(
+        &self,
+        tenant: &TenantId,
+        criteria: &Criteria,
+        limit: u32,
+        ctx: &AuditContext,
+    ) -> Result<Vec<PolicyMatch>, StoreError> {
+        Ok(self.revoke_policy_rows(tenant, criteria, limit, ctx))
+    }
+
+    async fn report_leak(
+        &self,
+        id: KeyId,
+        revoke: bool,
+        source: &LeakSource,
+        now: DateTime<Utc>,
+        ctx: &AuditContext,
+    ) -> Result<LeakOutcome, StoreError> {
+        self.report_leak_row(id, revoke, source, now, ctx)
     }
 }

@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 
 use crate::crypto::KeyDigest;
 use crate::domain::console::AuditContext;
+use crate::domain::revocation::{Criteria, LeakOutcome, LeakSource, PolicyMatch, PolicyOverride};
 use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 
 pub mod console;
@@ -384,4 +385,51 @@ pub trait Store: Send + Sync + 'static {
         days_from: DateTime<Utc>,
         hours_from: DateTime<Utc>,
     ) -> Result<crate::domain::usage::RequestSeries, StoreError>;
+    /// The tenant's override of the profile's revocation policy
+    /// (`crate::domain::revocation`), if it has one.
+    async fn revocation_override(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<PolicyOverride>, StoreError>;
+    /// Sets (`None`: removes) the tenant's override, audited in the same
+    /// transaction; `NotFound` when the tenant does not exist.
+    async fn set_revocation_override(
+        &self,
+        tenant: &TenantId,
+        policy: Option<&PolicyOverride>,
+        now: DateTime<Utc>,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError>;
+    /// The tenant's keys `criteria` matches, ordered by id after `after`
+    /// (the dry run: nothing changes). The same keys, in the same order, as
+    /// [`Store::revoke_by_policy`] would revoke.
+    async fn policy_matches(
+        &self,
+        tenant: &TenantId,
+        criteria: &Criteria,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> Result<Vec<PolicyMatch>, StoreError>;
+    /// Revokes up to `limit` of the tenant's keys `criteria` matches, in one
+    /// statement that skips keys another sweeper holds: with many replicas
+    /// sweeping at once each key is revoked, audited and published once.
+    /// Returns what this call revoked.
+    async fn revoke_by_policy(
+        &self,
+        tenant: &TenantId,
+        criteria: &Criteria,
+        limit: u32,
+        audit: &AuditContext,
+    ) -> Result<Vec<PolicyMatch>, StoreError>;
+    /// Records a leak report of key `id` (flags it; the first report's time
+    /// is kept) and, when `revoke`, revokes it if live, in one audited
+    /// transaction.
+    async fn report_leak(
+        &self,
+        id: KeyId,
+        revoke: bool,
+        source: &LeakSource,
+        now: DateTime<Utc>,
+        audit: &AuditContext,
+    ) -> Result<LeakOutcome, StoreError>;
 }

@@ -23,6 +23,7 @@ use super::{
 };
 use crate::crypto::KeyDigest;
 use crate::domain::console::AuditContext;
+use crate::domain::revocation::{Criteria, LeakOutcome, LeakSource, PolicyMatch, PolicyOverride};
 use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 
 pub(super) mod audit_log;
@@ -31,6 +32,7 @@ mod keys;
 mod quotas;
 mod replicas;
 mod request_counts;
+mod revocation;
 mod shares;
 mod tenants;
 
@@ -368,6 +370,8 @@ impl Store for PostgresStore {
         audit: &AuditContext,
     ) -> Result<Vec<KeyRecord>, StoreError> {
         keys::insert_keys(self, new, audit).await
+    }
+
     async fn add_request_counts(
         &self,
         hour: DateTime<Utc>,
@@ -383,5 +387,53 @@ impl Store for PostgresStore {
         hours_from: DateTime<Utc>,
     ) -> Result<crate::domain::usage::RequestSeries, StoreError> {
         request_counts::series(self, key, days_from, hours_from).await
+    }
+
+    async fn revocation_override(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<PolicyOverride>, StoreError> {
+        revocation::get_override(self, tenant).await
+    }
+
+    async fn set_revocation_override(
+        &self,
+        tenant: &TenantId,
+        policy: Option<&PolicyOverride>,
+        now: DateTime<Utc>,
+        ctx: &AuditContext,
+    ) -> Result<(), StoreError> {
+        revocation::set_override(self, tenant, policy, now, ctx).await
+    }
+
+    async fn policy_matches(
+        &self,
+        tenant: &TenantId,
+        criteria: &Criteria,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> Result<Vec<PolicyMatch>, StoreError> {
+        revocation::policy_matches(self, tenant, criteria, after, limit).await
+    }
+
+    async fn revoke_by_policy(
+        &self,
+        tenant: &TenantId,
+        criteria: &Criteria,
+        limit: u32,
+        ctx: &AuditContext,
+    ) -> Result<Vec<PolicyMatch>, StoreError> {
+        revocation::revoke_by_policy(self, tenant, criteria, limit, ctx).await
+    }
+
+    async fn report_leak(
+        &self,
+        id: KeyId,
+        revoke: bool,
+        source: &LeakSource,
+        now: DateTime<Utc>,
+        ctx: &AuditContext,
+    ) -> Result<LeakOutcome, StoreError> {
+        revocation::report_leak(self, id, revoke, source, now, ctx).await
     }
 }

@@ -76,6 +76,10 @@ pub struct Options {
     /// Rate-share exchange; off unless a test turns it on (then it drives
     /// exchanges itself with `Running::exchange_shares`).
     pub rate_shares: tollgate::limits::shares::ShareSettings,
+    /// The leak report endpoint; off unless a test turns it on.
+    pub leak_reports: tollgate::leak_reports::LeakReportSettings,
+    /// Where revocation events go; nowhere unless a test says.
+    pub revocation_events: Option<Arc<dyn tollgate::manage::revocation_events::RevocationEvents>>,
 }
 
 impl Options {
@@ -92,6 +96,8 @@ impl Options {
                 exchange_interval_ms: 0,
                 ..Default::default()
             },
+            leak_reports: Default::default(),
+            revocation_events: None,
         }
     }
 }
@@ -127,6 +133,9 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             rate_shares: opts.rate_shares,
             ready_gate: None,
             replicas: opts.replicas,
+            revocation: Default::default(),
+            leak_reports: opts.leak_reports,
+            revocation_events: opts.revocation_events,
         },
         listener,
     )

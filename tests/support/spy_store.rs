@@ -16,6 +16,9 @@ use tokio::sync::{mpsc, watch};
 
 use tollgate::crypto::KeyDigest;
 use tollgate::domain::console::AuditContext;
+use tollgate::domain::revocation::{
+    Criteria, LeakOutcome, LeakSource, PolicyMatch, PolicyOverride,
+};
 use tollgate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, TenantUpdate};
 use tollgate::store::{
     ConsoleStore, Invalidation, KeyCap, KeyRef, QuotaCounter, QuotaGrant, QuotaReport, QuotaTally,
@@ -252,6 +255,8 @@ impl Store for SpyStore {
     }
     async fn insert_keys(&self, keys: Vec<NewKey>, a: &AuditContext) -> R<Vec<KeyRecord>> {
         self.inner.insert_keys(keys, a).await
+    }
+
     async fn add_request_counts(
         &self,
         hour: DateTime<Utc>,
@@ -270,5 +275,46 @@ impl Store for SpyStore {
         hours_from: DateTime<Utc>,
     ) -> R<tollgate::domain::usage::RequestSeries> {
         self.inner.request_counts(key, days_from, hours_from).await
+    }
+
+    async fn revocation_override(&self, t: &TenantId) -> R<Option<PolicyOverride>> {
+        self.inner.revocation_override(t).await
+    }
+    async fn set_revocation_override(
+        &self,
+        t: &TenantId,
+        p: Option<&PolicyOverride>,
+        now: DateTime<Utc>,
+        a: &AuditContext,
+    ) -> R<()> {
+        self.inner.set_revocation_override(t, p, now, a).await
+    }
+    async fn policy_matches(
+        &self,
+        t: &TenantId,
+        c: &Criteria,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> R<Vec<PolicyMatch>> {
+        self.inner.policy_matches(t, c, after, limit).await
+    }
+    async fn revoke_by_policy(
+        &self,
+        t: &TenantId,
+        c: &Criteria,
+        limit: u32,
+        a: &AuditContext,
+    ) -> R<Vec<PolicyMatch>> {
+        self.inner.revoke_by_policy(t, c, limit, a).await
+    }
+    async fn report_leak(
+        &self,
+        id: KeyId,
+        revoke: bool,
+        source: &LeakSource,
+        now: DateTime<Utc>,
+        a: &AuditContext,
+    ) -> R<LeakOutcome> {
+        self.inner.report_leak(id, revoke, source, now, a).await
     }
 }

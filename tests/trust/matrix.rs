@@ -1,6 +1,7 @@
 //! The whole matrix: every RPC as every kind of caller.
 
 use super::*;
+use tollgate::grpc::pb::revocation_service_client::RevocationServiceClient;
 
 /// The columns of the matrix: who calls, and which tenant they aim at.
 const CALLERS: [&str; 12] = [
@@ -68,6 +69,9 @@ const MATRIX: &[(Rpc, &str, &str)] = &[
     (Rpc::ShouldRateLimit, "generic", /*      */ ".   .   .   .   .    .    .   .   .   .     .   ."),
     (Rpc::ShouldRateLimit, "by tenant_id", /* */ "U   U   U   .   P    P    P   P   P   P     U   ."),
     (Rpc::ShouldRateLimit, "by key_id", /*    */ "U   U   U   .   P    P    P   P   P   P     U   ."),
+    (Rpc::ListPolicyRevocations, "", /*       */ "U   U   U   P   P    P    P   .   .   N     U   ."),
+    (Rpc::SetRevocationPolicy, "", /*         */ "U   U   U   P   P    P    P   P   P   P     U   ."),
+    (Rpc::ReportLeakedKeys, "", /*            */ "U   U   U   P   P    P    P   P   P   P     U   ."),
 ];
 
 fn symbol(code: Code) -> String {
@@ -488,6 +492,42 @@ async fn call(fx: &mut Fixture, rpc: Rpc, variant: &str, who: usize) -> Code {
                         provider: "google".into(),
                         id_token: "not.an.id-token".into(),
                         ..Default::default()
+                    },
+                ))
+                .await,
+        ),
+        (Rpc::ListPolicyRevocations, _) => code(
+            RevocationServiceClient::new(fx.t.channel.clone())
+                .list_policy_revocations(with(
+                    b,
+                    pb::ListPolicyRevocationsRequest {
+                        tenant_id: tenant,
+                        ..Default::default()
+                    },
+                ))
+                .await,
+        ),
+        (Rpc::SetRevocationPolicy, _) => code(
+            RevocationServiceClient::new(fx.t.channel.clone())
+                .set_revocation_policy(with(
+                    b,
+                    pb::SetRevocationPolicyRequest {
+                        tenant_id: tenant,
+                        policy: None,
+                    },
+                ))
+                .await,
+        ),
+        (Rpc::ReportLeakedKeys, _) => code(
+            RevocationServiceClient::new(fx.t.channel.clone())
+                .report_leaked_keys(with(
+                    b,
+                    pb::ReportLeakedKeysRequest {
+                        reporter: "matrix".into(),
+                        tokens: vec![pb::LeakedToken {
+                            token: "not-one-of-ours".into(),
+                            ..Default::default()
+                        }],
                     },
                 ))
                 .await,

@@ -20,7 +20,7 @@ use crate::store::{Invalidation, KeyCap, KeyRef, StoreError};
 const DIGEST_PAGE: u32 = 10_000;
 
 #[derive(sqlx::FromRow)]
-struct KeyRow {
+pub(super) struct KeyRow {
     key_id: Uuid,
     tenant_id: String,
     name: String,
@@ -69,7 +69,7 @@ impl TryFrom<KeyRow> for KeyRecord {
     }
 }
 
-const KEY_COLUMNS: &str = "key_id, tenant_id, name, environment, scopes, hint, digest, \
+pub(super) const KEY_COLUMNS: &str = "key_id, tenant_id, name, environment, scopes, hint, digest, \
     pepper_version, created_at, expires_at, revoked_at, revoke_reason, last_used_at, replaced_by, \
     limits, lineage_id, labels, format";
 
