@@ -474,7 +474,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         .add_service(budget.wrap(tenants))
         .add_service(envoy)
         .add_service(budget.wrap(console_api))
-        .add_service(ratelimit);
+        .add_service(ratelimit)
         .add_service(budget.wrap(revocation));
     let stop = async {
         let _ = signal.await;

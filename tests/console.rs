@@ -22,10 +22,10 @@ mod logs;
 mod mailbox;
 #[path = "console/manage.rs"]
 mod manage;
-#[path = "console/subscription.rs"]
-mod subscription;
 #[path = "console/oidc.rs"]
 mod oidc;
+#[path = "console/subscription.rs"]
+mod subscription;
 #[path = "console/users.rs"]
 mod users;
 

@@ -182,7 +182,7 @@ mod tests {
             environment: "live".into(),
             scopes: vec![],
             hint: String::new(),
-            digest: crate::crypto::KeyDigest::from_slice(&[7; 32]).unwrap(),
+            digest: crate::domain::KeyDigest::from_slice(&[7; 32]).unwrap(),
             pepper_version: 1,
             created_at: created,
             expires_at: None,
@@ -192,6 +192,8 @@ mod tests {
             replaced_by: None,
             limits: None,
             lineage_id: uuid::Uuid::nil(),
+            labels: Default::default(),
+            legacy: false,
         }
     }
 
