@@ -210,6 +210,7 @@ struct RawProfile {
     denials: BTreeMap<Reason, DenialSpec>,
     #[serde(default)]
     ratelimit: RateLimitSection,
+    #[serde(default)]
     revocation: crate::domain::revocation::RevocationPolicy,
 }
 
