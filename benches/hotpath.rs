@@ -279,13 +279,16 @@ fn decide_benches(c: &mut Criterion) {
         key
     });
     let before = counting.store.reads();
+    // Checked only when timed (a filter may leave it out).
+    let mut timed = false;
     g.bench_function("cached_counted", |b| {
+        timed = true;
         b.iter(|| rt.block_on(counting.decide(black_box(&counted_key), &scopes)))
     });
     counting.assert_no_reads_since(before, "cached_counted");
     let drained = rt.block_on(counts.drain());
     assert!(
-        drained.len() == 1 && drained[0].allowed > 0,
+        !timed || (drained.len() == 1 && drained[0].allowed > 0),
         "cached_counted counted its decisions: {drained:?}"
     );
     g.finish();
@@ -413,18 +416,24 @@ fn request_count_benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("request_counts");
     let counts = RequestCounts::default();
     let key = tollgate::domain::KeyId::new_v4();
-    g.bench_function("count", |b| b.iter(|| counts.count(black_box(key), true)));
+    // Each check only when its bench was timed (a filter may leave it out).
+    let mut timed = false;
+    g.bench_function("count", |b| {
+        timed = true;
+        b.iter(|| counts.count(black_box(key), true))
+    });
     let drained = rt_block_on(counts.drain());
     assert!(
-        drained.len() == 1 && drained[0].allowed > 0,
+        !timed || (drained.len() == 1 && drained[0].allowed > 0),
         "count counted: {drained:?}"
     );
     // 1,000 keys in turn: each lands in its own slot of the table.
     let keys: Vec<_> = (0..1000)
         .map(|_| tollgate::domain::KeyId::new_v4())
         .collect();
-    let mut i = 0;
+    let (mut i, mut timed) = (0, false);
     g.bench_function("count_1000_keys", |b| {
+        timed = true;
         b.iter(|| {
             i = (i + 1) % keys.len();
             counts.count(black_box(keys[i]), true)
@@ -433,7 +442,7 @@ fn request_count_benches(c: &mut Criterion) {
     g.finish();
     let drained = rt_block_on(counts.drain());
     assert!(
-        !drained.is_empty() && drained.iter().all(|c| keys.contains(&c.key)),
+        !timed || (!drained.is_empty() && drained.iter().all(|c| keys.contains(&c.key))),
         "one row per key counted"
     );
     assert_eq!(counts.overflowed(), 0);
