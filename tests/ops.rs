@@ -590,6 +590,7 @@ async fn reflection_lets_grpcurl_list_describe_and_call_every_service_and_decode
             "grpc.reflection.v1alpha.ServerReflection",
             "tollgate.v1.AuthService",
             "tollgate.v1.ConsoleService",
+            "tollgate.v1.RevocationService",
             "tollgate.v1.TenantService",
         ],
         "every service on the port is listed"
