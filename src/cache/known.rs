@@ -28,7 +28,7 @@ use crate::limits::gcra::{Cell, Rate};
 
 /// Additions held in the exact delta before a rebuild folds them into the
 /// filter (about 1 MB of delta; at 10 million keys a rebuild reads them all
-/// again, so it should be rare: BENCHMARKS.md §9).
+/// again, so it should be rare: BENCHMARKS.md §11).
 pub const REBUILD_AFTER_ADDITIONS: usize = 65_536;
 
 /// The 8-byte prefix of a digest: what the filter and the delta hold.

@@ -1,4 +1,4 @@
-//! Many replicas on one Postgres (BENCHMARKS.md §10): `--replicas` small
+//! Many replicas on one Postgres (BENCHMARKS.md §12): `--replicas` small
 //! `tollgate serve` processes (2 runtime workers each, at most 4 pooled
 //! connections) share one database holding `--keys` keys (inserted with
 //! SQL, digests computed here with the fixture's pepper). Each replica

@@ -27,8 +27,9 @@ pub struct H2Opts {
     /// Streams in flight per connection (`h2load -m`).
     #[arg(long = "h2-streams", default_value_t = 32)]
     pub streams: u32,
-    /// h2load's own threads (`h2load -t`).
-    #[arg(long = "h2-threads", default_value_t = 1)]
+    /// h2load's own threads (`h2load -t`). Its own id: the global
+    /// `--threads` (the driver's runtime) is already `threads`.
+    #[arg(long = "h2-threads", id = "h2_threads", default_value_t = 1)]
     pub threads: u32,
     /// The h2load binary.
     #[arg(long, default_value = "h2load")]

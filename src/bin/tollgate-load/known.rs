@@ -1,4 +1,4 @@
-//! The known-digest set at scale (BENCHMARKS.md §9):
+//! The known-digest set at scale (BENCHMARKS.md §11):
 //! - resident memory of a `tollgate serve` replica once it has loaded N
 //!   stored keys (seeded with SQL, `generate_series`), for this build and,
 //!   alternating in the same run, a baseline build (`--baseline`);
