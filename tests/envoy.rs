@@ -5,12 +5,12 @@
 //! product. Plus `envoy --mode validate` on every example.
 
 mod common;
+#[path = "support/http.rs"]
+mod gateway_http;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,13 +18,10 @@ use common::*;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
+use gateway_http::{http, Reply, Upstream};
 use serde_json::{json, Value};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::io::AsyncBufReadExt;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 use tollgate::grpc::pb;
 use tollgate::store::Invalidation;
@@ -180,104 +177,6 @@ impl Drop for Envoy {
             eprintln!("---- envoy log ----\n{}", self.log());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-// ------------------------------------------------------- HTTP plumbing --
-
-/// An HTTP response, read whole.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: hyper::HeaderMap,
-    body: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {self:?}"))
-    }
-
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().unwrap())
-            .unwrap_or_default()
-    }
-}
-
-/// One HTTP/1.1 request on a fresh connection.
-async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut request = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "api.example.test");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = sender
-        .send_request(request.body(Empty::<Bytes>::new()).unwrap())
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        headers,
-        body: String::from_utf8(body.to_vec()).unwrap(),
-    }
-}
-
-/// The product's API stand-in: answers every request with the headers it
-/// received (`{"path", "headers": {name: [values]}}`) and counts requests.
-struct Upstream {
-    addr: SocketAddr,
-    hits: Arc<AtomicUsize>,
-}
-
-impl Upstream {
-    async fn start() -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let counter = hits.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let counter = counter.clone();
-                let echo = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    let mut headers = serde_json::Map::new();
-                    for (name, value) in req.headers() {
-                        let values = headers.entry(name.as_str()).or_insert(json!([]));
-                        values
-                            .as_array_mut()
-                            .unwrap()
-                            .push(json!(String::from_utf8_lossy(value.as_bytes())));
-                    }
-                    let body = json!({"path": req.uri().path(), "headers": headers});
-                    let response = hyper::Response::builder()
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from(body.to_string())))
-                        .unwrap();
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), echo),
-                );
-            }
-        });
-        Upstream { addr, hits }
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
     }
 }
 

