@@ -132,6 +132,18 @@ async fn each_key_s_allowed_and_denied_requests_are_exact_after_one_flush_write(
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
+
+    // `days` without a key is refused, not ignored: counts are per key.
+    let bad = t
+        .auth
+        .get_usage(op(pb::GetUsageRequest {
+            tenant_id: "acme".into(),
+            days: 7,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
 }
 
 #[sqlx::test]

@@ -257,6 +257,8 @@ pub const MAX_DAYS: u32 = crate::domain::usage::DAILY_RETENTION_DAYS as u32;
 impl super::Authenticator {
     /// A key's request counts: `days` UTC days (today included; 0: the
     /// default) and the last 48 hours. The caller checked who may read it.
+    /// Counts are per key: with no `key_id` there are none, and `days` is
+    /// refused rather than ignored.
     pub async fn request_series(
         &self,
         key_id: &str,
@@ -264,6 +266,15 @@ impl super::Authenticator {
     ) -> crate::error::Result<crate::domain::usage::RequestSeries> {
         use crate::domain::usage::{day_of, oldest_hour_kept};
         use crate::error::Error;
+        if key_id.is_empty() {
+            if days != 0 {
+                return Err(Error::invalid(
+                    "days",
+                    "needs key_id: request counts are kept per key",
+                ));
+            }
+            return Ok(Default::default());
+        }
         let key = KeyId::parse_str(key_id)
             .map_err(|_| Error::invalid("key_id", "must be a key id (a UUID)"))?;
         let days = match days {

@@ -157,12 +157,7 @@ impl AuthService for AuthApi {
                 .await?;
             r.tenant_id
         };
-        // Request counts are per key (and `days` is checked before any read).
-        let requests = if r.key_id.is_empty() {
-            crate::domain::usage::RequestSeries::default()
-        } else {
-            self.authz.request_series(&r.key_id, r.days).await?
-        };
+        let requests = self.authz.request_series(&r.key_id, r.days).await?;
         let quotas = self.authz.usage(&tenant_id, &r.key_id).await?;
         let totals = |list: &[crate::domain::usage::RequestTotal]| -> Vec<pb::RequestCount> {
             list.iter()
