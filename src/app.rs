@@ -43,6 +43,9 @@ use crate::ratelimit::RateLimits;
 use crate::readiness::{set_health, Follower};
 use crate::store::{Invalidation, Store};
 
+mod workers;
+pub use workers::per_core;
+
 /// Everything a Tollgate instance is built from.
 pub struct Parts {
     pub profile: Arc<Profile>,
@@ -79,6 +82,9 @@ pub struct Parts {
     /// (`manage::revocation_events`); `None`: nowhere but the audit log,
     /// the change feed, the metrics and the log.
     pub revocation_events: Option<Arc<dyn crate::manage::revocation_events::RevocationEvents>>,
+    /// Current-thread runtimes (one thread each) that serve the gRPC
+    /// port's connections (`workers`); 0: the calling runtime serves them.
+    pub connection_workers: usize,
 }
 
 /// How replicas find each other and share quotas (`[replicas]` in the
@@ -160,6 +166,8 @@ pub struct Running {
     forward_auth: Option<ForwardAuthServer>,
     request_counts: Arc<RequestCounts>,
     leak_reports_addr: Option<SocketAddr>,
+    /// Ends the connection workers when dropped, after everything else.
+    workers: Option<workers::Lifetime>,
 }
 
 /// One beat's quota upkeep: report this replica's use and (if the store
@@ -476,17 +484,24 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         .add_service(budget.wrap(console_api))
         .add_service(ratelimit)
         .add_service(budget.wrap(revocation));
-    let stop = async {
+    let stop = async move {
         let _ = signal.await;
     };
-    let server = match parts.tls {
-        Some(tls) => tokio::spawn(
-            router.serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), stop),
-        ),
-        None => tokio::spawn(router.serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stop,
-        )),
+    let (server, workers) = if parts.connection_workers > 0 {
+        let (accept, lifetime) =
+            workers::serve(router, listener, parts.tls, parts.connection_workers, stop)?;
+        (tokio::spawn(accept), Some(lifetime))
+    } else {
+        let server = match parts.tls {
+            Some(tls) => tokio::spawn(
+                router.serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), stop),
+            ),
+            None => tokio::spawn(router.serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stop,
+            )),
+        };
+        (server, None)
     };
     Ok(Running {
         addr,
@@ -515,6 +530,7 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
         envoy: parts.envoy,
         forward_auth: None,
         leak_reports_addr,
+        workers,
     })
 }
 
@@ -652,6 +668,12 @@ impl Running {
         self.request_counts
             .flush(self.store.as_ref(), self.clock.now())
             .await
+    }
+
+    /// Connections dealt to each connection worker so far (empty: the
+    /// calling runtime serves the port).
+    pub fn connections_per_worker(&self) -> Vec<u64> {
+        self.workers.as_ref().map(|w| w.dealt()).unwrap_or_default()
     }
 
     /// Stops accepting calls, lets in-flight calls finish, writes pending

@@ -45,6 +45,12 @@ struct Cli {
         default_value_t = 0
     )]
     worker_threads: usize,
+    /// Current-thread runtimes, one thread each, that serve the gRPC
+    /// port's connections (dealt round-robin as they are accepted): default
+    /// one per core, none when `--worker-threads` is 1; 0 = the main
+    /// runtime serves them. Flag or env only.
+    #[arg(long, global = true, env = "TOLLGATE_CONNECTION_WORKERS")]
+    connection_workers: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -94,6 +100,17 @@ enum Command {
         #[command(subcommand)]
         command: remote::Users,
     },
+}
+
+impl Cli {
+    /// The connection workers to start (see the flag).
+    fn connection_workers(&self) -> usize {
+        match (self.connection_workers, self.worker_threads) {
+            (Some(n), _) => n,
+            (None, 1) => 0,
+            (None, _) => app::per_core(),
+        }
+    }
 }
 
 /// The operator commands: a gRPC client of a running server, no config.
@@ -413,6 +430,7 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
             revocation: settings.revocation,
             leak_reports: settings.leak_reports.clone(),
             revocation_events,
+            connection_workers: cli.connection_workers(),
         },
         listener,
     )

@@ -62,6 +62,9 @@ pub const POLICY_REVOCATIONS: &str = "tollgate_policy_revocations_total";
 /// Leaked tokens reported, by `reporter` kind (`github`, `grpc`) and `label`
 /// (`true_positive`, `false_positive`).
 pub const LEAK_REPORTS: &str = "tollgate_leak_reports_total";
+/// Connections the accept loop dealt to each connection worker (label
+/// `worker`): an uneven spread shows here.
+pub const CONNECTIONS_DEALT: &str = "tollgate_connections_dealt_total";
 
 /// Log output (`log_format` in the settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -199,5 +202,9 @@ fn describe() {
     describe_counter!(
         FORWARD_AUTH_REQUESTS,
         "Forward-auth requests by gateway and outcome"
+    );
+    describe_counter!(
+        CONNECTIONS_DEALT,
+        "gRPC connections dealt to each connection worker"
     );
 }

@@ -184,9 +184,9 @@ fn accept_tls(
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = tokio::select! {
+            let tcp = tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
+                    Ok((tcp, _)) => tcp,
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         continue;
@@ -194,28 +194,64 @@ fn accept_tls(
                 },
                 () = tx.closed() => return,
             };
-            // Small gRPC frames must not wait for Nagle's algorithm.
-            let _ = tcp.set_nodelay(true);
-            let config = match &alpn {
-                None => tls.config(),
-                Some(alpn) => {
-                    let mut config = (*tls.config()).clone();
-                    config.alpn_protocols.clone_from(alpn);
-                    Arc::new(config)
-                }
-            };
-            let acceptor = tokio_rustls::TlsAcceptor::from(config);
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
+            handshake(tcp, &tls, alpn.as_deref(), &tx);
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// As [`incoming`], for connections accepted elsewhere and handed to this
+/// runtime (the connection workers, `app::workers`): each handshake runs
+/// on the runtime that polls the returned stream's producer task.
+pub fn handshakes(
+    mut accepted: impl tokio_stream::Stream<Item = TcpStream> + Send + Unpin + 'static,
+    tls: Arc<Reloading>,
+) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+    use tokio_stream::StreamExt;
+    let (tx, rx) = mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                next = accepted.next() => match next {
+                    Some(tcp) => tcp,
+                    None => return,
+                },
+                () = tx.closed() => return,
+            };
+            handshake(tcp, &tls, None, &tx);
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Completes one TLS handshake in its own task (bounded by 10 s) and
+/// passes the stream on; a failed handshake is dropped.
+fn handshake(
+    tcp: TcpStream,
+    tls: &Reloading,
+    alpn: Option<&[Vec<u8>]>,
+    tx: &mpsc::Sender<io::Result<TlsStream<TcpStream>>>,
+) {
+    let peer = tcp.peer_addr().ok();
+    // Small gRPC frames must not wait for Nagle's algorithm.
+    let _ = tcp.set_nodelay(true);
+    let config = match alpn {
+        None => tls.config(),
+        Some(alpn) => {
+            let mut config = (*tls.config()).clone();
+            config.alpn_protocols = alpn.to_vec();
+            Arc::new(config)
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => {
+                let _ = tx.send(Ok(stream)).await;
+            }
+            Ok(Err(e)) => tracing::debug!(?peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
+        }
+    });
 }

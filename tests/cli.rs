@@ -1190,21 +1190,33 @@ async fn with_an_otlp_grpc_endpoint_request_spans_are_exported_over_grpc() {
     );
 }
 
-/// Threads of process `pid` named as tokio names its runtime's threads.
-fn runtime_threads(pid: u32) -> usize {
+/// Threads of process `pid` whose name starts with one of `prefixes`.
+fn threads_named(pid: u32, prefixes: &[&str]) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with("tokio-rt-worker") || name.starts_with("tokio-runtime-w"))
+        .filter(|name| prefixes.iter().any(|p| name.starts_with(p)))
         .count()
 }
 
-#[tokio::test]
-async fn worker_threads_sets_the_runtime_shape_and_one_thread_still_decides() {
-    // 1: one current-thread runtime, so no worker threads (tokio's
-    // blocking-pool threads carry the same name: compare with 3 workers).
-    let mut one = tollgate("dev --listen 127.0.0.1:0");
-    let mut dev = Process::spawn(one.env("TOLLGATE_WORKER_THREADS", "1"));
+/// Threads of process `pid` named as tokio names its runtime's threads.
+fn runtime_threads(pid: u32) -> usize {
+    threads_named(pid, &["tokio-rt-worker", "tokio-runtime-w"])
+}
+
+/// Connection worker threads (`--connection-workers`) of process `pid`.
+fn connection_workers(pid: u32) -> usize {
+    threads_named(pid, &["tollgate-conn-"])
+}
+
+/// Starts `tollgate dev` with `args` and `env`; returns it, once one
+/// Authenticate with its demo key was allowed.
+async fn dev_that_decides(args: &str, env: &[(&str, &str)]) -> Process {
+    let mut cmd = tollgate(&format!("dev --listen 127.0.0.1:0 {args}"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut dev = Process::spawn(&mut cmd);
     let addr: SocketAddr = dev
         .read_until(|l| after(l, "listening on ").map(|a| a.parse().unwrap()))
         .await;
@@ -1222,14 +1234,30 @@ async fn worker_threads_sets_the_runtime_shape_and_one_thread_still_decides() {
         .await
         .unwrap()
         .into_inner();
-    assert!(r.allowed, "{r:?}");
-    let with_one = runtime_threads(dev.child.id());
+    assert!(r.allowed, "{args} {env:?}: {r:?}");
+    dev
+}
 
-    let mut three = tollgate("dev --listen 127.0.0.1:0 --worker-threads 3");
-    let mut dev = Process::spawn(&mut three);
-    dev.read_until(|l| after(l, "listening on ").map(str::to_owned))
-        .await;
+#[tokio::test]
+async fn worker_threads_and_connection_workers_set_the_runtime_shape_and_each_shape_decides() {
+    // 1: one current-thread runtime, so no worker threads (tokio's
+    // blocking-pool threads carry the same name: compare with 3 workers),
+    // and no connection workers.
+    let dev = dev_that_decides("", &[("TOLLGATE_WORKER_THREADS", "1")]).await;
+    let with_one = runtime_threads(dev.child.id());
+    assert_eq!(connection_workers(dev.child.id()), 0);
+
+    let dev = dev_that_decides("--worker-threads 3", &[]).await;
     let with_three = runtime_threads(dev.child.id());
     assert!(with_three >= 3, "{with_three} runtime threads");
     assert!(with_one + 2 <= with_three, "{with_one} vs {with_three}");
+
+    // The default: one connection worker per core.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let dev = dev_that_decides("", &[]).await;
+    assert_eq!(connection_workers(dev.child.id()), cores);
+    let dev = dev_that_decides("", &[("TOLLGATE_CONNECTION_WORKERS", "3")]).await;
+    assert_eq!(connection_workers(dev.child.id()), 3);
+    let dev = dev_that_decides("--connection-workers 0", &[]).await;
+    assert_eq!(connection_workers(dev.child.id()), 0);
 }

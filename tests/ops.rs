@@ -165,7 +165,30 @@ async fn shutdown_lets_in_flight_calls_finish_and_returns_quota_leases(
     pool_opts: PgPoolOptions,
     conn: PgConnectOptions,
 ) {
-    let mut t = spawn(&conn, "default").await;
+    shutdown_with(pool_opts, conn, 0).await;
+}
+
+/// The same on two connection workers (the binary's default shape): the
+/// in-flight call runs on a worker's runtime, and the leases are returned
+/// after the workers drained, on database connections they may have opened.
+#[sqlx::test]
+async fn shutdown_on_connection_workers_lets_in_flight_calls_finish_and_returns_quota_leases(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    shutdown_with(pool_opts, conn, 2).await;
+}
+
+async fn shutdown_with(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+    connection_workers: usize,
+) {
+    let opts = Options {
+        connection_workers,
+        ..Options::new(profile("default"))
+    };
+    let mut t = spawn_with(&conn, opts).await;
     t.create_tenant("acme", "pro").await;
     let (key, _) = t.create_key("acme").await;
     for _ in 0..3 {
@@ -276,6 +299,45 @@ async fn shutdown_lets_in_flight_calls_finish_and_returns_quota_leases(
     assert_eq!(replicas, 0, "the replica left the heartbeat table");
 }
 
+/// Connection workers: each accepted connection is dealt to the next
+/// worker in turn, and every worker answers the calls on its connections.
+#[tokio::test]
+async fn connections_are_dealt_to_the_connection_workers_in_turn_and_each_decides() {
+    let store: Arc<dyn Store> = Arc::new(tollgate::store::MemoryStore::new());
+    let opts = Options {
+        connection_workers: 2,
+        ..Options::new(profile("default"))
+    };
+    let mut t = spawn_on_store(store, opts).await;
+    t.create_tenant("acme", "pro").await;
+    let (key, _) = t.create_key("acme").await;
+    let before = t.running.connections_per_worker();
+    assert_eq!(before.len(), 2, "two workers");
+
+    let addr = t.running.local_addr();
+    for n in 0..4 {
+        // A channel of its own: one new connection each.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let r = pb::auth_service_client::AuthServiceClient::new(channel)
+            .authenticate(pb::AuthenticateRequest {
+                api_key: key.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.allowed, "connection {n}: {r:?}");
+    }
+    let after = t.running.connections_per_worker();
+    let dealt: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(dealt, [2, 2], "four connections, two to each worker");
+    t.running.shutdown().await.unwrap();
+}
+
 #[sqlx::test]
 async fn a_replica_started_while_the_database_is_down_becomes_ready_when_it_answers(
     _p: PgPoolOptions,
@@ -288,7 +350,7 @@ async fn a_replica_started_while_the_database_is_down_becomes_ready_when_it_answ
         .acquire_timeout(Duration::from_secs(1))
         .connect_lazy_with(proxy.options(&conn));
     let store: Arc<dyn Store> = Arc::new(PostgresStore::new(pool));
-    let running = start_unwaited(store, None).await;
+    let running = start_unwaited(store, None, 0).await;
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{}", running.local_addr()))
             .unwrap()
@@ -328,6 +390,7 @@ async fn a_replica_started_while_the_database_is_down_becomes_ready_when_it_answ
 async fn start_unwaited(
     store: Arc<dyn Store>,
     tls: Option<Arc<tollgate::tls::Reloading>>,
+    connection_workers: usize,
 ) -> tollgate::app::Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     tollgate::app::start(
@@ -351,6 +414,7 @@ async fn start_unwaited(
             revocation: Default::default(),
             leak_reports: Default::default(),
             revocation_events: None,
+            connection_workers,
         },
         listener,
     )
@@ -481,6 +545,14 @@ fn refs<'a>(files: &'a [(&'static str, String); 3]) -> [(&'static str, &'a str);
 
 #[tokio::test]
 async fn mutual_tls_admits_clients_with_a_trusted_certificate_only_and_reloads_certificates() {
+    // Served by the test's runtime, and by two connection workers (the
+    // binary's default shape), where each worker runs its own handshakes.
+    for connection_workers in [0, 2] {
+        mutual_tls_with(connection_workers).await;
+    }
+}
+
+async fn mutual_tls_with(connection_workers: usize) {
     let pki = pki();
     let files = |p: &Pki| {
         [
@@ -499,7 +571,7 @@ async fn mutual_tls_admits_clients_with_a_trusted_certificate_only_and_reloads_c
     };
     let tls = tollgate::tls::Reloading::start(settings).unwrap();
     let store: Arc<dyn Store> = Arc::new(tollgate::store::MemoryStore::new());
-    let running = start_unwaited(store, Some(tls.clone())).await;
+    let running = start_unwaited(store, Some(tls.clone()), connection_workers).await;
     let addr = running.local_addr();
     let serving = ServingStatus::Serving as i32;
     let client = Some((pki.client_cert.as_str(), pki.client_key.as_str()));

@@ -80,6 +80,9 @@ pub struct Options {
     pub leak_reports: tollgate::leak_reports::LeakReportSettings,
     /// Where revocation events go; nowhere unless a test says.
     pub revocation_events: Option<Arc<dyn tollgate::manage::revocation_events::RevocationEvents>>,
+    /// Connection workers (`app::Parts::connection_workers`); 0 (the test's
+    /// runtime serves) unless a test says.
+    pub connection_workers: usize,
 }
 
 impl Options {
@@ -98,6 +101,7 @@ impl Options {
             },
             leak_reports: Default::default(),
             revocation_events: None,
+            connection_workers: 0,
         }
     }
 }
@@ -136,6 +140,7 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             revocation: Default::default(),
             leak_reports: opts.leak_reports,
             revocation_events: opts.revocation_events,
+            connection_workers: opts.connection_workers,
         },
         listener,
     )
