@@ -56,6 +56,10 @@ fn decode<M: Message + Default>(hex_text: &str) -> anyhow::Result<M> {
 pub enum RuntimeShape {
     Multi,
     Current,
+    /// Tollgate's default: one current-thread runtime per core serving
+    /// the connections dealt to it (`tollgate::app::workers`), the accept
+    /// loop on a multi-thread runtime.
+    PerCore,
 }
 
 #[derive(Clone)]
@@ -81,7 +85,7 @@ pub fn serve(
         should_rate_limit: decode(rls.trim())?,
     };
     let runtime = match shape {
-        RuntimeShape::Multi => tokio::runtime::Builder::new_multi_thread(),
+        RuntimeShape::Multi | RuntimeShape::PerCore => tokio::runtime::Builder::new_multi_thread(),
         RuntimeShape::Current => tokio::runtime::Builder::new_current_thread(),
     }
     .enable_all()
@@ -89,12 +93,25 @@ pub fn serve(
     runtime.block_on(async move {
         let listener = TcpListener::bind(listen).await?;
         println!("listening on {}", listener.local_addr()?);
-        tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .add_service(AuthServiceServer::new(noop.clone()))
             .add_service(AuthorizationServer::new(noop.clone()))
-            .add_service(RateLimitServiceServer::new(noop))
-            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
-            .await?;
+            .add_service(RateLimitServiceServer::new(noop));
+        if shape == RuntimeShape::PerCore {
+            let workers = tollgate::app::per_core();
+            let (accept, _lifetime) = tollgate::app::workers::serve(
+                router,
+                listener,
+                None,
+                workers,
+                std::future::pending(),
+            )?;
+            accept.await?;
+        } else {
+            router
+                .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
+                .await?;
+        }
         Ok(())
     })
 }

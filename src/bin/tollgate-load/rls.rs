@@ -238,6 +238,7 @@ pub async fn run(o: RlsOpts) -> anyhow::Result<()> {
         let noops = [
             ("current", spawn_noop("current", &canned)?),
             ("multi", spawn_noop("multi", &canned)?),
+            ("per-core", spawn_noop("per-core", &canned)?),
         ];
         setups.push((*name, body, noops));
     }

@@ -1,8 +1,9 @@
 //! `tollgate-load suite`: the decision paths against no-op servers, in
 //! the same rounds, driven by h2load (`crate::h2load`), a client cheaper
 //! than the servers it drives. Each round runs, call by call and
-//! alternating: the no-op tonic server on the current-thread and the
-//! multi-thread runtime, Tollgate (and, with `--before`, an older Tollgate
+//! alternating: the no-op tonic server on the current-thread runtime, the
+//! multi-thread runtime and per-core connection workers (Tollgate's
+//! default shape, `tollgate::app::workers`), Tollgate (and, with `--before`, an older Tollgate
 //! binary on the same database), then uncached Authenticate. Each Tollgate
 //! run is checked against Tollgate's own decision counters: the allowed
 //! count must equal h2load's successes, or the suite fails. Reported per
@@ -331,6 +332,7 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
     let noops = [
         ("current", spawn_noop("current", &canned_file)?),
         ("multi", spawn_noop("multi", &canned_file)?),
+        ("per-core", spawn_noop("per-core", &canned_file)?),
     ];
     // The order of one round: per call, the no-op shapes, then Tollgate
     // (then "before"); uncached Authenticate last.
