@@ -390,6 +390,12 @@ impl Settings {
         if self.cache.max_keys == 0 || self.cache.ttl_seconds == 0 {
             return Err(invalid("cache", "max_keys and ttl_seconds must be ≥ 1"));
         }
+        if self.cache.lookup_batch_max == 0 {
+            return Err(invalid("cache.lookup_batch_max", "must be ≥ 1"));
+        }
+        if self.cache.lookup_batches_in_flight == 0 {
+            return Err(invalid("cache.lookup_batches_in_flight", "must be ≥ 1"));
+        }
         if self.management.max_in_flight == 0 || self.management.timeout_ms == 0 {
             return Err(invalid(
                 "management",
