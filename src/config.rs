@@ -578,6 +578,23 @@ mod tests {
     }
 
     #[test]
+    fn key_lookup_batches_need_room_for_one_digest_and_one_query_at_a_time() {
+        let mut s = Settings::default();
+        assert_eq!(
+            (s.cache.lookup_batch_max, s.cache.lookup_batches_in_flight),
+            (128, 4)
+        );
+        s.cache.lookup_batches_in_flight = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("cache.lookup_batches_in_flight"), "{err}");
+        s.cache.lookup_batches_in_flight = 1;
+        s.validate().expect("one query at a time is allowed");
+        s.cache.lookup_batch_max = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("cache.lookup_batch_max"), "{err}");
+    }
+
+    #[test]
     fn a_short_pepper_is_refused_by_name() {
         let s = Settings {
             pepper: Some("short".to_string().into()),

@@ -104,7 +104,8 @@ impl KeyLookups {
             };
             let Some(told) = queued else {
                 let _slot = Slot(self.shared.clone());
-                let records = query(self.shared.store.as_ref(), std::slice::from_ref(digest)).await?;
+                let records =
+                    query(self.shared.store.as_ref(), std::slice::from_ref(digest)).await?;
                 return Ok(records.into_iter().find(|r| r.digest.ct_eq(digest)));
             };
             match told.await {

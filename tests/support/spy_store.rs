@@ -120,9 +120,7 @@ impl Store for SpyStore {
     }
     async fn find_keys_by_digests(&self, digests: &[KeyDigest]) -> R<Vec<KeyRecord>> {
         self.counts.key_reads.fetch_add(1, SeqCst);
-        self.counts
-            .batched_digests
-            .fetch_add(digests.len(), SeqCst);
+        self.counts.batched_digests.fetch_add(digests.len(), SeqCst);
         self.inner.find_keys_by_digests(digests).await
     }
     async fn key_digests(&self) -> R<Vec<KeyDigest>> {
