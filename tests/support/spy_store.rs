@@ -71,6 +71,11 @@ impl SpyStore {
         self.counts.key_reads.load(SeqCst)
     }
 
+    /// Digests asked for by batched key reads so far.
+    pub fn batched_digests(&self) -> usize {
+        self.counts.batched_digests.load(SeqCst)
+    }
+
     /// (touch_keys calls, rows written) so far.
     pub fn touches(&self) -> (usize, usize) {
         (
