@@ -8,6 +8,7 @@ use tollgate::clock::Clock;
 use tollgate::crypto::KeyDigest;
 use tollgate::manage::{CreateKeyInput, CreateTenantInput, Manager};
 use tollgate::store::Store;
+use tonic::transport::Endpoint;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::Layer;
 
@@ -99,4 +100,77 @@ async fn a_batched_key_lookup_reads_exactly_the_stored_keys_asked_for_in_one_sta
         .await
         .unwrap()
         .is_empty());
+}
+
+#[sqlx::test]
+async fn concurrent_misses_on_several_connection_workers_are_each_answered_with_their_own_key(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let spy = Arc::new(SpyStore::new(Arc::new(PostgresStore::new(
+        pool(&conn).await,
+    ))));
+    let mut opts = Options::new(profile("msgflash"));
+    opts.connection_workers = 2;
+    // Every decision misses the key cache, as after a flush.
+    opts.cache.benchmark_bypass_key_cache = true;
+    let mut t = spawn_on_store(spy.clone(), opts).await;
+    t.create_tenant("acme", "pro").await;
+    let mut keys = Vec::new();
+    for _ in 0..8 {
+        keys.push(t.create_key("acme").await);
+    }
+    let strangers: Vec<String> = (0..8)
+        .map(|_| t.profile.key_format.generate("live").expose().to_owned())
+        .collect();
+    let (reads, digests) = (spy.key_reads(), spy.batched_digests());
+
+    // Four connections, dealt to the two workers in turn, 64 calls at once.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let channel = Endpoint::from_shared(format!("http://{}", t.running.local_addr()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        clients.push(pb::auth_service_client::AuthServiceClient::new(channel));
+    }
+    let calls = (0..64).map(|i| {
+        let mut client = clients[i % clients.len()].clone();
+        let (secret, expected) = match i % 2 {
+            0 => (
+                keys[i / 2 % 8].0.clone(),
+                Some(keys[i / 2 % 8].1.key_id.clone()),
+            ),
+            _ => (strangers[i / 2 % 8].clone(), None),
+        };
+        async move {
+            let r = client
+                .authenticate(pb::AuthenticateRequest {
+                    api_key: secret,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (
+                r.principal.map(|p| p.key_id),
+                expected,
+                r.denial.map(|d| d.reason),
+            )
+        }
+    });
+    for (got, expected, denial) in futures::future::join_all(calls).await {
+        match expected {
+            Some(_) => assert_eq!(got, expected, "{denial:?}"),
+            None => assert_eq!(denial.as_deref(), Some("KEY_UNKNOWN")),
+        }
+    }
+    // Every key and stranger was read (a digest at most once per batch, a
+    // stranger's then remembered as unknown); never more statements than
+    // digests asked for.
+    let (reads, digests) = (spy.key_reads() - reads, spy.batched_digests() - digests);
+    eprintln!("{reads} statements for {digests} digests, 64 calls");
+    assert!((16..=64).contains(&digests), "{digests} digests");
+    assert!(reads <= digests, "{reads} statements for {digests} digests");
 }
