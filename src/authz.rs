@@ -553,8 +553,9 @@ impl Authenticator {
             }
             let g = self.caches.generation();
             asked_old_pepper |= pepper.version() != current.version();
-            // Batched with concurrent misses (`authz/lookups.rs`); the rarer
-            // re-ask below and the rehash stay direct store calls.
+            // Grouped with concurrent misses (`authz/lookups.rs`). The
+            // old-pepper re-ask after the loop and the rehash stay direct
+            // store calls: rare (pepper rotation only), so nothing to group.
             match self.lookups.find(&digest).await? {
                 Some(record) if record.digest.ct_eq(&digest) => {
                     let record = if pepper.version() == current.version() {
