@@ -190,6 +190,8 @@ pub struct Authenticator {
     peppers: Peppers,
     store: Arc<dyn Store>,
     caches: Arc<Caches>,
+    /// Cache misses' key reads, grouped under concurrency.
+    lookups: KeyLookups,
     usage: Arc<UsageRecorder>,
     limiter: Arc<Limiter>,
     clock: Clock,
@@ -219,11 +221,13 @@ impl Authenticator {
         clock: Clock,
     ) -> Self {
         let limiter = Arc::new(Limiter::new(store.clone(), clock.clone()));
+        let lookups = KeyLookups::new(store.clone(), caches.lookup_batching());
         Self {
             profile,
             peppers,
             store,
             caches,
+            lookups,
             usage,
             limiter,
             clock,
@@ -549,7 +553,10 @@ impl Authenticator {
             }
             let g = self.caches.generation();
             asked_old_pepper |= pepper.version() != current.version();
-            match self.store.find_key_by_digest(&digest).await? {
+            // Grouped with concurrent misses (`authz/lookups.rs`). The
+            // old-pepper re-ask after the loop and the rehash stay direct
+            // store calls: rare (pepper rotation only), so nothing to group.
+            match self.lookups.find(&digest).await? {
                 Some(record) if record.digest.ct_eq(&digest) => {
                     let record = if pepper.version() == current.version() {
                         record
@@ -632,6 +639,8 @@ fn confirmable(caches: &Caches) -> Result<()> {
 
 mod decision_metrics;
 mod jwt;
+mod lookups;
+use lookups::KeyLookups;
 mod quota;
 pub mod request_counts;
 pub use request_counts::RequestCounts;

@@ -62,6 +62,13 @@ pub struct CacheSettings {
     /// reads its key from the store (uncached Authenticate measured with
     /// one request body). Never set it in production.
     pub benchmark_bypass_key_cache: bool,
+    /// Most distinct digests one batched key lookup asks the store for
+    /// (cache misses are grouped: `authz/lookups.rs`).
+    pub lookup_batch_max: u32,
+    /// Key lookups running at once before further misses wait and go
+    /// together in the next one (≥ 1). A miss with fewer running is asked
+    /// at once, alone.
+    pub lookup_batches_in_flight: u32,
 }
 
 impl Default for CacheSettings {
@@ -75,8 +82,20 @@ impl Default for CacheSettings {
             unknown_lookups_per_second: 100,
             max_staleness_seconds: 60,
             benchmark_bypass_key_cache: false,
+            lookup_batch_max: 128,
+            lookup_batches_in_flight: 4,
         }
     }
+}
+
+/// How cache-miss key lookups are grouped into store queries (from
+/// [`CacheSettings`]; used by `authz/lookups.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupBatching {
+    /// Most distinct digests per query (≥ 1).
+    pub max_digests: usize,
+    /// Queries running at once before misses wait for the next (≥ 1).
+    pub in_flight: usize,
 }
 
 /// A generation token taken before reading the store.
@@ -102,6 +121,7 @@ pub struct Caches {
     confirmable: AtomicBool,
     /// `CacheSettings::benchmark_bypass_key_cache`.
     bypass_keys: bool,
+    lookup_batching: LookupBatching,
 }
 
 impl std::fmt::Debug for Caches {
@@ -150,8 +170,17 @@ impl Caches {
             generation: AtomicU64::new(0),
             confirmable: AtomicBool::new(true),
             bypass_keys: s.benchmark_bypass_key_cache,
+            lookup_batching: LookupBatching {
+                max_digests: (s.lookup_batch_max as usize).max(1),
+                in_flight: (s.lookup_batches_in_flight as usize).max(1),
+            },
             known: KnownDigests::new(s.unknown_lookups_per_second),
         }
+    }
+
+    /// How this replica groups its cache-miss key lookups.
+    pub fn lookup_batching(&self) -> LookupBatching {
+        self.lookup_batching
     }
 
     /// Whether `digest` is worth a store lookup: it may be a stored digest

@@ -390,6 +390,12 @@ impl Settings {
         if self.cache.max_keys == 0 || self.cache.ttl_seconds == 0 {
             return Err(invalid("cache", "max_keys and ttl_seconds must be ≥ 1"));
         }
+        if self.cache.lookup_batch_max == 0 {
+            return Err(invalid("cache.lookup_batch_max", "must be ≥ 1"));
+        }
+        if self.cache.lookup_batches_in_flight == 0 {
+            return Err(invalid("cache.lookup_batches_in_flight", "must be ≥ 1"));
+        }
         if self.management.max_in_flight == 0 || self.management.timeout_ms == 0 {
             return Err(invalid(
                 "management",
@@ -569,6 +575,23 @@ mod tests {
         s.rate_shares.max_cells = 0;
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("rate_shares.max_cells"), "{err}");
+    }
+
+    #[test]
+    fn key_lookup_batches_need_room_for_one_digest_and_one_query_at_a_time() {
+        let mut s = Settings::default();
+        assert_eq!(
+            (s.cache.lookup_batch_max, s.cache.lookup_batches_in_flight),
+            (128, 4)
+        );
+        s.cache.lookup_batches_in_flight = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("cache.lookup_batches_in_flight"), "{err}");
+        s.cache.lookup_batches_in_flight = 1;
+        s.validate().expect("one query at a time is allowed");
+        s.cache.lookup_batch_max = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("cache.lookup_batch_max"), "{err}");
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub const INVALIDATIONS: &str = "tollgate_invalidations_received_total";
 pub const REVOCATION_LAG_SECONDS: &str = "tollgate_revocation_lag_seconds";
 /// Database query time in seconds, by `query`.
 pub const DB_QUERY_SECONDS: &str = "tollgate_db_query_duration_seconds";
+/// Distinct digests per cache-miss key lookup statement (1: a lone miss;
+/// more: misses that waited while other lookups ran, asked together).
+pub const KEY_LOOKUP_BATCH_SIZE: &str = "tollgate_key_lookup_batch_size";
 /// Database pool connections, by `state` (idle, in_use).
 pub const DB_POOL_CONNECTIONS: &str = "tollgate_db_pool_connections";
 /// Quota lease requests, by `result` (granted, exhausted).
@@ -168,6 +171,11 @@ pub fn install_metrics(addr: SocketAddr) -> Result<(), String> {
         .with_http_listener(addr)
         .set_buckets(&latency)
         .map_err(|e| e.to_string())?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(KEY_LOOKUP_BATCH_SIZE.into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+        )
+        .map_err(|e| e.to_string())?
         .install()
         .map_err(|e| e.to_string())?;
     describe();
@@ -190,6 +198,11 @@ fn describe() {
         "Commit of a decision-changing write to this replica receiving it"
     );
     describe_histogram!(DB_QUERY_SECONDS, Unit::Seconds, "Database query time");
+    describe_histogram!(
+        KEY_LOOKUP_BATCH_SIZE,
+        Unit::Count,
+        "Distinct key digests per cache-miss lookup statement"
+    );
     describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections by state");
     describe_counter!(QUOTA_LEASES, "Quota lease requests by result");
     describe_counter!(

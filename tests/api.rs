@@ -17,6 +17,8 @@ use tollgate::store::{Invalidation, PostgresStore};
 mod callers;
 #[path = "api/keys.rs"]
 mod keys;
+#[path = "api/lookups.rs"]
+mod lookups;
 #[path = "api/outage.rs"]
 mod outage;
 #[path = "api/products.rs"]

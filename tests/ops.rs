@@ -92,7 +92,11 @@ async fn metrics_report_decisions_caches_invalidations_database_and_quota_leases
         "tollgate_cache_lookups_total{cache=\"negative\"",
         "tollgate_invalidations_received_total{kind=\"key\"}",
         "tollgate_revocation_lag_seconds_bucket",
-        "tollgate_db_query_duration_seconds_bucket{query=\"find_key\"",
+        // Cache misses read keys in batches (one digest each here: no
+        // concurrency), with size buckets of their own.
+        "tollgate_db_query_duration_seconds_bucket{query=\"find_keys\"",
+        "tollgate_key_lookup_batch_size_bucket{le=\"1\"}",
+        "tollgate_key_lookup_batch_size_bucket{le=\"128\"}",
         "tollgate_db_pool_connections{state=\"idle\"}",
         "tollgate_quota_leases_total{result=\"granted\"}",
         "tollgate_quota_lease_units_total{direction=\"leased\"}",

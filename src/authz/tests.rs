@@ -45,8 +45,37 @@ use crate::domain::revocation as rv;
 #[derive(Default)]
 struct CountingStore {
     inner: MemoryStore,
+    /// Key reads: one per statement (`find_key_by_digest` or
+    /// `find_keys_by_digests`, however many digests it carries).
     key_lookups: AtomicUsize,
     tenant_reads: AtomicUsize,
+    /// The digests of each `find_keys_by_digests` call, in call order.
+    batches: std::sync::Mutex<Vec<Vec<KeyDigest>>>,
+    /// Holds the next `find_keys_by_digests` call until opened.
+    hold: std::sync::Mutex<Option<Arc<Hold>>>,
+    /// While set, `find_keys_by_digests` fails with it (after any hold).
+    failure: std::sync::Mutex<Option<StoreError>>,
+}
+
+/// A store call held until the test opens it.
+#[derive(Default)]
+struct Hold {
+    /// Signalled when the held call has begun.
+    entered: tokio::sync::Notify,
+    open: tokio::sync::Notify,
+}
+
+impl CountingStore {
+    /// The next batched key lookup waits until the returned hold is opened.
+    fn hold_next_lookup(&self) -> Arc<Hold> {
+        let hold = Arc::new(Hold::default());
+        *self.hold.lock().unwrap() = Some(hold.clone());
+        hold
+    }
+
+    fn batches(&self) -> Vec<Vec<KeyDigest>> {
+        self.batches.lock().unwrap().clone()
+    }
 }
 
 #[async_trait]
@@ -82,6 +111,19 @@ impl Store for CountingStore {
     async fn find_key_by_digest(&self, digest: &KeyDigest) -> R<Option<KeyRecord>> {
         self.key_lookups.fetch_add(1, SeqCst);
         self.inner.find_key_by_digest(digest).await
+    }
+    async fn find_keys_by_digests(&self, digests: &[KeyDigest]) -> R<Vec<KeyRecord>> {
+        self.key_lookups.fetch_add(1, SeqCst);
+        self.batches.lock().unwrap().push(digests.to_vec());
+        let hold = self.hold.lock().unwrap().take();
+        if let Some(hold) = hold {
+            hold.entered.notify_one();
+            hold.open.notified().await;
+        }
+        if let Some(e) = self.failure.lock().unwrap().clone() {
+            return Err(e);
+        }
+        self.inner.find_keys_by_digests(digests).await
     }
     async fn get_key(&self, key: KeyRef<'_>) -> R<Option<KeyRecord>> {
         self.inner.get_key(key).await
@@ -1367,3 +1409,5 @@ async fn the_benchmark_cache_bypass_reads_every_key_from_the_store_and_still_dec
     fx.allow(&key, &[]).await;
     assert_eq!(fx.store.key_lookups.load(SeqCst) - before, 4);
 }
+
+mod lookups;

@@ -241,6 +241,21 @@ impl Store for MemoryStore {
             .cloned())
     }
 
+    async fn find_keys_by_digests(
+        &self,
+        digests: &[KeyDigest],
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let s = self.state();
+        let mut ids = std::collections::HashSet::new();
+        Ok(digests
+            .iter()
+            .filter_map(|d| s.by_digest.get(d))
+            .filter(|id| ids.insert(**id))
+            .filter_map(|id| s.keys.get(id))
+            .cloned()
+            .collect())
+    }
+
     async fn get_key(&self, key: KeyRef<'_>) -> Result<Option<KeyRecord>, StoreError> {
         match self.state().key_mut(key) {
             Ok(k) => Ok(Some(k.clone())),

@@ -21,8 +21,9 @@ pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 
 /// What went wrong in the store. `Unavailable` is transient: the caller may
-/// retry, and the API answers UNAVAILABLE, never a denial.
-#[derive(Debug, thiserror::Error)]
+/// retry, and the API answers UNAVAILABLE, never a denial. `Clone` so one
+/// failed batched lookup can give every waiter the same error.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("not found")]
     NotFound,
@@ -176,6 +177,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<KeyRecord, StoreError>;
     async fn find_key_by_digest(&self, digest: &KeyDigest)
         -> Result<Option<KeyRecord>, StoreError>;
+    /// The stored keys whose digest is one of `digests`, each once, in no
+    /// particular order (unknown digests have no record; duplicates are
+    /// answered once), read in one statement: the decision path's batched
+    /// cache-miss lookup (`authz/lookups.rs`).
+    async fn find_keys_by_digests(
+        &self,
+        digests: &[KeyDigest],
+    ) -> Result<Vec<KeyRecord>, StoreError>;
     /// Every stored key digest (revoked and expired keys included), for
     /// the replica's set of known digests.
     async fn key_digests(&self) -> Result<Vec<KeyDigest>, StoreError>;

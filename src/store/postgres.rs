@@ -201,6 +201,13 @@ impl Store for PostgresStore {
         keys::find_key_by_digest(self, digest).await
     }
 
+    async fn find_keys_by_digests(
+        &self,
+        digests: &[KeyDigest],
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        keys::find_keys_by_digests(self, digests).await
+    }
+
     async fn key_digests(&self) -> Result<Vec<KeyDigest>, StoreError> {
         keys::key_digests(self).await
     }

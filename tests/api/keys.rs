@@ -164,6 +164,8 @@ async fn with_the_lookup_budget_spent_a_key_created_on_another_replica_still_wor
         );
     }
     assert_eq!(spy.key_reads(), 100, "the budget, then no more lookups");
+    // One after another, each miss is read alone, at once.
+    assert_eq!(spy.batched_digests(), 100);
     let stranger = b.profile.key_format.generate("live");
     assert_eq!(
         reason(&b.authenticate(stranger.expose()).await),

@@ -58,6 +58,8 @@ fn every_option_yields_a_configuration_tollgate_accepts() {
     assert_eq!(settings.database.statement_timeout_ms, 2500);
     assert_eq!(settings.database.change_retention_seconds, 172_800);
     assert_eq!(settings.cache.max_staleness_seconds, 30);
+    assert_eq!(settings.cache.lookup_batch_max, 64);
+    assert_eq!(settings.cache.lookup_batches_in_flight, 2);
     assert_eq!(settings.shutdown_grace_seconds, 25);
     assert_eq!(settings.management.max_in_flight, 16);
     assert_eq!(settings.management.timeout_ms, 5000);

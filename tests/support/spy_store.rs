@@ -30,8 +30,11 @@ type R<T> = Result<T, StoreError>;
 /// Counts of the calls that matter to the caches and the usage batch.
 #[derive(Debug, Default)]
 pub struct Counts {
-    /// `find_key_by_digest` and `get_key`.
+    /// `find_key_by_digest`, `find_keys_by_digests` (one per statement,
+    /// however many digests it carries) and `get_key`.
     pub key_reads: AtomicUsize,
+    /// Digests asked for by `find_keys_by_digests`, all calls together.
+    pub batched_digests: AtomicUsize,
     /// `get_tenant`.
     pub tenant_reads: AtomicUsize,
     /// `touch_keys` calls, and the rows they carried.
@@ -66,6 +69,11 @@ impl SpyStore {
 
     pub fn key_reads(&self) -> usize {
         self.counts.key_reads.load(SeqCst)
+    }
+
+    /// Digests asked for by batched key reads so far.
+    pub fn batched_digests(&self) -> usize {
+        self.counts.batched_digests.load(SeqCst)
     }
 
     /// (touch_keys calls, rows written) so far.
@@ -114,6 +122,11 @@ impl Store for SpyStore {
     async fn find_key_by_digest(&self, digest: &KeyDigest) -> R<Option<KeyRecord>> {
         self.counts.key_reads.fetch_add(1, SeqCst);
         self.inner.find_key_by_digest(digest).await
+    }
+    async fn find_keys_by_digests(&self, digests: &[KeyDigest]) -> R<Vec<KeyRecord>> {
+        self.counts.key_reads.fetch_add(1, SeqCst);
+        self.counts.batched_digests.fetch_add(digests.len(), SeqCst);
+        self.inner.find_keys_by_digests(digests).await
     }
     async fn key_digests(&self) -> R<Vec<KeyDigest>> {
         self.inner.key_digests().await

@@ -185,6 +185,26 @@ pub(super) async fn find_key_by_digest(
     row.map(KeyRecord::try_from).transpose()
 }
 
+/// One statement for many digests (`= ANY($1)`: each matching row once,
+/// however often its digest is listed).
+pub(super) async fn find_keys_by_digests(
+    store: &PostgresStore,
+    digests: &[KeyDigest],
+) -> Result<Vec<KeyRecord>, StoreError> {
+    if digests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE digest = ANY($1)");
+    let bytes: Vec<&[u8]> = digests.iter().map(|d| &d.as_bytes()[..]).collect();
+    let rows: Vec<KeyRow> = store
+        .bounded(
+            "find_keys",
+            sqlx::query_as(&sql).bind(bytes).fetch_all(&store.pool),
+        )
+        .await?;
+    rows.into_iter().map(KeyRecord::try_from).collect()
+}
+
 pub(super) async fn key_digests(store: &PostgresStore) -> Result<Vec<KeyDigest>, StoreError> {
     let mut all = Vec::new();
     let mut after = None;

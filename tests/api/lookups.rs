@@ -1,0 +1,176 @@
+//! Cache-miss key lookups grouped into one Postgres statement
+//! (`Store::find_keys_by_digests`, used by `authz/lookups.rs`).
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use tollgate::clock::Clock;
+use tollgate::crypto::KeyDigest;
+use tollgate::manage::{CreateKeyInput, CreateTenantInput, Manager};
+use tollgate::store::Store;
+use tonic::transport::Endpoint;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::Layer;
+
+use super::*;
+
+/// The SQL statements sqlx runs on this thread while it is the default
+/// subscriber here (sqlx reports each one as a `sqlx::query` event).
+#[derive(Clone, Default)]
+struct Statements(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> Layer<S> for Statements {
+    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                self.0 += &format!("{}={v:?} ", f.name());
+            }
+        }
+        if event.metadata().target() == "sqlx::query" {
+            let mut text = Text(String::new());
+            event.record(&mut text);
+            self.0.lock().unwrap().push(text.0);
+        }
+    }
+}
+
+#[sqlx::test]
+async fn a_batched_key_lookup_reads_exactly_the_stored_keys_asked_for_in_one_statement(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let store: Arc<PostgresStore> = Arc::new(PostgresStore::new(pool(&conn).await));
+    let manager = Manager::new(
+        Arc::new(profile("msgflash")),
+        peppers(),
+        store.clone(),
+        Clock::default(),
+    );
+    manager
+        .create_tenant(CreateTenantInput {
+            tenant_id: "acme".into(),
+            name: "Acme".into(),
+            plan: "pro".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut digests = Vec::new();
+    for name in ["asked", "asked-too", "not-asked"] {
+        let input = CreateKeyInput {
+            tenant_id: "acme".into(),
+            name: name.into(),
+            ..Default::default()
+        };
+        digests.push(manager.create_key(input).await.unwrap().record.digest);
+    }
+    let [first, second, _not_asked] = digests[..] else {
+        unreachable!()
+    };
+    let unknown = [
+        KeyDigest::from_bytes([7; 32]),
+        KeyDigest::from_bytes([8; 32]),
+    ];
+    let asked = [first, unknown[0], second, first, unknown[1], second];
+
+    let statements = Statements::default();
+    let found = {
+        let _here = tracing::dispatcher::set_default(&tracing::Dispatch::new(
+            tracing_subscriber::registry().with(statements.clone()),
+        ));
+        store.find_keys_by_digests(&asked).await.unwrap()
+    };
+
+    let statements = statements.0.lock().unwrap().clone();
+    assert_eq!(statements.len(), 1, "{statements:#?}");
+    assert!(statements[0].contains("ANY($1)"), "{}", statements[0]);
+    // Each stored key asked for, once, exactly as a single lookup reads it.
+    assert_eq!(found.len(), 2, "{found:?}");
+    let found_digests: HashSet<KeyDigest> = found.iter().map(|r| r.digest).collect();
+    assert_eq!(found_digests, HashSet::from([first, second]));
+    for record in &found {
+        let alone = store.find_key_by_digest(&record.digest).await.unwrap();
+        assert_eq!(alone.as_ref(), Some(record));
+    }
+    // Nothing asked, nothing read; only unknown digests, no record.
+    assert!(store.find_keys_by_digests(&[]).await.unwrap().is_empty());
+    assert!(store
+        .find_keys_by_digests(&unknown)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[sqlx::test]
+async fn concurrent_misses_on_several_connection_workers_are_each_answered_with_their_own_key(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let spy = Arc::new(SpyStore::new(Arc::new(PostgresStore::new(
+        pool(&conn).await,
+    ))));
+    let mut opts = Options::new(profile("msgflash"));
+    opts.connection_workers = 2;
+    // Every decision misses the key cache, as after a flush.
+    opts.cache.benchmark_bypass_key_cache = true;
+    let mut t = spawn_on_store(spy.clone(), opts).await;
+    t.create_tenant("acme", "pro").await;
+    let mut keys = Vec::new();
+    for _ in 0..8 {
+        keys.push(t.create_key("acme").await);
+    }
+    let strangers: Vec<String> = (0..8)
+        .map(|_| t.profile.key_format.generate("live").expose().to_owned())
+        .collect();
+    let (reads, digests) = (spy.key_reads(), spy.batched_digests());
+
+    // Four connections, dealt to the two workers in turn, 64 calls at once.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let channel = Endpoint::from_shared(format!("http://{}", t.running.local_addr()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        clients.push(pb::auth_service_client::AuthServiceClient::new(channel));
+    }
+    let calls = (0..64).map(|i| {
+        let mut client = clients[i % clients.len()].clone();
+        let (secret, expected) = match i % 2 {
+            0 => (
+                keys[i / 2 % 8].0.clone(),
+                Some(keys[i / 2 % 8].1.key_id.clone()),
+            ),
+            _ => (strangers[i / 2 % 8].clone(), None),
+        };
+        async move {
+            let r = client
+                .authenticate(pb::AuthenticateRequest {
+                    api_key: secret,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (
+                r.principal.map(|p| p.key_id),
+                expected,
+                r.denial.map(|d| d.reason),
+            )
+        }
+    });
+    for (got, expected, denial) in futures::future::join_all(calls).await {
+        match expected {
+            Some(_) => assert_eq!(got, expected, "{denial:?}"),
+            None => assert_eq!(denial.as_deref(), Some("KEY_UNKNOWN")),
+        }
+    }
+    // Every key and stranger was read (a digest at most once per batch, a
+    // stranger's then remembered as unknown); never more statements than
+    // digests asked for.
+    let (reads, digests) = (spy.key_reads() - reads, spy.batched_digests() - digests);
+    eprintln!("{reads} statements for {digests} digests, 64 calls");
+    assert!((16..=64).contains(&digests), "{digests} digests");
+    assert!(reads <= digests, "{reads} statements for {digests} digests");
+}
