@@ -25,7 +25,7 @@ use crate::domain::validate::check_scopes;
 use crate::domain::{Decision, Violations};
 use crate::error::Error;
 use crate::profile::{BearerPolicy, Profile, SubscriptionGate, Surface};
-use response::{denied_response, ok_response};
+use response::{denied_response, ok_response, UpstreamNames};
 
 mod response;
 
@@ -63,7 +63,7 @@ fn header_prefix<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 pub struct EnvoyAuthz {
     authz: Arc<Authenticator>,
     clock: Clock,
-    header_prefix: String,
+    upstream: UpstreamNames,
     credentials: CredentialHeaders,
 }
 
@@ -75,7 +75,7 @@ impl EnvoyAuthz {
             credentials: CredentialHeaders::new(authz.profile()),
             authz,
             clock,
-            header_prefix: settings.header_prefix.clone(),
+            upstream: UpstreamNames::new(&settings.header_prefix),
         }
     }
 }
@@ -127,7 +127,7 @@ impl EnvoyAuthz {
         Ok(match &verdict.decision {
             Decision::Allow(principal) => {
                 let removed = self.credentials.to_remove(surface, &http.headers);
-                ok_response(&self.header_prefix, principal, &verdict, removed, now)
+                ok_response(&self.upstream, principal, &verdict, removed, now)
             }
             Decision::Deny(reason) => {
                 tracing::debug!(reason = reason.as_str(), "denied");

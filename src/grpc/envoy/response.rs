@@ -20,9 +20,13 @@ use crate::domain::{CredentialType, LimitStatus, Principal, Reason, Verdict};
 use crate::profile::Profile;
 
 pub(super) fn header(key: &str, value: String) -> HeaderValueOption {
+    named_header(key.to_owned(), value)
+}
+
+fn named_header(key: String, value: String) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
-            key: key.to_owned(),
+            key,
             value,
             ..HeaderValue::default()
         }),
@@ -55,7 +59,15 @@ pub(super) fn limit_facts(limits: &[LimitStatus], now: DateTime<Utc>) -> Vec<(&'
 }
 
 pub(super) fn rate_limit_headers(facts: &[(&str, u64)]) -> Vec<HeaderValueOption> {
-    let header = |(name, n): &(&str, u64)| header(&format!("ratelimit-{name}"), n.to_string());
+    let header = |(name, n): &(&str, u64)| {
+        let name = match *name {
+            "limit" => "ratelimit-limit",
+            "remaining" => "ratelimit-remaining",
+            "reset" => "ratelimit-reset",
+            other => return header(&format!("ratelimit-{other}"), n.to_string()),
+        };
+        header(name, n.to_string())
+    };
     facts.iter().map(header).collect()
 }
 
@@ -80,7 +92,13 @@ pub(super) fn metadata<'a>(
         .map(|(k, v)| (k.replace('-', "_"), text(v)))
         .collect();
     for (name, n) in limits {
-        fields.insert(format!("ratelimit_{name}"), number(*n as f64));
+        let key = match *name {
+            "limit" => "ratelimit_limit".to_owned(),
+            "remaining" => "ratelimit_remaining".to_owned(),
+            "reset" => "ratelimit_reset".to_owned(),
+            other => format!("ratelimit_{other}"),
+        };
+        fields.insert(key, number(*n as f64));
     }
     if retry_after > 0 {
         fields.insert("retry_after".into(), number(retry_after.into()));
@@ -88,11 +106,41 @@ pub(super) fn metadata<'a>(
     Some(Struct { fields })
 }
 
+/// The facts an allow sends upstream, in order, by the header suffix
+/// after the prefix.
+const FACTS: [&str; 8] = [
+    "tenant-id",
+    "key-id",
+    "plan",
+    "environment",
+    "scopes",
+    "subject",
+    "ratelimit-remaining",
+    "subscription",
+];
+
+/// The upstream header names under one prefix, built once (not formatted
+/// on every decision).
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamNames {
+    facts: [String; 8],
+    label_prefix: String,
+}
+
+impl UpstreamNames {
+    pub(crate) fn new(prefix: &str) -> Self {
+        Self {
+            facts: FACTS.map(|name| format!("{prefix}{name}")),
+            label_prefix: format!("{prefix}label-"),
+        }
+    }
+}
+
 /// OK: the principal as upstream headers (empty ones removed, so a client
 /// cannot supply them), the credential headers removed, `RateLimit-*` on the
 /// response, and the same facts as dynamic metadata.
 pub(super) fn ok_response(
-    prefix: &str,
+    names: &UpstreamNames,
     p: &Principal,
     verdict: &Verdict,
     mut headers_to_remove: Vec<String>,
@@ -100,38 +148,35 @@ pub(super) fn ok_response(
 ) -> CheckResponse {
     let limits = limit_facts(&verdict.limits, now);
     let remaining = tightest(&verdict.limits).map(|l| l.remaining.to_string());
-    let facts = [
-        ("tenant-id", p.tenant_id.to_string()),
-        (
-            "key-id",
-            p.key_id.map(|id| id.to_string()).unwrap_or_default(),
-        ),
-        ("plan", p.plan.clone()),
-        ("environment", p.environment.clone()),
-        ("scopes", p.scopes.join(",")),
-        ("subject", p.subject.clone()),
-        ("ratelimit-remaining", remaining.unwrap_or_default()),
-        ("subscription", p.subscription.as_str().to_string()),
+    let values = [
+        p.tenant_id.to_string(),
+        p.key_id.map(|id| id.to_string()).unwrap_or_default(),
+        p.plan.clone(),
+        p.environment.clone(),
+        p.scopes.join(","),
+        p.subject.clone(),
+        remaining.unwrap_or_default(),
+        p.subscription.as_str().to_string(),
     ];
-    let mut headers = Vec::with_capacity(facts.len() + p.labels.len());
-    for (name, value) in &facts {
-        let name = format!("{prefix}{name}");
+    let mut headers = Vec::with_capacity(values.len() + p.labels.len());
+    for (name, value) in names.facts.iter().zip(&values) {
         if value.is_empty() {
-            headers_to_remove.push(name);
+            headers_to_remove.push(name.clone());
         } else {
-            headers.push(header(&name, value.clone()));
+            headers.push(named_header(name.clone(), value.clone()));
         }
     }
     // The labels the profile sends upstream; one the key lacks is removed,
     // so a client cannot supply it.
     for (label, value) in &p.labels {
-        let name = format!("{prefix}label-{label}");
+        let name = format!("{}{label}", names.label_prefix);
         if value.is_empty() {
             headers_to_remove.push(name);
         } else {
-            headers.push(header(&name, value.clone()));
+            headers.push(named_header(name, value.clone()));
         }
     }
+    let facts = FACTS.into_iter().zip(values);
     let credential_type = match p.credential_type {
         CredentialType::ApiKey => "api_key",
         CredentialType::Jwt => "jwt",

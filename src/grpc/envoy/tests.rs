@@ -67,7 +67,7 @@ fn an_allow_names_the_principal_upstream_and_reports_the_tightest_limit() {
         limit("tenant_per_month", 10_000, 7, 86_400_500, now),
     ];
     let r = ok_response(
-        "x-tollgate-",
+        &UpstreamNames::new("x-tollgate-"),
         &principal,
         &verdict,
         vec!["x-api-key".into()],
@@ -123,7 +123,13 @@ fn with_no_limits_and_no_key_id_those_headers_are_removed_not_trusted() {
         labels: vec![],
     };
     let verdict = Verdict::plain(Decision::Allow(principal.clone()));
-    let r = ok_response("x-gw-", &principal, &verdict, vec![], now);
+    let r = ok_response(
+        &UpstreamNames::new("x-gw-"),
+        &principal,
+        &verdict,
+        vec![],
+        now,
+    );
     let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
         panic!("not an ok response")
     };
