@@ -146,7 +146,10 @@ pub async fn drive(
     );
     let authority = uri.authority().context("url has no host:port")?.to_string();
     ensure!(!bodies.is_empty(), "no bodies");
-    ensure!(clients > 0 && streams > 0, "connections and streams must be ≥ 1");
+    ensure!(
+        clients > 0 && streams > 0,
+        "connections and streams must be ≥ 1"
+    );
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert(TE, HeaderValue::from_static("trailers"));
@@ -243,11 +246,7 @@ async fn worker(mut send: SendRequest<Bytes>, s: Rc<Shared>) {
     }
 }
 
-async fn one(
-    send: &mut SendRequest<Bytes>,
-    s: &Shared,
-    body: Bytes,
-) -> Result<Outcome, h2::Error> {
+async fn one(send: &mut SendRequest<Bytes>, s: &Shared, body: Bytes) -> Result<Outcome, h2::Error> {
     std::future::poll_fn(|cx| send.poll_ready(cx)).await?;
     let mut req = Request::new(());
     *req.method_mut() = Method::POST;
@@ -269,7 +268,11 @@ async fn one(
         return Ok(if st == "0" {
             Outcome::Ok
         } else {
-            Outcome::Failed(head.status, Some(st), head.headers.get("grpc-message").cloned())
+            Outcome::Failed(
+                head.status,
+                Some(st),
+                head.headers.get("grpc-message").cloned(),
+            )
         });
     }
     while let Some(chunk) = recv.data().await {
@@ -287,6 +290,10 @@ async fn one(
 pub fn main(o: &DriveOpts) -> anyhow::Result<()> {
     let data = std::fs::read(&o.bodies).with_context(|| format!("{}", o.bodies.display()))?;
     let bodies = parse_bodies(Bytes::from(data))?;
+    // h2's spans and events: with no dispatcher set, `tracing`'s `log`
+    // fallback checks every one of them; a global "never interested"
+    // subscriber turns them into a cached no (a few % of the client's CPU).
+    let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::new());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -331,7 +338,8 @@ pub fn run(o: &H2Opts, url: &str, bodies: &Path, requests: u64) -> anyhow::Resul
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    parse(&text).with_context(|| format!("h2drive's stderr: {}", String::from_utf8_lossy(&out.stderr)))
+    parse(&text)
+        .with_context(|| format!("h2drive's stderr: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// Reads h2drive's output: the last non-empty line is the JSON [`H2Run`].
@@ -380,9 +388,15 @@ mod tests {
     fn bodies_file_refuses_truncation_compression_and_emptiness() {
         let f = frame("key");
         let cut = Bytes::from(f[..f.len() - 1].to_vec());
-        assert!(parse_bodies(cut).unwrap_err().to_string().contains("claims"));
+        assert!(parse_bodies(cut)
+            .unwrap_err()
+            .to_string()
+            .contains("claims"));
         let short = Bytes::from(vec![0u8, 0, 0]);
-        assert!(parse_bodies(short).unwrap_err().to_string().contains("prefix"));
+        assert!(parse_bodies(short)
+            .unwrap_err()
+            .to_string()
+            .contains("prefix"));
         let mut compressed = f.clone();
         compressed[0] = 1;
         assert!(parse_bodies(Bytes::from(compressed))
@@ -396,7 +410,8 @@ mod tests {
 
     #[test]
     fn parses_its_json_line_after_other_output() {
-        let text = "something else\n{\"requests\":300,\"succeeded\":298,\"failed\":1,\"errored\":1,\
+        let text =
+            "something else\n{\"requests\":300,\"succeeded\":298,\"failed\":1,\"errored\":1,\
             \"seconds\":0.5,\"rps\":598.0,\"client_cpu_seconds\":0.02}\n\n";
         let r = parse(text).unwrap();
         assert_eq!(
@@ -436,7 +451,10 @@ mod tests {
     async fn every_request_to_the_noop_server_succeeds_with_grpc_status_0() {
         let addr = noop_server();
         let bodies = parse_bodies(Bytes::from(
-            (0..37).map(|i| frame(&format!("key-{i}"))).collect::<Vec<_>>().concat(),
+            (0..37)
+                .map(|i| frame(&format!("key-{i}")))
+                .collect::<Vec<_>>()
+                .concat(),
         ))
         .unwrap();
         let url = format!("http://{addr}/tollgate.v1.AuthService/Authenticate");
