@@ -312,7 +312,7 @@ fn path_of(kind: Kind) -> &'static str {
 
 fn line(m: &Measured) -> String {
     format!(
-        "{:<58} {:>9.0} req/s  server {:>6.2} µs/req  {:<7} {:>5.2} µs/req ({:>3.0}% of a core){}",
+        "{:<62} {:>9.0} req/s  server {:>6.2} µs/req  {:<7} {:>5.2} µs/req ({:>3.0}% of a core){}",
         m.name,
         m.run.rps,
         m.server_us_per_request,
@@ -541,7 +541,7 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
         o.rounds.max(1)
     );
     println!(
-        "{:<58} {:>9} {:>11} {:>11} {:>7} {:>11}  target",
+        "{:<62} {:>9} {:>11} {:>11} {:>7} {:>11}  target",
         "run", "req/s", "server µs", "client µs", "ratio", "ratio range"
     );
     let mut summary = Vec::new();
@@ -557,7 +557,7 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
         let (lo, hi) = min_max(&ratios);
         let target = target_of(&t.name, n);
         println!(
-            "{:<58} {:>9.0} {:>11.2} {:>11.2} {:>7} {:>11}  {}",
+            "{:<62} {:>9.0} {:>11.2} {:>11.2} {:>7} {:>11}  {}",
             t.name,
             rps,
             server,
