@@ -14,6 +14,10 @@
 //! (`crate::h2drive`, same `-n`/`-c`/`-m`, one framed body per key cycled
 //! over): the no-op (current-thread), uncached Tollgate, cached Tollgate;
 //! the two Tollgate rows' ratio is to that no-op run of the same round.
+//! Those ratios compare h2drive runs only: h2drive costs about 1.5–2×
+//! h2load's CPU per request (h2's per-stream work), so on shared cores its
+//! no-op run reaches fewer req/s than h2load's and its ratios are not
+//! interchangeable with the h2load rows'. Compare req/s and server µs.
 //!
 //! The tonic driver (`crate::load`) is used only for latency at a paced
 //! rate over many distinct keys.
