@@ -13,7 +13,7 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context};
 use prost::Message;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How h2load drives every run (`h2load -n N -c C -m M -t T`).
 #[derive(Debug, Clone, clap::Args)]
@@ -73,8 +73,8 @@ fn clock_ticks() -> f64 {
     })
 }
 
-/// What one h2load run reported.
-#[derive(Debug, Clone, Serialize)]
+/// What one h2load run reported (also h2drive's JSON line, `crate::h2drive`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct H2Run {
     pub requests: u64,
     pub succeeded: u64,

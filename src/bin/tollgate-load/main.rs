@@ -23,6 +23,8 @@
 //!   per second per 1000 decisions/s, heartbeat and lease writes.
 //! - `rls`: Envoy's rate-limit service (`ShouldRateLimit`) against a no-op
 //!   RLS server (h2load).
+//! - `h2drive`: the suite's client for many distinct keys (h2 crate,
+//!   reads gRPC trailers); `crate::h2drive`.
 //! - `run`, `noop`: the pieces, for ad-hoc runs.
 //!
 //! `scripts/bench` runs them all; see BENCHMARKS.md.
@@ -37,6 +39,7 @@ mod abuse;
 mod envoy;
 mod fixture;
 mod gateways;
+mod h2drive;
 mod h2load;
 mod load;
 mod memory;
@@ -119,6 +122,9 @@ enum Cmd {
     },
     /// Envoy's ShouldRateLimit against a no-op RLS server (h2load).
     Rls(rls::RlsOpts),
+    /// A lean HTTP/2 gRPC client (h2 crate, one current-thread runtime):
+    /// cycles over many framed bodies, reads trailers, prints one JSON line.
+    H2drive(h2drive::DriveOpts),
     /// Resident memory per cached key.
     Memory {
         #[arg(long, default_value_t = 1_000_000)]
@@ -187,5 +193,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Known(o) => runtime()?.block_on(known::run(o)),
         Cmd::Fleet(o) => runtime()?.block_on(fleet::run(o)),
         Cmd::Rls(o) => runtime()?.block_on(rls::run(o)),
+        Cmd::H2drive(o) => h2drive::main(&o),
     }
 }

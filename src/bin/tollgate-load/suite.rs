@@ -6,12 +6,22 @@
 //! default shape, `tollgate::app::workers`), Tollgate (and, with `--before`, an older Tollgate
 //! binary on the same database), then uncached Authenticate. Each Tollgate
 //! run is checked against Tollgate's own decision counters: the allowed
-//! count must equal h2load's successes, or the suite fails. Reported per
-//! run: req/s, server CPU µs per request, h2load's CPU, and the ratio to
+//! count must equal the client's successes, or the suite fails. Reported per
+//! run: req/s, server CPU µs per request, the client's CPU, and the ratio to
 //! the fastest no-op shape of the same call in the same round.
 //!
-//! The tonic driver (`crate::load`) is used only for what h2load cannot
-//! do: latency at a paced rate over many distinct keys.
+//! h2load sends one body, so one API key, per run. Every round ends with
+//! Authenticate over all `--keys` distinct keys, driven by h2drive
+//! (`crate::h2drive`, same `-n`/`-c`/`-m`, one framed body per key cycled
+//! over): the no-op (current-thread), uncached Tollgate, cached Tollgate;
+//! the two Tollgate rows' ratio is to that no-op run of the same round.
+//! Those ratios compare h2drive runs only: h2drive costs about 1.5–2×
+//! h2load's CPU per request (h2's per-stream work), so on shared cores its
+//! no-op run reaches fewer req/s than h2load's and its ratios are not
+//! interchangeable with the h2load rows'. Compare req/s and server µs.
+//!
+//! The tonic driver (`crate::load`) is used only for latency at a paced
+//! rate over many distinct keys.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -25,6 +35,7 @@ use serde::Serialize;
 use tollgate::grpc::pb::auth_service_client::AuthServiceClient;
 
 use crate::fixture::{free_port, limit, seed, FixtureOpts, Proc};
+use crate::h2drive;
 use crate::h2load::{self, H2Opts, H2Run};
 use crate::load::{self, LoadOpts, Report};
 use crate::noop::Canned;
@@ -34,8 +45,8 @@ use crate::scenario::{self, Kind, Scenario};
 pub struct SuiteOpts {
     #[command(flatten)]
     pub setup: FixtureOpts,
-    /// Distinct keys (spread over 10 tenants) for the paced latency runs
-    /// (tonic driver); h2load sends one key per call.
+    /// Distinct keys (spread over 10 tenants) for the h2drive rows and the
+    /// paced latency runs (tonic driver); h2load sends one key per call.
     #[arg(long, default_value_t = 10_000)]
     pub keys: usize,
     #[command(flatten)]
@@ -62,13 +73,49 @@ pub struct SuiteOpts {
     pub out: Option<PathBuf>,
 }
 
-/// The targets: (run name, ratio required of it).
-const TARGETS: [(&str, f64); 4] = [
+/// The targets: (run name, ratio required of it); `{n}` is the number of
+/// distinct keys.
+const TARGETS: [(&str, f64); 5] = [
     ("tollgate authenticate cached", 0.85),
     ("tollgate check_quota", 0.80),
     ("tollgate ext_authz check", 0.80),
     ("tollgate authenticate uncached", 0.30),
+    (
+        "tollgate authenticate uncached, {n} distinct keys (h2drive)",
+        0.30,
+    ),
 ];
+
+/// The ratio required of run `name` (with `n` distinct keys), if any.
+fn target_of(name: &str, n: usize) -> Option<f64> {
+    TARGETS
+        .iter()
+        .find(|(t, _)| t.replace("{n}", &n.to_string()) == name)
+        .map(|(_, r)| *r)
+}
+
+/// Which client drives a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Driver {
+    /// h2load, one framed body (one key).
+    H2load,
+    /// `tollgate-load h2drive`, one framed body per distinct key.
+    H2drive,
+}
+
+impl Driver {
+    fn label(self) -> &'static str {
+        match self {
+            Driver::H2load => "h2load",
+            Driver::H2drive => "h2drive",
+        }
+    }
+}
+
+/// Baseline groups: one per call under h2load, and Authenticate over
+/// distinct keys under h2drive.
+const GROUPS: usize = 4;
+const DISTINCT_GROUP: usize = 3;
 
 /// Metric names Tollgate counts allowed answers under.
 const DECISIONS: &str = "tollgate_decisions_total";
@@ -79,10 +126,21 @@ struct Target<'a> {
     name: String,
     kind: Kind,
     proc: &'a Proc,
-    /// The counter whose `outcome="allow"` samples must grow by h2load's
-    /// successes (`None`: a no-op server, which counts nothing).
+    /// The counter whose `outcome="allow"` samples must grow by the
+    /// client's successes (`None`: a no-op server, which counts nothing).
     verify: Option<&'static str>,
     baseline: bool,
+    driver: Driver,
+}
+
+impl Target<'_> {
+    /// The baseline group whose fastest no-op run this run is compared to.
+    fn group(&self) -> usize {
+        match self.driver {
+            Driver::H2load => kind_index(self.kind),
+            Driver::H2drive => DISTINCT_GROUP,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -90,12 +148,14 @@ struct Measured {
     round: usize,
     name: String,
     call: &'static str,
+    /// The client: h2load or h2drive.
+    driver: &'static str,
     #[serde(flatten)]
     run: H2Run,
     server_cpu_seconds: f64,
     server_us_per_request: f64,
     client_us_per_request: f64,
-    /// h2load's CPU time over the run's wall time (1.0 = one core).
+    /// The client's CPU time over the run's wall time (1.0 = one core).
     client_cores: f64,
     /// Allowed answers counted by Tollgate (`None`: no-op server).
     allowed_counted: Option<u64>,
@@ -178,8 +238,9 @@ fn allowed_in(text: &str, metric: &str) -> f64 {
         .sum()
 }
 
-/// One h2load run against `t`, with the server's CPU read around it and
-/// the allowed answers checked against Tollgate's counters.
+/// One run against `t` (h2load or h2drive, by `t.driver`; `body` is its
+/// body or bodies file), with the server's CPU read around it and the
+/// allowed answers checked against Tollgate's counters.
 async fn measure(
     t: &Target<'_>,
     body: &Path,
@@ -195,14 +256,19 @@ async fn measure(
     let pid = t.proc.pid();
     let cpu_before = h2load::process_cpu_seconds(pid)?;
     let run = {
-        let (h2, body) = (h2.clone(), body.to_owned());
-        tokio::task::spawn_blocking(move || h2load::run(&h2, &url, &body, requests)).await??
+        let (h2, body, driver) = (h2.clone(), body.to_owned(), t.driver);
+        tokio::task::spawn_blocking(move || match driver {
+            Driver::H2load => h2load::run(&h2, &url, &body, requests),
+            Driver::H2drive => h2drive::run(&h2, &url, &body, requests),
+        })
+        .await??
     };
     let server_cpu_seconds = h2load::process_cpu_seconds(pid)? - cpu_before;
     if run.failed > 0 || run.errored > 0 || run.succeeded != run.requests {
         bail!(
-            "{}: h2load: {} of {} succeeded ({} failed, {} errored)",
+            "{}: {}: {} of {} succeeded ({} failed, {} errored)",
             t.name,
+            t.driver.label(),
             run.succeeded,
             run.requests,
             run.failed,
@@ -214,9 +280,10 @@ async fn measure(
             let counted = allowed(t.proc, metric).await? - before;
             if counted != run.succeeded {
                 bail!(
-                    "{}: Tollgate counted {counted} allowed answers ({metric}) but h2load {} successes: \
+                    "{}: Tollgate counted {counted} allowed answers ({metric}) but {} {} successes: \
                      some answers were denials or gRPC errors (h2load ignores trailers)",
                     t.name,
+                    t.driver.label(),
                     run.succeeded
                 );
             }
@@ -229,6 +296,7 @@ async fn measure(
         round,
         name: t.name.clone(),
         call: t.kind.label(),
+        driver: t.driver.label(),
         server_cpu_seconds,
         server_us_per_request: server_cpu_seconds * 1e6 / n,
         client_us_per_request: run.client_cpu_seconds * 1e6 / n,
@@ -249,10 +317,11 @@ fn path_of(kind: Kind) -> &'static str {
 
 fn line(m: &Measured) -> String {
     format!(
-        "{:<40} {:>9.0} req/s  server {:>6.2} µs/req  h2load {:>5.2} µs/req ({:>3.0}% of a core){}",
+        "{:<62} {:>9.0} req/s  server {:>6.2} µs/req  {:<7} {:>5.2} µs/req ({:>3.0}% of a core){}",
         m.name,
         m.run.rps,
         m.server_us_per_request,
+        m.driver,
         m.client_us_per_request,
         m.client_cores * 100.0,
         m.ratio
@@ -327,7 +396,17 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
         std::fs::write(&file, framed)?;
         bodies.push(file);
     }
-    let body = |kind: Kind| bodies[kind_index(kind)].as_path();
+    // Every seeded key's Authenticate request, for h2drive.
+    let distinct_file = dir.join("authenticate_distinct.bin");
+    h2drive::write_bodies(
+        &distinct_file,
+        keys.iter()
+            .map(|k| h2load::grpc_frame(&scenario::authenticate_request(k))),
+    )?;
+    let body = |t: &Target| match t.driver {
+        Driver::H2load => bodies[kind_index(t.kind)].as_path(),
+        Driver::H2drive => distinct_file.as_path(),
+    };
 
     let noops = [
         ("current", spawn_noop("current", &canned_file)?),
@@ -345,6 +424,7 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
                 proc: noop,
                 verify: None,
                 baseline: true,
+                driver: Driver::H2load,
             });
         }
         let metric = if kind == Kind::CheckQuota {
@@ -363,6 +443,7 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
             proc: &cached,
             verify: Some(metric),
             baseline: false,
+            driver: Driver::H2load,
         });
         if let Some(b) = &before {
             // An older binary may not count CheckQuota answers: it is then
@@ -373,6 +454,7 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
                 proc: b,
                 verify: Some(metric),
                 baseline: false,
+                driver: Driver::H2load,
             });
         }
     }
@@ -382,16 +464,59 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
         proc: &uncached,
         verify: Some(DECISIONS),
         baseline: false,
+        driver: Driver::H2load,
     });
+    // Authenticate over every distinct key (h2drive): the no-op on the
+    // current-thread runtime (the faster shape for Authenticate), then
+    // uncached and cached Tollgate, compared to that no-op run.
+    let n = keys.len();
+    for (name, proc, verify, baseline) in [
+        (
+            format!("noop authenticate, {n} distinct keys (h2drive)"),
+            &noops[0].1,
+            None,
+            true,
+        ),
+        (
+            format!("tollgate authenticate uncached, {n} distinct keys (h2drive)"),
+            &uncached,
+            Some(DECISIONS),
+            false,
+        ),
+        (
+            format!("tollgate authenticate cached, {n} distinct keys (h2drive)"),
+            &cached,
+            Some(DECISIONS),
+            false,
+        ),
+    ] {
+        targets.push(Target {
+            name,
+            kind: Kind::Authenticate,
+            proc,
+            verify,
+            baseline,
+            driver: Driver::H2drive,
+        });
+    }
 
     println!(
         "driver: h2load -n {} -c {} -m {} -t {} (one framed body per call); {} round(s), runs alternating",
         o.h2.requests, o.h2.clients, o.h2.streams, o.h2.threads, o.rounds.max(1)
     );
-    // Warm-up: a tenth of a run against every target, unmeasured but checked.
+    println!(
+        "distinct-key rows: tollgate-load h2drive -n {} -c {} -m {} (one current-thread runtime, \
+         {n} framed bodies, one per key, cycled over; success = grpc-status 0)",
+        o.h2.requests, o.h2.clients, o.h2.streams
+    );
+    // Warm-up: a tenth of a run against every target, unmeasured but checked;
+    // over distinct keys at least one pass over all of them (fills the cache).
     for t in &mut targets {
-        let warm = (o.h2.requests / 10).max(1000);
-        if let Err(e) = measure(t, body(t.kind), &o.h2, warm, 0).await {
+        let mut warm = (o.h2.requests / 10).max(1000);
+        if t.driver == Driver::H2drive {
+            warm = warm.max(n as u64);
+        }
+        if let Err(e) = measure(t, body(t), &o.h2, warm, 0).await {
             if t.name.starts_with("before:") && t.kind == Kind::CheckQuota {
                 eprintln!("{}: {e:#}; checked by h2load's counts only", t.name);
                 t.verify = None;
@@ -403,14 +528,14 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
     let mut all: Vec<Measured> = Vec::new();
     for round in 1..=o.rounds.max(1) {
         println!("-- round {round}");
-        let mut best = [0f64; 3];
+        let mut best = [0f64; GROUPS];
         for t in &targets {
-            let mut m = measure(t, body(t.kind), &o.h2, o.h2.requests, round).await?;
+            let mut m = measure(t, body(t), &o.h2, o.h2.requests, round).await?;
             if t.baseline {
-                let b = &mut best[kind_index(t.kind)];
+                let b = &mut best[t.group()];
                 *b = b.max(m.run.rps);
             } else {
-                m.ratio = Some(m.run.rps / best[kind_index(t.kind)]);
+                m.ratio = Some(m.run.rps / best[t.group()]);
             }
             println!("{}", line(&m));
             all.push(m);
@@ -422,8 +547,8 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
         o.rounds.max(1)
     );
     println!(
-        "{:<40} {:>9} {:>11} {:>11} {:>7} {:>11}  target",
-        "run", "req/s", "server µs", "h2load µs", "ratio", "ratio range"
+        "{:<62} {:>9} {:>11} {:>11} {:>7} {:>11}  target",
+        "run", "req/s", "server µs", "client µs", "ratio", "ratio range"
     );
     let mut summary = Vec::new();
     for t in &targets {
@@ -436,9 +561,9 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
         let ratios: Vec<f64> = runs.iter().filter_map(|m| m.ratio).collect();
         let ratio = (!ratios.is_empty()).then(|| median(&ratios));
         let (lo, hi) = min_max(&ratios);
-        let target = TARGETS.iter().find(|(n, _)| *n == t.name).map(|(_, r)| *r);
+        let target = target_of(&t.name, n);
         println!(
-            "{:<40} {:>9.0} {:>11.2} {:>11.2} {:>7} {:>11}  {}",
+            "{:<62} {:>9.0} {:>11.2} {:>11.2} {:>7} {:>11}  {}",
             t.name,
             rps,
             server,
@@ -456,7 +581,7 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
         summary.push(serde_json::json!({
             "name": t.name, "median_rps": rps, "median_server_us_per_request": server,
             "median_client_us_per_request": client, "median_ratio": ratio, "target": target,
-            "verified_by": t.verify,
+            "verified_by": t.verify, "driver": t.driver.label(),
         }));
     }
 
@@ -542,4 +667,46 @@ fn min_max(xs: &[f64]) -> (f64, f64) {
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
             (lo.min(x), hi.max(x))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_distinct_key_uncached_row_has_the_uncached_target() {
+        let n = 10_000;
+        assert_eq!(
+            target_of(
+                "tollgate authenticate uncached, 10000 distinct keys (h2drive)",
+                n
+            ),
+            Some(0.30)
+        );
+        assert_eq!(target_of("tollgate authenticate uncached", n), Some(0.30));
+        assert_eq!(
+            target_of(
+                "tollgate authenticate cached, 10000 distinct keys (h2drive)",
+                n
+            ),
+            None
+        );
+        assert_eq!(
+            target_of(
+                "tollgate authenticate uncached, 5000 distinct keys (h2drive)",
+                n
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn allowed_answers_sum_only_allow_samples_of_the_metric() {
+        let scrape = "# TYPE tollgate_decisions_total counter\n\
+            tollgate_decisions_total{call=\"authenticate\",outcome=\"allow\"} 7\n\
+            tollgate_decisions_total{call=\"check\",outcome=\"allow\"} 5\n\
+            tollgate_decisions_total{call=\"authenticate\",outcome=\"deny\"} 3\n\
+            tollgate_decisions_total_other{outcome=\"allow\"} 100\n";
+        assert_eq!(allowed_in(scrape, DECISIONS), 12.0);
+    }
 }
