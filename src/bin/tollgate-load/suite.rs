@@ -467,13 +467,20 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
         driver: Driver::H2load,
     });
     // Authenticate over every distinct key (h2drive): the no-op on the
-    // current-thread runtime (the faster shape for Authenticate), then
-    // uncached and cached Tollgate, compared to that no-op run.
+    // current-thread runtime and on per-core connection workers (the two
+    // faster shapes for Authenticate), then uncached and cached Tollgate,
+    // compared to the faster of those no-op runs.
     let n = keys.len();
     for (name, proc, verify, baseline) in [
         (
-            format!("noop authenticate, {n} distinct keys (h2drive)"),
+            format!("noop authenticate, {n} distinct keys (h2drive, current-thread)"),
             &noops[0].1,
+            None,
+            true,
+        ),
+        (
+            format!("noop authenticate, {n} distinct keys (h2drive, per-core)"),
+            &noops[2].1,
             None,
             true,
         ),
