@@ -83,7 +83,7 @@ impl Default for CacheSettings {
             max_staleness_seconds: 60,
             benchmark_bypass_key_cache: false,
             lookup_batch_max: 128,
-            lookup_batches_in_flight: 4,
+            lookup_batches_in_flight: 1,
         }
     }
 }

@@ -582,13 +582,13 @@ mod tests {
         let mut s = Settings::default();
         assert_eq!(
             (s.cache.lookup_batch_max, s.cache.lookup_batches_in_flight),
-            (128, 4)
+            (128, 1)
         );
         s.cache.lookup_batches_in_flight = 0;
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("cache.lookup_batches_in_flight"), "{err}");
-        s.cache.lookup_batches_in_flight = 1;
-        s.validate().expect("one query at a time is allowed");
+        s.cache.lookup_batches_in_flight = 4;
+        s.validate().expect("several queries at a time are allowed");
         s.cache.lookup_batch_max = 0;
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("cache.lookup_batch_max"), "{err}");
