@@ -112,20 +112,20 @@ pub fn serve(
             };
             match accepted.and_then(|(tcp, _): (TcpStream, SocketAddr)| tcp.into_std()) {
                 Ok(tcp) => {
-                    // A worker that is gone drops the connection; the next
-                    // one dealt goes elsewhere.
-                    let worker = next % deal.len();
-                    if deal[worker].send(tcp).is_ok() {
-                        counts[worker].fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!(
-                            crate::telemetry::CONNECTIONS_DEALT,
-                            "worker" => worker.to_string()
-                        )
-                        .increment(1);
+                    if deal_to_next(&deal, &counts, &mut next, tcp).is_err() {
+                        tracing::error!("every connection worker is gone; the gRPC port stops");
+                        break;
                     }
-                    next = next.wrapping_add(1);
                 }
-                Err(e) => tracing::warn!(error = %e, "accept failed"),
+                Err(e) => {
+                    // Out of file descriptors and the like: say so, and do
+                    // not spin on an error that is still there.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::select! {
+                        () = &mut stop => break,
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    }
+                }
             }
         }
         drop(listener);
@@ -142,6 +142,36 @@ pub fn serve(
         result
     };
     Ok((accept, Lifetime { exit, dealt }))
+}
+
+/// How long the accept loop waits after a failed accept.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Deals `tcp` to the next worker in turn; a worker that is gone (its
+/// thread ended) is passed over. `Err` only when every worker is gone.
+fn deal_to_next(
+    deal: &[mpsc::UnboundedSender<std::net::TcpStream>],
+    counts: &[AtomicU64],
+    next: &mut usize,
+    mut tcp: std::net::TcpStream,
+) -> Result<(), ()> {
+    for _ in 0..deal.len() {
+        let worker = *next % deal.len();
+        *next = next.wrapping_add(1);
+        match deal[worker].send(tcp) {
+            Ok(()) => {
+                counts[worker].fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(
+                    crate::telemetry::CONNECTIONS_DEALT,
+                    "worker" => worker.to_string()
+                )
+                .increment(1);
+                return Ok(());
+            }
+            Err(mpsc::error::SendError(back)) => tcp = back,
+        }
+    }
+    Err(())
 }
 
 async fn wait_for_exit(mut exiting: watch::Receiver<bool>) {
@@ -171,5 +201,42 @@ async fn run(
             let incoming = tcp.map(Ok::<_, std::io::Error>);
             router.serve_with_incoming_shutdown(incoming, drained).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection(listener: &std::net::TcpListener) -> std::net::TcpStream {
+        std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn connections_go_to_each_worker_in_turn_passing_over_workers_that_are_gone() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (mut deal, mut receivers) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let (tx, rx) = mpsc::unbounded_channel();
+            deal.push(tx);
+            receivers.push(Some(rx));
+        }
+        let counts: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(0)).collect();
+        let mut next = 0;
+        for _ in 0..3 {
+            deal_to_next(&deal, &counts, &mut next, connection(&listener)).unwrap();
+        }
+        // Worker 1's thread ended: its connections go to the others.
+        receivers[1] = None;
+        for _ in 0..3 {
+            deal_to_next(&deal, &counts, &mut next, connection(&listener)).unwrap();
+        }
+        let dealt: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        assert_eq!(dealt, [3, 1, 2]);
+        receivers.clear();
+        assert!(
+            deal_to_next(&deal, &counts, &mut next, connection(&listener)).is_err(),
+            "no worker left"
+        );
     }
 }
