@@ -3,22 +3,25 @@
 //! than the servers it drives. Each round runs, call by call and
 //! alternating: the no-op tonic server on the current-thread runtime, the
 //! multi-thread runtime and per-core connection workers (Tollgate's
-//! default shape, `tollgate::app::workers`), Tollgate (and, with `--before`, an older Tollgate
-//! binary on the same database), then uncached Authenticate. Each Tollgate
-//! run is checked against Tollgate's own decision counters: the allowed
-//! count must equal the client's successes, or the suite fails. Reported per
-//! run: req/s, server CPU µs per request, the client's CPU, and the ratio to
-//! the fastest no-op shape of the same call in the same round.
+//! default shape, `tollgate::app::workers`), Tollgate (and, with
+//! `--before`, an older Tollgate binary on the same database), then
+//! uncached Authenticate. Each Tollgate run is checked against Tollgate's
+//! own decision counters: the allowed count must equal the client's
+//! successes, or the suite fails. Reported per run: req/s, server CPU µs
+//! per request, Postgres CPU µs per request (every `postgres` process on
+//! the machine), the client's CPU, and the ratio to the fastest no-op
+//! shape of the same call in the same round.
 //!
 //! h2load sends one body, so one API key, per run. Every round ends with
 //! Authenticate over all `--keys` distinct keys, driven by h2drive
 //! (`crate::h2drive`, same `-n`/`-c`/`-m`, one framed body per key cycled
-//! over): the no-op (current-thread), uncached Tollgate, cached Tollgate;
-//! the two Tollgate rows' ratio is to that no-op run of the same round.
-//! Those ratios compare h2drive runs only: h2drive costs about 1.5–2×
-//! h2load's CPU per request (h2's per-stream work), so on shared cores its
-//! no-op run reaches fewer req/s than h2load's and its ratios are not
-//! interchangeable with the h2load rows'. Compare req/s and server µs.
+//! over): the no-op (current-thread and per-core), uncached Tollgate,
+//! cached Tollgate; the two Tollgate rows' ratio is to the faster of those
+//! no-op runs of the same round. Those ratios compare h2drive runs only:
+//! h2drive costs about 1.5–2× h2load's CPU per request (h2's per-stream
+//! work), so on shared cores its no-op run reaches fewer req/s than
+//! h2load's and its ratios are not interchangeable with the h2load rows'.
+//! Compare req/s and server µs.
 //!
 //! The tonic driver (`crate::load`) is used only for latency at a paced
 //! rate over many distinct keys.
@@ -154,6 +157,9 @@ struct Measured {
     run: H2Run,
     server_cpu_seconds: f64,
     server_us_per_request: f64,
+    /// CPU of every `postgres` process on this machine over the run, per
+    /// request (the uncached rows' other cost; about 0 for the rest).
+    postgres_us_per_request: f64,
     client_us_per_request: f64,
     /// The client's CPU time over the run's wall time (1.0 = one core).
     client_cores: f64,
@@ -255,6 +261,7 @@ async fn measure(
     };
     let pid = t.proc.pid();
     let cpu_before = h2load::process_cpu_seconds(pid)?;
+    let postgres_before = postgres_cpu_seconds();
     let run = {
         let (h2, body, driver) = (h2.clone(), body.to_owned(), t.driver);
         tokio::task::spawn_blocking(move || match driver {
@@ -264,6 +271,7 @@ async fn measure(
         .await??
     };
     let server_cpu_seconds = h2load::process_cpu_seconds(pid)? - cpu_before;
+    let postgres_cpu = (postgres_cpu_seconds() - postgres_before).max(0.0);
     if run.failed > 0 || run.errored > 0 || run.succeeded != run.requests {
         bail!(
             "{}: {}: {} of {} succeeded ({} failed, {} errored)",
@@ -299,12 +307,29 @@ async fn measure(
         driver: t.driver.label(),
         server_cpu_seconds,
         server_us_per_request: server_cpu_seconds * 1e6 / n,
+        postgres_us_per_request: postgres_cpu * 1e6 / n,
         client_us_per_request: run.client_cpu_seconds * 1e6 / n,
         client_cores: run.client_cpu_seconds / run.seconds.max(1e-9),
         allowed_counted,
         ratio: None,
         run,
     })
+}
+
+/// CPU seconds used so far by every process named `postgres` on this
+/// machine (the server and its backends). Pool connections live through a
+/// run, so the difference around it is Postgres's share of the run.
+fn postgres_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "postgres")
+        })
+        .filter_map(|pid| h2load::process_cpu_seconds(pid).ok())
+        .sum()
 }
 
 fn path_of(kind: Kind) -> &'static str {
@@ -317,10 +342,11 @@ fn path_of(kind: Kind) -> &'static str {
 
 fn line(m: &Measured) -> String {
     format!(
-        "{:<62} {:>9.0} req/s  server {:>6.2} µs/req  {:<7} {:>5.2} µs/req ({:>3.0}% of a core){}",
+        "{:<62} {:>9.0} req/s  server {:>6.2} µs/req  postgres {:>5.2}  {:<7} {:>5.2} µs/req ({:>3.0}% of a core){}",
         m.name,
         m.run.rps,
         m.server_us_per_request,
+        m.postgres_us_per_request,
         m.driver,
         m.client_us_per_request,
         m.client_cores * 100.0,
@@ -554,8 +580,8 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
         o.rounds.max(1)
     );
     println!(
-        "{:<62} {:>9} {:>11} {:>11} {:>7} {:>11}  target",
-        "run", "req/s", "server µs", "client µs", "ratio", "ratio range"
+        "{:<62} {:>9} {:>11} {:>11} {:>11} {:>7} {:>11}  target",
+        "run", "req/s", "server µs", "postgres µs", "client µs", "ratio", "ratio range"
     );
     let mut summary = Vec::new();
     for t in &targets {
@@ -564,16 +590,18 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
             |f: &dyn Fn(&Measured) -> f64| median(&runs.iter().map(|m| f(m)).collect::<Vec<_>>());
         let rps = get(&|m| m.run.rps);
         let server = get(&|m| m.server_us_per_request);
+        let postgres = get(&|m| m.postgres_us_per_request);
         let client = get(&|m| m.client_us_per_request);
         let ratios: Vec<f64> = runs.iter().filter_map(|m| m.ratio).collect();
         let ratio = (!ratios.is_empty()).then(|| median(&ratios));
         let (lo, hi) = min_max(&ratios);
         let target = target_of(&t.name, n);
         println!(
-            "{:<62} {:>9.0} {:>11.2} {:>11.2} {:>7} {:>11}  {}",
+            "{:<62} {:>9.0} {:>11.2} {:>11.2} {:>11.2} {:>7} {:>11}  {}",
             t.name,
             rps,
             server,
+            postgres,
             client,
             ratio.map(|r| format!("{r:.2}")).unwrap_or_default(),
             ratio
@@ -587,6 +615,7 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
         );
         summary.push(serde_json::json!({
             "name": t.name, "median_rps": rps, "median_server_us_per_request": server,
+            "median_postgres_us_per_request": postgres,
             "median_client_us_per_request": client, "median_ratio": ratio, "target": target,
             "verified_by": t.verify, "driver": t.driver.label(),
         }));
