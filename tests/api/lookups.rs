@@ -44,6 +44,18 @@ async fn a_batched_key_lookup_reads_exactly_the_stored_keys_asked_for(
     let [first, second, _not_asked] = digests[..] else {
         unreachable!()
     };
+    // Every column a decision reads set to something other than its
+    // default on one key, so a column read out of place shows.
+    sqlx::query(
+        "UPDATE api_keys SET scopes = ARRAY['messages:send', 'reports:read'], \
+         expires_at = now() + interval '1 day', revoked_at = now(), replaced_by = key_id, \
+         limits = '[{\"scope\": \"key\", \"period\": \"minute\", \"limit\": 5}]', \
+         labels = '{\"team\": \"billing\"}', pepper_version = 7 WHERE digest = $1",
+    )
+    .bind(&first.as_bytes()[..])
+    .execute(&pool(&conn).await)
+    .await
+    .unwrap();
     let unknown = [
         KeyDigest::from_bytes([7; 32]),
         KeyDigest::from_bytes([8; 32]),
@@ -54,13 +66,21 @@ async fn a_batched_key_lookup_reads_exactly_the_stored_keys_asked_for(
     // concurrent misses take is asserted at the trait (authz/tests/lookups.rs).
     let found = store.find_keys_by_digests(&asked).await.unwrap();
 
-    // Each stored key asked for, once, exactly as a single lookup reads it.
+    // Each stored key asked for, once.
     assert_eq!(found.len(), 2, "{found:?}");
     let found_digests: HashSet<KeyDigest> = found.iter().map(|r| r.digest).collect();
     assert_eq!(found_digests, HashSet::from([first, second]));
+    let changed = found.iter().find(|r| r.digest == first).unwrap();
+    assert_eq!(changed.scopes, ["messages:send", "reports:read"]);
+    assert!(changed.is_revoked() && changed.expires_at.is_some());
+    assert_eq!(changed.replaced_by, Some(changed.id));
+    assert_eq!(changed.pepper_version, 7);
+    assert_eq!(changed.limits.as_ref().map(Vec::len), Some(1));
     for record in &found {
+        // As a single lookup reads it, less the display-only fields a
+        // decision never reads.
         let alone = store.find_key_by_digest(&record.digest).await.unwrap();
-        assert_eq!(alone.as_ref(), Some(record));
+        assert_eq!(alone.map(|r| r.for_decisions()).as_ref(), Some(record));
     }
     // Nothing asked, nothing read; only unknown digests, no record.
     assert!(store.find_keys_by_digests(&[]).await.unwrap().is_empty());
