@@ -60,6 +60,33 @@ async fn one_lookup_at_a_time() -> (Fixture, Arc<Authenticator>, Arc<Caches>, [I
     (fx, auth, caches, keys)
 }
 
+/// A tenant with one key, lookups one at a time, and a first lookup (of
+/// a digest no key has) held inside the store: what follows waits for it.
+struct Held {
+    fx: Fixture,
+    key: IssuedKey,
+    lookups: Arc<KeyLookups>,
+    hold: Arc<Hold>,
+    first: JoinHandle<R<Option<KeyRecord>>>,
+}
+
+async fn held() -> Held {
+    let fx = Fixture::new(MSGFLASH).await;
+    fx.tenant("acme", "pro").await;
+    let key = fx.key("acme").await;
+    let lookups = lookups(&fx.store, 1);
+    let hold = fx.store.hold_next_lookup();
+    let first = find(&lookups, unknown(0));
+    hold.entered.notified().await;
+    Held {
+        fx,
+        key,
+        lookups,
+        hold,
+        first,
+    }
+}
+
 fn authenticate(auth: &Arc<Authenticator>, key: &str) -> JoinHandle<Result<Decision>> {
     let (auth, key) = (auth.clone(), key.to_owned());
     tokio::spawn(async move {
@@ -103,13 +130,13 @@ async fn misses_arriving_while_a_lookup_runs_go_together_in_one_further_query() 
 
 #[tokio::test]
 async fn a_digest_asked_by_several_waiters_is_queried_once_and_each_is_answered() {
-    let fx = Fixture::new(MSGFLASH).await;
-    fx.tenant("acme", "pro").await;
-    let key = fx.key("acme").await;
-    let lookups = lookups(&fx.store, 1);
-    let hold = fx.store.hold_next_lookup();
-    let first = find(&lookups, unknown(0));
-    hold.entered.notified().await;
+    let Held {
+        fx,
+        key,
+        lookups,
+        hold,
+        first,
+    } = held().await;
     let known: Vec<_> = (0..3).map(|_| find(&lookups, key.record.digest)).collect();
     let absent: Vec<_> = (0..2).map(|_| find(&lookups, unknown(1))).collect();
     until_waiting(&lookups, 5).await;
@@ -177,13 +204,13 @@ async fn a_store_error_reaches_every_waiter_of_the_batch_as_unavailable() {
 
 #[tokio::test]
 async fn a_waiter_whose_caller_went_away_does_not_stop_the_others_being_answered() {
-    let fx = Fixture::new(MSGFLASH).await;
-    fx.tenant("acme", "pro").await;
-    let key = fx.key("acme").await;
-    let lookups = lookups(&fx.store, 1);
-    let hold = fx.store.hold_next_lookup();
-    let first = find(&lookups, unknown(0));
-    hold.entered.notified().await;
+    let Held {
+        fx,
+        key,
+        lookups,
+        hold,
+        first,
+    } = held().await;
     let gone = find(&lookups, unknown(1));
     let stays = find(&lookups, key.record.digest);
     until_waiting(&lookups, 2).await;
@@ -199,13 +226,13 @@ async fn a_waiter_whose_caller_went_away_does_not_stop_the_others_being_answered
 
 #[tokio::test]
 async fn a_cancelled_lone_lookup_hands_the_waiting_misses_on() {
-    let fx = Fixture::new(MSGFLASH).await;
-    fx.tenant("acme", "pro").await;
-    let key = fx.key("acme").await;
-    let lookups = lookups(&fx.store, 1);
-    let hold = fx.store.hold_next_lookup();
-    let first = find(&lookups, unknown(0));
-    hold.entered.notified().await;
+    let Held {
+        fx,
+        key,
+        lookups,
+        hold: _never_opened,
+        first,
+    } = held().await;
     let waiters = [
         find(&lookups, key.record.digest),
         find(&lookups, unknown(1)),
