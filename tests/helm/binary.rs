@@ -5,7 +5,8 @@ use super::*;
 
 #[test]
 fn the_rendered_configuration_starts_the_real_binary() {
-    let r = render(&[&minimal()], &[]);
+    // With connection workers set, so the binary reads that variable too.
+    let r = render(&[&minimal()], &["connectionWorkers=2"]);
     for (kind, name, container_name) in [
         ("Deployment", FULLNAME.to_owned(), "tollgate"),
         ("Job", format!("{FULLNAME}-migrate"), "migrate"),

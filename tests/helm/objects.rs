@@ -72,6 +72,14 @@ fn the_server_runs_locked_down_with_grpc_probes_on_the_grpc_port() {
         env(c, "TOLLGATE_DATABASE__MIGRATE_ON_START")["value"],
         "false"
     );
+    // Connection workers: one per CPU unless set (0 is a setting too).
+    assert!(!has_env(c, "TOLLGATE_CONNECTION_WORKERS"));
+    for (workers, rendered) in [("0", "0"), ("3", "3")] {
+        let set = format!("connectionWorkers={workers}");
+        let r = render(&[&minimal()], &[&set]);
+        let c = container(r.named("Deployment", FULLNAME), "tollgate");
+        assert_eq!(env(c, "TOLLGATE_CONNECTION_WORKERS")["value"], rendered);
+    }
 
     let spec = pod_spec(deploy);
     let sa = r.named("ServiceAccount", FULLNAME);
