@@ -180,9 +180,7 @@ pub trait Store: Send + Sync + 'static {
     /// The stored keys whose digest is one of `digests`, each once, in no
     /// particular order (unknown digests have no record; duplicates are
     /// answered once), read in one statement: the decision path's batched
-    /// cache-miss lookup (`authz/lookups.rs`). Records as decisions read
-    /// them: a store may leave the display-only fields empty
-    /// (`KeyRecord::for_decisions`).
+    /// cache-miss lookup (`authz/lookups.rs`).
     async fn find_keys_by_digests(
         &self,
         digests: &[KeyDigest],

@@ -187,12 +187,6 @@ pub(super) async fn find_key_by_digest(
 
 /// One statement for many digests (`= ANY($1)`: each matching row once,
 /// however often its digest is listed).
-/// The columns a decision reads, in the order [`decision_record`] takes
-/// them by index (no name lookups per row; the display-only columns are
-/// not read: `KeyRecord::for_decisions`).
-const DECISION_COLUMNS: &str = "key_id, tenant_id, environment, scopes, digest, pepper_version, \
-    created_at, expires_at, revoked_at, replaced_by, limits, lineage_id, labels, format";
-
 pub(super) async fn find_keys_by_digests(
     store: &PostgresStore,
     digests: &[KeyDigest],
@@ -200,48 +194,15 @@ pub(super) async fn find_keys_by_digests(
     if digests.is_empty() {
         return Ok(Vec::new());
     }
-    let sql = format!("SELECT {DECISION_COLUMNS} FROM api_keys WHERE digest = ANY($1)");
+    let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE digest = ANY($1)");
     let bytes: Vec<&[u8]> = digests.iter().map(|d| &d.as_bytes()[..]).collect();
-    let rows = store
+    let rows: Vec<KeyRow> = store
         .bounded(
             "find_keys",
-            sqlx::query(&sql).bind(bytes).fetch_all(&store.pool),
+            sqlx::query_as(&sql).bind(bytes).fetch_all(&store.pool),
         )
         .await?;
-    rows.iter().map(decision_record).collect()
-}
-
-/// One row of [`DECISION_COLUMNS`] as the record decisions read.
-fn decision_record(row: &sqlx::postgres::PgRow) -> Result<KeyRecord, StoreError> {
-    use sqlx::Row;
-    let bad = |e: sqlx::Error| StoreError::Internal(format!("stored key row: {e}"));
-    let tenant_id: &str = row.try_get(1).map_err(bad)?;
-    let digest: &[u8] = row.try_get(4).map_err(bad)?;
-    let limits: Option<Json<Vec<LimitSpec>>> = row.try_get(10).map_err(bad)?;
-    let labels: Json<KeyLabels> = row.try_get(12).map_err(bad)?;
-    let format: &str = row.try_get(13).map_err(bad)?;
-    Ok(KeyRecord {
-        id: row.try_get(0).map_err(bad)?,
-        tenant_id: TenantId::parse(tenant_id)
-            .ok_or_else(|| StoreError::Internal("stored tenant id is malformed".into()))?,
-        name: String::new(),
-        environment: row.try_get(2).map_err(bad)?,
-        scopes: row.try_get(3).map_err(bad)?,
-        hint: String::new(),
-        digest: KeyDigest::from_slice(digest)
-            .ok_or_else(|| StoreError::Internal("stored digest has the wrong length".into()))?,
-        pepper_version: row.try_get(5).map_err(bad)?,
-        created_at: row.try_get(6).map_err(bad)?,
-        expires_at: row.try_get(7).map_err(bad)?,
-        revoked_at: row.try_get(8).map_err(bad)?,
-        revoke_reason: None,
-        last_used_at: None,
-        replaced_by: row.try_get(9).map_err(bad)?,
-        limits: limits.map(|j| j.0),
-        lineage_id: row.try_get(11).map_err(bad)?,
-        labels: labels.0,
-        legacy: format == "legacy",
-    })
+    rows.into_iter().map(KeyRecord::try_from).collect()
 }
 
 pub(super) async fn key_digests(store: &PostgresStore) -> Result<Vec<KeyDigest>, StoreError> {
