@@ -20,6 +20,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::envoy::{parse_wrk, WrkReport};
 use crate::fixture::{free_port, limit, seed, FixtureOpts, Proc};
+use crate::h2load::{cpu_seconds_with_children, process_cpu_seconds};
 
 #[derive(Debug, clap::Args)]
 pub struct GatewayOpts {
@@ -124,21 +125,6 @@ http {{
         guarded(with_noop, "noop"),
         guarded(with_tollgate, "tollgate"),
         d = dir.display(),
-    )
-}
-
-/// User + system CPU seconds of process `pid`, and of its waited-for
-/// children (Linux, 100 ticks a second).
-fn cpu_seconds(pid: u32) -> (f64, f64) {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return (0.0, 0.0);
-    };
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (
-        (ticks(11) + ticks(12)) / 100.0,
-        (ticks(13) + ticks(14)) / 100.0,
     )
 }
 
@@ -302,8 +288,8 @@ pub async fn run(o: GatewayOpts) -> anyhow::Result<()> {
                 ("with_tollgate", ports[2], Some(tollgate.pid())),
             ];
             for (i, (listener, port, server)) in listeners.into_iter().enumerate() {
-                let server_before = server.map_or(0.0, |p| cpu_seconds(p).0);
-                let wrk_before = cpu_seconds(me).1;
+                let server_before = server.map_or(Ok(0.0), process_cpu_seconds)?;
+                let wrk_before = cpu_seconds_with_children(me)?.1;
                 let out = Command::new(&o.wrk)
                     .args(["-t1", &format!("-c{c}"), &format!("-d{}s", o.duration)])
                     .args(["--latency", "-s"])
@@ -312,8 +298,8 @@ pub async fn run(o: GatewayOpts) -> anyhow::Result<()> {
                     .env("TOLLGATE_BENCH_KEYS", &keys_file)
                     .output()
                     .context("running wrk")?;
-                let wrk_cpu = cpu_seconds(me).1 - wrk_before;
-                let server_cpu = server.map_or(0.0, |p| cpu_seconds(p).0) - server_before;
+                let wrk_cpu = cpu_seconds_with_children(me)?.1 - wrk_before;
+                let server_cpu = server.map_or(Ok(0.0), process_cpu_seconds)? - server_before;
                 let text = String::from_utf8_lossy(&out.stdout).into_owned();
                 if !out.status.success() {
                     bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));

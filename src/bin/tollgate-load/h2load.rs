@@ -49,15 +49,25 @@ pub fn grpc_frame<M: Message>(msg: &M) -> Vec<u8> {
 
 /// CPU seconds (user + system) a process has used so far.
 pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    Ok(cpu_seconds_with_children(pid)?.0)
+}
+
+/// CPU seconds (user + system) a process has used so far, and those of its
+/// children it has waited for (a `wrk` it ran to completion).
+pub fn cpu_seconds_with_children(pid: u32) -> anyhow::Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start with the
-    // state (field 3); utime and stime are fields 14 and 15.
+    // state (field 3); utime, stime, cutime and cstime are fields 14–17.
     let rest = stat.rsplit_once(')').context("malformed stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11).context("no utime")?.parse()?;
-    let stime: f64 = f.get(12).context("no stime")?.parse()?;
-    Ok((utime + stime) / clock_ticks())
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(f.get(i).context("short /proc stat")?.parse::<f64>()?)
+    };
+    Ok((
+        (ticks(11)? + ticks(12)?) / clock_ticks(),
+        (ticks(13)? + ticks(14)?) / clock_ticks(),
+    ))
 }
 
 fn clock_ticks() -> f64 {

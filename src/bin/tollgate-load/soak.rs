@@ -24,6 +24,7 @@ use tollgate::grpc::pb::auth_service_client::AuthServiceClient;
 use tonic::transport::Channel;
 
 use crate::fixture::{limit, op, seed, Fixture, Proc};
+use crate::h2load::process_cpu_seconds;
 use crate::load::connect;
 use crate::pg::LocalPg;
 use crate::scenario::authenticate_request;
@@ -281,19 +282,6 @@ async fn revoker(
     (ok, failed)
 }
 
-/// User + system CPU seconds of process `pid` (Linux, 100 ticks a second).
-fn cpu_seconds(pid: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name; utime and stime are
-    // fields 14 and 15 of the whole line.
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// The fault schedule; returns its log.
 async fn faults(
     pg: Arc<LocalPg>,
@@ -402,10 +390,13 @@ pub async fn run(o: SoakOpts) -> anyhow::Result<()> {
     }
 
     // Peak: closed loop, 3 s unmeasured then 5 s, with CPU shares.
-    let pids: Vec<String> = replicas.iter().map(|r| r.pid().to_string()).collect();
-    let cpu = |pids: &[String]| pids.iter().map(|p| cpu_seconds(p)).sum::<f64>();
+    let pids: Vec<u32> = replicas.iter().map(|r| r.pid()).collect();
+    let cpu = |pids: &[u32]| -> anyhow::Result<f64> {
+        pids.iter().map(|&p| process_cpu_seconds(p)).sum()
+    };
+    let me = std::process::id();
     let t_peak = Instant::now() + Duration::from_secs(3);
-    let (srv0, me0) = (cpu(&pids), cpu_seconds("self"));
+    let (srv0, me0) = (cpu(&pids)?, process_cpu_seconds(me)?);
     let peak_run = drive(
         &channels,
         keys.clone(),
@@ -416,7 +407,7 @@ pub async fn run(o: SoakOpts) -> anyhow::Result<()> {
         o.staleness * 1000,
     );
     let peak_w = peak_run.await?;
-    let (srv1, me1) = (cpu(&pids), cpu_seconds("self"));
+    let (srv1, me1) = (cpu(&pids)?, process_cpu_seconds(me)?);
     let peak = peak_w[0].latency.len() as f64 / WINDOW_SECS as f64;
     let rate = peak * o.load;
     println!(
