@@ -330,3 +330,27 @@ pub async fn revoke(client: &mut AuthServiceClient<Channel>, key_id: &str) -> an
         .await?;
     Ok(())
 }
+
+/// Starts this binary as a baseline server (`subcommand`, `--listen` on a
+/// free port, then `args`) and waits for its `listening on` line.
+pub fn spawn_self<S: AsRef<std::ffi::OsStr>>(
+    name: &str,
+    subcommand: &str,
+    args: &[S],
+) -> anyhow::Result<Proc> {
+    use std::io::BufRead;
+    let addr = free_port()?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args([subcommand, "--listen", &addr.to_string()])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    if !line.starts_with("listening on") {
+        bail!("{name} did not start: {line:?}");
+    }
+    Ok(Proc::new(name, child, addr, None))
+}

@@ -19,7 +19,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
 use crate::envoy::{parse_wrk, WrkReport};
-use crate::fixture::{free_port, limit, seed, FixtureOpts, Proc};
+use crate::fixture::{free_port, limit, seed, spawn_self, FixtureOpts, Proc};
 use crate::h2load::{cpu_seconds_with_children, process_cpu_seconds};
 
 #[derive(Debug, clap::Args)]
@@ -226,21 +226,11 @@ pub async fn run(o: GatewayOpts) -> anyhow::Result<()> {
     std::fs::write(&lua, LUA)?;
 
     let canned = capture(forward_auth, &keys[0].key).await?;
-    let noop_addr = free_port()?;
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["noop-http", "--listen", &noop_addr.to_string(), "--header"])
-        .arg(serde_json::to_string(&canned)?)
-        .stdout(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-    ensure!(
-        line.starts_with("listening on"),
-        "no-op HTTP server: {line:?}"
-    );
-    let noop = Proc::new("noop-http", child, noop_addr, None);
+    let noop = spawn_self(
+        "noop-http",
+        "noop-http",
+        &["--header".to_owned(), serde_json::to_string(&canned)?],
+    )?;
 
     let ports = [
         free_port()?.port(),

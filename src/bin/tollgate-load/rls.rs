@@ -18,11 +18,9 @@
 //! req/s, server CPU µs per request (from `/proc`), h2load's CPU, and the
 //! ratio to the faster no-op shape of the same round.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
@@ -31,7 +29,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use prost::Message;
 use serde::Serialize;
 
-use crate::fixture::{free_port, limit, seed, FixtureOpts, Proc};
+use crate::fixture::{limit, seed, spawn_self, FixtureOpts, Proc};
 use crate::h2load::{self, H2Opts, H2Run};
 
 #[derive(Debug, clap::Args)]
@@ -112,21 +110,13 @@ async fn scrape(proc: &Proc) -> anyhow::Result<String> {
 
 /// Starts this binary's `noop` server answering `ShouldRateLimit` with `canned`.
 fn spawn_noop(shape: &str, canned: &Path) -> anyhow::Result<Proc> {
-    let addr = free_port()?;
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["noop", "--listen", &addr.to_string(), "--runtime", shape])
-        .arg("--canned-rls")
-        .arg(canned)
-        .stdout(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    if !line.starts_with("listening on") {
-        bail!("noop server ({shape}) did not start: {line:?}");
-    }
-    Ok(Proc::new(&format!("noop-{shape}"), child, addr, None))
+    let args: [&std::ffi::OsStr; 4] = [
+        "--runtime".as_ref(),
+        shape.as_ref(),
+        "--canned-rls".as_ref(),
+        canned.as_os_str(),
+    ];
+    spawn_self(&format!("noop-{shape}"), "noop", &args)
 }
 
 /// One real answer, which must be OK with a limit applied.

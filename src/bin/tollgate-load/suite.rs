@@ -26,9 +26,7 @@
 //! The tonic driver (`crate::load`) is used only for latency at a paced
 //! rate over many distinct keys.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -37,7 +35,7 @@ use prost::Message;
 use serde::Serialize;
 use tollgate::grpc::pb::auth_service_client::AuthServiceClient;
 
-use crate::fixture::{free_port, limit, seed, FixtureOpts, Proc};
+use crate::fixture::{limit, seed, spawn_self, FixtureOpts, Proc};
 use crate::h2drive;
 use crate::h2load::{self, H2Opts, H2Run};
 use crate::load::{self, LoadOpts, Report};
@@ -171,27 +169,13 @@ struct Measured {
 
 /// Starts this binary's `noop` server and waits for its address.
 pub fn spawn_noop(shape: &str, canned: &std::path::Path) -> anyhow::Result<Proc> {
-    let addr = free_port()?;
-    let mut child = Command::new(std::env::current_exe()?)
-        .args([
-            "noop",
-            "--listen",
-            &addr.to_string(),
-            "--runtime",
-            shape,
-            "--canned",
-        ])
-        .arg(canned)
-        .stdout(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    if !line.starts_with("listening on") {
-        bail!("noop server ({shape}) did not start: {line:?}");
-    }
-    Ok(Proc::new(&format!("noop-{shape}"), child, addr, None))
+    let args: [&std::ffi::OsStr; 4] = [
+        "--runtime".as_ref(),
+        shape.as_ref(),
+        "--canned".as_ref(),
+        canned.as_os_str(),
+    ];
+    spawn_self(&format!("noop-{shape}"), "noop", &args)
 }
 
 /// Captures one real response of each benchmarked call, for the baseline.
