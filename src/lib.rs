@@ -39,6 +39,7 @@ pub mod grpc;
 pub mod leak_reports;
 pub mod limits;
 pub mod manage;
+pub mod net;
 pub mod profile;
 pub mod ratelimit;
 pub mod readiness;

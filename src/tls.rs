@@ -188,7 +188,7 @@ fn accept_tls(
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, _)) => tcp,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
+                        crate::net::accept_failed("tls", &e).await;
                         continue;
                     }
                 },

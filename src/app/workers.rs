@@ -117,15 +117,10 @@ pub fn serve(
                         break;
                     }
                 }
-                Err(e) => {
-                    // Out of file descriptors and the like: say so, and do
-                    // not spin on an error that is still there.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::select! {
-                        () = &mut stop => break,
-                        () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                    }
-                }
+                Err(e) => tokio::select! {
+                    () = &mut stop => break,
+                    () = crate::net::accept_failed("grpc", &e) => {}
+                },
             }
         }
         drop(listener);
@@ -143,9 +138,6 @@ pub fn serve(
     };
     Ok((accept, Lifetime { exit, dealt }))
 }
-
-/// How long the accept loop waits after a failed accept.
-const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Deals `tcp` to the next worker in turn; a worker that is gone (its
 /// thread ended) is passed over. `Err` only when every worker is gone.

@@ -83,7 +83,10 @@ async fn serve(
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        tracing::warn!(error = %e, "forward-auth accept failed");
+                        tokio::select! {
+                            () = crate::net::accept_failed("forward-auth", &e) => {}
+                            _ = stopped.changed() => break,
+                        }
                         continue;
                     }
                 },

@@ -26,8 +26,6 @@ use crate::manage::Manager;
 const MAX_CONNECTIONS: usize = 256;
 /// Longest time for a request's headers, and for its body.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed accept (out of file descriptors, …).
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Shortest pause between two key refreshes an unknown key id triggers.
 const MIN_REFRESH_GAP: Duration = Duration::from_secs(60);
 
@@ -183,9 +181,7 @@ async fn accept(listener: TcpListener, endpoint: Arc<Endpoint>) {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(error) => {
-                // Out of descriptors and the like: pause rather than spin.
-                tracing::warn!(%error, "leak reports: accept failed");
-                tokio::time::sleep(ACCEPT_PAUSE).await;
+                crate::net::accept_failed("leak reports", &error).await;
                 continue;
             }
         };
