@@ -26,8 +26,13 @@ const MAX_NONCE_BYTES: usize = 512;
 pub struct ProviderSignIn<'a> {
     pub provider: &'a str,
     pub id_token: SecretString,
-    /// Empty: not checked (the dashboard backend checked it itself).
+    /// The nonce the sign-in began with; it must equal the token's. Empty
+    /// only when `nonce_checked_by_caller`.
     pub nonce: &'a str,
+    /// The caller is the console backend, which checked the nonce itself.
+    /// Anyone else must send it: without it, an ID token lifted from a log
+    /// or a browser history signs its owner in for whoever replays it.
+    pub nonce_checked_by_caller: bool,
     pub address: &'a str,
     pub request_id: &'a str,
 }
@@ -56,6 +61,12 @@ impl Console {
         }
         if r.nonce.len() > MAX_NONCE_BYTES {
             v.add("nonce", "must be at most 512 bytes");
+        }
+        if r.nonce.is_empty() && !r.nonce_checked_by_caller {
+            v.add(
+                "nonce",
+                "is required (only the console backend, which checks it itself, may leave it out)",
+            );
         }
         v.into_result()?;
         let provider = provider.expect("validated");

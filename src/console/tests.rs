@@ -417,15 +417,34 @@ mod sign_in_with_a_provider {
             .unwrap()
     }
 
+    /// Signs in as the console backend would (it checked the nonce).
     async fn sign_in(c: &Console, id_token: String) -> Result<Session> {
         c.sign_in_with_provider(sign_in::ProviderSignIn {
             provider: "idp",
             id_token: SecretString::from(id_token),
             nonce: "",
+            nonce_checked_by_caller: true,
             address: ADDRESS,
             request_id: "r",
         })
         .await
+    }
+
+    #[tokio::test]
+    async fn a_replayed_id_token_without_a_nonce_is_refused_unless_the_backend_checked_it() {
+        let (c, _store, idp) = with_idp(SignupPolicy::Open);
+        let replayed = c
+            .sign_in_with_provider(sign_in::ProviderSignIn {
+                provider: "idp",
+                id_token: SecretString::from(token(&idp, "s-9", "victim@example.com", true)),
+                nonce: "",
+                nonce_checked_by_caller: false,
+                address: ADDRESS,
+                request_id: "r",
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(fields(replayed), ["nonce"]);
     }
 
     #[tokio::test]

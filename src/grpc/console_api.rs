@@ -400,6 +400,7 @@ impl ConsoleService for ConsoleApi {
                 provider: &r.provider,
                 id_token: SecretString::from(r.id_token),
                 nonce: &r.nonce,
+                nonce_checked_by_caller: matches!(caller, Caller::ConsoleBackend),
                 address: &address,
                 request_id: &rid,
             })

@@ -17,6 +17,8 @@ use tollgate::grpc::pb::console_service_client::ConsoleServiceClient;
 use tollgate::store::{PostgresStore, Store};
 
 pub const PASSWORD: &str = "correct horse battery staple";
+/// The console backend's token (`console_backend_token`).
+pub const CONSOLE_BACKEND_TOKEN: &str = "console-backend-token-0123456789";
 
 pub struct Console {
     pub t: Tollgate,
@@ -68,6 +70,7 @@ pub async fn spawn_console_with_jwt(
     let pg = pool(conn).await;
     let store: Arc<dyn Store> = Arc::new(PostgresStore::new(pg.clone()));
     let mut opts = Options::new(profile("msgflash"));
+    opts.guard.console_backend_token = Some(CONSOLE_BACKEND_TOKEN.to_string().into());
     // `dev = true`: a generated console signing key.
     opts.dashboard = Dashboard::configure(&jwt, &store, true).unwrap();
     let t = spawn_on_store(store, opts).await;

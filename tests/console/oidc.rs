@@ -11,7 +11,7 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::common::op;
-use crate::harness::{spawn_console_with_jwt, Console, PASSWORD};
+use crate::harness::{spawn_console_with_jwt, Console, CONSOLE_BACKEND_TOKEN, PASSWORD};
 use crate::jwks_server::JwksServer;
 use crate::jwt_keys::{self, hs256_with, unsigned, TestKey};
 use jsonwebtoken::Algorithm;
@@ -54,10 +54,14 @@ impl Google {
     }
 }
 
+/// The nonce the dashboard began its sign-ins with (the token carries it).
+const NONCE: &str = "n-dashboard";
+
 fn claims(sub: &str, email: &str) -> Value {
     let now = jwt_keys::now();
     json!({"iss": GOOGLE, "azp": CLIENT_ID, "aud": CLIENT_ID, "sub": sub,
-        "email": email, "email_verified": true, "iat": now, "exp": now + 3600})
+        "email": email, "email_verified": true, "iat": now, "exp": now + 3600,
+        "nonce": NONCE})
 }
 
 /// A console with Google configured (sign-up as `signup`), its keys fetched.
@@ -76,7 +80,7 @@ async fn spawn(conn: &PgConnectOptions, google: &Google, signup: SignupPolicy) -
 }
 
 async fn sign_in(c: &mut Console, id_token: &str) -> Result<pb::LoginResponse, tonic::Status> {
-    sign_in_with(c, id_token, "").await
+    sign_in_with(c, id_token, NONCE).await
 }
 
 async fn sign_in_with(
@@ -378,7 +382,7 @@ async fn refused_id_tokens_say_why_and_change_nothing(_p: PgPoolOptions, conn: P
     let before = rows(&c).await;
     for (n, (what, token, reason)) in cases.iter().enumerate() {
         let mut client = client_from(&c, n as u8 + 1).await;
-        let refused = sign_in_from(&mut client, token, "").await.unwrap_err();
+        let refused = sign_in_from(&mut client, token, NONCE).await.unwrap_err();
         assert_eq!(refused.code(), Code::Unauthenticated, "{what}: {refused:?}");
         let info = refused.get_details_error_info().expect("an ErrorInfo");
         assert_eq!(info.reason, *reason, "{what}");
@@ -512,7 +516,7 @@ async fn failed_provider_sign_ins_back_off_per_client_address(
     let expired = google
         .rsa
         .sign(&json!({"iss": GOOGLE, "aud": CLIENT_ID, "sub": "1",
-        "email": "x@example.com", "email_verified": true,
+        "email": "x@example.com", "email_verified": true, "nonce": NONCE,
         "iat": jwt_keys::now() - 7200, "exp": jwt_keys::now() - 3600}));
     // Frozen: the back-off cannot run out between two calls.
     c.t.running.clock().freeze_at(chrono::Utc::now());
@@ -530,6 +534,38 @@ async fn failed_provider_sign_ins_back_off_per_client_address(
     assert_eq!(good.code(), Code::ResourceExhausted);
     assert!(good.get_details_retry_info().is_some());
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// An ID token lifted from a log or a browser history, replayed without
+/// the nonce its sign-in began with: refused for anyone but the console
+/// backend, which checks the nonce itself.
+#[sqlx::test]
+async fn a_replayed_id_token_without_its_nonce_signs_no_one_in(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let google = Google::start().await;
+    let mut c = spawn(&conn, &google, SignupPolicy::Open).await;
+    let token = google.id_token("550005", "victim@example.com");
+    let before = rows(&c).await;
+    let replayed = sign_in_with(&mut c, &token, "").await.unwrap_err();
+    assert_eq!(replayed.code(), Code::InvalidArgument, "{replayed:?}");
+    assert!(replayed.message().contains("nonce"), "{replayed:?}");
+    assert_eq!(rows(&c).await, before, "nothing written");
+
+    let mut request = tonic::Request::new(pb::SignInWithProviderRequest {
+        provider: "google".into(),
+        id_token: token,
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {CONSOLE_BACKEND_TOKEN}").parse().unwrap(),
+    );
+    c.console
+        .sign_in_with_provider(request)
+        .await
+        .expect("the console backend checked the nonce itself");
 }
 
 #[sqlx::test]
