@@ -232,8 +232,9 @@ impl Rpc {
             // Cut-over: keys of any tenant, in bulk, bypassing the key cap.
             ImportKeys => OPERATOR,
             // Envoy's rate-limit service: like ext_authz for descriptors that
-            // speak for themselves (the profile's, a credential); a tenant
-            // or key named by id spends that subject's limits, so, as for
+            // speak for themselves (a credential; one no limit matches); a
+            // tenant or key named by id, or a profile descriptor (values the
+            // gateway vouches for), spends others' limits, so, as for
             // CheckQuota by id, only the gateway or the operator may.
             ShouldRateLimit => Rule {
                 anyone: Anyone::WithOwnCredential,

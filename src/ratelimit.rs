@@ -87,14 +87,16 @@ pub struct RlsAnswer {
     pub headers: Vec<(&'static str, String)>,
 }
 
-/// Whether a request may be answered without an identified caller: it names
-/// no tenant or key by id (generic descriptors and credentials speak for
-/// themselves, as in ext_authz).
+/// Whether a request may be answered without an identified caller: every
+/// descriptor speaks for itself ([`Target::speaks_for_itself`]). A profile
+/// descriptor's values (`remote_address`, a header) are the gateway's
+/// claims: an anonymous caller could spend anyone's bucket with them, or
+/// flood the cells with made-up values.
 pub fn speaks_for_itself(config: &RateLimitConfig, request: &RlsRequest<'_>) -> bool {
-    !request.descriptors.iter().any(|d| {
+    request.descriptors.iter().all(|d| {
         config
             .classify(request.domain, &d.entries)
-            .names_a_subject_by_id()
+            .speaks_for_itself()
     })
 }
 

@@ -95,10 +95,16 @@ async fn ask(
         .map(|r| r.into_inner())
 }
 
+/// One descriptor of domain `edge`, asked as the gateway (Envoy with its
+/// `initial_metadata`, `examples/envoy/ratelimit.yaml`).
 async fn edge(t: &Tollgate, entries: &[(&str, &str)], hits: u32) -> RateLimitResponse {
-    ask(t, None, request("edge", vec![descriptor(entries)], hits))
-        .await
-        .unwrap()
+    ask(
+        t,
+        Some(GATEWAY_TOKEN),
+        request("edge", vec![descriptor(entries)], hits),
+    )
+    .await
+    .unwrap()
 }
 
 fn header<'a>(r: &'a RateLimitResponse, name: &str) -> Option<&'a str> {
@@ -189,7 +195,9 @@ async fn hits_addend_spends_that_many_units_per_request_and_a_descriptors_own_ov
     // The descriptor's own hits_addend (1) wins over the request's (3).
     let mut own = descriptor(&me);
     own.hits_addend = Some(UInt64Value { value: 1 });
-    let r = ask(&t, None, request("edge", vec![own], 3)).await.unwrap();
+    let r = ask(&t, Some(GATEWAY_TOKEN), request("edge", vec![own], 3))
+        .await
+        .unwrap();
     assert_eq!(summary(&r.statuses[0]).2, 1);
 
     // 0 on a descriptor only checks (reporting what one more would leave,
@@ -197,7 +205,7 @@ async fn hits_addend_spends_that_many_units_per_request_and_a_descriptors_own_ov
     for _ in 0..3 {
         let mut check = descriptor(&me);
         check.hits_addend = Some(UInt64Value { value: 0 });
-        let r = ask(&t, None, request("edge", vec![check], 1))
+        let r = ask(&t, Some(GATEWAY_TOKEN), request("edge", vec![check], 1))
             .await
             .unwrap();
         assert_eq!(
@@ -240,7 +248,7 @@ async fn a_request_over_one_limit_spends_nothing_on_its_other_descriptors(
         )
     };
     for left in [2, 1, 0] {
-        let r = ask(&t, None, both()).await.unwrap();
+        let r = ask(&t, Some(GATEWAY_TOKEN), both()).await.unwrap();
         assert_eq!(r.overall_code, Code::Ok as i32);
         assert_eq!(
             summary(&r.statuses[1]),
@@ -251,7 +259,7 @@ async fn a_request_over_one_limit_spends_nothing_on_its_other_descriptors(
             "uploads"
         );
     }
-    let r = ask(&t, None, both()).await.unwrap();
+    let r = ask(&t, Some(GATEWAY_TOKEN), both()).await.unwrap();
     assert_eq!(r.overall_code, Code::OverLimit as i32);
     assert_eq!(
         summary(&r.statuses[0]).0,
@@ -400,6 +408,37 @@ async fn tenant_key_and_credential_descriptors_spend_the_plans_limits_that_authe
         summary(&r.statuses[0]),
         (Code::Ok, Some((10000, Unit::Month)), 10000 - 10 - 1)
     );
+}
+
+/// The attack: a caller that can reach the port but is not the gateway
+/// sends made-up `remote_address` values, spending a victim's bucket (or
+/// flooding the cells). Profile descriptors are the gateway's claims, so
+/// anyone else is refused and spends nothing.
+#[sqlx::test]
+async fn a_profile_descriptor_from_anyone_but_the_gateway_is_refused_and_spends_nothing(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    let t = spawn_rls(&conn).await;
+    let victim = || {
+        request(
+            "edge",
+            vec![descriptor(&[("remote_address", "192.0.2.7")])],
+            5,
+        )
+    };
+    let err = ask(&t, None, victim()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let r = edge(&t, &[("remote_address", "192.0.2.7")], 0).await;
+    // A check (hits 0) reports what one more would leave: 4 of the 5.
+    assert_eq!(
+        r.statuses[0].limit_remaining, 4,
+        "the refused call spent nothing"
+    );
+    // A credential still speaks for itself, as in ext_authz.
+    let stranger = t.profile.key_format.generate("live").expose().to_owned();
+    let own = request("edge", vec![descriptor(&[("api_key", &stranger)])], 1);
+    assert!(ask(&t, None, own).await.is_ok());
 }
 
 #[sqlx::test]

@@ -149,10 +149,13 @@ pub enum Target<'r, 'c> {
 }
 
 impl<'r> Target<'r, '_> {
-    /// Whether it names a tenant or key by id (which only callers allowed
-    /// to spend any tenant's limits may do).
-    pub fn names_a_subject_by_id(&self) -> bool {
-        matches!(self, Target::Tenant(_) | Target::Key(_))
+    /// Whether anyone may ask about it: a credential proves itself (as in
+    /// ext_authz), and a descriptor no limit matches spends nothing. A
+    /// tenant or key named by id, or a profile descriptor's values (the
+    /// gateway's claims), spend others' limits: only callers allowed to do
+    /// that (the gateway, the operator) may ask.
+    pub fn speaks_for_itself(&self) -> bool {
+        matches!(self, Target::Credential(_) | Target::Generic(None))
     }
 }
 
@@ -438,8 +441,10 @@ mod tests {
             c.classify("edge", &[("api_key", "Bearer tg_live_x")]),
             Target::Credential("tg_live_x")
         );
-        assert!(Target::Tenant("a").names_a_subject_by_id());
-        assert!(!Target::Credential("a").names_a_subject_by_id());
+        assert!(!Target::Tenant("a").speaks_for_itself());
+        assert!(!Target::Key("k").speaks_for_itself());
+        assert!(Target::Credential("a").speaks_for_itself());
+        assert!(Target::Generic(None).speaks_for_itself());
         assert_eq!(
             c.classify("edge", &[("tenant_id", "acme"), ("path", "/")]),
             Target::Generic(None),

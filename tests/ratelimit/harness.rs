@@ -65,7 +65,9 @@ impl Envoy {
         let mut config = std::fs::read_to_string(path).unwrap();
         let tollgate_port = format!("port_value: {}", tollgate.port());
         let upstream_port = format!("port_value: {}", upstream.port());
+        let gateway = format!("Bearer {}", crate::GATEWAY_TOKEN);
         for (from, to) in [
+            ("Bearer <gateway token>", gateway.as_str()),
             ("port_value: 8080", "port_value: 0"),
             ("address: 0.0.0.0", "address: 127.0.0.1"),
             ("port_value: 9901", "port_value: 0"),

@@ -66,7 +66,9 @@ const MATRIX: &[(Rpc, &str, &str)] = &[
     (Rpc::Reflection, "", /*                  */ ".   .   .   .   .    .    .   .   .   .     .   ."),
     (Rpc::ReflectionAlpha, "", /*             */ ".   .   .   .   .    .    .   .   .   .     .   ."),
     (Rpc::ShouldRateLimit, "by api_key", /*   */ ".   .   .   .   .    .    .   .   .   .     .   ."),
-    (Rpc::ShouldRateLimit, "generic", /*      */ ".   .   .   .   .    .    .   .   .   .     .   ."),
+    // No limit of this profile matches it: it spends nothing, so anyone may
+    // ask (a matched profile descriptor needs the gateway: tests/ratelimit.rs).
+    (Rpc::ShouldRateLimit, "unmatched", /*    */ ".   .   .   .   .    .    .   .   .   .     .   ."),
     (Rpc::ShouldRateLimit, "by tenant_id", /* */ "U   U   U   .   P    P    P   P   P   P     U   ."),
     (Rpc::ShouldRateLimit, "by key_id", /*    */ "U   U   U   .   P    P    P   P   P   P     U   ."),
     (Rpc::ListPolicyRevocations, "", /*       */ "U   U   U   P   P    P    P   .   .   N     U   ."),

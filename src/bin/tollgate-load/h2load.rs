@@ -34,6 +34,9 @@ pub struct H2Opts {
     /// The h2load binary.
     #[arg(long, default_value = "h2load")]
     pub h2load: PathBuf,
+    /// More request headers (`h2load -H`), e.g. the caller's token.
+    #[arg(skip)]
+    pub headers: Vec<String>,
 }
 
 /// A gRPC request as it travels in a DATA frame: compressed flag (0),
@@ -112,6 +115,7 @@ pub fn run(o: &H2Opts, url: &str, body: &Path, requests: u64) -> anyhow::Result<
         .arg("-d")
         .arg(body)
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .args(o.headers.iter().flat_map(|h| ["-H", h.as_str()]))
         .arg(url)
         .output()
         .with_context(|| format!("running {}", o.h2load.display()))?;

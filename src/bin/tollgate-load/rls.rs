@@ -29,7 +29,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use prost::Message;
 use serde::Serialize;
 
-use crate::fixture::{limit, seed, spawn_self, FixtureOpts, Proc};
+use crate::fixture::{limit, seed, spawn_self, FixtureOpts, Proc, OPERATOR_TOKEN};
 use crate::h2load::{self, H2Opts, H2Run};
 
 #[derive(Debug, clap::Args)]
@@ -125,7 +125,7 @@ async fn capture(target: &str, req: RateLimitRequest) -> anyhow::Result<RateLimi
         .connect()
         .await?;
     let r = RateLimitServiceClient::new(ch)
-        .should_rate_limit(req)
+        .should_rate_limit(crate::fixture::op(req))
         .await?
         .into_inner();
     ensure!(
@@ -153,7 +153,10 @@ async fn measure(
     let cpu_before = h2load::process_cpu_seconds(pid)?;
     let url = format!("{}{PATH}", proc.target());
     let run = {
-        let (h2, body) = (h2.clone(), body.to_owned());
+        let (mut h2, body) = (h2.clone(), body.to_owned());
+        // Profile descriptors are the gateway's claims: asked as the
+        // operator (who may, like the gateway), the no-op gets it too.
+        h2.headers = vec![format!("authorization: Bearer {OPERATOR_TOKEN}")];
         let n = h2.requests;
         tokio::task::spawn_blocking(move || h2load::run(&h2, &url, &body, n)).await??
     };
