@@ -26,5 +26,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     )?;
     std::fs::write(out.join("envoy_descriptor.bin"), envoy.encode_to_vec())?;
     println!("cargo:rerun-if-changed=proto");
+    // `sqlx::migrate!` embeds migrations/ at compile time: a new migration
+    // must rebuild the binary that applies it.
+    println!("cargo:rerun-if-changed=migrations");
     Ok(())
 }

@@ -561,10 +561,12 @@ impl Authenticator {
                     let record = if pepper.version() == current.version() {
                         record
                     } else {
-                        self.rehash(record, &digest, current_digest, current.version())
-                            .await
+                        let old = Arc::unwrap_or_clone(record);
+                        Arc::new(
+                            self.rehash(old, &digest, current_digest, current.version())
+                                .await,
+                        )
                     };
-                    let record = Arc::new(record.for_decisions());
                     self.caches.insert_key(g, record.digest, record.clone());
                     return Ok(Some(record));
                 }

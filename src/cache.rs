@@ -19,20 +19,20 @@
 //! a flood of random well-formed keys costs no database queries beyond that
 //! budget (and the filter's rare false positives).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use moka::notification::RemovalCause;
 use moka::sync::Cache;
 
 use crate::crypto::KeyDigest;
-use crate::domain::{KeyId, KeyRecord, Tenant, TenantId};
+use crate::domain::{KeyRecord, Tenant, TenantId};
 use crate::store::Invalidation;
 
+mod index;
 pub mod known;
 
+use index::IdIndex;
 use known::KnownDigests;
 pub use known::{BuiltFilter, KnownEpoch};
 
@@ -105,13 +105,11 @@ pub struct Generation(u64);
 /// The caches of one replica.
 pub struct Caches {
     keys: Cache<KeyDigest, Arc<KeyRecord>>,
-    /// key id → the cached record (its digest is the cache key), to evict
-    /// by the id carried in notifications. An entry leaves when the very
-    /// record it points at is evicted, so re-inserting a key over its own
-    /// expired entry keeps the index. A plain map, not a second moka cache:
-    /// it halves the memory per cached key (BENCHMARKS.md).
-    digests: Arc<Mutex<Index>>,
-    max_keys: u64,
+    /// key id → the digest it is cached under, to evict by the id carried
+    /// in notifications (`index.rs`). Kept beside moka rather than by an
+    /// eviction listener: a listener makes moka take a per-key lock on
+    /// every insert (BENCHMARKS.md §2).
+    digests: IdIndex,
     unknown: Cache<KeyDigest, ()>,
     tenants: Cache<TenantId, Arc<Tenant>>,
     generation: AtomicU64,
@@ -138,27 +136,12 @@ impl Caches {
     /// Empty caches sized by `s`.
     pub fn new(s: &CacheSettings) -> Self {
         let ttl = Duration::from_secs(s.ttl_seconds.max(1));
-        let digests: Arc<Mutex<Index>> = Arc::default();
-        let index = digests.clone();
-        let keys = Cache::builder()
-            .max_capacity(s.max_keys)
-            .time_to_live(ttl)
-            .eviction_listener(
-                move |_digest: Arc<KeyDigest>, record: Arc<KeyRecord>, cause| {
-                    if cause != RemovalCause::Replaced {
-                        forget(&index, &record);
-                    }
-                    if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
-                        metrics::counter!(crate::telemetry::CACHE_EVICTIONS, "cache" => "key")
-                            .increment(1);
-                    }
-                },
-            )
-            .build();
         Self {
-            keys,
-            digests,
-            max_keys: s.max_keys,
+            keys: Cache::builder()
+                .max_capacity(s.max_keys)
+                .time_to_live(ttl)
+                .build(),
+            digests: IdIndex::default(),
             unknown: Cache::builder()
                 .max_capacity(s.max_negative)
                 .time_to_live(Duration::from_secs(s.negative_ttl_seconds.max(1)))
@@ -219,14 +202,15 @@ impl Caches {
         self.known.wants_rebuild()
     }
 
-    /// Background upkeep: applies moka's pending evictions (so the id index
-    /// follows them) and, as a safety net, drops index entries whose record
-    /// is no longer cached. Off the request path.
+    /// Background upkeep: applies moka's pending evictions, then sweeps one
+    /// shard of the id index of keys no longer cached (evicted for size or
+    /// age: counted as evictions). Off the request path.
     pub fn maintain(&self) {
         self.keys.run_pending_tasks();
-        let mut index = lock(&self.digests);
-        if index.len() as u64 > self.max_keys {
-            index.retain(|_, r| self.keys.contains_key(&r.digest));
+        let swept = self.digests.sweep_next(|d| self.keys.contains_key(d));
+        if swept > 0 {
+            metrics::counter!(crate::telemetry::CACHE_EVICTIONS, "cache" => "key")
+                .increment(swept as u64);
         }
     }
 
@@ -278,8 +262,10 @@ impl Caches {
     /// invalidation arrived since `g`.
     /// `digest` is `record.digest`.
     pub fn insert_key(&self, g: Generation, digest: KeyDigest, record: Arc<KeyRecord>) {
-        lock(&self.digests).insert(record.id, record.clone());
-        self.keys.insert(digest, record);
+        // Both under the id's shard lock, so a sweep never sees the index
+        // entry without the cache entry it stands for.
+        self.digests
+            .insert_with(record.id, digest, || self.keys.insert(digest, record));
         if self.moved_since(g) {
             self.keys.invalidate(&digest);
         }
@@ -318,8 +304,7 @@ impl Caches {
         match event {
             Invalidation::Key(id) => {
                 self.generation.fetch_add(1, Ordering::SeqCst);
-                let digest = lock(&self.digests).get(id).map(|r| r.digest);
-                if let Some(digest) = digest {
+                if let Some(digest) = self.digests.remove(id) {
                     self.keys.invalidate(&digest);
                 }
             }
@@ -347,6 +332,7 @@ impl Caches {
     pub fn flush(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.keys.invalidate_all();
+        self.digests.clear();
         self.unknown.invalidate_all();
         self.tenants.invalidate_all();
     }
@@ -354,7 +340,7 @@ impl Caches {
     /// Entries of the id → digest index (tests).
     #[cfg(test)]
     fn indexed(&self) -> usize {
-        lock(&self.digests).len()
+        self.digests.len()
     }
 
     /// Number of cached keys (approximate, for metrics and tests).
@@ -364,31 +350,10 @@ impl Caches {
     }
 }
 
-type Index = HashMap<KeyId, Arc<KeyRecord>>;
-
-/// Removes the index entry of an evicted record only if it still points at
-/// that very record (a re-insert or a rehash may have replaced it).
-fn forget(index: &Mutex<Index>, evicted: &Arc<KeyRecord>) {
-    let mut index = lock(index);
-    if index
-        .get(&evicted.id)
-        .is_some_and(|current| Arc::ptr_eq(current, evicted))
-    {
-        index.remove(&evicted.id);
-    }
-}
-
-/// The index holds plain data: a panic elsewhere cannot leave it torn.
-fn lock(index: &Mutex<Index>) -> MutexGuard<'_, Index> {
-    index
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::TenantId;
+    use crate::domain::{KeyId, TenantId};
     use chrono::Utc;
 
     fn record(id: KeyId, digest: KeyDigest) -> Arc<KeyRecord> {
@@ -456,30 +421,43 @@ mod tests {
         }
         let held = c.key_count();
         assert!(held <= 8, "{held}");
-        // Evictions removed their index entries; background upkeep sweeps
-        // anything left beyond the capacity.
-        c.maintain();
-        assert!(c.indexed() <= 16, "{} index entries", c.indexed());
+        // Background upkeep sweeps the index of every evicted key, one
+        // shard per call, and counts them.
+        for _ in 0..index::SHARDS {
+            c.maintain();
+        }
+        assert_eq!(c.indexed() as u64, c.key_count());
         c.flush();
         assert_eq!(c.key_count(), 0);
         assert_eq!(c.indexed(), 0);
     }
 
     #[test]
-    fn evicting_an_older_record_of_a_key_keeps_the_index_on_the_newer_one() {
-        // A key re-read and re-inserted over its own expired entry: moka
-        // evicts the old record after the index points at the new one.
+    fn a_key_re_inserted_over_its_own_entry_is_still_evicted_by_id() {
+        // A key re-read and re-inserted over its own expired entry, then
+        // every shard swept: the index still points at it.
         let c = Caches::new(&CacheSettings::default());
         let id = uuid::Uuid::now_v7();
-        let old = record(id, digest(6));
-        c.insert_key(c.generation(), digest(6), old.clone());
-        let new = record(id, digest(6));
-        c.insert_key(c.generation(), digest(6), new);
-        forget(&c.digests, &old);
+        c.insert_key(c.generation(), digest(6), record(id, digest(6)));
+        c.insert_key(c.generation(), digest(6), record(id, digest(6)));
+        for _ in 0..index::SHARDS {
+            c.maintain();
+        }
         assert_eq!(c.indexed(), 1);
         // So a revocation still finds and evicts it.
         c.apply(&Invalidation::Key(id));
         assert!(c.key(&digest(6)).is_none());
+        assert_eq!(c.indexed(), 0);
+    }
+
+    #[test]
+    fn a_rehashed_key_is_evicted_by_id_under_its_new_digest() {
+        let c = Caches::new(&CacheSettings::default());
+        let id = uuid::Uuid::now_v7();
+        c.insert_key(c.generation(), digest(7), record(id, digest(7)));
+        c.insert_key(c.generation(), digest(8), record(id, digest(8)));
+        c.apply(&Invalidation::Key(id));
+        assert!(c.key(&digest(8)).is_none());
     }
 
     #[test]

@@ -25,8 +25,10 @@ use crate::domain::KeyRecord;
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 
-/// What one waiter is told: its key, none, or the query's error.
-type Answer = Result<Option<KeyRecord>, StoreError>;
+/// What one waiter is told: its key as decisions keep it
+/// ([`KeyRecord::for_decisions`], shared by every waiter for that digest),
+/// none, or the query's error.
+type Answer = Result<Option<Arc<KeyRecord>>, StoreError>;
 
 /// One replica's cache-miss key lookups.
 pub(crate) struct KeyLookups {
@@ -106,7 +108,10 @@ impl KeyLookups {
                 let _slot = Slot(self.shared.clone());
                 let records =
                     query(self.shared.store.as_ref(), std::slice::from_ref(digest)).await?;
-                return Ok(records.into_iter().find(|r| r.digest.ct_eq(digest)));
+                return Ok(records
+                    .into_iter()
+                    .find(|r| r.digest.ct_eq(digest))
+                    .map(|r| Arc::new(r.for_decisions())));
             };
             match told.await {
                 Ok(answer) => return answer,
@@ -199,8 +204,10 @@ impl Batch {
         // A waiter whose caller went away needs no answer: sends may fail.
         match found {
             Ok(records) => {
-                let by_digest: HashMap<KeyDigest, KeyRecord> =
-                    records.into_iter().map(|r| (r.digest, r)).collect();
+                let by_digest: HashMap<KeyDigest, Arc<KeyRecord>> = records
+                    .into_iter()
+                    .map(|r| (r.digest, Arc::new(r.for_decisions())))
+                    .collect();
                 for w in self.waiters {
                     let record = by_digest
                         .get(&w.digest)

@@ -180,7 +180,9 @@ pub trait Store: Send + Sync + 'static {
     /// The stored keys whose digest is one of `digests`, each once, in no
     /// particular order (unknown digests have no record; duplicates are
     /// answered once), read in one statement: the decision path's batched
-    /// cache-miss lookup (`authz/lookups.rs`).
+    /// cache-miss lookup (`authz/lookups.rs`). Records as decisions keep
+    /// them: the display-only fields ([`KeyRecord::for_decisions`]) may be
+    /// left empty.
     async fn find_keys_by_digests(
         &self,
         digests: &[KeyDigest],

@@ -24,7 +24,7 @@ fn unknown(n: u8) -> KeyDigest {
     KeyDigest::from_bytes([n; 32])
 }
 
-fn find(lookups: &Arc<KeyLookups>, digest: KeyDigest) -> JoinHandle<R<Option<KeyRecord>>> {
+fn find(lookups: &Arc<KeyLookups>, digest: KeyDigest) -> JoinHandle<R<Option<Arc<KeyRecord>>>> {
     let lookups = lookups.clone();
     tokio::spawn(async move { lookups.find(&digest).await })
 }
@@ -67,7 +67,7 @@ struct Held {
     key: IssuedKey,
     lookups: Arc<KeyLookups>,
     hold: Arc<Hold>,
-    first: JoinHandle<R<Option<KeyRecord>>>,
+    first: JoinHandle<R<Option<Arc<KeyRecord>>>>,
 }
 
 async fn held() -> Held {

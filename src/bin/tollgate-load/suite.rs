@@ -72,6 +72,10 @@ pub struct SuiteOpts {
     /// Write every run and the summary as JSON here too.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Only the runs whose name contains this (and the no-op runs they are
+    /// compared to), for measuring one path again.
+    #[arg(long)]
+    pub only: Option<String>,
 }
 
 /// The targets: (run name, ratio required of it); `{n}` is the number of
@@ -382,6 +386,22 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let before_uncached = match &o.before {
+        Some(bin) => Some(
+            fixture
+                .with_binary(bin.clone())
+                .spawn(
+                    "tollgate-before-uncached",
+                    &[
+                        env.as_slice(),
+                        &[("TOLLGATE_CACHE__BENCHMARK_BYPASS_KEY_CACHE", "true")],
+                    ]
+                    .concat(),
+                )
+                .await?,
+        ),
+        None => None,
+    };
     let canned = capture(&cached.target(), &keys[0]).await?;
     let dir = std::env::temp_dir().join(format!("tollgate-suite-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -515,8 +535,24 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
             baseline,
             driver: Driver::H2drive,
         });
+        if let Some(b) = before_uncached.as_ref().filter(|_| std::ptr::eq(proc, &uncached)) {
+            targets.push(Target {
+                name: format!("before: tollgate authenticate uncached, {n} distinct keys (h2drive)"),
+                kind: Kind::Authenticate,
+                proc: b,
+                verify,
+                baseline: false,
+                driver: Driver::H2drive,
+            });
+        }
     }
 
+    if let Some(only) = &o.only {
+        keep_only(&mut targets, only);
+        if !targets.iter().any(|t| !t.baseline) {
+            bail!("--only {only:?} matches no Tollgate run");
+        }
+    }
     println!(
         "driver: h2load -n {} -c {} -m {} -t {} (one framed body per call); {} round(s), runs alternating",
         o.h2.requests, o.h2.clients, o.h2.streams, o.h2.threads, o.rounds.max(1)
@@ -662,6 +698,23 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     drop((cached, uncached, before, noops));
     Ok(())
+}
+
+/// Keeps the Tollgate runs whose name contains `only` and the no-op runs
+/// of the groups they are compared with.
+fn keep_only(targets: &mut Vec<Target<'_>>, only: &str) {
+    let groups: Vec<usize> = targets
+        .iter()
+        .filter(|t| !t.baseline && t.name.contains(only))
+        .map(Target::group)
+        .collect();
+    targets.retain(|t| {
+        if t.baseline {
+            groups.contains(&t.group())
+        } else {
+            t.name.contains(only)
+        }
+    });
 }
 
 fn kind_index(kind: Kind) -> usize {

@@ -73,6 +73,13 @@ pub(super) const KEY_COLUMNS: &str = "key_id, tenant_id, name, environment, scop
     pepper_version, created_at, expires_at, revoked_at, revoke_reason, last_used_at, replaced_by, \
     limits, lineage_id, labels, format";
 
+/// [`KEY_COLUMNS`] with the display-only ones left empty (what
+/// `KeyRecord::for_decisions` drops): less to send and decode per miss.
+const DECISION_COLUMNS: &str = "key_id, tenant_id, ''::text AS name, environment, scopes, \
+    ''::text AS hint, digest, pepper_version, created_at, expires_at, revoked_at, \
+    NULL::text AS revoke_reason, NULL::timestamptz AS last_used_at, replaced_by, limits, \
+    lineage_id, labels, format";
+
 async fn insert_key_row(
     tx: &mut Transaction<'_, Postgres>,
     key: &NewKey,
@@ -194,7 +201,7 @@ pub(super) async fn find_keys_by_digests(
     if digests.is_empty() {
         return Ok(Vec::new());
     }
-    let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE digest = ANY($1)");
+    let sql = format!("SELECT {DECISION_COLUMNS} FROM api_keys WHERE digest = ANY($1)");
     let bytes: Vec<&[u8]> = digests.iter().map(|d| &d.as_bytes()[..]).collect();
     let rows: Vec<KeyRow> = store
         .bounded(
