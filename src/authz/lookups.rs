@@ -16,7 +16,9 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::ThreadId;
 
+use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 use crate::cache::LookupBatching;
@@ -54,6 +56,25 @@ struct State {
 struct Waiter {
     digest: KeyDigest,
     answer: oneshot::Sender<Answer>,
+    home: Home,
+}
+
+/// Where a waiter waits: its thread and that thread's runtime. A batch
+/// answers the callers on each other thread in one task spawned there, so
+/// it wakes each other runtime once (one eventfd write), not once per
+/// waiter (connection workers are one runtime per thread).
+struct Home {
+    thread: ThreadId,
+    runtime: Option<Handle>,
+}
+
+impl Home {
+    fn here() -> Self {
+        Self {
+            thread: std::thread::current().id(),
+            runtime: Handle::try_current().ok(),
+        }
+    }
 }
 
 /// The waiters one query answers, and the distinct digests it asks for.
@@ -89,6 +110,7 @@ impl KeyLookups {
     /// read alone or with other misses waiting at the same moment.
     pub(crate) async fn find(&self, digest: &KeyDigest) -> Answer {
         loop {
+            let home = Home::here();
             let queued = {
                 let mut state = self.shared.lock();
                 if state.running < self.shared.batching.in_flight && state.waiting.is_empty() {
@@ -99,6 +121,7 @@ impl KeyLookups {
                     state.waiting.push_back(Waiter {
                         digest: *digest,
                         answer,
+                        home,
                     });
                     self.shared.note_waiting(&state);
                     Some(told)
@@ -201,32 +224,121 @@ impl Batch {
     /// Gives every waiter its own record (only one whose digest equals its
     /// own), or the query's error.
     fn answer(self, found: Result<Vec<KeyRecord>, StoreError>) {
-        // A waiter whose caller went away needs no answer: sends may fail.
-        match found {
+        let answers: Vec<(Waiter, Answer)> = match found {
             Ok(records) => {
                 let by_digest: HashMap<KeyDigest, Arc<KeyRecord>> = records
                     .into_iter()
                     .map(|r| (r.digest, Arc::new(r.for_decisions())))
                     .collect();
-                for w in self.waiters {
-                    let record = by_digest
-                        .get(&w.digest)
-                        .filter(|r| r.digest.ct_eq(&w.digest))
-                        .cloned();
-                    let _ = w.answer.send(Ok(record));
-                }
+                self.waiters
+                    .into_iter()
+                    .map(|w| {
+                        let record = by_digest
+                            .get(&w.digest)
+                            .filter(|r| r.digest.ct_eq(&w.digest))
+                            .cloned();
+                        (w, Ok(record))
+                    })
+                    .collect()
             }
-            Err(e) => {
-                for w in self.waiters {
-                    let _ = w.answer.send(Err(e.clone()));
+            Err(e) => self
+                .waiters
+                .into_iter()
+                .map(|w| (w, Err(e.clone())))
+                .collect(),
+        };
+        let (here, away) = by_home(answers, std::thread::current().id());
+        // A waiter whose caller went away needs no answer: sends may fail.
+        for (answer, a) in here {
+            let _ = answer.send(a);
+        }
+        // Dropped unsent if that runtime is shutting down: its callers are
+        // gone, or ask again.
+        for (runtime, group) in away {
+            runtime.spawn(async move {
+                for (answer, a) in group {
+                    let _ = answer.send(a);
                 }
-            }
+            });
         }
     }
+}
+
+type Delivery = (oneshot::Sender<Answer>, Answer);
+
+/// Splits answers into those for callers on thread `here` (or on no
+/// runtime) and one group per other thread, with that thread's runtime.
+fn by_home(
+    answers: Vec<(Waiter, Answer)>,
+    here: ThreadId,
+) -> (Vec<Delivery>, Vec<(Handle, Vec<Delivery>)>) {
+    let mut local = Vec::new();
+    let mut away: HashMap<ThreadId, (Handle, Vec<Delivery>)> = HashMap::new();
+    for (w, a) in answers {
+        match w.home.runtime {
+            Some(runtime) if w.home.thread != here => away
+                .entry(w.home.thread)
+                .or_insert_with(|| (runtime, Vec::new()))
+                .1
+                .push((w.answer, a)),
+            _ => local.push((w.answer, a)),
+        }
+    }
+    (local, away.into_values().collect())
 }
 
 /// One store query for `digests`, its size recorded.
 async fn query(store: &dyn Store, digests: &[KeyDigest]) -> Result<Vec<KeyRecord>, StoreError> {
     metrics::histogram!(telemetry::KEY_LOOKUP_BATCH_SIZE).record(digests.len() as f64);
     store.find_keys_by_digests(digests).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiter(thread: ThreadId, runtime: Option<&tokio::runtime::Runtime>) -> (Waiter, Answer) {
+        let (answer, _told) = oneshot::channel();
+        let home = Home {
+            thread,
+            runtime: runtime.map(|r| r.handle().clone()),
+        };
+        let w = Waiter {
+            digest: KeyDigest::from_bytes([0; 32]),
+            answer,
+            home,
+        };
+        (w, Ok(None))
+    }
+
+    #[test]
+    fn a_batch_wakes_each_other_thread_once_with_all_its_answers() {
+        let other = || {
+            std::thread::spawn(|| std::thread::current().id())
+                .join()
+                .unwrap()
+        };
+        let (a, b, here) = (other(), other(), std::thread::current().id());
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+        };
+        let (rt_a, rt_b, rt_here) = (runtime(), runtime(), runtime());
+        let answers = vec![
+            waiter(a, Some(&rt_a)),
+            waiter(b, Some(&rt_b)),
+            waiter(here, Some(&rt_here)),
+            waiter(a, Some(&rt_a)),
+            waiter(a, None),
+            waiter(b, Some(&rt_b)),
+            waiter(a, Some(&rt_a)),
+        ];
+        let (local, away) = by_home(answers, here);
+        // This thread's caller and the one on no runtime: answered at once.
+        assert_eq!(local.len(), 2);
+        let mut sizes: Vec<usize> = away.iter().map(|(_, group)| group.len()).collect();
+        sizes.sort();
+        assert_eq!(sizes, [2, 3]);
+    }
 }

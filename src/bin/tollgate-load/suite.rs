@@ -535,9 +535,14 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
             baseline,
             driver: Driver::H2drive,
         });
-        if let Some(b) = before_uncached.as_ref().filter(|_| std::ptr::eq(proc, &uncached)) {
+        if let Some(b) = before_uncached
+            .as_ref()
+            .filter(|_| std::ptr::eq(proc, &uncached))
+        {
             targets.push(Target {
-                name: format!("before: tollgate authenticate uncached, {n} distinct keys (h2drive)"),
+                name: format!(
+                    "before: tollgate authenticate uncached, {n} distinct keys (h2drive)"
+                ),
                 kind: Kind::Authenticate,
                 proc: b,
                 verify,
