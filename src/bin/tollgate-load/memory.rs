@@ -57,14 +57,6 @@ pub fn run(keys: usize) -> anyhow::Result<()> {
         .map(|t| TenantId::parse(&format!("tenant-{t}")).context("tenant id"))
         .collect::<Result<_, _>>()?;
 
-    // The records alone, for the breakdown.
-    let before = rss_bytes()?;
-    let records: Vec<Arc<KeyRecord>> = (0..keys)
-        .map(|i| Arc::new(record(i, &profile, &pepper, &tenants)))
-        .collect();
-    let records_only = rss_bytes()?.saturating_sub(before) as f64 / keys as f64;
-    drop(records);
-
     let caches = Caches::new(&CacheSettings {
         max_keys: keys as u64 + 1,
         ..CacheSettings::default()
@@ -79,6 +71,14 @@ pub fn run(keys: usize) -> anyhow::Result<()> {
     let after = rss_bytes()?;
     anyhow::ensure!(held == keys as u64, "the cache holds {held} of {keys} keys");
     let per_key = (after.saturating_sub(before)) as f64 / keys as f64;
+    // The records alone, for the breakdown: measured after the cache, since
+    // memory freed here stays resident and would be reused by the cache.
+    let records_before = rss_bytes()?;
+    let records: Vec<Arc<KeyRecord>> = (0..keys)
+        .map(|i| Arc::new(record(i, &profile, &pepper, &tenants)))
+        .collect();
+    let records_only = rss_bytes()?.saturating_sub(records_before) as f64 / keys as f64;
+    drop(records);
     println!(
         "cached keys {held}: RSS {:.1} MiB before, {:.1} MiB after: {per_key:.0} bytes per cached key (the records alone: {records_only:.0} bytes each)",
         before as f64 / 1048576.0,
