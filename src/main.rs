@@ -235,12 +235,26 @@ fn connect_lazy(settings: &Settings) -> anyhow::Result<PostgresStore> {
     Ok(store_on(pool.connect_lazy_with(opts), settings))
 }
 
+/// Says so when a newer release has migrated the database: this binary
+/// serves on (migrations only add), but is older than its schema.
+fn note_newer_migrations(newer: &[i64]) {
+    if !newer.is_empty() {
+        tracing::warn!(
+            versions = ?newer,
+            "the database has migrations a newer release applied; serving on its schema"
+        );
+    }
+}
+
 /// Applies migrations, retrying with backoff while the database is unreachable.
 async fn migrate_with_retry(store: &PostgresStore) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(250);
     loop {
         match store.migrate().await {
-            Ok(()) => return Ok(()),
+            Ok(newer) => {
+                note_newer_migrations(&newer);
+                return Ok(());
+            }
             Err(sqlx::migrate::MigrateError::Execute(e)) if is_unreachable(&e) => {
                 let why = unreachable_because(&store.pool().connect_options(), e).await;
                 tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64,
@@ -344,7 +358,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow::Result<()> {
     if let Command::Migrate(_) = cli.command {
         let store = connect(&settings).await?;
-        store.migrate().await.context("migration failed")?;
+        let newer = store.migrate().await.context("migration failed")?;
+        note_newer_migrations(&newer);
         tracing::info!("migrations applied");
         return Ok(());
     }

@@ -309,6 +309,54 @@ async fn migrate_creates_the_schema_and_running_it_again_changes_nothing(
     assert_eq!(after, migrations);
 }
 
+#[sqlx::test(migrations = false)]
+async fn a_database_a_newer_release_migrated_still_runs_this_release(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    // A rolling upgrade's new replicas migrated; an old replica restarts
+    // (or a rollback returns to the old release) on the newer schema.
+    let pool = pool_opts.connect_with(conn.clone()).await.unwrap();
+    let url = url_of_database(conn.get_database().unwrap());
+    let migrate = || {
+        tollgate(&format!("migrate --database-url {url}"))
+            .output()
+            .unwrap()
+    };
+    assert!(migrate().status.success());
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99991231000001, 'from a newer release', true, '\\x00', 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let older = migrate();
+    assert!(older.status.success(), "{older:?}");
+    let said = String::from_utf8_lossy(&older.stderr);
+    assert!(
+        said.contains("a newer release applied") && said.contains("99991231000001"),
+        "{said}"
+    );
+
+    // A migration this release knows, changed since it was applied, still
+    // stops it.
+    sqlx::query(
+        "UPDATE _sqlx_migrations SET checksum = '\\x00' \
+         WHERE version = (SELECT min(version) FROM _sqlx_migrations)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let changed = migrate();
+    assert!(!changed.status.success(), "{changed:?}");
+    assert!(
+        String::from_utf8_lossy(&changed.stderr).contains("migration failed"),
+        "{changed:?}"
+    );
+}
+
 /// `tollgate serve` on `database_url` (JSON logs), once it listens, and a
 /// health client on it.
 async fn serve_listening(database_url: &str) -> (Process, HealthClient<tonic::transport::Channel>) {

@@ -101,9 +101,25 @@ impl PostgresStore {
         }
     }
 
-    /// Applies pending migrations.
-    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        MIGRATOR.run(&self.pool).await
+    /// Applies pending migrations, and returns the versions of those a
+    /// newer release applied that this binary does not know. Those are
+    /// allowed: migrations only add (README, "Upgrades"), so an older
+    /// replica restarted during a rolling upgrade, or the release a
+    /// rollback returns to, keeps serving instead of refusing to start.
+    /// Every migration this binary knows is still checked against what was
+    /// applied (a changed migration fails).
+    pub async fn migrate(&self) -> Result<Vec<i64>, sqlx::migrate::MigrateError> {
+        let mut migrator = sqlx::migrate!("./migrations");
+        migrator.set_ignore_missing(true);
+        migrator.run(&self.pool).await?;
+        let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or_default();
+        sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE version > $1 ORDER BY version",
+        )
+        .bind(known)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(sqlx::migrate::MigrateError::Execute)
     }
 
     /// The underlying pool.
