@@ -635,13 +635,15 @@ impl Running {
     /// Serves HTTP forward-auth (NGINX `auth_request`, Traefik
     /// ForwardAuth; `crate::forward_auth`) on `listener`, over TLS when
     /// `tls` is given, deciding exactly as Envoy's `Check` on the gRPC port.
-    /// With `gateway_secret`, only requests carrying it are decided. It
+    /// With `gateway_secret`, only requests carrying it are decided. At most
+    /// `max_connections` are held open; one more is closed on arrival. It
     /// stops with this instance. Returns the address it listens on.
     pub fn serve_forward_auth(
         &mut self,
         listener: TcpListener,
         gateway_secret: Option<SecretString>,
         tls: Option<Arc<crate::tls::Reloading>>,
+        max_connections: usize,
     ) -> std::io::Result<SocketAddr> {
         let envoy = EnvoyAuthz::new(self.authz.clone(), self.clock.clone(), &self.envoy);
         let health =
@@ -650,6 +652,7 @@ impl Running {
             listener,
             tls,
             ForwardAuth::new(envoy, gateway_secret, health),
+            max_connections,
         )?;
         let addr = server.local_addr();
         if let Some(previous) = self.forward_auth.replace(server) {

@@ -433,6 +433,9 @@ impl Settings {
         if self.rate_shares.max_cells == 0 {
             return Err(invalid("rate_shares.max_cells", "must be ≥ 1"));
         }
+        if self.forward_auth.max_connections == 0 {
+            return Err(invalid("forward_auth.max_connections", "must be ≥ 1"));
+        }
         if self.last_used_flush_seconds == 0 {
             return Err(invalid("last_used_flush_seconds", "must be ≥ 1"));
         }
@@ -605,6 +608,15 @@ mod tests {
             err.contains("`pepper`") && !err.contains("short\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_forward_auth_listener_holds_at_least_one_connection() {
+        let mut s = Settings::default();
+        assert_eq!(s.forward_auth.max_connections, 4096);
+        s.forward_auth.max_connections = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("forward_auth.max_connections"), "{err}");
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub use server::ForwardAuthServer;
 
 /// Settings of the forward-auth listener (`[forward_auth]` in the config
 /// file, `TOLLGATE_FORWARD_AUTH__LISTEN` in the environment).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ForwardAuthSettings {
     /// Address of the HTTP/1.1 listener; absent = no listener (default).
@@ -54,6 +54,22 @@ pub struct ForwardAuthSettings {
     /// `x-tollgate-gateway-secret`; absent = none required (network policy
     /// and mTLS decide who reaches the port).
     pub gateway_secret_file: Option<PathBuf>,
+    /// Connections held open at once (gateways keep theirs alive). One
+    /// more is closed on arrival, so a gateway fails over at once instead
+    /// of a flood of idle connections holding the replica's memory and
+    /// file descriptors.
+    pub max_connections: usize,
+}
+
+impl Default for ForwardAuthSettings {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            tls: None,
+            gateway_secret_file: None,
+            max_connections: 4096,
+        }
+    }
 }
 
 /// The header a gateway proves itself with when a secret is configured.

@@ -462,7 +462,12 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
             None => None,
         };
         let secret = settings.load_forward_auth_secret()?;
-        let addr = running.serve_forward_auth(listener, secret, tls)?;
+        let addr = running.serve_forward_auth(
+            listener,
+            secret,
+            tls,
+            settings.forward_auth.max_connections,
+        )?;
         tracing::info!(%addr, "forward-auth (NGINX auth_request, Traefik ForwardAuth) listening");
     }
 

@@ -52,6 +52,10 @@ pub const QUOTA_CHECKS: &str = "tollgate_quota_checks_total";
 /// `gateway` (`nginx`, `traefik`) and `outcome` (`allow`, `deny`, `error`,
 /// `refused`: the caller did not prove it is the gateway).
 pub const FORWARD_AUTH_REQUESTS: &str = "tollgate_forward_auth_requests_total";
+/// Forward-auth connections closed on arrival because the listener already
+/// held `forward_auth.max_connections`.
+pub const FORWARD_AUTH_CONNECTIONS_REFUSED: &str =
+    "tollgate_forward_auth_connections_refused_total";
 /// Envoy rate-limit descriptors answered, by `kind` (tenant, key,
 /// credential, generic) and `result` (ok, over_limit, shadow_over_limit,
 /// unlimited, no_limit).
@@ -215,6 +219,10 @@ fn describe() {
     describe_counter!(
         FORWARD_AUTH_REQUESTS,
         "Forward-auth requests by gateway and outcome"
+    );
+    describe_counter!(
+        FORWARD_AUTH_CONNECTIONS_REFUSED,
+        "Forward-auth connections closed on arrival: the listener was full"
     );
     describe_counter!(
         CONNECTIONS_DEALT,

@@ -206,11 +206,26 @@ impl Drop for Nginx {
 /// A Tollgate for `product` with its forward-auth listener (gateway secret
 /// required) on a free port.
 async fn spawn_forward_auth(conn: &PgConnectOptions, product: &str) -> (Tollgate, SocketAddr) {
+    let max = tollgate::forward_auth::ForwardAuthSettings::default().max_connections;
+    spawn_forward_auth_holding(conn, product, max).await
+}
+
+/// As [`spawn_forward_auth`], holding at most `max_connections` open.
+async fn spawn_forward_auth_holding(
+    conn: &PgConnectOptions,
+    product: &str,
+    max_connections: usize,
+) -> (Tollgate, SocketAddr) {
     let mut t = spawn(conn, product).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = t
         .running
-        .serve_forward_auth(listener, Some(GATEWAY_SECRET.to_string().into()), None)
+        .serve_forward_auth(
+            listener,
+            Some(GATEWAY_SECRET.to_string().into()),
+            None,
+            max_connections,
+        )
         .unwrap();
     (t, addr)
 }

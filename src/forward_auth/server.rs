@@ -12,7 +12,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 
@@ -32,15 +32,18 @@ pub struct ForwardAuthServer {
 }
 
 impl ForwardAuthServer {
-    /// Serves `handler` on `listener` (over TLS from `tls` when given).
+    /// Serves `handler` on `listener` (over TLS from `tls` when given),
+    /// holding at most `max_connections` open.
     pub(crate) fn start(
         listener: TcpListener,
         tls: Option<Arc<Reloading>>,
         handler: ForwardAuth,
+        max_connections: usize,
     ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(serve(listener, tls, Arc::new(handler), stopped));
+        let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+        let task = tokio::spawn(serve(listener, tls, Arc::new(handler), slots, stopped));
         Ok(Self { addr, stop, task })
     }
 
@@ -69,6 +72,7 @@ async fn serve(
     listener: TcpListener,
     tls: Option<Arc<Reloading>>,
     handler: Arc<ForwardAuth>,
+    slots: Arc<Semaphore>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut builder = http1::Builder::new();
@@ -92,8 +96,17 @@ async fn serve(
                 },
                 _ = stopped.changed() => break,
             };
+            let Some(slot) = take_slot(&slots) else {
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
-            serve_one(&builder, &graceful, TokioIo::new(tcp), handler.clone());
+            serve_one(
+                &builder,
+                &graceful,
+                TokioIo::new(tcp),
+                handler.clone(),
+                slot,
+            );
         },
         Some(tls) => {
             let mut incoming = crate::tls::incoming_http1(listener, tls);
@@ -109,19 +122,41 @@ async fn serve(
                     },
                     _ = stopped.changed() => break,
                 };
-                serve_one(&builder, &graceful, TokioIo::new(stream), handler.clone());
+                let Some(slot) = take_slot(&slots) else {
+                    continue;
+                };
+                serve_one(
+                    &builder,
+                    &graceful,
+                    TokioIo::new(stream),
+                    handler.clone(),
+                    slot,
+                );
             }
         }
     }
     graceful.shutdown().await;
 }
 
-/// Serves one connection, watched by `graceful`.
+/// A free connection slot, or none: the connection just accepted is then
+/// closed (dropped) and counted.
+fn take_slot(slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    let slot = slots.clone().try_acquire_owned().ok();
+    if slot.is_none() {
+        metrics::counter!(crate::telemetry::FORWARD_AUTH_CONNECTIONS_REFUSED).increment(1);
+        tracing::debug!("forward-auth listener full; closing a new connection");
+    }
+    slot
+}
+
+/// Serves one connection, watched by `graceful`, holding `slot` until it
+/// ends.
 fn serve_one<I>(
     builder: &http1::Builder,
     graceful: &GracefulShutdown,
     io: TokioIo<I>,
     handler: Arc<ForwardAuth>,
+    slot: OwnedSemaphorePermit,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -131,6 +166,7 @@ fn serve_one<I>(
     });
     let connection = graceful.watch(builder.serve_connection(io, service));
     tokio::spawn(async move {
+        let _slot = slot;
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "forward-auth connection ended with an error");
         }

@@ -1,7 +1,35 @@
-//! The listener itself: NGINX's denial encoding, the gateway secret, and a
-//! malformed route policy failing closed.
+//! The listener itself: NGINX's denial encoding, the gateway secret, a
+//! malformed route policy failing closed, and its connection cap.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use super::*;
+
+/// A gateway's keep-alive connection that has had one request answered
+/// (so the listener holds it), or `None` if it was closed unanswered.
+async fn answered_connection(addr: SocketAddr) -> Option<TcpStream> {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let request = "GET /auth/nginx HTTP/1.1\r\nhost: tollgate\r\n\r\n";
+    if c.write_all(request.as_bytes()).await.is_err() {
+        return None;
+    }
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match c.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    // No gateway secret: refused, without a decision or a database read.
+    assert!(
+        head.starts_with(b"HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    Some(c)
+}
 
 #[sqlx::test]
 async fn an_nginx_denial_is_401_or_403_carrying_the_products_status_and_body(
@@ -133,4 +161,34 @@ async fn a_malformed_route_policy_is_an_error_never_an_allow_and_nginx_fails_clo
     let r = nginx.get("/elsewhere", &[("x-api-key", &secret)]).await;
     assert_eq!(r.status, 503, "{r:?}");
     assert_eq!(upstream.hits(), 0);
+}
+
+#[sqlx::test]
+async fn a_full_listener_closes_the_next_connection_and_serves_again_once_one_ends(
+    _p: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    // A flood of idle connections must not take the replica's memory and
+    // file descriptors: past the cap a new one is closed unanswered, and
+    // the gateway fails over at once.
+    let (_t, addr) = spawn_forward_auth_holding(&conn, "msgine", 2).await;
+    let first = answered_connection(addr)
+        .await
+        .expect("the first is served");
+    let _second = answered_connection(addr)
+        .await
+        .expect("the second is served");
+    assert!(
+        answered_connection(addr).await.is_none(),
+        "a third is closed"
+    );
+
+    // One gateway connection ends: its slot serves a new one (once the
+    // listener has seen it end).
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while answered_connection(addr).await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "never served again");
+        tokio::task::yield_now().await;
+    }
 }

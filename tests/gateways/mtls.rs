@@ -48,7 +48,7 @@ async fn over_mutual_tls_only_a_gateway_with_a_trusted_certificate_gets_a_decisi
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let forward_auth = t
         .running
-        .serve_forward_auth(listener, None, Some(tls))
+        .serve_forward_auth(listener, None, Some(tls), 64)
         .unwrap();
     t.create_tenant("acme", "pro").await;
     let (secret, _) = t.create_key("acme").await;
