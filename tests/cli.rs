@@ -273,18 +273,27 @@ async fn public_tables(pool: &sqlx::PgPool) -> Vec<String> {
     .unwrap()
 }
 
+/// A pool on an empty database, and `tollgate migrate` run on it.
+async fn unmigrated(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) -> (sqlx::PgPool, impl Fn() -> std::process::Output) {
+    let pool = pool_opts.connect_with(conn.clone()).await.unwrap();
+    let url = url_of_database(conn.get_database().unwrap());
+    let migrate = move || {
+        tollgate(&format!("migrate --database-url {url}"))
+            .output()
+            .unwrap()
+    };
+    (pool, migrate)
+}
+
 #[sqlx::test(migrations = false)]
 async fn migrate_creates_the_schema_and_running_it_again_changes_nothing(
     pool_opts: PgPoolOptions,
     conn: PgConnectOptions,
 ) {
-    let pool = pool_opts.connect_with(conn.clone()).await.unwrap();
-    let url = url_of_database(conn.get_database().unwrap());
-    let migrate = || {
-        tollgate(&format!("migrate --database-url {url}"))
-            .output()
-            .unwrap()
-    };
+    let (pool, migrate) = unmigrated(pool_opts, conn).await;
     let applied = "SELECT count(*) FROM _sqlx_migrations WHERE success";
     assert_eq!(public_tables(&pool).await, Vec::<String>::new());
 
@@ -316,13 +325,7 @@ async fn a_database_a_newer_release_migrated_still_runs_this_release(
 ) {
     // A rolling upgrade's new replicas migrated; an old replica restarts
     // (or a rollback returns to the old release) on the newer schema.
-    let pool = pool_opts.connect_with(conn.clone()).await.unwrap();
-    let url = url_of_database(conn.get_database().unwrap());
-    let migrate = || {
-        tollgate(&format!("migrate --database-url {url}"))
-            .output()
-            .unwrap()
-    };
+    let (pool, migrate) = unmigrated(pool_opts, conn).await;
     assert!(migrate().status.success());
     sqlx::query(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
