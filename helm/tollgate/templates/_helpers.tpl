@@ -83,6 +83,11 @@ app.kubernetes.io/component: test
 {{- if or .Values.secrets.consoleBackendToken (and .Values.secrets.existingSecret .Values.secrets.existingSecretHolds.consoleBackendToken) }}true{{ end }}
 {{- end }}
 
+{{/* Whether the forward-auth listener runs with a gateway secret ("true" or ""). */}}
+{{- define "tollgate.hasForwardAuthSecret" -}}
+{{- if and .Values.forwardAuth.enabled (or .Values.secrets.forwardAuthSecret (and .Values.secrets.existingSecret .Values.secrets.existingSecretHolds.forwardAuthSecret)) }}true{{ end }}
+{{- end }}
+
 {{/* config.toml lives in a Secret when it carries previous peppers. */}}
 {{- define "tollgate.configInSecret" -}}
 {{- if .Values.secrets.previousPeppers }}true{{ end }}
@@ -246,15 +251,21 @@ seccompProfile:
 {{- if ge (add (int .Values.preStopSleepSeconds) (int .Values.config.shutdownGraceSeconds)) (int .Values.terminationGracePeriodSeconds) }}
 {{- fail "terminationGracePeriodSeconds must be greater than preStopSleepSeconds + config.shutdownGraceSeconds, or Kubernetes kills calls still finishing" }}
 {{- end }}
-{{- if and $s.existingSecret (or $s.databaseUrl $s.pepper $s.operatorToken $s.gatewayToken $s.consoleBackendToken) }}
-{{- fail "secrets: set secrets.existingSecret or secrets.databaseUrl/pepper/operatorToken/gatewayToken/consoleBackendToken, not both" }}
+{{- if and $s.existingSecret (or $s.databaseUrl $s.pepper $s.operatorToken $s.gatewayToken $s.consoleBackendToken $s.forwardAuthSecret) }}
+{{- fail "secrets: set secrets.existingSecret or secrets.databaseUrl/pepper/operatorToken/gatewayToken/consoleBackendToken/forwardAuthSecret, not both" }}
 {{- end }}
-{{- if and (not $s.existingSecret) (or $s.existingSecretHolds.gatewayToken $s.existingSecretHolds.consoleBackendToken) }}
+{{- if and (not $s.existingSecret) (or $s.existingSecretHolds.gatewayToken $s.existingSecretHolds.consoleBackendToken $s.existingSecretHolds.forwardAuthSecret) }}
 {{- fail "secrets.existingSecretHolds needs secrets.existingSecret (or give the tokens inline)" }}
 {{- end }}
-{{- $tokens := compact (list $s.operatorToken $s.gatewayToken $s.consoleBackendToken) }}
+{{- $tokens := compact (list $s.operatorToken $s.gatewayToken $s.consoleBackendToken $s.forwardAuthSecret) }}
 {{- if ne (len $tokens) (len (uniq $tokens)) }}
-{{- fail "secrets: operatorToken, gatewayToken and consoleBackendToken must differ" }}
+{{- fail "secrets: operatorToken, gatewayToken, consoleBackendToken and forwardAuthSecret must differ" }}
+{{- end }}
+{{- if and .Values.forwardAuth.enabled (has (int .Values.forwardAuth.port) (list (int .Values.ports.grpc) (int .Values.ports.metrics) (int .Values.service.grpcPort) (int .Values.service.metricsPort))) }}
+{{- fail "forwardAuth.port must differ from the gRPC and metrics ports (ports.* and service.*)" }}
+{{- end }}
+{{- if and .Values.forwardAuth.enabled .Values.forwardAuth.requireGatewaySecret (not (include "tollgate.hasForwardAuthSecret" .)) }}
+{{- fail "forwardAuth.enabled needs a gateway secret, or any pod reaching the port gets decisions: set secrets.forwardAuthSecret (or secrets.existingSecretHolds.forwardAuthSecret with secrets.existingSecret), or forwardAuth.requireGatewaySecret=false to rely on the NetworkPolicy alone" }}
 {{- end }}
 {{- if and .Values.tls.enabled .Values.tls.existingSecret (or .Values.tls.cert .Values.tls.key .Values.tls.clientCa) }}
 {{- fail "tls: set tls.existingSecret or tls.cert/key/clientCa, not both" }}
