@@ -24,6 +24,8 @@ const SHIPPED_PROFILES: [&str; 5] = ["default", "msgflash", "mailsage", "msgine"
 
 #[path = "helm/binary.rs"]
 mod binary;
+#[path = "helm/forward_auth.rs"]
+mod forward_auth;
 #[path = "helm/image.rs"]
 mod image;
 #[path = "helm/lint.rs"]
@@ -489,13 +491,8 @@ fn ports_of(rule: &Value) -> Vec<String> {
 
 // ------------------------------------ fixtures shared by the test modules
 
-/// Runs the real binary as `container` of `kind`/`name` would run: its files
-/// materialised from the rendered ConfigMaps and Secrets under a temporary
-/// root (paths in env values and files relocated there), its environment
-/// (less `without_env`), its args. Postgres is a closed port, so a run that
-/// accepted its whole configuration either listens (serve: it waits, not
-/// ready, for the database) or ends in "cannot connect to Postgres" (migrate).
-/// Returns stderr.
+/// Runs the real binary as `container` of `kind`/`name` would run (see
+/// [`pod_command`]) until it listens or exits. Returns stderr.
 fn run_as_the_pod(
     r: &Rendered,
     kind: &str,
@@ -503,6 +500,26 @@ fn run_as_the_pod(
     container_name: &str,
     without_env: &[&str],
 ) -> String {
+    let (mut cmd, root) = pod_command(r, kind, name, container_name, without_env);
+    let stderr = run_until_listening(&mut cmd);
+    let _ = std::fs::remove_dir_all(&root);
+    stderr
+}
+
+/// The real binary as `container` of `kind`/`name` would run: its files
+/// materialised from the rendered ConfigMaps and Secrets under a temporary
+/// root (paths in env values and files relocated there), its environment
+/// (less `without_env`), its args. Postgres is a closed port, so a run that
+/// accepted its whole configuration either listens (serve: it waits, not
+/// ready, for the database) or ends in "cannot connect to Postgres" (migrate).
+/// Returns the command and the root to remove afterwards.
+fn pod_command(
+    r: &Rendered,
+    kind: &str,
+    name: &str,
+    container_name: &str,
+    without_env: &[&str],
+) -> (Command, PathBuf) {
     let workload = r.named(kind, name);
     let c = container(workload, container_name);
     let root = temp_dir("pod");
@@ -564,9 +581,7 @@ fn run_as_the_pod(
     if cmd.get_envs().any(|(k, _)| k == "TOLLGATE_METRICS_LISTEN") {
         cmd.env("TOLLGATE_METRICS_LISTEN", "127.0.0.1:0");
     }
-    let stderr = run_until_listening(&mut cmd);
-    let _ = std::fs::remove_dir_all(&root);
-    stderr
+    (cmd, root)
 }
 
 /// Runs the binary until it exits (migrate: cannot reach Postgres) or logs

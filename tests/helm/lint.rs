@@ -116,6 +116,19 @@ fn bad_values_are_refused_by_the_schema() {
             "config:\n  replicas:\n    heartbeatIntervalMs: 0\n",
             "/config/replicas/heartbeatIntervalMs",
         ),
+        ("forwardAuth:\n  port: 0\n", "/forwardAuth/port"),
+        (
+            "forwardAuth:\n  maxConnections: 0\n",
+            "/forwardAuth/maxConnections",
+        ),
+        (
+            "forwardAuth:\n  secret: s\n",
+            "additional properties 'secret' not allowed",
+        ),
+        (
+            "secrets:\n  forwardAuthSecret: short\n",
+            "/secrets/forwardAuthSecret",
+        ),
     ] {
         let bad = values_file(values);
         let err = template(&[&minimal(), &bad], &[])
@@ -184,6 +197,25 @@ fn contradictory_values_are_refused_with_a_message() {
         (
             vec!["preStopSleepSeconds=15", "config.shutdownGraceSeconds=15"],
             "terminationGracePeriodSeconds must be greater",
+        ),
+        (
+            vec![
+                "forwardAuth.enabled=true",
+                "secrets.forwardAuthSecret=test-operator-token-0123456789",
+            ],
+            "must differ",
+        ),
+        (
+            vec![
+                "forwardAuth.enabled=true",
+                "forwardAuth.requireGatewaySecret=false",
+                "forwardAuth.port=9090",
+            ],
+            "forwardAuth.port must differ",
+        ),
+        (
+            vec!["secrets.existingSecretHolds.forwardAuthSecret=true"],
+            "existingSecretHolds needs secrets.existingSecret",
         ),
     ] {
         let err = template(&[&minimal()], &sets).expect_err(&format!("{sets:?} accepted"));
