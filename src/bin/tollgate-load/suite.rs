@@ -535,14 +535,18 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
             baseline,
             driver: Driver::H2drive,
         });
-        if let Some(b) = before_uncached
-            .as_ref()
-            .filter(|_| std::ptr::eq(proc, &uncached))
-        {
+        // The same run against the "before" binary, right after this one.
+        let before_proc = if std::ptr::eq(proc, &uncached) {
+            before_uncached.as_ref()
+        } else if std::ptr::eq(proc, &cached) {
+            before.as_ref()
+        } else {
+            None
+        };
+        if let Some(b) = before_proc {
+            let name = format!("before: {}", targets.last().map_or("", |t| t.name.as_str()));
             targets.push(Target {
-                name: format!(
-                    "before: tollgate authenticate uncached, {n} distinct keys (h2drive)"
-                ),
+                name,
                 kind: Kind::Authenticate,
                 proc: b,
                 verify,
