@@ -5,7 +5,9 @@
 //! modules on its own line or above):
 //!
 //! - `clock`, `telemetry` (metric names, log and trace setup, and their
-//!   settings types): leaves, they import nothing from the crate;
+//!   settings types), `webhook` (the signed-webhook sender the console's
+//!   delivery and revocation events share): leaves, they import nothing
+//!   from the crate;
 //! - `domain`, `crypto`, `profile`: the rules, no I/O;
 //! - `store`: persistence behind the `Store` trait; `error`: the
 //!   operations' error enum (wraps `StoreError`);
@@ -47,3 +49,4 @@ pub mod remote;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod webhook;

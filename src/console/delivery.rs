@@ -15,32 +15,25 @@
 //! Without a webhook nothing is sent (and nothing is returned): resets and
 //! verification need one. `tollgate dev` prints messages to stdout instead.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use hmac::{Hmac, Mac};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Serialize;
-use sha2::Sha256;
-use tokio::sync::Semaphore;
 
 use crate::crypto::opaque::OpaqueToken;
 use crate::domain::console::Email;
 use crate::domain::TenantId;
+/// The signature scheme and headers, from [`crate::webhook`] (kept here for
+/// receivers and tests that import them from the console).
+pub use crate::webhook::{signature, verify_signature, DELIVERY_ID_HEADER, SIGNATURE_HEADER};
+use crate::webhook::{Refused, SignedWebhook};
 
 /// Console messages handed to the delivery, by `type` and `outcome`
 /// (`delivered`, `failed`, `dropped`: the outbound queue was full, or no
 /// delivery is configured).
 pub const DELIVERIES: &str = "tollgate_console_deliveries_total";
 
-/// The signature header of webhook calls.
-pub const SIGNATURE_HEADER: &str = "x-tollgate-signature";
-/// The delivery id header (the same on retries).
-pub const DELIVERY_ID_HEADER: &str = "x-tollgate-delivery";
-
-/// Attempts per message, and the pause before each retry.
-const RETRY_PAUSES: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(5)];
 /// Messages being sent at once, at most; more are dropped (and counted).
 const MAX_IN_FLIGHT: usize = 256;
 
@@ -159,52 +152,10 @@ impl Deliver for Stdout {
     }
 }
 
-/// The signed webhook.
+/// The signed webhook (`crate::webhook`); `Debug` shows only its host.
+#[derive(Debug)]
 pub struct Webhook {
-    client: reqwest::Client,
-    url: reqwest::Url,
-    secret: SecretString,
-    in_flight: Arc<Semaphore>,
-}
-
-impl std::fmt::Debug for Webhook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Webhook")
-            .field("host", &self.url.host_str())
-            .finish_non_exhaustive()
-    }
-}
-
-fn mac(secret: &[u8], timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac
-}
-
-/// `t=<t>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
-pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
-    let v1 = mac(secret, timestamp, body).finalize().into_bytes();
-    format!("t={timestamp},v1={}", hex::encode(v1))
-}
-
-/// Whether `header` is a valid signature of `body` with `secret` (for
-/// receivers written in Rust, and the tests). Constant-time comparison.
-pub fn verify_signature(secret: &[u8], header: &str, body: &[u8]) -> bool {
-    let mut t = None;
-    let mut v1 = None;
-    for part in header.split(',') {
-        match part.split_once('=') {
-            Some(("t", value)) => t = value.parse::<i64>().ok(),
-            Some(("v1", value)) => v1 = hex::decode(value).ok(),
-            _ => {}
-        }
-    }
-    match (t, v1) {
-        (Some(t), Some(v1)) => mac(secret, t, body).verify_slice(&v1).is_ok(),
-        _ => false,
-    }
+    hook: SignedWebhook,
 }
 
 impl Webhook {
@@ -212,90 +163,41 @@ impl Webhook {
     /// `timeout`. Redirects are not followed (a token goes where it was
     /// configured to go, nowhere else).
     pub fn new(url: reqwest::Url, secret: SecretString, timeout: Duration) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| e.without_url().to_string())?;
-        Ok(Self {
-            client,
-            url,
-            secret,
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-        })
-    }
-
-    async fn attempt(
-        client: &reqwest::Client,
-        url: &reqwest::Url,
-        secret: &SecretString,
-        id: &str,
-        body: &[u8],
-    ) -> Result<(), String> {
-        let sig = signature(
-            secret.expose_secret().as_bytes(),
-            Utc::now().timestamp(),
-            body,
-        );
-        let response = client
-            .post(url.clone())
-            .header("content-type", "application/json")
-            .header(SIGNATURE_HEADER, sig)
-            .header(DELIVERY_ID_HEADER, id)
-            .body(body.to_vec())
-            .send()
-            .await
-            .map_err(|e| e.without_url().to_string())?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!("the receiver answered {}", response.status()))
-        }
+        SignedWebhook::new(url, secret, timeout, MAX_IN_FLIGHT).map(|hook| Self { hook })
     }
 }
 
 impl Deliver for Webhook {
     fn send(&self, message: Message) {
         let kind = message.kind;
-        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            tracing::warn!(
-                kind = kind.as_str(),
-                "console delivery queue is full; message dropped"
-            );
-            count(kind, "dropped");
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            count(kind, "dropped");
-            return;
+        let slot = match self.hook.reserve() {
+            Ok(slot) => slot,
+            Err(Refused::Full) => {
+                tracing::warn!(
+                    kind = kind.as_str(),
+                    "console delivery queue is full; message dropped"
+                );
+                count(kind, "dropped");
+                return;
+            }
+            Err(Refused::NoRuntime) => {
+                count(kind, "dropped");
+                return;
+            }
         };
         let (id, body) = message.body();
-        let (client, url, secret) = (self.client.clone(), self.url.clone(), self.secret.clone());
-        runtime.spawn(async move {
-            let _permit = permit;
-            let mut pauses = RETRY_PAUSES.iter();
-            loop {
-                match Self::attempt(&client, &url, &secret, &id, &body).await {
-                    Ok(()) => {
-                        count(kind, "delivered");
-                        return;
-                    }
-                    Err(error) => match pauses.next() {
-                        Some(pause) => {
-                            tracing::info!(kind = kind.as_str(), delivery_id = %id, %error,
-                                "console delivery failed; retrying");
-                            tokio::time::sleep(*pause).await;
-                        }
-                        None => {
-                            tracing::warn!(kind = kind.as_str(), delivery_id = %id, %error,
-                                "console delivery failed; giving up");
-                            count(kind, "failed");
-                            return;
-                        }
-                    },
-                }
+        let retry_id = id.clone();
+        let on_retry = move |error: &str| {
+            tracing::info!(kind = kind.as_str(), delivery_id = %retry_id, %error,
+                "console delivery failed; retrying");
+        };
+        let done_id = id.clone();
+        slot.send(id, body, on_retry, move |outcome| match outcome {
+            Ok(()) => count(kind, "delivered"),
+            Err(error) => {
+                tracing::warn!(kind = kind.as_str(), delivery_id = %done_id, %error,
+                    "console delivery failed; giving up");
+                count(kind, "failed");
             }
         });
     }
@@ -310,13 +212,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn signatures_verify_only_with_the_secret_and_the_exact_body() {
+    fn the_reexported_scheme_verifies_and_secrets_stay_out_of_debug() {
+        // The scheme itself is tested in `crate::webhook`.
         let sig = signature(b"s3cret", 1_700_000_000, b"{\"a\":1}");
-        assert!(sig.starts_with("t=1700000000,v1="), "{sig}");
-        assert!(verify_signature(b"s3cret", &sig, b"{\"a\":1}"));
-        assert!(!verify_signature(b"other", &sig, b"{\"a\":1}"));
-        assert!(!verify_signature(b"s3cret", &sig, b"{\"a\":2}"));
-        assert!(!verify_signature(b"s3cret", "t=1,v1=zz", b"{}"));
+        assert!(verify_signature(b"s3cret", &sig, b"{\"a\":1}"), "{sig}");
         let m = Message {
             kind: MessageKind::PasswordReset,
             email: Email::parse("ada@example.com").unwrap(),
@@ -327,6 +226,13 @@ mod tests {
             tenant_id: TenantId::parse("acme").unwrap(),
         };
         assert!(!format!("{m:?}").contains("tgpr_"));
+        let url = "https://hooks.example/x?k=v".parse().unwrap();
+        let hook = Webhook::new(url, "s3cret".to_string().into(), Duration::from_secs(5));
+        let debug = format!("{:?}", hook.unwrap());
+        assert!(
+            !debug.contains("s3cret") && !debug.contains("k=v"),
+            "{debug}"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Revocation events: every key revoked by a policy and every leak report
 //! of one of our keys is POSTed, signed, to `[revocation_events]
-//! webhook_url` (the same signature scheme as the console's delivery:
+//! webhook_url` (`crate::webhook`, the sender the console's delivery uses:
 //! `x-tollgate-signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`,
 //! `x-tollgate-delivery` the event id, the same on retries). Sent off the
 //! caller's path with a bounded timeout and a few retries; failures are
@@ -8,22 +8,19 @@
 //! never holds a secret: ids, the rule, the time.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
 
-use crate::console::delivery::{signature, DELIVERY_ID_HEADER, SIGNATURE_HEADER};
 use crate::domain::{KeyId, TenantId};
+use crate::webhook::SignedWebhook;
 
 /// Events handed to the webhook, by `type` and `outcome` (`delivered`,
 /// `failed`, `dropped`: too many in flight).
 pub const REVOCATION_EVENTS: &str = "tollgate_revocation_events_total";
 
-const RETRY_PAUSES: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(5)];
 const MAX_IN_FLIGHT: usize = 1024;
 const MIN_SECRET_BYTES: usize = 32;
 
@@ -130,30 +127,16 @@ pub trait RevocationEvents: Send + Sync + 'static {
     fn publish(&self, event: RevocationEvent);
 }
 
-/// The signed webhook.
+/// The signed webhook (`crate::webhook`); `Debug` shows only its host.
+#[derive(Debug)]
 pub struct EventWebhook {
-    client: reqwest::Client,
-    url: reqwest::Url,
-    secret: SecretString,
-    in_flight: Arc<Semaphore>,
+    hook: SignedWebhook,
 }
 
 impl EventWebhook {
     /// A webhook to `url` signed with `secret`; redirects are not followed.
     pub fn new(url: reqwest::Url, secret: SecretString, timeout: Duration) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| e.without_url().to_string())?;
-        Ok(Self {
-            client,
-            url,
-            secret,
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-        })
+        SignedWebhook::new(url, secret, timeout, MAX_IN_FLIGHT).map(|hook| Self { hook })
     }
 }
 
@@ -164,53 +147,28 @@ fn count(kind: &'static str, outcome: &'static str) {
 impl RevocationEvents for EventWebhook {
     fn publish(&self, event: RevocationEvent) {
         let kind = event.kind;
-        let (Ok(permit), Ok(runtime)) = (
-            self.in_flight.clone().try_acquire_owned(),
-            tokio::runtime::Handle::try_current(),
-        ) else {
+        let Ok(slot) = self.hook.reserve() else {
             tracing::warn!(kind, "revocation event dropped: too many in flight");
             count(kind, "dropped");
             return;
         };
         let id = event.id.to_string();
         let body = serde_json::to_vec(&event).expect("a plain struct serialises");
-        let (client, url, secret) = (self.client.clone(), self.url.clone(), self.secret.clone());
-        runtime.spawn(async move {
-            let _permit = permit;
-            let mut pauses = RETRY_PAUSES.iter();
-            loop {
-                let sig = signature(
-                    secret.expose_secret().as_bytes(),
-                    Utc::now().timestamp(),
-                    &body,
-                );
-                let sent = client
-                    .post(url.clone())
-                    .header("content-type", "application/json")
-                    .header(SIGNATURE_HEADER, sig)
-                    .header(DELIVERY_ID_HEADER, &id)
-                    .body(body.clone())
-                    .send()
-                    .await;
-                let error = match sent {
-                    Ok(r) if r.status().is_success() => {
-                        count(kind, "delivered");
-                        return;
-                    }
-                    Ok(r) => format!("the receiver answered {}", r.status()),
-                    Err(e) => e.without_url().to_string(),
-                };
-                match pauses.next() {
-                    Some(pause) => tokio::time::sleep(*pause).await,
-                    None => {
-                        tracing::warn!(kind, event_id = %id, %error,
-                            "revocation event not delivered; giving up");
-                        count(kind, "failed");
-                        return;
-                    }
+        let done_id = id.clone();
+        // Retries are not logged; only giving up is.
+        slot.send(
+            id,
+            body,
+            |_| {},
+            move |outcome| match outcome {
+                Ok(()) => count(kind, "delivered"),
+                Err(error) => {
+                    tracing::warn!(kind, event_id = %done_id, %error,
+                    "revocation event not delivered; giving up");
+                    count(kind, "failed");
                 }
-            }
-        });
+            },
+        );
     }
 }
 
@@ -250,6 +208,13 @@ mod tests {
         slow.timeout_seconds = 31;
         assert_eq!(field(slow), Some("revocation_events.timeout_seconds"));
         let debug = format!("{:?}", settings("https://hooks.example/x?k=v", secret));
+        assert!(!debug.contains(secret) && !debug.contains("k=v"), "{debug}");
+        let hook = settings("https://hooks.example/x?k=v", secret)
+            .load()
+            .unwrap()
+            .unwrap();
+        let debug = format!("{hook:?}");
+        assert!(debug.contains("hooks.example"), "{debug}");
         assert!(!debug.contains(secret) && !debug.contains("k=v"), "{debug}");
     }
 }
