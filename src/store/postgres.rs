@@ -40,8 +40,6 @@ pub(super) use tenants::insert_tenant_row;
 
 pub use feed::{FeedSettings, CHANNEL};
 
-/// Migrations embedded from `migrations/`.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Postgres-backed [`Store`].
 #[derive(Clone, Debug)]
@@ -109,10 +107,11 @@ impl PostgresStore {
     /// Every migration this binary knows is still checked against what was
     /// applied (a changed migration fails).
     pub async fn migrate(&self) -> Result<Vec<i64>, sqlx::migrate::MigrateError> {
+        // Embedded from `migrations/` (build.rs rebuilds when one is added).
         let mut migrator = sqlx::migrate!("./migrations");
         migrator.set_ignore_missing(true);
         migrator.run(&self.pool).await?;
-        let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or_default();
+        let known = migrator.iter().map(|m| m.version).max().unwrap_or_default();
         sqlx::query_scalar(
             "SELECT version FROM _sqlx_migrations WHERE version > $1 ORDER BY version",
         )
