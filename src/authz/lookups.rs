@@ -110,7 +110,6 @@ impl KeyLookups {
     /// read alone or with other misses waiting at the same moment.
     pub(crate) async fn find(&self, digest: &KeyDigest) -> Answer {
         loop {
-            let home = Home::here();
             let queued = {
                 let mut state = self.shared.lock();
                 if state.running < self.shared.batching.in_flight && state.waiting.is_empty() {
@@ -121,7 +120,7 @@ impl KeyLookups {
                     state.waiting.push_back(Waiter {
                         digest: *digest,
                         answer,
-                        home,
+                        home: Home::here(),
                     });
                     self.shared.note_waiting(&state);
                     Some(told)

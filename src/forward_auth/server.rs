@@ -12,7 +12,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 
@@ -96,17 +96,8 @@ async fn serve(
                 },
                 _ = stopped.changed() => break,
             };
-            let Some(slot) = take_slot(&slots) else {
-                continue;
-            };
             let _ = tcp.set_nodelay(true);
-            serve_one(
-                &builder,
-                &graceful,
-                TokioIo::new(tcp),
-                handler.clone(),
-                slot,
-            );
+            serve_one(&builder, &graceful, TokioIo::new(tcp), &handler, &slots);
         },
         Some(tls) => {
             let mut incoming = crate::tls::incoming_http1(listener, tls);
@@ -122,44 +113,30 @@ async fn serve(
                     },
                     _ = stopped.changed() => break,
                 };
-                let Some(slot) = take_slot(&slots) else {
-                    continue;
-                };
-                serve_one(
-                    &builder,
-                    &graceful,
-                    TokioIo::new(stream),
-                    handler.clone(),
-                    slot,
-                );
+                serve_one(&builder, &graceful, TokioIo::new(stream), &handler, &slots);
             }
         }
     }
     graceful.shutdown().await;
 }
 
-/// A free connection slot, or none: the connection just accepted is then
-/// closed (dropped) and counted.
-fn take_slot(slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
-    let slot = slots.clone().try_acquire_owned().ok();
-    if slot.is_none() {
-        metrics::counter!(crate::telemetry::FORWARD_AUTH_CONNECTIONS_REFUSED).increment(1);
-        tracing::debug!("forward-auth listener full; closing a new connection");
-    }
-    slot
-}
-
-/// Serves one connection, watched by `graceful`, holding `slot` until it
-/// ends.
+/// Serves one connection, watched by `graceful`, holding one of `slots`
+/// until it ends. With none free it is closed at once (dropped) and counted.
 fn serve_one<I>(
     builder: &http1::Builder,
     graceful: &GracefulShutdown,
     io: TokioIo<I>,
-    handler: Arc<ForwardAuth>,
-    slot: OwnedSemaphorePermit,
+    handler: &Arc<ForwardAuth>,
+    slots: &Arc<Semaphore>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        metrics::counter!(crate::telemetry::FORWARD_AUTH_CONNECTIONS_REFUSED).increment(1);
+        tracing::debug!("forward-auth listener full; closing a new connection");
+        return;
+    };
+    let handler = handler.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let handler = handler.clone();
         async move { Ok::<_, Infallible>(handler.handle(request).await) }

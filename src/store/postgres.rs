@@ -40,7 +40,6 @@ pub(super) use tenants::insert_tenant_row;
 
 pub use feed::{FeedSettings, CHANNEL};
 
-
 /// Postgres-backed [`Store`].
 #[derive(Clone, Debug)]
 pub struct PostgresStore {

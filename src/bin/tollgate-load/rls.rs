@@ -29,7 +29,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use prost::Message;
 use serde::Serialize;
 
-use crate::fixture::{limit, seed, spawn_self, FixtureOpts, Proc, OPERATOR_TOKEN};
+use crate::fixture::{limit, seed, FixtureOpts, Proc, OPERATOR_TOKEN};
 use crate::h2load::{self, H2Opts, H2Run};
 
 #[derive(Debug, clap::Args)]
@@ -110,13 +110,7 @@ async fn scrape(proc: &Proc) -> anyhow::Result<String> {
 
 /// Starts this binary's `noop` server answering `ShouldRateLimit` with `canned`.
 fn spawn_noop(shape: &str, canned: &Path) -> anyhow::Result<Proc> {
-    let args: [&std::ffi::OsStr; 4] = [
-        "--runtime".as_ref(),
-        shape.as_ref(),
-        "--canned-rls".as_ref(),
-        canned.as_os_str(),
-    ];
-    spawn_self(&format!("noop-{shape}"), "noop", &args)
+    crate::suite::spawn_noop_with(shape, "--canned-rls", canned)
 }
 
 /// One real answer, which must be OK with a limit applied.

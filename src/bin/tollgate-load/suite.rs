@@ -171,12 +171,19 @@ struct Measured {
     ratio: Option<f64>,
 }
 
-/// Starts this binary's `noop` server and waits for its address.
+/// Starts this binary's `noop` server answering the gRPC calls with the
+/// responses in `canned`, and waits for its address.
 pub fn spawn_noop(shape: &str, canned: &std::path::Path) -> anyhow::Result<Proc> {
+    spawn_noop_with(shape, "--canned", canned)
+}
+
+/// Starts this binary's `noop` server on `shape` with `flag canned` (the
+/// gRPC calls' responses, or `--canned-rls` for ShouldRateLimit).
+pub fn spawn_noop_with(shape: &str, flag: &str, canned: &std::path::Path) -> anyhow::Result<Proc> {
     let args: [&std::ffi::OsStr; 4] = [
         "--runtime".as_ref(),
         shape.as_ref(),
-        "--canned".as_ref(),
+        flag.as_ref(),
         canned.as_os_str(),
     ];
     spawn_self(&format!("noop-{shape}"), "noop", &args)
