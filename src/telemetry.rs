@@ -25,6 +25,9 @@ pub const DB_QUERY_SECONDS: &str = "tollgate_db_query_duration_seconds";
 /// Distinct digests per cache-miss key lookup statement (1: a lone miss;
 /// more: misses that waited while other lookups ran, asked together).
 pub const KEY_LOOKUP_BATCH_SIZE: &str = "tollgate_key_lookup_batch_size";
+/// Kept database connections found closed by the server (a restart, an
+/// idle timeout) as a read began; the read was retried on a new one.
+pub const DB_CONNECTIONS_LOST: &str = "tollgate_db_connections_lost_total";
 /// Database pool connections, by `state` (idle, in_use).
 pub const DB_POOL_CONNECTIONS: &str = "tollgate_db_pool_connections";
 /// Quota lease requests, by `result` (granted, exhausted).
@@ -208,6 +211,10 @@ fn describe() {
         "Distinct key digests per cache-miss lookup statement"
     );
     describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections by state");
+    describe_counter!(
+        DB_CONNECTIONS_LOST,
+        "Kept database connections found closed by the server; the read was retried"
+    );
     describe_counter!(QUOTA_LEASES, "Quota lease requests by result");
     describe_counter!(
         QUOTA_LEASE_UNITS,

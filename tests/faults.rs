@@ -368,6 +368,56 @@ async fn with_every_pooled_connection_held_by_slow_queries_uncached_keys_are_una
     .await
 }
 
+/// The batched key read keeps its connection between batches (no ping on
+/// the way out of the pool and back). The attack on that: the server
+/// closes the kept connection (a restart, an idle timeout, a DBA's
+/// `pg_terminate_backend`) and the next uncached key fails on the dead link.
+#[sqlx::test]
+async fn a_kept_connection_the_server_closed_costs_a_reconnect_not_an_error(
+    pool_opts: PgPoolOptions,
+    conn: PgConnectOptions,
+) {
+    bounded(async {
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(conn.clone())
+            .await
+            .unwrap();
+        let store = PostgresStore::new(pool);
+        let mut t = spawn_on_store(
+            std::sync::Arc::new(store.clone()),
+            with_staleness("default", 3600),
+        )
+        .await;
+        t.create_tenant("acme", "pro").await;
+        let (first, _) = t.create_key("acme").await;
+        let (second, _) = t.create_key("acme").await;
+        assert!(t.authenticate(&first).await.allowed);
+        assert_eq!(store.held_connections(), 1, "the read kept its connection");
+
+        // Postgres closes the kept connection under the replica.
+        let observer = pool_opts.connect_with(conn.clone()).await.unwrap();
+        let kept = "SELECT pid FROM pg_stat_activity \
+            WHERE datname = current_database() AND query LIKE 'SELECT key_id%= ANY($1)'";
+        let pid: i32 = sqlx::query_scalar(kept).fetch_one(&observer).await.unwrap();
+        let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+            .bind(pid)
+            .fetch_one(&observer)
+            .await
+            .unwrap();
+        assert!(ended);
+
+        assert!(
+            t.authenticate(&second).await.allowed,
+            "read again on a new connection"
+        );
+        let now: i32 = sqlx::query_scalar(kept).fetch_one(&observer).await.unwrap();
+        assert_ne!(now, pid, "a new connection is kept");
+        assert_eq!(store.held_connections(), 1);
+    })
+    .await
+}
+
 /// A PostgreSQL 15 of this test's own, to stop, start, freeze and thaw
 /// (never the shared server). Removed on drop.
 struct Throwaway {

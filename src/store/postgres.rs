@@ -28,6 +28,7 @@ use crate::domain::{KeyId, KeyRecord, KeyUpdate, NewKey, Tenant, TenantId, Tenan
 
 pub(super) mod audit_log;
 mod feed;
+mod held;
 mod keys;
 mod quotas;
 mod replicas;
@@ -48,6 +49,8 @@ pub struct PostgresStore {
     /// hung server, which no `statement_timeout` can); `None`: unbounded.
     query_timeout: Option<Duration>,
     feed: FeedSettings,
+    /// The connections the batched key read keeps between batches.
+    held: std::sync::Arc<held::Held>,
 }
 
 impl PostgresStore {
@@ -57,6 +60,7 @@ impl PostgresStore {
             pool,
             query_timeout: None,
             feed: FeedSettings::default(),
+            held: Default::default(),
         }
     }
 
@@ -123,6 +127,12 @@ impl PostgresStore {
     /// The underlying pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Connections the batched key read holds between batches (taken
+    /// from the pool, so counted there as in use).
+    pub fn held_connections(&self) -> usize {
+        self.held.len()
     }
 }
 
