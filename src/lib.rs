@@ -41,6 +41,7 @@ pub mod grpc;
 pub mod leak_reports;
 pub mod limits;
 pub mod manage;
+pub mod memory;
 pub mod net;
 pub mod profile;
 pub mod ratelimit;

@@ -25,6 +25,14 @@ use tollgate::store::{MemoryStore, PostgresStore, Store};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Makes mimalloc return the memory freed since, instead of on a later
+/// allocation of the same thread (`tollgate::memory`).
+fn give_back_freed() {
+    // SAFETY: mi_collect takes no pointers and may be called at any time
+    // from any thread.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
@@ -547,6 +555,7 @@ fn print_dev_banner(addr: std::net::SocketAddr, token: Option<&str>, tenant: &st
 }
 
 fn main() -> ExitCode {
+    tollgate::memory::set_give_back(give_back_freed);
     let cli = Cli::parse();
     let mut builder = match cli.worker_threads {
         1 => tokio::runtime::Builder::new_current_thread(),

@@ -240,7 +240,14 @@ async fn load_known_digests(store: Arc<dyn Store>, caches: Arc<Caches>, epoch: K
         }
     }
     let read_ms = started.elapsed().as_millis() as u64;
-    let built = match tokio::task::spawn_blocking(move || BuiltFilter::build(prefixes)).await {
+    let built = match tokio::task::spawn_blocking(move || {
+        let built = BuiltFilter::build(prefixes);
+        // This thread freed the build's working memory and now idles.
+        crate::memory::give_back_freed();
+        built
+    })
+    .await
+    {
         Ok(Ok(built)) => built,
         Ok(Err(e)) => {
             tracing::warn!(
@@ -256,6 +263,8 @@ async fn load_known_digests(store: Arc<dyn Store>, caches: Arc<Caches>, epoch: K
     };
     let (keys, bytes) = (built.keys(), built.bytes());
     caches.install_known(epoch, built);
+    // And what reading the pages freed on the runtime's threads.
+    crate::memory::give_back_freed();
     tracing::info!(
         keys,
         filter_bytes = bytes,

@@ -42,8 +42,9 @@ pub struct KnownOpts {
     pub fpr_probes: u64,
 }
 
-/// The statement a key lookup by digest runs (`store/postgres/keys.rs`).
-const FIND_KEY: &str = "FROM api_keys WHERE digest = $1";
+/// The statements key lookups by digest run (`store/postgres/keys.rs`): one
+/// digest (`= $1`) or a batch of misses (`= ANY($1)`, up to 128 digests).
+const FIND_KEY: &str = "FROM api_keys WHERE digest = ";
 /// The statement that pages through every digest.
 const DIGEST_PAGE: &str = "SELECT digest FROM api_keys WHERE";
 
@@ -83,7 +84,7 @@ pub async fn run(o: KnownOpts) -> anyhow::Result<()> {
         }
         fpr(&mut stats, n, o.fpr_probes).await?;
     }
-    println!("\n| stored keys | build | RSS after loading | peak RSS | RSS when it turned ready | load (read + build) | key lookups per {} unknown keys | all statements |", o.probes);
+    println!("\n| stored keys | build | RSS after loading | peak RSS | RSS when it turned ready | load (read + build) | key-lookup statements per {} unknown keys | all statements |", o.probes);
     println!("|---|---|---|---|---|---|---|---|");
     for r in &results {
         println!(
@@ -155,7 +156,7 @@ struct Measured {
 impl Measured {
     fn line(&self) -> String {
         format!(
-            "{} with {} stored keys: RSS {:.1} MiB ({:.1} MiB when it turned ready, peak {:.1} MiB), digests loaded in {:.1} s; {} unknown keys in {:.2} s cost {} key lookups ({} statements in all), {} refused without a lookup",
+            "{} with {} stored keys: RSS {:.1} MiB ({:.1} MiB when it turned ready, peak {:.1} MiB), digests loaded in {:.1} s; {} unknown keys in {:.2} s cost {} key-lookup statements ({} statements in all), {} refused without a lookup",
             self.build,
             self.keys,
             self.rss as f64 / 1048576.0,
