@@ -396,6 +396,17 @@ impl Settings {
         if self.cache.lookup_batches_in_flight == 0 {
             return Err(invalid("cache.lookup_batches_in_flight", "must be ≥ 1"));
         }
+        // The change feed's connection, one held per key read in flight
+        // (store/postgres/held.rs), and at least one for everything else.
+        if u64::from(self.database.max_connections)
+            < u64::from(self.cache.lookup_batches_in_flight) + 2
+        {
+            return Err(invalid(
+                "database.max_connections",
+                "must be ≥ cache.lookup_batches_in_flight + 2 (the change feed's connection, \
+                 one held per key read in flight, one for everything else)",
+            ));
+        }
         if self.management.max_in_flight == 0 || self.management.timeout_ms == 0 {
             return Err(invalid(
                 "management",
@@ -592,6 +603,14 @@ mod tests {
         assert!(err.contains("cache.lookup_batches_in_flight"), "{err}");
         s.cache.lookup_batches_in_flight = 4;
         s.validate().expect("several queries at a time are allowed");
+        s.database.max_connections = 5;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("database.max_connections") && err.contains("lookup_batches_in_flight"),
+            "the feed, the held reads and one more need a connection each: {err}"
+        );
+        s.database.max_connections = 6;
+        s.validate().expect("room for all of them");
         s.cache.lookup_batch_max = 0;
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("cache.lookup_batch_max"), "{err}");

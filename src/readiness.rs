@@ -263,7 +263,8 @@ async fn load_known_digests(store: Arc<dyn Store>, caches: Arc<Caches>, epoch: K
     };
     let (keys, bytes) = (built.keys(), built.bytes());
     caches.install_known(epoch, built);
-    // And what reading the pages freed on the runtime's threads.
+    // And this thread's heap: reading the pages freed memory here too
+    // (once per load; the global purge runs again as well).
     crate::memory::give_back_freed();
     tracing::info!(
         keys,

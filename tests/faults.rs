@@ -313,14 +313,23 @@ async fn with_every_pooled_connection_held_by_slow_queries_uncached_keys_are_una
             .connect_with(conn.clone())
             .await
             .unwrap();
-        let store =
-            PostgresStore::new(pool.clone()).with_query_timeout(Some(Duration::from_secs(1)));
-        let mut t =
-            spawn_on_store(std::sync::Arc::new(store), with_staleness("default", 3600)).await;
+        let store = PostgresStore::new(pool.clone())
+            .with_query_timeout(Some(Duration::from_secs(1)))
+            .with_held_idle_limit(Duration::from_millis(50));
+        let mut t = spawn_on_store(
+            std::sync::Arc::new(store.clone()),
+            with_staleness("default", 3600),
+        )
+        .await;
         t.create_tenant("acme", "pro").await;
         let (cached, _) = t.create_key("acme").await;
         let (uncached, _) = t.create_key("acme").await;
         assert!(t.authenticate(&cached).await.allowed);
+        // The key read's held connection goes back to the pool once idle,
+        // with no other read to notice (a sweep): the slow queries get it.
+        while store.held_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
 
         let slow: Vec<_> = (0..2)
             .map(|_| {
@@ -383,7 +392,8 @@ async fn a_kept_connection_the_server_closed_costs_a_reconnect_not_an_error(
             .connect_with(conn.clone())
             .await
             .unwrap();
-        let store = PostgresStore::new(pool);
+        // Held however long the test takes: the retry is the only way on.
+        let store = PostgresStore::new(pool).with_held_idle_limit(Duration::from_secs(3600));
         let mut t = spawn_on_store(
             std::sync::Arc::new(store.clone()),
             with_staleness("default", 3600),
@@ -411,6 +421,7 @@ async fn a_kept_connection_the_server_closed_costs_a_reconnect_not_an_error(
             t.authenticate(&second).await.allowed,
             "read again on a new connection"
         );
+        assert_eq!(store.held_connections_lost(), 1, "found closed, read again");
         let now: i32 = sqlx::query_scalar(kept).fetch_one(&observer).await.unwrap();
         assert_ne!(now, pid, "a new connection is kept");
         assert_eq!(store.held_connections(), 1);

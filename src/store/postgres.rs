@@ -134,6 +134,20 @@ impl PostgresStore {
     pub fn held_connections(&self) -> usize {
         self.held.len()
     }
+
+    /// Held connections the server had closed, found as a read began (the
+    /// read was retried on a new one).
+    pub fn held_connections_lost(&self) -> u64 {
+        self.held.lost()
+    }
+
+    /// How long a connection the batched key read holds may sit idle
+    /// before it goes back to the pool (1 s unless set; `held.rs`). Set it
+    /// before the store is used.
+    pub fn with_held_idle_limit(mut self, limit: Duration) -> Self {
+        self.held = std::sync::Arc::new(held::Held::new(limit));
+        self
+    }
 }
 
 /// Runs a query, recording its duration.

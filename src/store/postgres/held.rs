@@ -5,9 +5,11 @@
 //! returns. Under a stream of cache misses that was 5% of the server's CPU
 //! and a round trip of latency per batch, on both sides of the link. The
 //! miss path therefore keeps its connection between batches while they
-//! keep coming, and hands it back to the pool (which pings it before
-//! anyone reuses it) once it has been idle for [`IDLE_LIMIT`] or held for
-//! [`HOLD_LIMIT`], so the pool's own rules (lifetime, health) still apply.
+//! keep coming. A connection idle for the idle limit (1 s unless set) goes
+//! back to the pool (which pings it before anyone reuses it) within one
+//! more idle limit, found by the next read or by a sweep that runs while
+//! any is kept; one held for [`HOLD_LIMIT`] goes back at its next read, so
+//! the pool's own rules (lifetime, health) still apply.
 //!
 //! A kept connection the server closed meanwhile (a restart, an idle
 //! timeout, `pg_terminate_backend`) fails its next statement; that read is
@@ -15,16 +17,17 @@
 //! reconnect, not an error. Only reads come through here: a retried read
 //! changes nothing.
 
-use std::sync::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::postgres::{PgConnection, PgDatabaseError, PgPool, PgSeverity};
 use sqlx::Postgres;
-use std::future::Future;
-use std::pin::Pin;
 
-/// A kept connection idle this long goes back to the pool.
+/// A kept connection idle this long goes back to the pool (default).
 pub(super) const IDLE_LIMIT: Duration = Duration::from_secs(1);
 /// A connection is kept at most this long in all, then goes back.
 pub(super) const HOLD_LIMIT: Duration = Duration::from_secs(60);
@@ -36,9 +39,13 @@ pub(super) type ReadFuture<'c, T> =
     Pin<Box<dyn Future<Output = Result<T, sqlx::Error>> + Send + 'c>>;
 
 /// The kept connections of one store (shared by its clones).
-#[derive(Default)]
 pub(super) struct Held {
     kept: Mutex<Vec<Kept>>,
+    idle_limit: Duration,
+    /// Whether a sweep task runs (at most one at a time).
+    sweeping: AtomicBool,
+    /// Kept connections found closed by the server as a read began.
+    lost: AtomicU64,
 }
 
 struct Kept {
@@ -47,24 +54,38 @@ struct Kept {
     used: Instant,
 }
 
-impl Kept {
-    fn fresh(&self, now: Instant) -> bool {
-        now.duration_since(self.used) < IDLE_LIMIT && now.duration_since(self.since) < HOLD_LIMIT
-    }
-}
-
 impl std::fmt::Debug for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Held")
-            .field("kept", &self.kept.lock().map(|k| k.len()).unwrap_or(0))
+            .field("kept", &self.len())
+            .field("idle_limit", &self.idle_limit)
             .finish()
     }
 }
 
+impl Default for Held {
+    fn default() -> Self {
+        Self::new(IDLE_LIMIT)
+    }
+}
+
 impl Held {
+    pub(super) fn new(idle_limit: Duration) -> Self {
+        Self {
+            kept: Mutex::default(),
+            idle_limit,
+            sweeping: AtomicBool::new(false),
+            lost: AtomicU64::new(0),
+        }
+    }
+
     /// Runs the read `f` on a kept connection (or one from `pool`), and
     /// keeps that connection for the next read if `f` succeeded.
-    pub(super) async fn read<T, F>(&self, pool: &PgPool, mut f: F) -> Result<T, sqlx::Error>
+    pub(super) async fn read<T, F>(
+        self: &Arc<Self>,
+        pool: &PgPool,
+        mut f: F,
+    ) -> Result<T, sqlx::Error>
     where
         F: for<'c> FnMut(&'c mut PgConnection) -> ReadFuture<'c, T>,
     {
@@ -75,11 +96,14 @@ impl Held {
                     return Ok(out);
                 }
                 Err(e) if is_dead(&e) => {
+                    self.lost.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(crate::telemetry::DB_CONNECTIONS_LOST).increment(1);
                     tracing::info!(error = %e, "a kept database connection was closed; reading again on a new one");
                     kept.conn.close_on_drop();
                 }
-                // Anything else is the statement's own error, not the link's.
+                // Anything else is the statement's own error, not the
+                // link's; the connection goes back to the pool, which
+                // checks it.
                 Err(e) => return Err(e),
             }
         }
@@ -96,52 +120,106 @@ impl Held {
 
     /// How many connections are kept now.
     pub(super) fn len(&self) -> usize {
-        self.kept.lock().map(|k| k.len()).unwrap_or(0)
+        self.lock().len()
     }
 
-    /// The most recently used kept connection that is still fresh; stale
-    /// ones go back to the pool as they are found.
+    /// Kept connections found closed by the server so far.
+    pub(super) fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Kept>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fresh(&self, k: &Kept, now: Instant) -> bool {
+        now.duration_since(k.used) < self.idle_limit && now.duration_since(k.since) < HOLD_LIMIT
+    }
+
+    /// The most recently used fresh kept connection; every stale one goes
+    /// back to the pool.
     fn take(&self) -> Option<Kept> {
+        self.hand_back_stale();
+        self.lock().pop()
+    }
+
+    /// Hands every stale kept connection back to the pool; returns how
+    /// many stay kept.
+    fn hand_back_stale(&self) -> usize {
         let now = Instant::now();
-        let mut stale = Vec::new();
-        let found = {
-            let mut kept = self.kept.lock().ok()?;
-            loop {
-                match kept.pop() {
-                    Some(k) if k.fresh(now) => break Some(k),
-                    Some(k) => stale.push(k),
-                    None => break None,
-                }
-            }
+        let (stale, left): (Vec<Kept>, usize) = {
+            let mut kept = self.lock();
+            let (stale, fresh) = std::mem::take(&mut *kept)
+                .into_iter()
+                .partition(|k| !self.fresh(k, now));
+            *kept = fresh;
+            (stale, kept.len())
         };
         // Dropped outside the lock: each drop hands its connection back.
         drop(stale);
-        found
+        left
     }
 
-    fn keep(&self, mut k: Kept) {
+    fn keep(self: &Arc<Self>, mut k: Kept) {
         k.used = Instant::now();
-        if let Ok(mut kept) = self.kept.lock() {
-            if kept.len() < MAX_KEPT {
-                kept.push(k);
+        {
+            let mut kept = self.lock();
+            if kept.len() >= MAX_KEPT {
+                drop(kept);
+                drop(k);
                 return;
             }
+            kept.push(k);
         }
-        drop(k);
+        if !self.sweeping.swap(true, Ordering::AcqRel) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(sweep(Arc::downgrade(self), self.idle_limit));
+                }
+                // No runtime: the next read hands stale ones back.
+                Err(_) => self.sweeping.store(false, Ordering::Release),
+            }
+        }
+    }
+}
+
+/// While any connection is kept, hands back the stale ones every idle
+/// limit, so a replica whose misses stop returns its connection.
+async fn sweep(held: Weak<Held>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(held) = held.upgrade() else { return };
+        if held.hand_back_stale() > 0 {
+            continue;
+        }
+        held.sweeping.store(false, Ordering::Release);
+        // One kept since the check needs a sweeper: this one, unless its
+        // keeper started another.
+        if held.len() == 0 || held.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
     }
 }
 
 /// The server closed this connection (restart, termination, idle
-/// timeout): the statement never ran, and another connection may work.
+/// timeout, a proxy's): the statement never ran, and another connection
+/// may work.
 fn is_dead(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) => true,
-        // admin_shutdown, crash_shutdown, cannot_connect_now;
-        // connection_does_not_exist, connection_failure
-        sqlx::Error::Database(db) => matches!(
-            db.code().as_deref(),
-            Some("57P01" | "57P02" | "57P03" | "08003" | "08006")
-        ),
+        sqlx::Error::Database(db) => {
+            // FATAL or PANIC: the server ends the session after sending it.
+            let fatal = db
+                .try_downcast_ref::<PgDatabaseError>()
+                .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic));
+            // Connection exceptions (class 08: PgBouncer's too); the
+            // operator-intervention codes a closing server sends.
+            let code = db.code();
+            let closing = code.as_deref().is_some_and(|c| {
+                c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "57P05")
+            });
+            fatal || closing
+        }
         _ => false,
     }
 }

@@ -231,15 +231,16 @@ pub(super) async fn find_keys_by_digests(
     }
     static SQL: LazyLock<String> =
         LazyLock::new(|| format!("SELECT {DECISION_COLUMNS} FROM api_keys WHERE digest = ANY($1)"));
-    // Owned: a read may be run twice (held.rs).
-    let bytes: Vec<Vec<u8>> = digests.iter().map(|d| d.as_bytes().to_vec()).collect();
     let rows: Vec<KeyRow> = store
         .bounded(
             "find_keys",
             store.held.read(&store.pool, |conn| {
+                // Owned, built per attempt: the statement's future may
+                // outlive this borrow as far as the type says (held.rs).
+                let bytes: Vec<Vec<u8>> = digests.iter().map(|d| d.as_bytes().to_vec()).collect();
                 Box::pin(
                     sqlx::query(SQL.as_str())
-                        .bind(bytes.clone())
+                        .bind(bytes)
                         .try_map(decision_row)
                         .fetch_all(conn),
                 )
