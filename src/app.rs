@@ -9,7 +9,7 @@ use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
+
 use tonic_health::ServingStatus;
 
 use crate::access::Access;
@@ -86,6 +86,9 @@ pub struct Parts {
     /// Current-thread runtimes (one thread each) that serve the gRPC
     /// port's connections (`workers`); 0: the calling runtime serves them.
     pub connection_workers: usize,
+    /// Connections the gRPC port holds at once, TLS handshakes included;
+    /// one more is closed on arrival and counted.
+    pub max_connections: usize,
 }
 
 /// How replicas find each other and share quotas (`[replicas]` in the
@@ -488,17 +491,32 @@ pub async fn start(mut parts: Parts, listener: TcpListener) -> std::io::Result<R
     let stop = async move {
         let _ = signal.await;
     };
+    let slots = crate::net::Slots::new(
+        parts.max_connections.max(1),
+        "grpc",
+        crate::telemetry::GRPC_CONNECTIONS_REFUSED,
+    );
     let (server, workers) = if parts.connection_workers > 0 {
-        let (accept, lifetime) =
-            workers::serve(router, listener, parts.tls, parts.connection_workers, stop)?;
+        let (accept, lifetime) = workers::serve(
+            router,
+            listener,
+            parts.tls,
+            parts.connection_workers,
+            slots,
+            stop,
+        )?;
         (tokio::spawn(accept), Some(lifetime))
     } else {
         let server = match parts.tls {
             Some(tls) => tokio::spawn(
-                router.serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), stop),
+                router
+                    .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls, slots), stop),
             ),
             None => tokio::spawn(router.serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                tokio_stream::StreamExt::map(
+                    crate::net::accept_slotted(listener, slots),
+                    Ok::<_, std::io::Error>,
+                ),
                 stop,
             )),
         };

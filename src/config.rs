@@ -112,6 +112,9 @@ pub struct Settings {
     pub jwt: JwtSettings,
     /// Largest accepted gRPC message, in bytes.
     pub max_message_bytes: usize,
+    /// Connections the gRPC port holds at once, TLS handshakes included;
+    /// one more is closed on arrival (`tollgate_grpc_connections_refused_total`).
+    pub max_connections: usize,
     /// How often `last_used_at` is written, in seconds.
     pub last_used_flush_seconds: u64,
     pub log_format: LogFormat,
@@ -166,6 +169,7 @@ impl Default for Settings {
             cache: CacheSettings::default(),
             jwt: JwtSettings::default(),
             max_message_bytes: 64 * 1024,
+            max_connections: 4096,
             last_used_flush_seconds: 10,
             log_format: LogFormat::Text,
             log_level: "info".into(),
@@ -205,6 +209,7 @@ const ENV_KEYS: &[&str] = &[
     "cache",
     "jwt",
     "max_message_bytes",
+    "max_connections",
     "last_used_flush_seconds",
     "log_format",
     "log_level",
@@ -378,6 +383,9 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1024..=16 * 1024 * 1024).contains(&self.max_message_bytes) {
             return Err(invalid("max_message_bytes", "must be 1024..=16777216"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be ≥ 1"));
         }
         if self.database.max_connections == 0
             || self.database.min_connections > self.database.max_connections

@@ -454,6 +454,7 @@ async fn serve_or_migrate(cli: Cli, mut settings: Settings, dev: bool) -> anyhow
             leak_reports: settings.leak_reports.clone(),
             revocation_events,
             connection_workers: cli.connection_workers(),
+            max_connections: settings.max_connections,
         },
         listener,
     )

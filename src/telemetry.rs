@@ -28,6 +28,8 @@ pub const KEY_LOOKUP_BATCH_SIZE: &str = "tollgate_key_lookup_batch_size";
 /// Kept database connections found closed by the server (a restart, an
 /// idle timeout) as a read began; the read was retried on a new one.
 pub const DB_CONNECTIONS_LOST: &str = "tollgate_db_connections_lost_total";
+/// gRPC connections closed on arrival: the port held `max_connections`.
+pub const GRPC_CONNECTIONS_REFUSED: &str = "tollgate_grpc_connections_refused_total";
 /// Database pool connections, by `state` (idle, in_use).
 pub const DB_POOL_CONNECTIONS: &str = "tollgate_db_pool_connections";
 /// Quota lease requests, by `result` (granted, exhausted).
@@ -211,6 +213,10 @@ fn describe() {
         "Distinct key digests per cache-miss lookup statement"
     );
     describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections by state");
+    describe_counter!(
+        GRPC_CONNECTIONS_REFUSED,
+        "gRPC connections closed on arrival because the port held max_connections"
+    );
     describe_counter!(
         DB_CONNECTIONS_LOST,
         "Kept database connections found closed by the server; the read was retried"

@@ -12,10 +12,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
+
+use crate::net::{Slots, Slotted};
 
 /// TLS settings (`[tls]` / `TOLLGATE_TLS__*`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,13 +161,15 @@ impl Reloading {
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes off the accept
+/// Accepts TCP connections, each holding one of `slots` from accept on
+/// (its handshake included), and completes TLS handshakes off the accept
 /// loop; failed handshakes (no or wrong client certificate) are dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<Reloading>,
-) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-    accept_tls(listener, tls, None)
+    slots: Slots,
+) -> ReceiverStream<io::Result<TlsStream<Slotted<TcpStream>>>> {
+    handshakes_with(crate::net::accept_slotted(listener, slots), tls, None)
 }
 
 /// As [`incoming`], for an HTTP/1.1 listener (the forward-auth port): ALPN
@@ -172,69 +177,64 @@ pub fn incoming(
 pub fn incoming_http1(
     listener: TcpListener,
     tls: Arc<Reloading>,
-) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-    accept_tls(listener, tls, Some(vec![b"http/1.1".to_vec()]))
-}
-
-fn accept_tls(
-    listener: TcpListener,
-    tls: Arc<Reloading>,
-    alpn: Option<Vec<Vec<u8>>>,
-) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = mpsc::channel(128);
-    tokio::spawn(async move {
-        loop {
-            let tcp = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, _)) => tcp,
-                    Err(e) => {
-                        crate::net::accept_failed("tls", &e).await;
-                        continue;
-                    }
-                },
-                () = tx.closed() => return,
-            };
-            handshake(tcp, &tls, alpn.as_deref(), &tx);
-        }
-    });
-    ReceiverStream::new(rx)
+    slots: Slots,
+) -> ReceiverStream<io::Result<TlsStream<Slotted<TcpStream>>>> {
+    handshakes_with(
+        crate::net::accept_slotted(listener, slots),
+        tls,
+        Some(vec![b"http/1.1".to_vec()]),
+    )
 }
 
 /// As [`incoming`], for connections accepted elsewhere and handed to this
 /// runtime (the connection workers, `app::workers`): each handshake runs
 /// on the runtime that polls the returned stream's producer task.
-pub fn handshakes(
-    mut accepted: impl tokio_stream::Stream<Item = TcpStream> + Send + Unpin + 'static,
+pub fn handshakes<IO>(
+    accepted: impl tokio_stream::Stream<Item = IO> + Send + Unpin + 'static,
     tls: Arc<Reloading>,
-) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+) -> ReceiverStream<io::Result<TlsStream<IO>>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    handshakes_with(accepted, tls, None)
+}
+
+fn handshakes_with<IO>(
+    mut accepted: impl tokio_stream::Stream<Item = IO> + Send + Unpin + 'static,
+    tls: Arc<Reloading>,
+    alpn: Option<Vec<Vec<u8>>>,
+) -> ReceiverStream<io::Result<TlsStream<IO>>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     use tokio_stream::StreamExt;
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
-            let tcp = tokio::select! {
+            let io = tokio::select! {
                 next = accepted.next() => match next {
-                    Some(tcp) => tcp,
+                    Some(io) => io,
                     None => return,
                 },
                 () = tx.closed() => return,
             };
-            handshake(tcp, &tls, None, &tx);
+            handshake(io, &tls, alpn.as_deref(), &tx);
         }
     });
     ReceiverStream::new(rx)
 }
 
 /// Completes one TLS handshake in its own task (bounded by 10 s) and
-/// passes the stream on; a failed handshake is dropped.
-fn handshake(
-    tcp: TcpStream,
+/// passes the stream on; a failed handshake is dropped (with the
+/// connection's slot, if it holds one).
+fn handshake<IO>(
+    io: IO,
     tls: &Reloading,
     alpn: Option<&[Vec<u8>]>,
-    tx: &mpsc::Sender<io::Result<TlsStream<TcpStream>>>,
-) {
-    let peer = tcp.peer_addr().ok();
-    // Small gRPC frames must not wait for Nagle's algorithm.
-    let _ = tcp.set_nodelay(true);
+    tx: &mpsc::Sender<io::Result<TlsStream<IO>>>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let config = match alpn {
         None => tls.config(),
         Some(alpn) => {
@@ -246,12 +246,12 @@ fn handshake(
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let tx = tx.clone();
     tokio::spawn(async move {
-        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(io)).await {
             Ok(Ok(stream)) => {
                 let _ = tx.send(Ok(stream)).await;
             }
-            Ok(Err(e)) => tracing::debug!(?peer, error = %e, "TLS handshake failed"),
-            Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!("TLS handshake timed out"),
         }
     });
 }

@@ -396,6 +396,16 @@ async fn start_unwaited(
     tls: Option<Arc<tollgate::tls::Reloading>>,
     connection_workers: usize,
 ) -> tollgate::app::Running {
+    start_holding(store, tls, connection_workers, 4096).await
+}
+
+/// As [`start_unwaited`], its gRPC port holding `max_connections` at once.
+async fn start_holding(
+    store: Arc<dyn Store>,
+    tls: Option<Arc<tollgate::tls::Reloading>>,
+    connection_workers: usize,
+    max_connections: usize,
+) -> tollgate::app::Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     tollgate::app::start(
         tollgate::app::Parts {
@@ -419,6 +429,7 @@ async fn start_unwaited(
             leak_reports: Default::default(),
             revocation_events: None,
             connection_workers,
+            max_connections,
         },
         listener,
     )
@@ -553,6 +564,55 @@ async fn mutual_tls_admits_clients_with_a_trusted_certificate_only_and_reloads_c
     // binary's default shape), where each worker runs its own handshakes.
     for connection_workers in [0, 2] {
         mutual_tls_with(connection_workers).await;
+    }
+}
+
+#[tokio::test]
+async fn a_full_grpc_port_closes_the_next_connection_tls_handshakes_included() {
+    // The attack: open connections and never finish their TLS handshake
+    // (or never send a byte) until the process runs out of file
+    // descriptors, its database connections included. Each connection now
+    // holds one of the port's slots from accept on; past the cap a new one
+    // is closed on arrival, and a slot serves again once its connection
+    // ends. Both accept paths: the test's runtime, and connection workers.
+    for connection_workers in [0, 2] {
+        let pki = pki();
+        let files = [
+            ("tls.crt", pki.server_cert.clone()),
+            ("tls.key", pki.server_key.clone()),
+            ("ca.crt", pki.ca_pem.clone()),
+        ];
+        let mount = SecretMount::new(&refs(&files));
+        let tls = tollgate::tls::Reloading::start(tollgate::tls::TlsSettings {
+            cert_file: mount.path("tls.crt"),
+            key_file: mount.path("tls.key"),
+            client_ca_file: Some(mount.path("ca.crt")),
+            reload_seconds: 60,
+        })
+        .unwrap();
+        let store: Arc<dyn Store> = Arc::new(tollgate::store::MemoryStore::new());
+        let running = start_holding(store, Some(tls), connection_workers, 2).await;
+        let addr = running.local_addr();
+        let client = Some((pki.client_cert.as_str(), pki.client_key.as_str()));
+
+        // Two connections that never say a word: both in their handshake.
+        let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let refused = tls_health(addr, &pki.ca_pem, client).await;
+        assert!(
+            refused.is_err(),
+            "a third is closed on arrival: {refused:?}"
+        );
+
+        // One of them goes: its slot serves a trusted client (once the
+        // port has seen it go).
+        drop(first);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tls_health(addr, &pki.ca_pem, client).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "never served again");
+            tokio::task::yield_now().await;
+        }
+        running.shutdown().await.unwrap();
     }
 }
 

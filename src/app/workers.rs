@@ -18,10 +18,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::transport::server::Router;
+
+use crate::net::Slotted;
 
 /// Ends the worker threads (and any call still running on them) when
 /// dropped. Held by `Running` until its shutdown has flushed everything.
@@ -61,6 +63,7 @@ pub fn serve(
     listener: TcpListener,
     tls: Option<Arc<crate::tls::Reloading>>,
     n: usize,
+    slots: crate::net::Slots,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(
     impl std::future::Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
@@ -73,7 +76,7 @@ pub fn serve(
     let mut deal = Vec::with_capacity(n);
     let mut done = Vec::with_capacity(n);
     for worker in 0..n {
-        let (tx, rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
+        let (tx, rx) = mpsc::unbounded_channel::<Dealt>();
         let (served_tx, served) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -112,7 +115,9 @@ pub fn serve(
             };
             match accepted.and_then(|(tcp, _): (TcpStream, SocketAddr)| tcp.into_std()) {
                 Ok(tcp) => {
-                    if deal_to_next(&deal, &counts, &mut next, tcp).is_err() {
+                    // Over the cap: closed on arrival (dropped), counted.
+                    let Some(slot) = slots.take() else { continue };
+                    if deal_to_next(&deal, &counts, &mut next, (tcp, slot)).is_err() {
                         tracing::error!("every connection worker is gone; the gRPC port stops");
                         break;
                     }
@@ -142,10 +147,10 @@ pub fn serve(
 /// Deals `tcp` to the next worker in turn; a worker that is gone (its
 /// thread ended) is passed over. `Err` only when every worker is gone.
 fn deal_to_next(
-    deal: &[mpsc::UnboundedSender<std::net::TcpStream>],
+    deal: &[mpsc::UnboundedSender<Dealt>],
     counts: &[AtomicU64],
     next: &mut usize,
-    mut tcp: std::net::TcpStream,
+    mut tcp: Dealt,
 ) -> Result<(), ()> {
     for _ in 0..deal.len() {
         let worker = *next % deal.len();
@@ -170,19 +175,22 @@ async fn wait_for_exit(mut exiting: watch::Receiver<bool>) {
     let _ = exiting.wait_for(|e| *e).await;
 }
 
+/// A connection dealt to a worker, with the port slot it holds.
+type Dealt = (std::net::TcpStream, OwnedSemaphorePermit);
+
 /// One worker: serves the connections dealt to it until `drained`.
 async fn run(
     router: Router,
-    dealt: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    dealt: mpsc::UnboundedReceiver<Dealt>,
     tls: Option<Arc<crate::tls::Reloading>>,
     drained: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     // Registers each connection with this worker's runtime.
-    let tcp = UnboundedReceiverStream::new(dealt).filter_map(|std| {
+    let tcp = UnboundedReceiverStream::new(dealt).filter_map(|(std, slot)| {
         let tcp = TcpStream::from_std(std).ok()?;
         // Small gRPC frames must not wait for Nagle's algorithm.
         let _ = tcp.set_nodelay(true);
-        Some(tcp)
+        Some(Slotted::new(tcp, slot))
     });
     match tls {
         Some(tls) => {
@@ -200,8 +208,12 @@ async fn run(
 mod tests {
     use super::*;
 
-    fn connection(listener: &std::net::TcpListener) -> std::net::TcpStream {
-        std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap()
+    fn connection(listener: &std::net::TcpListener) -> Dealt {
+        let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let slot = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
+        (tcp, slot)
     }
 
     #[test]

@@ -12,11 +12,12 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 
 use super::ForwardAuth;
+use crate::net::Slots;
 use crate::tls::Reloading;
 
 /// Largest request head (request line and headers) read, in bytes.
@@ -42,7 +43,11 @@ impl ForwardAuthServer {
     ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
-        let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+        let slots = Slots::new(
+            max_connections.max(1),
+            "forward-auth",
+            crate::telemetry::FORWARD_AUTH_CONNECTIONS_REFUSED,
+        );
         let task = tokio::spawn(serve(listener, tls, Arc::new(handler), slots, stopped));
         Ok(Self { addr, stop, task })
     }
@@ -72,7 +77,7 @@ async fn serve(
     listener: TcpListener,
     tls: Option<Arc<Reloading>>,
     handler: Arc<ForwardAuth>,
-    slots: Arc<Semaphore>,
+    slots: Slots,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut builder = http1::Builder::new();
@@ -81,26 +86,24 @@ async fn serve(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEAD_BYTES);
     let graceful = GracefulShutdown::new();
+    // Each connection holds a slot from accept on (a TLS handshake
+    // included) until it closes; dropping the stream closes the listener.
     match tls {
-        None => loop {
-            let (tcp, _) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tokio::select! {
-                            () = crate::net::accept_failed("forward-auth", &e) => {}
-                            _ = stopped.changed() => break,
-                        }
-                        continue;
-                    }
-                },
-                _ = stopped.changed() => break,
-            };
-            let _ = tcp.set_nodelay(true);
-            serve_one(&builder, &graceful, TokioIo::new(tcp), &handler, &slots);
-        },
+        None => {
+            let mut incoming = crate::net::accept_slotted(listener, slots);
+            loop {
+                let tcp = tokio::select! {
+                    next = incoming.next() => match next {
+                        Some(tcp) => tcp,
+                        None => break,
+                    },
+                    _ = stopped.changed() => break,
+                };
+                serve_one(&builder, &graceful, TokioIo::new(tcp), &handler);
+            }
+        }
         Some(tls) => {
-            let mut incoming = crate::tls::incoming_http1(listener, tls);
+            let mut incoming = crate::tls::incoming_http1(listener, tls, slots);
             loop {
                 let stream = tokio::select! {
                     next = incoming.next() => match next {
@@ -113,29 +116,23 @@ async fn serve(
                     },
                     _ = stopped.changed() => break,
                 };
-                serve_one(&builder, &graceful, TokioIo::new(stream), &handler, &slots);
+                serve_one(&builder, &graceful, TokioIo::new(stream), &handler);
             }
         }
     }
     graceful.shutdown().await;
 }
 
-/// Serves one connection, watched by `graceful`, holding one of `slots`
-/// until it ends. With none free it is closed at once (dropped) and counted.
+/// Serves one connection, watched by `graceful` (its slot, held by `io`,
+/// goes when it ends).
 fn serve_one<I>(
     builder: &http1::Builder,
     graceful: &GracefulShutdown,
     io: TokioIo<I>,
     handler: &Arc<ForwardAuth>,
-    slots: &Arc<Semaphore>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let Ok(slot) = slots.clone().try_acquire_owned() else {
-        metrics::counter!(crate::telemetry::FORWARD_AUTH_CONNECTIONS_REFUSED).increment(1);
-        tracing::debug!("forward-auth listener full; closing a new connection");
-        return;
-    };
     let handler = handler.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let handler = handler.clone();
@@ -143,7 +140,6 @@ fn serve_one<I>(
     });
     let connection = graceful.watch(builder.serve_connection(io, service));
     tokio::spawn(async move {
-        let _slot = slot;
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "forward-auth connection ended with an error");
         }

@@ -83,6 +83,8 @@ pub struct Options {
     /// Connection workers (`app::Parts::connection_workers`); 0 (the test's
     /// runtime serves) unless a test says.
     pub connection_workers: usize,
+    /// Connections the gRPC port holds at once (`app::Parts::max_connections`).
+    pub max_connections: usize,
 }
 
 impl Options {
@@ -102,6 +104,7 @@ impl Options {
             leak_reports: Default::default(),
             revocation_events: None,
             connection_workers: 0,
+            max_connections: 4096,
         }
     }
 }
@@ -141,6 +144,7 @@ pub async fn spawn_on_store(store: Arc<dyn Store>, opts: Options) -> Tollgate {
             leak_reports: opts.leak_reports,
             revocation_events: opts.revocation_events,
             connection_workers: opts.connection_workers,
+            max_connections: opts.max_connections,
         },
         listener,
     )

@@ -54,6 +54,7 @@ fn every_option_yields_a_configuration_tollgate_accepts() {
     assert_eq!(settings.cache.max_keys, 2_000_000);
     assert_eq!(settings.cache.unknown_lookups_per_second, 250);
     assert_eq!(settings.database.max_connections, 32);
+    assert_eq!(settings.max_connections, 2048);
     assert!(!settings.database.migrate_on_start);
     // Settings added after the chart was written reach the binary too.
     assert_eq!(settings.database.statement_timeout_ms, 2500);

@@ -134,6 +134,7 @@ log_format = {{ $c.logFormat | quote }}
 log_level = {{ $c.logLevel | toJson }}
 pepper_version = {{ $c.pepperVersion | int64 }}
 max_message_bytes = {{ $c.maxMessageBytes | int64 }}
+max_connections = {{ $c.maxConnections | int64 }}
 last_used_flush_seconds = {{ $c.lastUsedFlushSeconds | int64 }}
 database.max_connections = {{ $c.database.maxConnections | int64 }}
 database.min_connections = {{ $c.database.minConnections | int64 }}

@@ -104,6 +104,7 @@ pub fn serve(
                 listener,
                 None,
                 workers,
+                tollgate::net::Slots::new(1 << 20, "noop", "noop_connections_refused_total"),
                 std::future::pending(),
             )?;
             accept.await?;
