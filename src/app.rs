@@ -9,7 +9,6 @@ use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
-
 use tonic_health::ServingStatus;
 
 use crate::access::Access;

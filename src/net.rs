@@ -134,8 +134,10 @@ pub fn accept_slotted(listener: TcpListener, slots: Slots) -> ReceiverStream<Slo
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, _)) => tcp,
                     Err(e) => {
-                        accept_failed(slots.port, &e).await;
-                        continue;
+                        tokio::select! {
+                            () = accept_failed(slots.port, &e) => continue,
+                            () = tx.closed() => return,
+                        }
                     }
                 },
                 () = tx.closed() => return,

@@ -616,6 +616,27 @@ async fn a_full_grpc_port_closes_the_next_connection_tls_handshakes_included() {
     }
 }
 
+#[tokio::test]
+async fn a_full_plaintext_grpc_port_closes_the_next_connection_on_arrival() {
+    use tokio::io::AsyncReadExt;
+    for connection_workers in [0, 2] {
+        let store: Arc<dyn Store> = Arc::new(tollgate::store::MemoryStore::new());
+        let running = start_holding(store, None, connection_workers, 2).await;
+        let addr = running.local_addr();
+        let _first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // A served connection waits for the client's preface; a refused
+        // one is closed at once (end of stream or a reset).
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), third.read(&mut byte))
+            .await
+            .expect("closed on arrival, not held open");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        running.shutdown().await.unwrap();
+    }
+}
+
 async fn mutual_tls_with(connection_workers: usize) {
     let pki = pki();
     let files = |p: &Pki| {

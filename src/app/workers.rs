@@ -13,7 +13,6 @@
 //! registered with its runtime and stay usable by the final flushes of
 //! shutdown, which run after the calls have drained.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -113,10 +112,11 @@ pub fn serve(
                 () = &mut stop => break,
                 accepted = listener.accept() => accepted,
             };
-            match accepted.and_then(|(tcp, _): (TcpStream, SocketAddr)| tcp.into_std()) {
-                Ok(tcp) => {
+            match accepted {
+                Ok((tcp, _)) => {
                     // Over the cap: closed on arrival (dropped), counted.
                     let Some(slot) = slots.take() else { continue };
+                    let Ok(tcp) = tcp.into_std() else { continue };
                     if deal_to_next(&deal, &counts, &mut next, (tcp, slot)).is_err() {
                         tracing::error!("every connection worker is gone; the gRPC port stops");
                         break;
