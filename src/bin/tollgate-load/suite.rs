@@ -65,8 +65,9 @@ pub struct SuiteOpts {
     /// default: Tollgate's own default).
     #[arg(long)]
     pub tollgate_threads: Option<usize>,
-    /// An older `tollgate` binary ("before") to run in the same rounds, right
-    /// after this one on every call, on the same database.
+    /// An older `tollgate` binary ("before") to run in the same rounds, next
+    /// to this one on every call, on the same database: after it in odd
+    /// rounds, before it in even ones (whichever runs second tends to gain).
     #[arg(long)]
     pub before: Option<PathBuf>,
     /// Write every run and the summary as JSON here too.
@@ -570,7 +571,7 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
         }
     }
     println!(
-        "driver: h2load -n {} -c {} -m {} -t {} (one framed body per call); {} round(s), runs alternating",
+        "driver: h2load -n {} -c {} -m {} -t {} (one framed body per call); {} round(s), runs alternating (\"before\" first in even rounds)",
         o.h2.requests, o.h2.clients, o.h2.streams, o.h2.threads, o.rounds.max(1)
     );
     println!(
@@ -598,7 +599,9 @@ pub async fn run(o: SuiteOpts) -> anyhow::Result<()> {
     for round in 1..=o.rounds.max(1) {
         println!("-- round {round}");
         let mut best = [0f64; GROUPS];
-        for t in &targets {
+        let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+        for i in round_order(&names, round) {
+            let t = &targets[i];
             let mut m = measure(t, body(t), &o.h2, o.h2.requests, round).await?;
             if t.baseline {
                 let b = &mut best[t.group()];
@@ -758,6 +761,24 @@ fn min_max(xs: &[f64]) -> (f64, f64) {
         })
 }
 
+/// The order of one round's runs: as listed, except that in even rounds
+/// each run and its "before" run right after it trade places.
+fn round_order(names: &[&str], round: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    if round.is_multiple_of(2) {
+        let mut i = 0;
+        while i + 1 < names.len() {
+            if names[i + 1].strip_prefix("before: ") == Some(names[i]) {
+                order.swap(i, i + 1);
+                i += 2;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -787,6 +808,24 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn before_runs_second_in_odd_rounds_and_first_in_even_ones() {
+        let names = [
+            "noop authenticate (current-thread)",
+            "tollgate authenticate cached",
+            "before: tollgate authenticate cached",
+            "noop check_quota (current-thread)",
+            "tollgate check_quota",
+            "before: tollgate check_quota",
+            "tollgate authenticate uncached",
+        ];
+        assert_eq!(round_order(&names, 1), [0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(round_order(&names, 2), [0, 2, 1, 3, 5, 4, 6]);
+        assert_eq!(round_order(&names, 3), [0, 1, 2, 3, 4, 5, 6]);
+        // No "before": nothing moves.
+        assert_eq!(round_order(&names[..2], 2), [0, 1]);
     }
 
     #[test]
