@@ -68,10 +68,6 @@ impl<IO> Slotted<IO> {
     pub fn new(io: IO, slot: OwnedSemaphorePermit) -> Self {
         Self { io, _slot: slot }
     }
-
-    pub fn get_ref(&self) -> &IO {
-        &self.io
-    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Slotted<IO> {

@@ -577,19 +577,7 @@ async fn a_full_grpc_port_closes_the_next_connection_tls_handshakes_included() {
     // ends. Both accept paths: the test's runtime, and connection workers.
     for connection_workers in [0, 2] {
         let pki = pki();
-        let files = [
-            ("tls.crt", pki.server_cert.clone()),
-            ("tls.key", pki.server_key.clone()),
-            ("ca.crt", pki.ca_pem.clone()),
-        ];
-        let mount = SecretMount::new(&refs(&files));
-        let tls = tollgate::tls::Reloading::start(tollgate::tls::TlsSettings {
-            cert_file: mount.path("tls.crt"),
-            key_file: mount.path("tls.key"),
-            client_ca_file: Some(mount.path("ca.crt")),
-            reload_seconds: 60,
-        })
-        .unwrap();
+        let (_mount, tls) = mutual_tls_files(&pki, 60);
         let store: Arc<dyn Store> = Arc::new(tollgate::store::MemoryStore::new());
         let running = start_holding(store, Some(tls), connection_workers, 2).await;
         let addr = running.local_addr();
@@ -637,24 +625,32 @@ async fn a_full_plaintext_grpc_port_closes_the_next_connection_on_arrival() {
     }
 }
 
-async fn mutual_tls_with(connection_workers: usize) {
-    let pki = pki();
-    let files = |p: &Pki| {
-        [
-            ("tls.crt", p.server_cert.clone()),
-            ("tls.key", p.server_key.clone()),
-            ("ca.crt", p.ca_pem.clone()),
-        ]
-    };
-    let first = files(&pki);
-    let mut mount = SecretMount::new(&refs(&first));
-    let settings = tollgate::tls::TlsSettings {
+/// The server's certificate, key and client CA of `p`, as mounted.
+fn server_files(p: &Pki) -> [(&'static str, String); 3] {
+    [
+        ("tls.crt", p.server_cert.clone()),
+        ("tls.key", p.server_key.clone()),
+        ("ca.crt", p.ca_pem.clone()),
+    ]
+}
+
+/// `p`'s server files in a Secret mount, and mutual TLS read from it
+/// (checked for changes every `reload_seconds`).
+fn mutual_tls_files(p: &Pki, reload_seconds: u64) -> (SecretMount, Arc<tollgate::tls::Reloading>) {
+    let mount = SecretMount::new(&refs(&server_files(p)));
+    let tls = tollgate::tls::Reloading::start(tollgate::tls::TlsSettings {
         cert_file: mount.path("tls.crt"),
         key_file: mount.path("tls.key"),
         client_ca_file: Some(mount.path("ca.crt")),
-        reload_seconds: 1,
-    };
-    let tls = tollgate::tls::Reloading::start(settings).unwrap();
+        reload_seconds,
+    })
+    .unwrap();
+    (mount, tls)
+}
+
+async fn mutual_tls_with(connection_workers: usize) {
+    let pki = pki();
+    let (mut mount, tls) = mutual_tls_files(&pki, 1);
     let store: Arc<dyn Store> = Arc::new(tollgate::store::MemoryStore::new());
     let running = start_unwaited(store, Some(tls.clone()), connection_workers).await;
     let addr = running.local_addr();
@@ -676,7 +672,7 @@ async fn mutual_tls_with(connection_workers: usize) {
     // Secret update lands): the running server picks it up.
     let next = self::pki();
     let mut reloaded = tls.subscribe();
-    mount.publish(&refs(&files(&next)));
+    mount.publish(&refs(&server_files(&next)));
     tokio::time::timeout(Duration::from_secs(10), reloaded.recv())
         .await
         .expect("a reload within 10 s (the poller looks every second)")

@@ -90,37 +90,38 @@ async fn serve(
     // included) until it closes; dropping the stream closes the listener.
     match tls {
         None => {
-            let mut incoming = crate::net::accept_slotted(listener, slots);
-            loop {
-                let tcp = tokio::select! {
-                    next = incoming.next() => match next {
-                        Some(tcp) => tcp,
-                        None => break,
-                    },
-                    _ = stopped.changed() => break,
-                };
-                serve_one(&builder, &graceful, TokioIo::new(tcp), &handler);
-            }
+            let incoming = crate::net::accept_slotted(listener, slots);
+            serve_each(incoming, &builder, &graceful, &handler, &mut stopped).await;
         }
         Some(tls) => {
-            let mut incoming = crate::tls::incoming_http1(listener, tls, slots);
-            loop {
-                let stream = tokio::select! {
-                    next = incoming.next() => match next {
-                        Some(Ok(stream)) => stream,
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "forward-auth accept failed");
-                            continue;
-                        }
-                        None => break,
-                    },
-                    _ = stopped.changed() => break,
-                };
-                serve_one(&builder, &graceful, TokioIo::new(stream), &handler);
-            }
+            // A failed handshake is dropped before it gets here.
+            let incoming = crate::tls::incoming_http1(listener, tls, slots).filter_map(Result::ok);
+            serve_each(incoming, &builder, &graceful, &handler, &mut stopped).await;
         }
     }
     graceful.shutdown().await;
+}
+
+/// Serves each connection `incoming` yields until it ends or `stopped`.
+async fn serve_each<I>(
+    mut incoming: impl tokio_stream::Stream<Item = I> + Unpin,
+    builder: &http1::Builder,
+    graceful: &GracefulShutdown,
+    handler: &Arc<ForwardAuth>,
+    stopped: &mut watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    loop {
+        let io = tokio::select! {
+            next = incoming.next() => match next {
+                Some(io) => io,
+                None => return,
+            },
+            _ = stopped.changed() => return,
+        };
+        serve_one(builder, graceful, TokioIo::new(io), handler);
+    }
 }
 
 /// Serves one connection, watched by `graceful` (its slot, held by `io`,
