@@ -28,9 +28,9 @@ use sqlx::postgres::{PgConnection, PgDatabaseError, PgPool, PgSeverity};
 use sqlx::Postgres;
 
 /// A kept connection idle this long goes back to the pool (default).
-pub(super) const IDLE_LIMIT: Duration = Duration::from_secs(1);
+const IDLE_LIMIT: Duration = Duration::from_secs(1);
 /// A connection is kept at most this long in all, then goes back.
-pub(super) const HOLD_LIMIT: Duration = Duration::from_secs(60);
+const HOLD_LIMIT: Duration = Duration::from_secs(60);
 /// At most this many kept at once (one per batch in flight).
 const MAX_KEPT: usize = 4;
 
